@@ -1,0 +1,88 @@
+// prefix_kernels C++ CPU op: parameters shared by the ATen-facing registration file
+// (prefix_attention.cpp) and the ATen-free kernel files (kernel_base.cpp, kernel_avx2.cpp).
+//
+// The kernel files include no torch headers: they compile in seconds and can be built twice,
+// once for baseline x86-64 and once with AVX2+FMA enabled, and the registration file picks one
+// at run time (no -march=native).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <new>
+#include <type_traits>
+
+namespace prefix_kernels_cpu {
+
+enum class DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
+
+// Row-major GEMM on raw pointers: C[m,n] = alpha * op(A)[m,k] @ op(B)[k,n] + beta * C.
+// op(X) = X^T when the flag is set; lda/ldb/ldc are row strides (in elements) of the stored
+// matrices. Provided by the registration file (MKL/BLAS when torch exports it, else ATen).
+using SGemmFn = void (*)(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                         const float* a, int64_t lda, const float* b, int64_t ldb, float beta,
+                         float* c, int64_t ldc);
+using DGemmFn = void (*)(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha,
+                         const double* a, int64_t lda, const double* b, int64_t ldb, double beta,
+                         double* c, int64_t ldc);
+
+// A 4-D strided view (strides in elements). Lower-rank tensors are padded with leading stride 0.
+struct TensorRef {
+  const void* data = nullptr;
+  int64_t s[4] = {0, 0, 0, 0};
+};
+
+struct MutRef {
+  void* data = nullptr;
+  int64_t s[4] = {0, 0, 0, 0};
+};
+
+struct Params {
+  DType dtype = DType::kFloat32;
+  int64_t B = 0, Hq = 0, Hkv = 0, G = 1, N = 0, M = 0, P = 0, D = 0, T = 1;
+  bool causal = true;
+  double scale = 1.0;
+
+  TensorRef q, k, v, pk, pv;         // pk/pv viewed as [T, Hkv, P, D] (T stride 0 when shared)
+  const uint8_t* kpm = nullptr;      // key padding mask [B, M], nonzero = attend; may be null
+  int64_t kpm_s0 = 0, kpm_s1 = 0;
+  const int64_t* ids = nullptr;      // prefix ids [B], contiguous; null = prefix 0 for every row
+
+  // forward outputs
+  MutRef out;                        // [B, Hq, N, D], q's dtype
+  void* lse = nullptr;               // [B, Hq, N] contiguous, float (double for fp64 inputs)
+
+  // backward inputs
+  TensorRef dout, o;                 // [B, Hq, N, D]
+  const void* lse_in = nullptr;      // [B, Hq, N] contiguous, same type as lse
+  // backward outputs (null = not needed)
+  MutRef dq, dk, dv;                 // dq like q, dk/dv like k/v, input dtype
+  void* dpk_part = nullptr;          // [B, Hkv, P, D] contiguous partials, accumulation dtype
+  void* dpv_part = nullptr;
+
+  int64_t block_q = 64;              // queries per task (per query head)
+  int64_t block_k = 128;             // keys per tile
+  int64_t num_slots = 1;             // work is dealt round-robin to this many slots
+
+  SGemmFn sgemm = nullptr;
+  DGemmFn dgemm = nullptr;
+};
+
+// One ISA flavour of the kernels (namespace base / avx2).
+#define PK_DECLARE_ISA(ns)                                                      \
+  namespace ns {                                                                \
+  /* forward for the work slots [slot_begin, slot_end) */                       \
+  void forward_slots(const Params& p, int64_t slot_begin, int64_t slot_end);    \
+  void backward_slots(const Params& p, int64_t slot_begin, int64_t slot_end);   \
+  /* dprefix[t] = sum over rows b with ids[b] == t of part[b], b ascending */    \
+  void reduce_prefix(const Params& p, const void* part, MutRef dst, int64_t hkv_begin, \
+                     int64_t hkv_end);                                          \
+  }
+
+PK_DECLARE_ISA(base)
+PK_DECLARE_ISA(avx2)
+
+}  // namespace prefix_kernels_cpu

@@ -1,0 +1,401 @@
+// prefix_kernels C++ CPU op: argument checks, output allocation, BLAS selection, threading and
+// the torch.library registration of
+//   prefix_kernels::fwd_cpu(q, k, v, prefix_k, prefix_v, key_padding_mask?, prefix_ids?, causal, scale)
+//       -> (out [B,Hq,N,D] like q, lse [B,Hq,N] fp32 (fp64 for fp64 inputs))
+//   prefix_kernels::bwd_cpu(grad_out, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask?,
+//       prefix_ids?, causal, scale, output_mask[5]) -> (dq, dk, dv, dprefix_k, dprefix_v)
+//       (a gradient not asked for in output_mask comes back as an empty [0] tensor)
+//   prefix_kernels::cpu_build_info() -> str
+// The kernels themselves live in kernel_impl.h (built as kernel_base.cpp and kernel_avx2.cpp).
+
+#include <dlfcn.h>
+
+#include <array>
+#include <cstdlib>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include <ATen/Context.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm_cpu_dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
+#include <torch/library.h>
+
+#include "kernel_common.h"
+
+namespace prefix_kernels_cpu {
+namespace {
+
+using at::Tensor;
+
+// ---------------------------------------------------------------- BLAS
+using FortranSgemm = void (*)(const char*, const char*, const int*, const int*, const int*,
+                              const float*, const float*, const int*, const float*, const int*,
+                              const float*, float*, const int*);
+using FortranDgemm = void (*)(const char*, const char*, const int*, const int*, const int*,
+                              const double*, const double*, const int*, const double*, const int*,
+                              const double*, double*, const int*);
+using MklSetLocal = int (*)(int);  // MKL_Set_Num_Threads_Local, the C entry point
+
+struct Blas {
+  FortranSgemm sgemm = nullptr;
+  FortranDgemm dgemm = nullptr;
+  MklSetLocal mkl_set_num_threads_local = nullptr;
+};
+
+// torch's own MKL (LP64 interface), when libtorch_cpu exports it: tile products then skip the
+// ATen dispatch (a few microseconds per call, which matters for 64 x 128 tiles). Otherwise, or
+// with PREFIX_KERNELS_CPU_GEMM=aten, every tile product goes through at::cpu::addmm_out.
+const Blas& blas() {
+  static const Blas found = [] {
+    Blas b;
+    const char* env = std::getenv("PREFIX_KERNELS_CPU_GEMM");
+    if (env != nullptr && std::string(env) == "aten") return b;
+    if (!at::hasMKL()) return b;
+    Dl_info info;
+    if (dladdr(reinterpret_cast<void*>(&at::get_num_threads), &info) == 0 || info.dli_fname == nullptr)
+      return b;
+    void* lib = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
+    if (lib == nullptr) return b;
+    auto s = reinterpret_cast<FortranSgemm>(dlsym(lib, "sgemm_"));
+    auto d = reinterpret_cast<FortranDgemm>(dlsym(lib, "dgemm_"));
+    if (s != nullptr && d != nullptr) {
+      b.sgemm = s;
+      b.dgemm = d;
+      b.mkl_set_num_threads_local = reinterpret_cast<MklSetLocal>(dlsym(lib, "MKL_Set_Num_Threads_Local"));
+    }
+    return b;
+  }();
+  return found;
+}
+
+// Row-major C = alpha op(A) op(B) + beta C as the column-major C^T = op(B)^T op(A)^T.
+template <typename T, typename Fn>
+void blas_gemm(Fn fn, bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
+               int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  const char op_b = tb ? 'T' : 'N', op_a = ta ? 'T' : 'N';
+  const int M = int(n), N = int(m), K = int(k), LDB = int(ldb), LDA = int(lda), LDC = int(ldc);
+  fn(&op_b, &op_a, &M, &N, &K, &alpha, b, &LDB, a, &LDA, &beta, c, &LDC);
+}
+
+template <typename T>
+void aten_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+               const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  auto view = [&](const T* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
+    Tensor t = at::from_blob(const_cast<T*>(p), {trans ? cols : rows, trans ? rows : cols}, {ld, 1}, opts);
+    return trans ? t.t() : t;
+  };
+  Tensor C = at::from_blob(c, {m, n}, {ldc, 1}, opts);
+  at::cpu::addmm_out(C, C, view(a, m, k, lda, ta), view(b, k, n, ldb, tb), beta, alpha);
+}
+
+void sgemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+           int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  blas_gemm<float>(blas().sgemm, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+void dgemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a,
+           int64_t lda, const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
+  blas_gemm<double>(blas().dgemm, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+// MKL called from a single work slot must not spread over threads: that would make results
+// depend on the thread count (and oversubscribe inside at::parallel_for).
+struct SingleThreadedBlas {
+  int prev = 0;
+  SingleThreadedBlas() {
+    if (blas().mkl_set_num_threads_local) prev = blas().mkl_set_num_threads_local(1);
+  }
+  ~SingleThreadedBlas() {
+    if (blas().mkl_set_num_threads_local) blas().mkl_set_num_threads_local(prev);
+  }
+};
+
+// ---------------------------------------------------------------- ISA choice
+bool cpu_has_avx2_fma() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+// PREFIX_KERNELS_CPU_ISA=base forces the portable kernels (for testing).
+bool use_avx2() {
+  static const bool has = cpu_has_avx2_fma();
+  const char* env = std::getenv("PREFIX_KERNELS_CPU_ISA");
+  if (env != nullptr && std::string(env) == "base") return false;
+  return has;
+}
+
+int64_t env_int(const char* name, int64_t fallback) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == '\0') return fallback;
+  char* end = nullptr;
+  long long v = std::strtoll(env, &end, 10);
+  return (end != nullptr && *end == '\0' && v > 0) ? int64_t(v) : fallback;
+}
+
+std::string build_info() {
+  return std::string("isa=") + (use_avx2() ? "avx2" : "base") +
+         " gemm=" + (blas().sgemm ? "mkl" : "aten") +
+         " threads=" + std::to_string(at::get_num_threads());
+}
+
+// ---------------------------------------------------------------- checks and params
+std::string shape_str(const Tensor& t) {
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
+  return s + "]";
+}
+
+DType dtype_of(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kDouble: return DType::kFloat64;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
+    default:
+      TORCH_CHECK(false, "prefix_kernels cpu: q must be float32, float64, bfloat16 or float16, got ",
+                  t.scalar_type());
+  }
+}
+
+TensorRef ref(const Tensor& t) {
+  TensorRef r;
+  r.data = t.data_ptr();
+  const int64_t pad = 4 - t.dim();
+  for (int64_t i = 0; i < t.dim(); ++i) r.s[pad + i] = t.stride(i);
+  return r;
+}
+
+MutRef mut(const Tensor& t) {
+  MutRef r;
+  r.data = t.data_ptr();
+  const int64_t pad = 4 - t.dim();
+  for (int64_t i = 0; i < t.dim(); ++i) r.s[pad + i] = t.stride(i);
+  return r;
+}
+
+// Keeps alive the converted helper tensors the Params point into.
+struct Prepared {
+  Params p;
+  Tensor ids;  // int64 contiguous
+  Tensor kpm;  // bool
+};
+
+Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& pk,
+                 const Tensor& pv, const std::optional<Tensor>& key_padding_mask,
+                 const std::optional<Tensor>& prefix_ids, bool causal, double scale) {
+  TORCH_CHECK(q.dim() == 4, "prefix_kernels cpu: q must be [B, Hq, N, D], got ", shape_str(q));
+  const int64_t B = q.size(0), Hq = q.size(1), N = q.size(2), D = q.size(3);
+  TORCH_CHECK(k.dim() == 4 && k.size(0) == B && k.size(3) == D,
+              "prefix_kernels cpu: k must be [B=", B, ", Hkv, M, D=", D, "], got ", shape_str(k));
+  TORCH_CHECK(v.sizes() == k.sizes(), "prefix_kernels cpu: v must have k's shape ", shape_str(k),
+              ", got ", shape_str(v));
+  const int64_t Hkv = k.size(1), M = k.size(2);
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "prefix_kernels cpu: q's head count Hq=", Hq,
+              " must be a multiple of k's head count Hkv=", Hkv);
+  TORCH_CHECK(D >= 1, "prefix_kernels cpu: head dim D must be >= 1, got q ", shape_str(q));
+  TORCH_CHECK(!causal || M >= N, "prefix_kernels cpu: causal attention needs k's M=", M,
+              " >= q's N=", N, " (queries are the last N of M positions)");
+  TORCH_CHECK(pk.dim() == 3 || pk.dim() == 4, "prefix_kernels cpu: prefix_k must be [Hkv=", Hkv,
+              ", P, D=", D, "] or [T, Hkv=", Hkv, ", P, D=", D, "], got ", shape_str(pk));
+  TORCH_CHECK(pk.size(-3) == Hkv && pk.size(-1) == D, "prefix_kernels cpu: prefix_k must be [Hkv=",
+              Hkv, ", P, D=", D, "] or [T, Hkv=", Hkv, ", P, D=", D, "], got ", shape_str(pk));
+  TORCH_CHECK(pv.sizes() == pk.sizes(), "prefix_kernels cpu: prefix_v must have prefix_k's shape ",
+              shape_str(pk), ", got ", shape_str(pv));
+  const int64_t T = pk.dim() == 4 ? pk.size(0) : 1, P = pk.size(-2);
+  TORCH_CHECK(T >= 1, "prefix_kernels cpu: prefix_k holds no prefix (T=0): ", shape_str(pk));
+  const std::pair<const char*, const Tensor*> all[] = {
+      {"q", &q}, {"k", &k}, {"v", &v}, {"prefix_k", &pk}, {"prefix_v", &pv}};
+  for (const auto& [name, t] : all) {
+    TORCH_CHECK(t->device().is_cpu(), "prefix_kernels cpu: ", name, " must be a CPU tensor, got ",
+                t->device());
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "prefix_kernels cpu: ", name,
+                " must have q's dtype ", q.scalar_type(), ", got ", t->scalar_type());
+  }
+  TORCH_CHECK(std::isfinite(scale) && scale > 0, "prefix_kernels cpu: scale must be a positive finite float, got ", scale);
+
+  Prepared out;
+  Params& p = out.p;
+  p.dtype = dtype_of(q);
+  p.B = B; p.Hq = Hq; p.Hkv = Hkv; p.G = Hq / Hkv; p.N = N; p.M = M; p.P = P; p.D = D; p.T = T;
+  p.causal = causal;
+  p.scale = scale;
+  if (B * Hq * N > 0) {  // data pointers of empty tensors are never read
+    p.q = ref(q);
+    p.k = ref(k);
+    p.v = ref(v);
+    p.pk = ref(pk);
+    p.pv = ref(pv);
+  }
+  if (key_padding_mask.has_value()) {
+    const Tensor& m = *key_padding_mask;
+    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 2 && m.size(0) == B && m.size(1) == M,
+                "prefix_kernels cpu: key_padding_mask must be a bool [B=", B, ", M=", M,
+                "] tensor (True = attend), got ", m.scalar_type(), " ", shape_str(m));
+    TORCH_CHECK(m.device().is_cpu(), "prefix_kernels cpu: key_padding_mask must be a CPU tensor");
+    out.kpm = m;
+    if (m.numel() > 0) {
+      p.kpm = reinterpret_cast<const uint8_t*>(m.data_ptr<bool>());
+      p.kpm_s0 = m.stride(0);
+      p.kpm_s1 = m.stride(1);
+    }
+  }
+  if (prefix_ids.has_value()) {
+    const Tensor& ids = *prefix_ids;
+    TORCH_CHECK(at::isIntegralType(ids.scalar_type(), /*includeBool=*/false) && ids.dim() == 1 &&
+                    ids.size(0) == B,
+                "prefix_kernels cpu: prefix_ids must be an integer [B=", B, "] tensor, got ",
+                ids.scalar_type(), " ", shape_str(ids));
+    TORCH_CHECK(ids.device().is_cpu(), "prefix_kernels cpu: prefix_ids must be a CPU tensor");
+    TORCH_CHECK(pk.dim() == 4, "prefix_kernels cpu: prefix_ids needs a bank of prefixes [T, Hkv, P, D], got prefix_k ",
+                shape_str(pk));
+    out.ids = ids.to(at::kLong).contiguous();
+    const int64_t* d = out.ids.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b)
+      TORCH_CHECK(d[b] >= 0 && d[b] < T, "prefix_kernels cpu: prefix_ids must be in [0, T=", T,
+                  "), got ", d[b], " at row ", b);
+    p.ids = B > 0 ? d : nullptr;
+  } else {
+    TORCH_CHECK(T == 1, "prefix_kernels cpu: prefix_k holds T=", T,
+                " prefixes ", shape_str(pk), ": pass prefix_ids [B] to choose one per row");
+  }
+
+  // Blocks: about 128 stacked query rows (G heads x BQ queries) per task, and enough tasks for
+  // every thread; decode-like shapes (few rows) take long key tiles instead.
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t rows = env_int("PREFIX_KERNELS_CPU_ROWS", 128);
+  int64_t bq = std::max<int64_t>(1, std::min<int64_t>(std::max<int64_t>(N, 1), rows / p.G));
+  while (bq > 16 && B * Hkv * ((N + bq - 1) / bq) < 2 * threads) bq = (bq + 1) / 2;
+  p.block_q = bq;
+  p.block_k = env_int("PREFIX_KERNELS_CPU_BLOCK_K", p.G * bq <= 16 ? 512 : 128);
+  p.sgemm = blas().sgemm ? &sgemm : &aten_gemm<float>;
+  p.dgemm = blas().dgemm ? &dgemm : &aten_gemm<double>;
+  return out;
+}
+
+template <typename F>
+void run_slots(Params& p, int64_t n_tasks, F&& body) {
+  if (n_tasks <= 0) return;
+  p.num_slots = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_tasks));
+  at::parallel_for(0, p.num_slots, 1, [&](int64_t s0, int64_t s1) {
+    SingleThreadedBlas single;
+    body(s0, s1);
+  });
+}
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+std::tuple<Tensor, Tensor> fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+                                   const Tensor& prefix_k, const Tensor& prefix_v,
+                                   const std::optional<Tensor>& key_padding_mask,
+                                   const std::optional<Tensor>& prefix_ids, bool causal,
+                                   double scale) {
+  Prepared prep = prepare(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale);
+  Params& p = prep.p;
+  Tensor out = at::empty_like(q);
+  Tensor lse = at::empty({p.B, p.Hq, p.N}, q.options().dtype(acc_type(q.scalar_type())));
+  if (out.numel() == 0) return {out, lse};
+  p.out = mut(out);
+  p.lse = lse.data_ptr();
+  const int64_t n_tasks = p.B * p.Hkv * ((p.N + p.block_q - 1) / p.block_q);
+  const bool avx2 = use_avx2();
+  run_slots(p, n_tasks, [&](int64_t s0, int64_t s1) {
+    if (avx2) avx2::forward_slots(p, s0, s1);
+    else base::forward_slots(p, s0, s1);
+  });
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_cpu(
+    const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
+    const Tensor& prefix_k, const Tensor& prefix_v, const Tensor& out, const Tensor& lse,
+    const std::optional<Tensor>& key_padding_mask, const std::optional<Tensor>& prefix_ids,
+    bool causal, double scale, std::array<bool, 5> output_mask) {
+  Prepared prep = prepare(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale);
+  Params& p = prep.p;
+  for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"grad_out", &grad_out}, {"out", &out}}) {
+    TORCH_CHECK(t->sizes() == q.sizes(), "prefix_kernels cpu: ", name, " must have q's shape ",
+                shape_str(q), ", got ", shape_str(*t));
+    TORCH_CHECK(t->scalar_type() == q.scalar_type() && t->device().is_cpu(), "prefix_kernels cpu: ",
+                name, " must be a CPU tensor of q's dtype ", q.scalar_type(), ", got ", t->scalar_type(),
+                " on ", t->device());
+  }
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == p.B && lse.size(1) == p.Hq && lse.size(2) == p.N &&
+                  lse.scalar_type() == acc_type(q.scalar_type()) && lse.device().is_cpu(),
+              "prefix_kernels cpu: lse must be a ", acc_type(q.scalar_type()), " CPU tensor [B=", p.B,
+              ", Hq=", p.Hq, ", N=", p.N, "] (fwd_cpu's second output), got ", lse.scalar_type(), " ",
+              shape_str(lse));
+  auto none = [&] { return at::empty({0}, q.options()); };
+  Tensor dq = output_mask[0] ? at::empty_like(q) : none();
+  Tensor dk = output_mask[1] ? at::empty_like(k) : none();
+  Tensor dv = output_mask[2] ? at::empty_like(v) : none();
+  Tensor dpk = output_mask[3] ? at::empty_like(prefix_k) : none();
+  Tensor dpv = output_mask[4] ? at::empty_like(prefix_v) : none();
+  const auto acc_opts = q.options().dtype(acc_type(q.scalar_type()));
+  Tensor dpk_part, dpv_part;
+  const bool work = p.B * p.Hkv > 0 && p.D > 0;
+  if (output_mask[3] && dpk.numel() > 0) dpk_part = at::empty({p.B, p.Hkv, p.P, p.D}, acc_opts);
+  if (output_mask[4] && dpv.numel() > 0) dpv_part = at::empty({p.B, p.Hkv, p.P, p.D}, acc_opts);
+  if (work) {
+    Tensor lse_c = lse.contiguous();
+    if (p.N > 0) {
+      p.dout = ref(grad_out);
+      p.o = ref(out);
+      p.lse_in = lse_c.data_ptr();
+    }
+    if (dq.numel() > 0) p.dq = mut(dq);
+    if (dk.numel() > 0) p.dk = mut(dk);
+    if (dv.numel() > 0) p.dv = mut(dv);
+    if (dpk_part.defined()) p.dpk_part = dpk_part.data_ptr();
+    if (dpv_part.defined()) p.dpv_part = dpv_part.data_ptr();
+    const bool avx2 = use_avx2();
+    run_slots(p, p.B * p.Hkv, [&](int64_t s0, int64_t s1) {
+      if (avx2) avx2::backward_slots(p, s0, s1);
+      else base::backward_slots(p, s0, s1);
+    });
+    // Sum the per-row prefix partials over the batch, rows in ascending order.
+    const std::pair<Tensor*, Tensor*> prefix_grads[] = {{&dpk_part, &dpk}, {&dpv_part, &dpv}};
+    for (const auto& [part, dst] : prefix_grads) {
+      if (!part->defined()) continue;
+      MutRef d = mut(*dst);
+      const void* src = part->data_ptr();
+      at::parallel_for(0, p.Hkv, 1, [&](int64_t h0, int64_t h1) {
+        if (avx2) avx2::reduce_prefix(p, src, d, h0, h1);
+        else base::reduce_prefix(p, src, d, h0, h1);
+      });
+    }
+  } else {
+    // B = 0 or no kv heads: whatever gradient was asked for is all zeros (or empty).
+    for (Tensor* t : {&dq, &dk, &dv, &dpk, &dpv}) t->zero_();
+  }
+  return {dq, dk, dv, dpk, dpv};
+}
+
+}  // namespace
+}  // namespace prefix_kernels_cpu
+
+TORCH_LIBRARY_FRAGMENT(prefix_kernels, m) {
+  m.set_python_module("prefix_kernels.cpu");
+  m.def(
+      "fwd_cpu(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, "
+      "Tensor? key_padding_mask, Tensor? prefix_ids, bool causal, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "bwd_cpu(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, "
+      "Tensor out, Tensor lse, Tensor? key_padding_mask, Tensor? prefix_ids, bool causal, "
+      "float scale, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("cpu_build_info() -> str", &prefix_kernels_cpu::build_info);
+}
+
+TORCH_LIBRARY_IMPL(prefix_kernels, CPU, m) {
+  m.impl("fwd_cpu", &prefix_kernels_cpu::fwd_cpu);
+  m.impl("bwd_cpu", &prefix_kernels_cpu::bwd_cpu);
+}

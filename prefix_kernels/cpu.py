@@ -1,0 +1,231 @@
+"""The C++ CPU op (csrc/), built with ninja on first use.
+
+Importing this module builds nothing. The first call of :func:`is_available` (``prefix_attention``
+with ``backend="auto"`` or ``"cpu"`` on CPU tensors) compiles ``csrc/*.cpp`` with
+``torch.utils.cpp_extension.load`` (30-60 s, once; one line on stderr says so) into a cache
+directory, ``$PREFIX_KERNELS_BUILD_DIR`` or ``${XDG_CACHE_HOME:-~/.cache}/prefix_kernels/<torch>_<py>/``,
+keyed by a hash of the sources, flags, torch and Python versions. If the build fails (no compiler, no ninja, ...)
+it warns once and ``is_available()`` is False, so ``backend="auto"`` falls back to the reference.
+``PREFIX_KERNELS_DISABLE_CPU_EXT=1`` skips the build altogether.
+
+The library registers ``torch.ops.prefix_kernels.fwd_cpu`` / ``bwd_cpu`` (see
+csrc/prefix_attention.cpp); this module gives them fake (meta) implementations and an autograd
+formula, and wraps them in :func:`prefix_attention_cpu`.
+
+Kernel selection at run time (no -march=native: the binary runs on any x86-64): AVX2+FMA+F16C
+kernels when the CPU has them, else portable SSE2 ones (``PREFIX_KERNELS_CPU_ISA=base`` forces
+those); tile products use torch's own MKL when libtorch exports it, else ATen
+(``PREFIX_KERNELS_CPU_GEMM=aten`` forces ATen). Tuning knobs: ``PREFIX_KERNELS_CPU_ROWS`` (stacked
+query rows per task, default 128) and ``PREFIX_KERNELS_CPU_BLOCK_K`` (keys per tile, default 128,
+or 512 for few-row decode tiles). :func:`build_info` says which flavour runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+_SOURCES = ("prefix_attention.cpp", "kernel_base.cpp", "kernel_avx2.cpp")
+_HEADERS = ("kernel_common.h", "kernel_impl.h")
+_CFLAGS = ["-O3", "-ffp-contract=off"]
+_LDFLAGS: list[str] = []
+if sys.platform.startswith("linux"):
+    # at::parallel_for is header code: without -fopenmp it would run serially. libgomp resolves
+    # to the copy torch already loaded (same soname), so torch.set_num_threads applies.
+    _CFLAGS.append("-fopenmp")
+    _LDFLAGS.append("-fopenmp")
+
+_lock = threading.Lock()
+_state: dict = {"tried": False, "ok": False, "reason": "the C++ CPU op has not been built yet"}
+
+
+def _source_dir() -> Path | None:
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "csrc", here / "csrc"):
+        if all((candidate / name).is_file() for name in _SOURCES + _HEADERS):
+            return candidate
+    return None
+
+
+def _build_root() -> Path:
+    env = os.environ.get("PREFIX_KERNELS_BUILD_DIR")
+    if env:
+        return Path(env).expanduser()
+    version = torch.__version__.replace("+", "_")
+    py = f"py{sys.version_info.major}{sys.version_info.minor}"
+    cache = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return Path(cache).expanduser() / "prefix_kernels" / f"torch{version}_{py}"
+
+
+def _build() -> None:
+    from torch.utils.cpp_extension import load
+
+    src = _source_dir()
+    if src is None:
+        raise RuntimeError(
+            "the C++ sources (csrc/prefix_attention.cpp, ...) were not found next to the package; "
+            "install prefix_kernels from a source checkout (pip install -e .)"
+        )
+    digest = hashlib.sha256()
+    for name in _SOURCES + _HEADERS:
+        digest.update(name.encode() + b"\0" + (src / name).read_bytes())
+    digest.update(" ".join(_CFLAGS + _LDFLAGS + [torch.__version__, sys.version]).encode())
+    name = f"prefix_kernels_cpu_{digest.hexdigest()[:12]}"
+    build_dir = _build_root() / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    if not (build_dir / f"{name}.so").exists():
+        print(f"prefix_kernels: compiling the C++ CPU op (once, 30-60 s) in {build_dir}",
+              file=sys.stderr, flush=True)
+    load(
+        name=name,
+        sources=[str(src / s) for s in _SOURCES],
+        extra_cflags=_CFLAGS,
+        extra_ldflags=_LDFLAGS,
+        extra_include_paths=[str(src)],
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=False,
+    )
+    _register_python_side()
+
+
+def _summarize(exc: BaseException) -> str:
+    """The exception type and its most telling line (a compiler 'error:' line when there is one)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower() and "Error building extension" not in line]
+    detail = (errors or lines or [""])[0]
+    if len(detail) > 300:
+        detail = detail[:300] + "..."
+    return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+
+
+def is_available() -> bool:
+    """True when the C++ op is built and loaded (builds it on the first call). Never raises."""
+    if _state["tried"]:
+        return _state["ok"]
+    with _lock:
+        if _state["tried"]:
+            return _state["ok"]
+        if os.environ.get("PREFIX_KERNELS_DISABLE_CPU_EXT", "") not in ("", "0"):
+            _state.update(ok=False, reason="disabled by PREFIX_KERNELS_DISABLE_CPU_EXT")
+        else:
+            try:
+                _build()
+                _state.update(ok=True, reason="")
+            except Exception as exc:  # noqa: BLE001 -- any build/load failure means "unavailable"
+                reason = f"building the C++ CPU op failed ({_summarize(exc)})"
+                _state.update(ok=False, reason=reason)
+                warnings.warn(
+                    f"prefix_kernels: {reason}; CPU tensors will use the (slower) PyTorch "
+                    f"reference. Set PREFIX_KERNELS_DISABLE_CPU_EXT=1 to skip the build.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        _state["tried"] = True
+        return _state["ok"]
+
+
+def unavailable_reason() -> str:
+    """Why :func:`is_available` is False ("" when it is True)."""
+    return _state["reason"]
+
+
+def build_info() -> str:
+    """Kernel flavour in use, e.g. "isa=avx2 gemm=mkl threads=2" (builds on first use)."""
+    if not is_available():
+        return f"unavailable: {unavailable_reason()}"
+    return torch.ops.prefix_kernels.cpu_build_info()
+
+
+# ---------------------------------------------------------------- fake impls and autograd
+
+_registered = False
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fwd_fake(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale):
+    lse = q.new_empty(q.shape[:3], dtype=_acc_dtype(q.dtype))
+    return torch.empty_like(q), lse
+
+
+def _bwd_fake(grad_out, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_ids,
+              causal, scale, output_mask):
+    like = (q, k, v, prefix_k, prefix_v)
+    return tuple(torch.empty_like(t) if need else q.new_empty((0,)) for t, need in zip(like, output_mask))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_ids)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    return (*_grads(ctx, grad_out), None, None, None, None)
+
+
+def _grads(ctx, grad_out):
+    """The five input gradients, None where ctx.needs_input_grad says they are not needed."""
+    q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_ids = ctx.saved_tensors
+    mask = [bool(x) for x in ctx.needs_input_grad[:5]]
+    if not any(mask):
+        return (None,) * 5
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    grads = torch.ops.prefix_kernels.bwd_cpu(
+        grad_out, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_ids,
+        ctx.causal, ctx.scale, mask,
+    )
+    return tuple(g if need else None for g, need in zip(grads, mask))
+
+
+def _register_python_side() -> None:
+    global _registered
+    if _registered:
+        return
+    torch.library.register_fake("prefix_kernels::fwd_cpu")(_fwd_fake)
+    torch.library.register_fake("prefix_kernels::bwd_cpu")(_bwd_fake)
+    torch.library.register_autograd("prefix_kernels::fwd_cpu", _backward, setup_context=_setup_context)
+    _registered = True
+
+
+class PrefixAttentionCPU(torch.autograd.Function):
+    """out, lse = fwd_cpu(...); backward runs bwd_cpu for exactly the needed gradients."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale):
+        out, lse = torch.ops.prefix_kernels.fwd_cpu(
+            q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale
+        )
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_ids)
+        ctx.causal, ctx.scale = causal, scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        return (*_grads(ctx, grad_out), None, None, None, None)
+
+
+def prefix_attention_cpu(q, k, v, prefix_k, prefix_v, *, causal, scale, key_padding_mask, prefix_ids):
+    """(out [B, Hq, N, D] in q's dtype, lse [B, Hq, N] fp32, detached) from the C++ op.
+
+    Inputs are validated by ``functional.validate_inputs``; ``scale`` is a float. Differentiable
+    in q, k, v, prefix_k and prefix_v (only the gradients that are needed are computed).
+    """
+    if not is_available():
+        raise RuntimeError(f"the C++ CPU op is unavailable: {unavailable_reason()}")
+    out, lse = PrefixAttentionCPU.apply(
+        q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, bool(causal), float(scale)
+    )
+    return out, lse.detach().float()

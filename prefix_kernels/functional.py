@@ -1,0 +1,230 @@
+"""The public op: ``prefix_attention`` -- validation, backend choice and the documented API."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from prefix_kernels.reference import prefix_attention_reference
+
+BACKENDS = ("auto", "triton", "cpu", "reference")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def _check_tensor(name: str, t, ndim: tuple[int, ...]) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() not in ndim:
+        want = " or ".join(f"{n}-D" for n in ndim)
+        raise ValueError(f"{name} must be {want}, got {_describe(t)}")
+
+
+def validate_inputs(q, k, v, prefix_k, prefix_v, *, causal, scale, key_padding_mask, prefix_ids):
+    """Checks every argument; returns the resolved (scale, number of prefixes T).
+
+    Raises TypeError/ValueError naming the argument, what it got and what was expected.
+    """
+    _check_tensor("q", q, (4,))
+    _check_tensor("k", k, (4,))
+    _check_tensor("v", v, (4,))
+    _check_tensor("prefix_k", prefix_k, (3, 4))
+    _check_tensor("prefix_v", prefix_v, (3, 4))
+    if q.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {_describe(q)}")
+    for name, t in (("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {_describe(t)}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {_describe(t)}")
+
+    batch, n_heads, n_queries, head_dim = q.shape
+    if k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(
+            f"k must be [B={batch}, Hkv, M, D={head_dim}] to match q {tuple(q.shape)}, got {_describe(k)}"
+        )
+    if v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {_describe(v)}")
+    n_kv_heads, n_keys = k.shape[1], k.shape[2]
+    if n_kv_heads == 0 or n_heads % n_kv_heads != 0:
+        raise ValueError(
+            f"q's head count Hq={n_heads} must be a multiple of k's head count Hkv={n_kv_heads} "
+            f"(q {tuple(q.shape)}, k {tuple(k.shape)})"
+        )
+    if causal and n_keys < n_queries:
+        raise ValueError(
+            f"causal attention needs at least as many keys as queries (queries are the last N of M "
+            f"positions): k has M={n_keys}, q has N={n_queries}"
+        )
+    if not 1 <= head_dim <= 256:
+        raise ValueError(f"head dim D must be in 1..256, got D={head_dim} (q {_describe(q)})")
+
+    pk_shape = prefix_k.shape[-3:]
+    if prefix_k.shape != prefix_v.shape:
+        raise ValueError(
+            f"prefix_v must have prefix_k's shape {tuple(prefix_k.shape)}, got {_describe(prefix_v)}"
+        )
+    if pk_shape[0] != n_kv_heads or pk_shape[2] != head_dim:
+        want = f"[Hkv={n_kv_heads}, P, D={head_dim}] or [T, Hkv={n_kv_heads}, P, D={head_dim}]"
+        raise ValueError(f"prefix_k must be {want}, got {_describe(prefix_k)}")
+    n_prefixes = prefix_k.shape[0] if prefix_k.dim() == 4 else 1
+
+    if prefix_ids is not None:
+        if not isinstance(prefix_ids, torch.Tensor):
+            raise TypeError(f"prefix_ids must be an integer torch.Tensor [B], got {type(prefix_ids).__name__}")
+        if prefix_ids.dtype.is_floating_point or prefix_ids.dtype.is_complex or prefix_ids.dtype == torch.bool:
+            raise TypeError(f"prefix_ids must be an integer tensor, got {_describe(prefix_ids)}")
+        if prefix_ids.shape != (batch,):
+            raise ValueError(f"prefix_ids must be [B={batch}], got {_describe(prefix_ids)}")
+        if prefix_ids.device != q.device:
+            raise ValueError(f"prefix_ids must be on q's device {q.device}, got {_describe(prefix_ids)}")
+        if prefix_k.dim() == 3:
+            raise ValueError(
+                f"prefix_ids needs a bank of prefixes [T, Hkv, P, D], but prefix_k is {_describe(prefix_k)}"
+            )
+        if batch > 0:
+            low, high = int(prefix_ids.min()), int(prefix_ids.max())
+            if low < 0 or high >= n_prefixes:
+                raise ValueError(
+                    f"prefix_ids must be in [0, T={n_prefixes}), got values in [{low}, {high}]"
+                )
+    elif n_prefixes > 1:
+        raise ValueError(
+            f"prefix_k holds T={n_prefixes} prefixes ({_describe(prefix_k)}): pass prefix_ids [B] "
+            f"to choose one per row"
+        )
+
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor):
+            raise TypeError(f"key_padding_mask must be a bool torch.Tensor [B, M], got {type(key_padding_mask).__name__}")
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must be bool (True = attend), got {_describe(key_padding_mask)}")
+        if key_padding_mask.shape != (batch, n_keys):
+            raise ValueError(
+                f"key_padding_mask must be [B={batch}, M={n_keys}], got {_describe(key_padding_mask)}"
+            )
+        if key_padding_mask.device != q.device:
+            raise ValueError(
+                f"key_padding_mask must be on q's device {q.device}, got {_describe(key_padding_mask)}"
+            )
+
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite float, got {scale!r}")
+    return float(scale), n_prefixes
+
+
+def _triton_usable(device: torch.device) -> bool:
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Maps ``backend`` to the implementation that runs for tensors on ``device``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda":
+            return "triton"
+        if device.type == "cpu":
+            from prefix_kernels import cpu
+
+            return "cpu" if cpu.is_available() else "reference"
+        return "reference"
+    if backend == "triton" and not _triton_usable(device):
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter), "
+            f"got tensors on {device}"
+        )
+    if backend == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
+        from prefix_kernels import cpu
+
+        if not cpu.is_available():
+            raise ValueError(f"backend='cpu' is unavailable: {cpu.unavailable_reason()}")
+    return backend
+
+
+def prefix_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    prefix_ids: torch.Tensor | None = None,
+    return_lse: bool = False,
+    deterministic: bool = False,
+    backend: str = "auto",
+):
+    r"""Attention over a trainable prefix and the sequence keys/values, fused, without concatenation.
+
+    Shapes (B batch, Hq query heads, Hkv key/value heads with Hq % Hkv == 0, N queries,
+    M >= N keys, P prefix tokens (0 allowed), T prefixes in a bank, D head dim in 1..256)::
+
+        q                 [B, Hq,  N, D]   any strides (HF's transposed [B, N, H, D] views work)
+        k, v              [B, Hkv, M, D]   sequence keys/values; the first M - N are cached tokens
+        prefix_k/prefix_v [Hkv, P, D]      one prefix shared by every row, or
+                          [T, Hkv, P, D]   a bank, with prefix_ids [B] choosing each row's prefix
+        key_padding_mask  [B, M] bool      True = attend (HF attention_mask); left or right padding
+        -> out            [B, Hq, N, D]    q's dtype (and lse [B, Hq, N] fp32, natural log)
+
+    Query i sits at position M - N + i (bottom-right aligned causal). What query i sees, for
+    P = 2, M = 5, N = 3 (``#`` visible, ``.`` masked; prefix columns are always visible)::
+
+                    prefix | cache   sequence
+                    p0 p1  | k0 k1 | k2 k3 k4
+        q0 (pos 2)   #  #  |  #  # |  #  .  .
+        q1 (pos 3)   #  #  |  #  # |  #  #  .
+        q2 (pos 4)   #  #  |  #  # |  #  #  #
+
+    with ``causal=False`` every key is visible; a False in ``key_padding_mask`` hides that key
+    column for the row. One online softmax spans the prefix and the sequence. A query that sees no
+    key at all (P = 0 and all its keys hidden) gets out = 0, lse = -inf and zero gradients.
+
+    Args:
+        scale: softmax scale, default 1/sqrt(D).
+        return_lse: also return the log-sum-exp of the scaled scores (not differentiable).
+        deterministic: bit-identical gradients run to run. The Triton backward then reduces the
+            prefix gradients through fp32 partials summed in a fixed order instead of fp32 atomics.
+        backend: "auto" (Triton for CUDA tensors; the C++ op for CPU tensors when it is built,
+            else the reference), "triton", "cpu" or "reference".
+
+    Gradients flow to q, k, v, prefix_k and prefix_v; only those whose tensors require grad are
+    computed, and no kernel runs for the rest. fp16/bf16/fp32 (and fp64) inputs accumulate in fp32
+    (fp64 for fp64).
+    """
+    scale, _ = validate_inputs(
+        q, k, v, prefix_k, prefix_v, causal=causal, scale=scale,
+        key_padding_mask=key_padding_mask, prefix_ids=prefix_ids,
+    )
+    chosen = resolve_backend(backend, q.device)
+    if chosen == "reference":
+        out, lse = prefix_attention_reference(
+            q, k, v, prefix_k, prefix_v, causal=causal, scale=scale,
+            key_padding_mask=key_padding_mask, prefix_ids=prefix_ids,
+        )
+        lse = lse.detach()
+    elif chosen == "cpu":
+        from prefix_kernels import cpu
+
+        out, lse = cpu.prefix_attention_cpu(
+            q, k, v, prefix_k, prefix_v, causal=causal, scale=scale,
+            key_padding_mask=key_padding_mask, prefix_ids=prefix_ids,
+        )
+    else:
+        from prefix_kernels.autograd import PrefixAttentionFunction
+
+        out, lse = PrefixAttentionFunction.apply(
+            q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale, deterministic
+        )
+    return (out, lse) if return_lse else out

@@ -1,0 +1,1 @@
+"""Triton kernels for prefix attention (imported lazily: importing triton never touches CUDA)."""
