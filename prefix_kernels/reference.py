@@ -81,7 +81,10 @@ def prefix_attention_reference(
     )
     scores = scores.masked_fill(~visible, float("-inf"))
     # Softmax that stays finite for rows with no visible key: exp(-inf - 0) = 0, sum = 0 -> out = 0.
-    row_max = scores.amax(dim=-1, keepdim=True).detach()
+    if scores.shape[-1] == 0:  # no key at all (P = M = 0): amax is undefined, every row is empty
+        row_max = scores.new_zeros(*scores.shape[:-1], 1)
+    else:
+        row_max = scores.amax(dim=-1, keepdim=True).detach()
     row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
     weights = torch.exp(scores - row_max)
     denom = weights.sum(dim=-1, keepdim=True)
