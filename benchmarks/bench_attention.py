@@ -82,9 +82,9 @@ def bench_shape(shape, dtype, device, decode):
                     out = fn(*tensors)
                     grad = torch.randn_like(out)
                     if mode == "bwd":
-                        ms = time_ms(lambda: torch.autograd.grad(out, tensors, grad, retain_graph=True))
+                        ms = time_ms(lambda: torch.autograd.grad(out, tensors, grad, retain_graph=True, allow_unused=True))
                     else:
-                        ms = time_ms(lambda: torch.autograd.grad(fn(*tensors), tensors, grad))
+                        ms = time_ms(lambda: torch.autograd.grad(fn(*tensors), tensors, grad, allow_unused=True))
                 if device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                     fn(*tensors).sum().backward() if mode != "fwd" else fn(*tensors)

@@ -39,10 +39,11 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _dtype_flags(dtype: torch.dtype) -> dict:
-    """UPCAST: the interpreter cannot tl.dot 16-bit floats, so compute in fp32 there."""
+    """UPCAST: the interpreter cannot tl.dot 16-bit floats, so compute in fp32 there.
+    PRECISION "fma": fp64 products without tl.dot (see kernels.forward.mm)."""
     return dict(
         UPCAST=interpreting() and dtype in (torch.float16, torch.bfloat16),
-        PRECISION="ieee" if dtype in (torch.float32, torch.float64) else "tf32",
+        PRECISION={torch.float64: "fma", torch.float32: "ieee"}.get(dtype, "tf32"),
         ACC_DTYPE=_ACC.get(dtype, tl.float32),
     )
 

@@ -21,7 +21,7 @@ lse = -inf (saw no key) are given lse = +inf, so every p of theirs is exp2(-inf)
 import triton
 import triton.language as tl
 
-from prefix_kernels.kernels.forward import load_tile
+from prefix_kernels.kernels.forward import load_tile, mm
 
 
 @triton.jit
@@ -67,7 +67,7 @@ def _dq_blocks(
                       HEAD_DIM, HEAD_DIM_PAD, CHECK_KEYS, UPCAST)
         v = load_tile(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, cols, n_keys, offs_d,
                       HEAD_DIM, HEAD_DIM_PAD, CHECK_KEYS, UPCAST)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        qk = mm(q, tl.trans(k), PRECISION) * qk_scale
         p = tl.exp2(qk - lse2[:, None])
         if CHECK_KEYS:
             p = tl.where(cols[None, :] < n_keys, p, 0.0)
@@ -76,9 +76,9 @@ def _dq_blocks(
         if HAS_KPM:
             keep = tl.load(KPM + cols * stride_mn, mask=cols < n_keys, other=0)
             p = tl.where(keep[None, :] != 0, p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        dp = mm(do, tl.trans(v), PRECISION)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        dq += mm(ds.to(k.dtype), k, PRECISION)
     return dq
 
 
@@ -170,16 +170,16 @@ def _dkdv_blocks(
                        HEAD_DIM, HEAD_DIM_PAD, CHECK_ROWS, UPCAST)
         lse2 = load_lse2(LSE, rows, n_queries)  # +inf past n_queries: p = 0 there
         delta = tl.load(Delta + rows, mask=rows < n_queries, other=0.0)
-        qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+        qk_t = mm(k, tl.trans(q), PRECISION) * qk_scale
         p_t = tl.exp2(qk_t - lse2[None, :])
         if CAUSAL_MASK:
             p_t = tl.where(cols[:, None] <= key_offset + rows[None, :], p_t, 0.0)
         if MASK_KEYS:
             p_t = tl.where(key_visible[:, None], p_t, 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dv += mm(p_t.to(do.dtype), do, PRECISION)
+        dp_t = mm(v, tl.trans(do), PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+        dk += mm(ds_t.to(q.dtype), q, PRECISION)
     return dk, dv
 
 

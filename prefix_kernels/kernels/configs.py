@@ -40,7 +40,7 @@ def kernel_configs(head_dim: int, dtype: torch.dtype, capability: tuple[int, int
         big = BlockConfig(64, 64)
         return KernelConfigs(forward=big, dq=big, dkdv=big)
     if dtype == torch.float64:
-        small = BlockConfig(32, 32, num_warps=4, num_stages=1)
+        small = BlockConfig(16, 16, num_warps=4, num_stages=1)  # fp64 runs on FMA units (kernels.forward.mm)
         return KernelConfigs(forward=small, dq=small, dkdv=small)
     # (forward, dq, dkdv) for 16-bit inputs; dq wants tall query tiles, dk/dv wide key tiles.
     if d <= 64:

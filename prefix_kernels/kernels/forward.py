@@ -34,6 +34,16 @@ def load_tile(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: 
 
 
 @triton.jit
+def mm(a, b, PRECISION: tl.constexpr):
+    """a @ b. PRECISION "fma": a broadcast product summed in registers, for fp64, where Triton's
+    fp64 MMA path asserts on sm_90 ("fp64 don't support largeK MMA"); else tl.dot."""
+    if PRECISION == "fma":
+        return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
 def _attend_blocks(
     acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
     lo, hi, n_keys, q_pos, offs_n, offs_d, qk_scale,
@@ -46,7 +56,7 @@ def _attend_blocks(
         cols = start_n + offs_n
         k = load_tile(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, cols, n_keys, offs_d,
                       HEAD_DIM, HEAD_DIM_PAD, CHECK_KEYS, UPCAST)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        qk = mm(q, tl.trans(k), PRECISION) * qk_scale
         if CHECK_KEYS:
             qk = tl.where(cols[None, :] < n_keys, qk, float("-inf"))
         if CAUSAL_MASK:
@@ -61,7 +71,7 @@ def _attend_blocks(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = load_tile(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, cols, n_keys, offs_d,
                       HEAD_DIM, HEAD_DIM_PAD, CHECK_KEYS, UPCAST)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + mm(p.to(v.dtype), v, PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 

@@ -1,0 +1,351 @@
+"""``add_prefix_tuning``: a frozen transformers causal LM with one trainable prefix per layer, its
+attention routed through the fused kernel.
+
+The prefixes are stored in PEFT's layout, ``[T, P, L * 2 * Hkv * D]`` (T prefixes in a bank, P
+virtual tokens; per token: layer, key/value, kv head, head dim), so a PEFT adapter's
+``prompt_embeddings`` is one row of the bank. A forward pre-hook on the wrapped model puts this
+call's prefixes (a :class:`~prefix_kernels.hf.attention.PrefixKV`) into its keyword arguments and
+shifts the positions; the hook also serves ``generate()``, which calls the wrapped model directly.
+
+Positions. ``position_offset="peft"`` (default) places the real tokens at P..P+N-1 with unrotated
+prefix keys, as PEFT does (its prefix sits in the KV cache), so PEFT checkpoints give the same
+outputs; ``"none"`` keeps 0..N-1. Positions that are not given are counted over the attention
+mask (``cumsum - 1``, as ``generate()`` counts them), so a left-padded row gets the positions it
+would have unpadded; explicit ``position_ids`` are taken as positions in the real text and shifted.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from prefix_kernels.hf.attention import ATTN_IMPLEMENTATION, PrefixKV, register
+
+POSITION_OFFSETS = ("peft", "none")
+_DROPOUT_FIELDS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
+
+
+@dataclass(frozen=True)
+class PrefixSpec:
+    """Everything that fixes the prefix tensors' shapes and meaning (saved as JSON with them)."""
+
+    model_type: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    num_virtual_tokens: int
+    num_prefixes: int = 1
+    projection_hidden: int | None = None
+    position_offset: str = "peft"
+
+    @property
+    def width(self) -> int:
+        """Elements per virtual token: L * 2 * Hkv * D (PEFT's prompt_embeddings width)."""
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def model_geometry(config) -> tuple[int, int, int]:
+    """(layers, kv heads, head dim) of a transformers config; head_dim from the config when given."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    def first(*names):
+        for n in names:
+            if getattr(text, n, None) is not None:
+                return getattr(text, n)
+        raise ValueError(f"{text.model_type} config has none of {names}: cannot size the prefix")
+
+    layers = first("num_hidden_layers", "n_layer", "num_layers")
+    heads = first("num_attention_heads", "n_head")
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or first("hidden_size", "n_embd") // heads
+    return int(layers), int(kv_heads), int(head_dim)
+
+
+def _check_routable(model: nn.Module) -> None:
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"add_prefix_tuning needs a transformers PreTrainedModel, got {type(model).__name__}")
+    model_type = model.config.model_type
+    can_set = getattr(model, "_can_set_attn_implementation", lambda: True)()
+    if not can_set:
+        raise NotImplementedError(
+            f"model type {model_type!r} ({type(model).__name__}) does not route attention through transformers' "
+            "AttentionInterface, so prefix_kernels cannot replace its attention"
+        )
+    text = model.config.get_text_config()
+    for field in ("attn_logit_softcapping", "final_logit_softcapping_attn"):
+        if getattr(text, field, None):
+            raise NotImplementedError(f"model type {model_type!r}: {field}={getattr(text, field)} is not implemented")
+    if getattr(text, "global_head_dim", None):
+        raise NotImplementedError(f"model type {model_type!r}: layers of different KV shapes are not supported")
+    layer_ids = {getattr(m, "layer_idx", None) for m in model.modules() if type(m).__name__.endswith("Attention")}
+    if not layer_ids or None in layer_ids:
+        raise NotImplementedError(
+            f"model type {model_type!r}: its attention modules carry no layer_idx, so per-layer prefixes cannot be routed"
+        )
+
+
+class PrefixEncoder(nn.Module):
+    """Li & Liang's reparameterization: table = MLP(embedding), embedding [T, P, Hkv * D]."""
+
+    def __init__(self, spec: PrefixSpec, dtype: torch.dtype, device):
+        super().__init__()
+        token_dim = spec.num_kv_heads * spec.head_dim
+        self.embedding = nn.Parameter(torch.randn(spec.num_prefixes, spec.num_virtual_tokens, token_dim,
+                                                  dtype=dtype, device=device))
+        self.transform = nn.Sequential(
+            nn.Linear(token_dim, spec.projection_hidden, dtype=dtype, device=device),
+            nn.Tanh(),
+            nn.Linear(spec.projection_hidden, spec.width, dtype=dtype, device=device),
+        )
+
+    def forward(self) -> torch.Tensor:
+        return self.transform(self.embedding)
+
+
+class PrefixTuningModel(nn.Module):
+    """A frozen causal LM plus trainable prefixes; see :func:`add_prefix_tuning`."""
+
+    def __init__(self, model: nn.Module, num_virtual_tokens: int, *, num_prefixes: int = 1,
+                 projection_hidden: int | None = None, init="random", position_offset: str = "peft",
+                 backend: str = "auto", tokenizer=None):
+        super().__init__()
+        _check_routable(model)
+        if position_offset not in POSITION_OFFSETS:
+            raise ValueError(f"position_offset must be one of {POSITION_OFFSETS}, got {position_offset!r}")
+        for name, value in (("num_virtual_tokens", num_virtual_tokens), ("num_prefixes", num_prefixes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if projection_hidden is not None and (not isinstance(projection_hidden, int) or projection_hidden < 1):
+            raise ValueError(f"projection_hidden must be None or a positive int, got {projection_hidden!r}")
+        layers, kv_heads, head_dim = model_geometry(model.config)
+        self.spec = PrefixSpec(model.config.model_type, layers, kv_heads, head_dim, num_virtual_tokens,
+                               num_prefixes, projection_hidden, position_offset)
+        self.backend = backend
+        self.base_model = model
+        for p in model.parameters():
+            p.requires_grad_(False)
+        text = model.config.get_text_config()
+        for field in _DROPOUT_FIELDS:
+            if getattr(text, field, 0) or 0:
+                warnings.warn(f"{self.spec.model_type} config has {field}={getattr(text, field)}: the fused kernel "
+                              "has no attention dropout, so training mode raises; set it to 0.0", stacklevel=3)
+
+        model_dtype = next(model.parameters()).dtype
+        dtype = model_dtype if model_dtype in (torch.float32, torch.float64) else torch.float32
+        device = next(model.parameters()).device
+        initial = self._initial_table(init, tokenizer, dtype, device)
+        if projection_hidden is None:
+            self.prefix_embedding = nn.Parameter(initial)
+            self.prefix_encoder = None
+        else:
+            self.prefix_embedding = None
+            self.prefix_encoder = PrefixEncoder(self.spec, dtype, device)
+
+        register()
+        self._previous_attn = model.config._attn_implementation
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+            raise NotImplementedError(f"model type {self.spec.model_type!r} refused attn_implementation="
+                                      f"{ATTN_IMPLEMENTATION!r}")
+        self._signature = inspect.signature(model.forward)
+        self._frozen_table = None
+        self._hook = model.register_forward_pre_hook(self._inject, with_kwargs=True)
+
+    # ---- the prefixes -------------------------------------------------------------------------
+    def _initial_table(self, init, tokenizer, dtype, device) -> torch.Tensor:
+        spec = self.spec
+        shape = (spec.num_prefixes, spec.num_virtual_tokens, spec.width)
+        if isinstance(init, str) and init == "random":
+            return torch.randn(shape, dtype=dtype, device=device)  # PEFT's nn.Embedding default init
+        if spec.projection_hidden is not None:
+            raise ValueError("init from text/token ids needs projection_hidden=None (an MLP output cannot be set)")
+        if isinstance(init, str):
+            if tokenizer is None:
+                raise ValueError("init given as text needs tokenizer=...")
+            ids = tokenizer(init, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        else:
+            ids = torch.as_tensor(init)
+            if ids.dim() != 1 or ids.dtype not in (torch.int32, torch.int64):
+                raise ValueError(f"init must be 'random', text, or 1-D token ids; got tensor {tuple(ids.shape)} {ids.dtype}")
+        if ids.numel() != spec.num_virtual_tokens:
+            raise ValueError(f"init has {ids.numel()} tokens but num_virtual_tokens={spec.num_virtual_tokens}")
+        return self.text_table(ids).to(dtype).expand(shape).clone()
+
+    @torch.no_grad()
+    def text_table(self, ids: torch.Tensor) -> torch.Tensor:
+        """[1, P, L*2*Hkv*D]: the keys/values of ``ids`` under the base model at positions 0..P-1
+        (its own attention, before any prefix), in the prefix layout."""
+        model = self.base_model
+        device = next(model.parameters()).device
+        out = model(input_ids=ids[None].to(device), use_cache=True)
+        cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+        spec = self.spec
+        rows = []
+        for layer in range(spec.num_layers):
+            if hasattr(cache, "layers"):
+                k, v = cache.layers[layer].keys, cache.layers[layer].values
+            else:  # older caches
+                k, v = cache.key_cache[layer], cache.value_cache[layer]
+            rows += [k[0], v[0]]  # [Hkv, P, D]
+        # [2L, Hkv, P, D] -> [P, 2L, Hkv, D] -> [1, P, width]
+        return torch.stack(rows).permute(2, 0, 1, 3).reshape(1, spec.num_virtual_tokens, spec.width).float()
+
+    def prefix_table(self) -> torch.Tensor:
+        """The prefixes as plain values [T, P, L*2*Hkv*D] (through the MLP when reparameterized)."""
+        if self._frozen_table is not None:
+            return self._frozen_table
+        if self.prefix_encoder is not None:
+            return self.prefix_encoder()
+        return self.prefix_embedding
+
+    @torch.no_grad()
+    def merge(self) -> PrefixTuningModel:
+        """Folds the reparameterization MLP into plain prefix tensors (for inference/export)."""
+        if self.prefix_encoder is not None:
+            table = self.prefix_encoder().detach().clone()
+            self.prefix_encoder = None
+            self.prefix_embedding = nn.Parameter(table)
+            self.spec = PrefixSpec(**{**self.spec.to_dict(), "projection_hidden": None})
+        return self
+
+    def prefix_kv(self, prefix_ids: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> PrefixKV:
+        table = self.prefix_table()
+        if dtype is not None:
+            table = table.to(dtype)
+        spec = self.spec
+        if prefix_ids is None and spec.num_prefixes > 1:
+            raise ValueError(f"this model holds a bank of {spec.num_prefixes} prefixes: pass prefix_ids [B]")
+        return PrefixKV.from_table(table, spec.num_layers, spec.num_kv_heads, spec.head_dim,
+                                   prefix_ids=prefix_ids, backend=self.backend)
+
+    # ---- the hook on the wrapped model ------------------------------------------------------
+    def _inject(self, module, args, kwargs):
+        if "prefix_kv" in kwargs:
+            return None
+        bound = self._signature.bind_partial(*args, **kwargs).arguments
+        extra = bound.pop("kwargs", {})
+        kwargs = {**bound, **extra}
+        prefix_ids = kwargs.pop("prefix_ids", None)
+        ids = kwargs.get("input_ids")
+        embeds = kwargs.get("inputs_embeds")
+        ref = ids if ids is not None else embeds
+        if ref is None:
+            raise ValueError("pass input_ids or inputs_embeds")
+        batch, length = ref.shape[:2]
+        if prefix_ids is not None:
+            prefix_ids = torch.as_tensor(prefix_ids, device=ref.device)
+            if prefix_ids.dim() == 0:
+                prefix_ids = prefix_ids.expand(batch)
+            if prefix_ids.shape != (batch,):
+                raise ValueError(f"prefix_ids must be [B={batch}], got shape {tuple(prefix_ids.shape)}")
+        model_dtype = embeds.dtype if embeds is not None else self.base_model.dtype
+        kwargs["prefix_kv"] = self.prefix_kv(prefix_ids, dtype=model_dtype)
+        kwargs["position_ids"] = self._positions(kwargs, batch, length, ref.device)
+        return (), kwargs
+
+    def _positions(self, kwargs, batch, length, device) -> torch.Tensor:
+        offset = self.spec.num_virtual_tokens if self.spec.position_offset == "peft" else 0
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+            mask = kwargs.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] == past + length:
+                pos = (mask.long().cumsum(-1) - 1).clamp_min(0)[:, -length:]
+            else:
+                pos = torch.arange(past, past + length, device=device)[None].expand(batch, -1)
+        return pos + offset
+
+    # ---- the usual entry points -------------------------------------------------------------
+    def forward(self, input_ids=None, attention_mask=None, *, prefix_ids=None, **kwargs):
+        """The wrapped model's forward (HF arguments and output) with the prefixes; ``prefix_ids``
+        [B] picks each row's prefix from a bank."""
+        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, prefix_ids=prefix_ids, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, *args, prefix_ids=None, **kwargs):
+        """``generate()`` of the wrapped model; the KV cache holds real tokens only, the prefix is
+        read from the (once-evaluated) prefix table at every step."""
+        if prefix_ids is not None:
+            kwargs["prefix_ids"] = prefix_ids
+        self._frozen_table = self.prefix_table().detach()
+        try:
+            return self.base_model.generate(*args, **kwargs)
+        finally:
+            self._frozen_table = None
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
+        """Activation checkpointing of the frozen layers; non-reentrant by default, so gradients reach
+        the prefixes without making the frozen inputs require grad."""
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def unload(self) -> nn.Module:
+        """Removes the hook and restores the model's attention implementation; returns the model."""
+        self._hook.remove()
+        self.base_model.set_attn_implementation(self._previous_attn)
+        return self.base_model
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # ---- persistence (prefix_kernels.hf.checkpoint) ---------------------------------------------
+    def save_prefix(self, directory) -> None:
+        from prefix_kernels.hf.checkpoint import save_prefix
+
+        save_prefix(self, directory)
+
+    def load_prefix(self, directory) -> PrefixTuningModel:
+        from prefix_kernels.hf.checkpoint import load_prefix
+
+        load_prefix(self, directory)
+        return self
+
+    def save_peft_adapter(self, directory, prefix_index: int = 0) -> None:
+        from prefix_kernels.hf.checkpoint import save_peft_adapter
+
+        save_peft_adapter(self, directory, prefix_index=prefix_index)
+
+    def load_peft_adapter(self, directory, prefix_index: int = 0) -> PrefixTuningModel:
+        from prefix_kernels.hf.checkpoint import load_peft_adapter
+
+        load_peft_adapter(self, directory, prefix_index=prefix_index)
+        return self
+
+
+def add_prefix_tuning(model: nn.Module, num_virtual_tokens: int, *, num_prefixes: int = 1,
+                      projection_hidden: int | None = None, init="random", position_offset: str = "peft",
+                      backend: str = "auto", tokenizer=None) -> PrefixTuningModel:
+    """Wraps a transformers causal LM for prefix tuning with the fused kernel.
+
+    Args:
+        model: a transformers (5.x) causal LM whose attention goes through AttentionInterface
+            (Llama, Mistral, Qwen2/3, GPT-2, Gemma, ...). Its weights are frozen in place and its
+            attention implementation is switched to ``"prefix_kernels"`` (``unload()`` undoes both).
+        num_virtual_tokens: P, the prefix length.
+        num_prefixes: T, a bank of prefixes (several tasks in one batch); pick per row with
+            ``prefix_ids`` [B] in forward/generate.
+        projection_hidden: hidden width of Li & Liang's MLP reparameterization (None: plain tensors).
+            ``merge()`` folds it away.
+        init: "random" (N(0, 1), as PEFT), text (with ``tokenizer``) or 1-D token ids: the prefix
+            starts as the keys/values of that text under the model.
+        position_offset: "peft" (real tokens at P..P+N-1, as PEFT) or "none" (0..N-1).
+        backend: passed to :func:`prefix_kernels.prefix_attention` ("auto", "triton", "cpu", "reference").
+    """
+    return PrefixTuningModel(model, num_virtual_tokens, num_prefixes=num_prefixes,
+                             projection_hidden=projection_hidden, init=init, position_offset=position_offset,
+                             backend=backend, tokenizer=tokenizer)
