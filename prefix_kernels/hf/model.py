@@ -158,6 +158,7 @@ class PrefixTuningModel(nn.Module):
                                       f"{ATTN_IMPLEMENTATION!r}")
         self._signature = inspect.signature(model.forward)
         self._frozen_table = None
+        self._generation_prefix_ids = None
         self._hook = model.register_forward_pre_hook(self._inject, with_kwargs=True)
 
     # ---- the prefixes -------------------------------------------------------------------------
@@ -241,6 +242,11 @@ class PrefixTuningModel(nn.Module):
         if ref is None:
             raise ValueError("pass input_ids or inputs_embeds")
         batch, length = ref.shape[:2]
+        if prefix_ids is None and self._generation_prefix_ids is not None:
+            prefix_ids = torch.as_tensor(self._generation_prefix_ids, device=ref.device)
+            if prefix_ids.dim() == 1 and prefix_ids.numel() and batch % prefix_ids.numel() == 0:
+                # generate() repeats each row for beams / return sequences: repeat its prefix id alike
+                prefix_ids = prefix_ids.repeat_interleave(batch // prefix_ids.numel())
         if prefix_ids is not None:
             prefix_ids = torch.as_tensor(prefix_ids, device=ref.device)
             if prefix_ids.dim() == 0:
@@ -266,28 +272,38 @@ class PrefixTuningModel(nn.Module):
         return pos + offset
 
     # ---- the usual entry points -------------------------------------------------------------
-    def forward(self, input_ids=None, attention_mask=None, *, prefix_ids=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
+                prefix_ids=None, **kwargs):
         """The wrapped model's forward (HF arguments and output) with the prefixes; ``prefix_ids``
-        [B] picks each row's prefix from a bank."""
-        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, prefix_ids=prefix_ids, **kwargs)
+        [B] picks each row's prefix from a bank. (Arguments named so that Trainer keeps its columns.)"""
+        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               inputs_embeds=inputs_embeds, labels=labels, prefix_ids=prefix_ids, **kwargs)
 
     @torch.no_grad()
     def generate(self, *args, prefix_ids=None, **kwargs):
         """``generate()`` of the wrapped model; the KV cache holds real tokens only, the prefix is
         read from the (once-evaluated) prefix table at every step."""
-        if prefix_ids is not None:
-            kwargs["prefix_ids"] = prefix_ids
         self._frozen_table = self.prefix_table().detach()
+        self._generation_prefix_ids = prefix_ids  # generate() refuses unknown model kwargs: the hook reads it
         try:
             return self.base_model.generate(*args, **kwargs)
         finally:
             self._frozen_table = None
+            self._generation_prefix_ids = None
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs):
         """Activation checkpointing of the frozen layers; non-reentrant by default, so gradients reach
-        the prefixes without making the frozen inputs require grad."""
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        the prefixes without making the frozen inputs require grad (PEFT refuses checkpointing here)."""
+        options = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        base = self.base_model
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=options, **kwargs)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options, **kwargs)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs):
+        """The older name of :meth:`activation_checkpointing_enable` (what Trainer calls)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
     def unload(self) -> nn.Module:
         """Removes the hook and restores the model's attention implementation; returns the model."""
