@@ -131,8 +131,6 @@ class PrefixTuningModel(nn.Module):
                                num_prefixes, projection_hidden, position_offset)
         self.backend = backend
         self.base_model = model
-        for p in model.parameters():
-            p.requires_grad_(False)
         text = model.config.get_text_config()
         for field in _DROPOUT_FIELDS:
             if getattr(text, field, 0) or 0:
@@ -142,11 +140,12 @@ class PrefixTuningModel(nn.Module):
         model_dtype = next(model.parameters()).dtype
         dtype = model_dtype if model_dtype in (torch.float32, torch.float64) else torch.float32
         device = next(model.parameters()).device
-        initial = self._initial_table(init, tokenizer, dtype, device)
         if projection_hidden is None:
-            self.prefix_embedding = nn.Parameter(initial)
+            self.prefix_embedding = nn.Parameter(self._initial_table(init, tokenizer, dtype, device))
             self.prefix_encoder = None
         else:
+            if not (isinstance(init, str) and init == "random"):
+                raise ValueError("init from text/token ids needs projection_hidden=None (an MLP output cannot be set)")
             self.prefix_embedding = None
             self.prefix_encoder = PrefixEncoder(self.spec, dtype, device)
 
@@ -156,6 +155,8 @@ class PrefixTuningModel(nn.Module):
         if model.config._attn_implementation != ATTN_IMPLEMENTATION:
             raise NotImplementedError(f"model type {self.spec.model_type!r} refused attn_implementation="
                                       f"{ATTN_IMPLEMENTATION!r}")
+        for p in model.parameters():  # frozen only once the model is accepted
+            p.requires_grad_(False)
         self._signature = inspect.signature(model.forward)
         self._frozen_table = None
         self._generation_prefix_ids = None
@@ -167,8 +168,6 @@ class PrefixTuningModel(nn.Module):
         shape = (spec.num_prefixes, spec.num_virtual_tokens, spec.width)
         if isinstance(init, str) and init == "random":
             return torch.randn(shape, dtype=dtype, device=device)  # PEFT's nn.Embedding default init
-        if spec.projection_hidden is not None:
-            raise ValueError("init from text/token ids needs projection_hidden=None (an MLP output cannot be set)")
         if isinstance(init, str):
             if tokenizer is None:
                 raise ValueError("init given as text needs tokenizer=...")

@@ -1,0 +1,281 @@
+"""Saving and loading the prefixes of a :class:`~prefix_kernels.hf.model.PrefixTuningModel`.
+
+Two formats, both safetensors (never pickle) plus a JSON config:
+
+- ours, :func:`save_prefix` / :func:`load_prefix`: ``prefix_tuning.safetensors`` holds the wrapper's
+  trainable tensors under their state_dict names (``prefix_embedding``, or ``prefix_encoder.embedding``
+  and ``prefix_encoder.transform.{0,2}.{weight,bias}``), never the frozen base weights;
+  ``prefix_tuning_config.json`` holds ``spec.to_dict()`` and a ``format_version``.
+- PEFT's, :func:`save_peft_adapter` / :func:`load_peft_adapter` / :func:`from_peft_adapter`: a directory
+  that ``peft.PeftModel.from_pretrained`` loads (``adapter_config.json`` and ``adapter_model.safetensors``
+  with ``prompt_embeddings`` [P, L * 2 * Hkv * D]), one row of the prefix bank. PEFT is not needed
+  to write or read it.
+
+Loading validates everything (config fields, tensor names, shapes, dtypes) before it copies
+anything, so a failed load leaves the model unchanged. Mismatches raise ValueError naming the file,
+the field, the saved value and the model's value; a missing file raises FileNotFoundError.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from prefix_kernels.hf.model import PrefixSpec, add_prefix_tuning, model_geometry
+
+PREFIX_WEIGHTS = "prefix_tuning.safetensors"
+PREFIX_CONFIG = "prefix_tuning_config.json"
+FORMAT_VERSION = 1
+
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_PICKLE_WEIGHTS = "adapter_model.bin"
+PEFT_CONFIG = "adapter_config.json"
+PEFT_KEY = "prompt_embeddings"  # the only tensor PEFT 0.21 saves for prefix tuning (BasePromptEncoder)
+PEFT_TYPE = "PREFIX_TUNING"
+
+
+# ---- our format -----------------------------------------------------------------------------------
+def trainable_tensors(wrapper) -> dict[str, torch.nn.Parameter]:
+    """The wrapper's own trainable parameters by state_dict name (what :func:`save_prefix` writes)."""
+    if wrapper.prefix_encoder is not None:
+        return {f"prefix_encoder.{name}": p for name, p in wrapper.prefix_encoder.named_parameters()}
+    return {"prefix_embedding": wrapper.prefix_embedding}
+
+
+def save_prefix(wrapper, directory) -> None:
+    """Writes ``prefix_tuning.safetensors`` and ``prefix_tuning_config.json`` into ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {name: p.detach().cpu().contiguous() for name, p in trainable_tensors(wrapper).items()}
+    config = {"format_version": FORMAT_VERSION, **wrapper.spec.to_dict()}
+    _write_safetensors(directory / PREFIX_WEIGHTS, tensors)
+    _write_json(directory / PREFIX_CONFIG, config)
+
+
+def load_prefix(wrapper, directory) -> None:
+    """Loads what :func:`save_prefix` wrote into a wrapper built with the same settings."""
+    directory = Path(directory)
+    config_path, weights_path = directory / PREFIX_CONFIG, directory / PREFIX_WEIGHTS
+    config = _read_json(config_path, "save_prefix() writes it")
+    _check_prefix_config(config_path, config, wrapper.spec)
+    tensors = _read_safetensors(weights_path, "save_prefix() writes it")
+    params = trainable_tensors(wrapper)
+    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        raise ValueError(f"{weights_path}: tensor names differ from this model's trainable parameters: "
+                         f"missing {missing}, unexpected {unexpected} (the model expects {sorted(params)})")
+    for name, p in params.items():
+        _check_tensor(weights_path, name, tensors[name], tuple(p.shape))
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[name].to(p.dtype))
+
+
+def _check_prefix_config(path: Path, config: dict, spec: PrefixSpec) -> None:
+    version = config.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version is {version!r} in the file, but this prefix_kernels reads "
+                         f"format_version {FORMAT_VERSION}")
+    ours = spec.to_dict()
+    unknown = sorted(set(config) - set(ours) - {"format_version"})
+    if unknown:
+        raise ValueError(f"{path}: unknown fields {unknown} (written by another version of prefix_kernels?)")
+    for field, value in ours.items():
+        if field not in config:
+            raise ValueError(f"{path}: field {field!r} is missing (this model has {field}={value!r})")
+        _check_field(path, field, config[field], value,
+                     hint="build the wrapper with the settings the checkpoint was saved with")
+
+
+# ---- PEFT's format --------------------------------------------------------------------------------
+def peft_adapter_config(spec: PrefixSpec, base_model_name_or_path: str | None = None) -> dict:
+    """The ``adapter_config.json`` of a PEFT 0.21 ``PrefixTuningConfig`` for a model of ``spec``
+    (inference mode, no projection: the exported table is already merged)."""
+    token_dim = spec.num_kv_heads * spec.head_dim
+    return {
+        "auto_mapping": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "encoder_hidden_size": token_dim,  # PEFT's default; unused without prefix_projection
+        "inference_mode": True,
+        "init_weights": None,
+        "modules_to_save": None,
+        "num_attention_heads": spec.num_kv_heads,  # PEFT's num_attention_heads is the KV head count (GQA)
+        "num_layers": spec.num_layers,
+        "num_transformer_submodules": 1,
+        "num_virtual_tokens": spec.num_virtual_tokens,
+        "peft_type": PEFT_TYPE,
+        "prefix_projection": False,
+        "revision": None,
+        "task_type": "CAUSAL_LM",
+        "token_dim": token_dim,
+    }
+
+
+def save_peft_adapter(wrapper, directory, prefix_index: int = 0) -> None:
+    """Writes row ``prefix_index`` of the prefix table (through the MLP when reparameterized) as a PEFT
+    prefix-tuning adapter that ``peft.PeftModel.from_pretrained(base_model, directory)`` loads."""
+    spec = wrapper.spec
+    if spec.position_offset != "peft":
+        raise ValueError(f"position_offset={spec.position_offset!r} cannot be exported to PEFT: PEFT always places "
+                         "the real tokens at positions P..P+N-1 (position_offset='peft'), so the adapter would "
+                         "give different outputs")
+    _check_prefix_index(spec, prefix_index)
+    with torch.no_grad():
+        table = wrapper.prefix_table()[prefix_index].detach().cpu().contiguous().clone()
+    name_or_path = getattr(wrapper.base_model.config, "_name_or_path", None) or None
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_safetensors(directory / PEFT_WEIGHTS, {PEFT_KEY: table})
+    _write_json(directory / PEFT_CONFIG, peft_adapter_config(spec, name_or_path))
+
+
+def load_peft_adapter(wrapper, directory, prefix_index: int = 0) -> None:
+    """Copies a PEFT prefix-tuning adapter's ``prompt_embeddings`` into row ``prefix_index`` of
+    ``wrapper.prefix_embedding`` (a reparameterized wrapper must be ``merge()``d first)."""
+    if wrapper.prefix_encoder is not None:
+        raise ValueError("a PEFT adapter holds the prefix values themselves, which cannot be loaded into the "
+                         f"projection MLP (projection_hidden={wrapper.spec.projection_hidden}): call merge() first")
+    spec = wrapper.spec
+    _check_prefix_index(spec, prefix_index)
+    config_path, config = _read_peft_config(directory)
+    _check_peft_config(config_path, config, spec)
+    table = _read_peft_table(directory, spec)
+    with torch.no_grad():
+        wrapper.prefix_embedding[prefix_index].copy_(table.to(wrapper.prefix_embedding.dtype))
+
+
+def from_peft_adapter(model, directory, **add_prefix_tuning_kwargs):
+    """``add_prefix_tuning(model, P, **kwargs)`` with P from the adapter's config, then the adapter
+    loaded into prefix 0. The adapter is checked against ``model`` before the model is wrapped (which
+    freezes it and re-routes its attention in place), so a mismatch leaves ``model`` untouched."""
+    kwargs = add_prefix_tuning_kwargs
+    if "num_virtual_tokens" in kwargs:
+        raise ValueError(f"num_virtual_tokens comes from the adapter's {PEFT_CONFIG}; do not pass it")
+    if kwargs.get("projection_hidden") is not None:
+        raise ValueError("a PEFT adapter holds the prefix values themselves: projection_hidden must be None")
+    config_path, config = _read_peft_config(directory)
+    num_virtual_tokens = config.get("num_virtual_tokens")
+    if isinstance(num_virtual_tokens, bool) or not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
+        raise ValueError(f"{config_path}: num_virtual_tokens is {num_virtual_tokens!r}, not a positive int")
+    layers, kv_heads, head_dim = model_geometry(model.config)
+    spec = PrefixSpec(model.config.model_type, layers, kv_heads, head_dim, num_virtual_tokens,
+                      kwargs.get("num_prefixes", 1), None, kwargs.get("position_offset", "peft"))
+    _check_peft_config(config_path, config, spec)
+    table = _read_peft_table(directory, spec)
+    wrapper = add_prefix_tuning(model, num_virtual_tokens, **kwargs)
+    with torch.no_grad():
+        wrapper.prefix_embedding[0].copy_(table.to(wrapper.prefix_embedding.dtype))
+    return wrapper
+
+
+def _read_peft_config(directory) -> tuple[Path, dict]:
+    path = Path(directory) / PEFT_CONFIG
+    return path, _read_json(path, "a PEFT adapter directory holds it")
+
+
+def _check_peft_config(path: Path, config: dict, spec: PrefixSpec) -> None:
+    if spec.position_offset != "peft":
+        raise ValueError(f"PEFT adapters assume position_offset='peft' (real tokens at P..P+N-1), but this model "
+                         f"has position_offset={spec.position_offset!r}")
+    token_dim = spec.num_kv_heads * spec.head_dim
+    required = {"peft_type": PEFT_TYPE, "num_virtual_tokens": spec.num_virtual_tokens,
+                "num_layers": spec.num_layers, "token_dim": token_dim}
+    for field, value in required.items():
+        if config.get(field) is None:
+            raise ValueError(f"{path}: field {field!r} is missing (this model needs {field}={value!r})")
+    _check_field(path, "peft_type", config["peft_type"], PEFT_TYPE, hint="only prefix-tuning adapters can be loaded")
+    _check_field(path, "num_virtual_tokens", config["num_virtual_tokens"], spec.num_virtual_tokens,
+                 hint="build the wrapper with the adapter's num_virtual_tokens (or use from_peft_adapter)")
+    _check_field(path, "num_layers", config["num_layers"], spec.num_layers, hint="the adapter is for another model")
+    saved_dim = config["token_dim"]
+    saved_width = spec.num_layers * 2 * saved_dim if type(saved_dim) is int else "?"
+    _check_field(path, "token_dim", saved_dim, token_dim,
+                 hint=f"token_dim is Hkv * head_dim: the adapter's prompt_embeddings width L * 2 * token_dim = "
+                      f"{saved_width} differs from this model's {spec.width} (Hkv={spec.num_kv_heads}, "
+                      f"head_dim={spec.head_dim}); the adapter is for another model")
+    optional = {"num_attention_heads": spec.num_kv_heads, "num_transformer_submodules": 1}
+    for field, value in optional.items():
+        if config.get(field) is not None:
+            _check_field(path, field, config[field], value, hint="the adapter is for another model")
+
+
+def _read_peft_table(directory, spec: PrefixSpec) -> torch.Tensor:
+    directory = Path(directory)
+    path = directory / PEFT_WEIGHTS
+    if not path.is_file() and (directory / PEFT_PICKLE_WEIGHTS).is_file():
+        raise ValueError(f"{path}: not found, only the pickle file {directory / PEFT_PICKLE_WEIGHTS}, which is not "
+                         "loaded (unsafe); re-save the adapter with safe_serialization=True")
+    tensors = _read_safetensors(path, "a PEFT adapter directory holds it")
+    if PEFT_KEY not in tensors:
+        raise ValueError(f"{path}: no tensor named {PEFT_KEY!r} (found {sorted(tensors)}); not a PEFT prompt-learning "
+                         "adapter")
+    if len(tensors) > 1:
+        raise ValueError(f"{path}: besides {PEFT_KEY!r} it holds {sorted(set(tensors) - {PEFT_KEY})} (e.g. "
+                         "modules_to_save weights), which a prefix-only wrapper cannot load")
+    _check_tensor(path, PEFT_KEY, tensors[PEFT_KEY], (spec.num_virtual_tokens, spec.width))
+    return tensors[PEFT_KEY]
+
+
+# ---- checks and files -----------------------------------------------------------------------------
+def _check_field(path: Path, field: str, saved, ours, hint: str) -> None:
+    if saved != ours or type(saved) is not type(ours):
+        raise ValueError(f"{path}: {field} is {saved!r} in the file, but {ours!r} in this model ({hint})")
+
+
+def _check_tensor(path: Path, name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != shape:
+        raise ValueError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)} in the file, but {shape} in "
+                         "this model")
+    if not tensor.dtype.is_floating_point:
+        raise ValueError(f"{path}: tensor {name!r} has dtype {tensor.dtype} in the file; a floating dtype is needed")
+
+
+def _check_prefix_index(spec: PrefixSpec, prefix_index) -> None:
+    if isinstance(prefix_index, bool) or not isinstance(prefix_index, int) \
+            or not 0 <= prefix_index < spec.num_prefixes:
+        raise ValueError(f"prefix_index must be an int in [0, {spec.num_prefixes}) (num_prefixes="
+                         f"{spec.num_prefixes}), got {prefix_index!r}")
+
+
+def _read_json(path: Path, hint: str) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file ({hint})")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON (truncated or corrupt?): {e}") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _read_safetensors(path: Path, hint: str) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file ({hint})")
+    try:
+        return load_file(path)
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+
+
+def _write_json(path: Path, config: dict) -> None:
+    _replace(path, lambda tmp: tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8"))
+
+
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    _replace(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+
+
+def _replace(path: Path, write) -> None:
+    """Writes through a temporary file, so an interrupted save never leaves a half-written ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
