@@ -55,7 +55,10 @@ def train(backend: str, projection_hidden=None) -> list[float]:
 def test_convergence_matches_the_reference_backend(projection_hidden):
     fused = train("auto", projection_hidden)
     reference = train("reference", projection_hidden)
-    torch.testing.assert_close(torch.tensor(fused), torch.tensor(reference), rtol=2e-4, atol=2e-4)
+    # CPU (C++ op vs reference): within 2e-4. On an H200 (Triton vs reference, fp32) 30 steps of Adam at
+    # lr 0.1 through the MLP drifted by up to 3.9e-4 (absolute) / 4.6e-3 (relative, at a small late loss).
+    tol = dict(rtol=1e-2, atol=1e-3) if DEVICE == "cuda" else dict(rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(torch.tensor(fused), torch.tensor(reference), **tol)
     assert fused[-1] < 0.5 * fused[0], f"loss did not fall: {fused[0]:.3f} -> {fused[-1]:.3f}"
 
 
