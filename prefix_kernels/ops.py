@@ -111,8 +111,10 @@ def prefix_attention_backward(
     dq = alloc(q) if need_dq else None
     dk = alloc(k) if need_dkdv else None
     dv = alloc(v) if need_dkdv else None
-    dpk = torch.zeros_like(prefix_k) if need_dprefix else None
-    dpv = torch.zeros_like(prefix_v) if need_dprefix else None
+    needs_dprefix_kernel = need_dprefix and prefix_k.shape[2] > 0 and not nothing_to_do
+    # The dprefix kernel's fp32 buffers become dprefix below; zeros only when it does not run.
+    dpk = torch.zeros_like(prefix_k) if need_dprefix and not needs_dprefix_kernel else None
+    dpv = torch.zeros_like(prefix_v) if need_dprefix and not needs_dprefix_kernel else None
     if nothing_to_do or not (need_dq or need_dkdv or need_dprefix):
         return dq, dk, dv, dpk, dpv
 
@@ -154,7 +156,7 @@ def prefix_attention_backward(
             **common, **flags, **_launch_opts(cfg),
         )
 
-    if need_dprefix and n_prefix > 0:
+    if needs_dprefix_kernel:
         block_n = max(16, min(cfg.block_n, triton.next_power_of_2(n_prefix)))
         n_tiles = triton.cdiv(n_prefix, block_n) * n_kv_heads
         n_items = batch * group * triton.cdiv(n_queries, cfg.block_m)
@@ -179,6 +181,5 @@ def prefix_attention_backward(
         )
         if deterministic:
             partial, partial_v = partial.sum(0), partial_v.sum(0)
-        dpk.copy_(partial)
-        dpv.copy_(partial_v)
+        dpk, dpv = partial.to(prefix_k.dtype), partial_v.to(prefix_v.dtype)  # no copy when already fp32
     return dq, dk, dv, dpk, dpv
