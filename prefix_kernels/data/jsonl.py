@@ -1,0 +1,132 @@
+"""Prompt/completion data: JSONL loading with line-numbered errors, a train/eval split, and a
+left-padding collator whose labels cover only the completion (plus EOS)."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+SPLITS = ("train", "eval")
+
+
+def demo_task_path() -> Path:
+    """The packaged demo task (restaurant records -> one sentence, E2E-like)."""
+    return Path(str(resources.files(__package__) / "demo_task.jsonl"))
+
+
+def _check(obj, where: str) -> dict:
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for key in ("prompt", "completion"):
+        if key not in obj:
+            raise ValueError(f'{where}: missing "{key}"')
+        if not isinstance(obj[key], str):
+            raise ValueError(f'{where}: "{key}" must be a string, got {type(obj[key]).__name__}')
+    if not obj["completion"].strip():
+        raise ValueError(f'{where}: empty "completion"')
+    if "split" in obj and obj["split"] not in SPLITS:
+        raise ValueError(f'{where}: unknown "split" value {obj["split"]!r} (expected "train" or "eval")')
+    return obj
+
+
+def load_jsonl(path) -> list[dict]:
+    """One {"prompt", "completion"[, "split"]} object per line; blank lines are skipped.
+    Raises ValueError naming ``path:line`` on the first bad line, or on a file without examples."""
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            examples.append(_check(obj, f"{path}:{lineno}"))
+    if not examples:
+        raise ValueError(f"{path}: no examples (the file is empty)")
+    return examples
+
+
+def split(examples: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(train, eval) by the "split" field (unmarked examples train); when no example carries it,
+    the last 10% (at least 1) is held out. Raises ValueError when either side would be empty."""
+    if any("split" in ex for ex in examples):
+        train = [ex for ex in examples if ex.get("split", "train") == "train"]
+        held = [ex for ex in examples if ex.get("split") == "eval"]
+    else:
+        n_eval = max(1, len(examples) // 10)
+        train, held = examples[:-n_eval], examples[-n_eval:]
+    if not train:
+        raise ValueError("no training examples")
+    if not held:
+        raise ValueError('no held-out examples (mark some with "split": "eval")')
+    return train, held
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token to pad with")
+    return pad
+
+
+def _prompt_ids(tokenizer, prompt: str) -> list[int]:
+    return tokenizer(prompt)["input_ids"]  # with the tokenizer's own special tokens (BOS, if any)
+
+
+def _left_pad(rows: list[list[int]], pad: int, fill_labels: list[list[int]] | None = None):
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, -len(row):] = torch.tensor(row)
+            mask[i, -len(row):] = 1
+            if fill_labels is not None:
+                labels[i, -len(row):] = torch.tensor(fill_labels[i])
+    return ids, mask, labels
+
+
+def encode_prompts(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of ``prompts``, left-padded for batched generation."""
+    ids, mask, _ = _left_pad([_prompt_ids(tokenizer, p) for p in prompts], _pad_id(tokenizer))
+    return ids, mask
+
+
+class PromptCompletionCollator:
+    """Examples -> {"input_ids", "attention_mask", "labels"}, left-padded. Labels are -100 on the
+    prompt and padding; the completion is followed by EOS (learned) when the tokenizer has one. Too
+    long a pair loses prompt tokens from the left (a leading BOS is kept); the completion is never
+    cut, and one longer than ``max_length`` raises ValueError."""
+
+    def __init__(self, tokenizer, max_length: int = 256):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.pad_id = _pad_id(tokenizer)
+
+    def _encode(self, index: int, ex: dict) -> tuple[list[int], list[int]]:
+        tok = self.tokenizer
+        prompt = _prompt_ids(tok, ex["prompt"])
+        completion = tok(ex["completion"], add_special_tokens=False)["input_ids"]
+        if tok.eos_token_id is not None:
+            completion = completion + [tok.eos_token_id]
+        if len(completion) > self.max_length:
+            raise ValueError(f"example {index} (prompt {ex['prompt'][:40]!r}...): its completion is "
+                             f"{len(completion)} tokens, more than max_length={self.max_length}")
+        keep = self.max_length - len(completion)
+        if len(prompt) > keep:
+            bos = tok.bos_token_id
+            head = prompt[:1] if keep > 0 and bos is not None and prompt[0] == bos else []
+            prompt = head + prompt[len(prompt) - keep + len(head):]
+        return prompt + completion, [-100] * len(prompt) + completion
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("an empty batch")
+        rows, labels = zip(*(self._encode(i, ex) for i, ex in enumerate(examples)))
+        ids, mask, label_tensor = _left_pad(list(rows), self.pad_id, list(labels))
+        return {"input_ids": ids, "attention_mask": mask, "labels": label_tensor}

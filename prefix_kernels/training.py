@@ -1,0 +1,110 @@
+"""The training loop shared by ``prefix-kernels demo`` and ``prefix-kernels train``: batches of
+prompt/completion examples, AdamW on the trainable parameters, a progress bar with loss and
+tokens/s, held-out loss and greedy generations.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class TrainLog:
+    losses: list[float] = field(default_factory=list)
+    step_ms: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # real (non-padding) tokens per step
+    peak_mib: float | None = None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(self.tokens) / max(sum(self.step_ms), 1e-9) * 1e3
+
+    def median_step_ms(self, first: int = 1) -> float:
+        """Median step time, the first ``first`` steps (warm-up, compilation) left out when possible."""
+        times = self.step_ms[first:] or self.step_ms
+        return sorted(times)[len(times) // 2]
+
+
+def batch_stream(examples: list[dict], collator, batch_size: int, seed: int = 0):
+    """Endless batches: shuffled epochs over ``examples``, collated."""
+    rng = random.Random(seed)
+    order = list(range(len(examples)))
+    while True:
+        rng.shuffle(order)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            yield collator([examples[i] for i in order[start:start + batch_size]])
+        if len(order) < batch_size:
+            yield collator([examples[i] for i in order])
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(-1) - 1).clamp_min(0)
+
+
+def train_steps(model, batches: list[dict], lr: float, device, *, progress: bool = True, desc: str = "training",
+                explicit_positions: bool = False, on_step=None, total: int | None = None) -> TrainLog:
+    """AdamW over ``model``'s trainable parameters, one step per batch. ``explicit_positions``
+    passes position_ids counted over the mask (for PEFT, which otherwise ignores left padding)."""
+    from tqdm.auto import tqdm
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    log = TrainLog()
+    model.train()
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    total = total if total is not None else (len(batches) if hasattr(batches, "__len__") else None)
+    bar = tqdm(batches, desc=desc, total=total, disable=not progress, dynamic_ncols=True)
+    for step, batch in enumerate(bar):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        if explicit_positions:
+            batch["position_ids"] = _positions(batch["attention_mask"])
+        _sync(device)
+        start = time.perf_counter()
+        loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        _sync(device)
+        log.step_ms.append((time.perf_counter() - start) * 1e3)
+        log.losses.append(loss.item())
+        log.tokens.append(int(batch["attention_mask"].sum()))
+        if not math.isfinite(log.losses[-1]):
+            raise FloatingPointError(f"loss became {log.losses[-1]} at step {step}")
+        bar.set_postfix(loss=f"{log.losses[-1]:.3f}", tok_s=f"{log.tokens[-1] / log.step_ms[-1] * 1e3:.0f}")
+        if on_step is not None:
+            on_step(step, log)
+    if cuda:
+        log.peak_mib = torch.cuda.max_memory_allocated() / 2**20
+    model.eval()
+    return log
+
+
+@torch.no_grad()
+def mean_loss(model, batch: dict, device) -> float:
+    model.eval()
+    return model(**{k: v.to(device) for k, v in batch.items()}).loss.item()
+
+
+@torch.no_grad()
+def complete(model, tokenizer, prompts: list[str], device, max_new_tokens: int = 48) -> list[str]:
+    """Greedy completions of ``prompts`` (left-padded batch), cut at EOS or the first newline."""
+    from prefix_kernels.data import encode_prompts
+
+    ids, mask = encode_prompts(tokenizer, prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+    texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+    return [t.strip().split("\n")[0].strip() for t in texts]
