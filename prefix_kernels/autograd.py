@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.profiler import record_function
 
 from prefix_kernels import ops
 
@@ -16,7 +17,8 @@ class PrefixAttentionFunction(torch.autograd.Function):
         shared = prefix_k.dim() == 3
         pk = prefix_k.unsqueeze(0) if shared else prefix_k
         pv = prefix_v.unsqueeze(0) if shared else prefix_v
-        out, lse = ops.prefix_attention_forward(q, k, v, pk, pv, key_padding_mask, prefix_ids, causal, scale)
+        with record_function("prefix_kernels::forward"):  # a profiler range (NVTX under emit_nvtx)
+            out, lse = ops.prefix_attention_forward(q, k, v, pk, pv, key_padding_mask, prefix_ids, causal, scale)
         ctx.save_for_backward(q, k, v, pk, pv, out, lse, key_padding_mask, prefix_ids)
         ctx.causal, ctx.scale, ctx.deterministic, ctx.shared = causal, scale, deterministic, shared
         ctx.mark_non_differentiable(lse)
@@ -26,11 +28,12 @@ class PrefixAttentionFunction(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_lse):
         q, k, v, pk, pv, out, lse, key_padding_mask, prefix_ids = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dq, dk, dv, dpk, dpv = ops.prefix_attention_backward(
-            grad_out, q, k, v, pk, pv, out, lse, key_padding_mask, prefix_ids, ctx.causal, ctx.scale,
-            need_dq=need[0], need_dkdv=need[1] or need[2], need_dprefix=need[3] or need[4],
-            deterministic=ctx.deterministic,
-        )
+        with record_function("prefix_kernels::backward"):
+            dq, dk, dv, dpk, dpv = ops.prefix_attention_backward(
+                grad_out, q, k, v, pk, pv, out, lse, key_padding_mask, prefix_ids, ctx.causal, ctx.scale,
+                need_dq=need[0], need_dkdv=need[1] or need[2], need_dprefix=need[3] or need[4],
+                deterministic=ctx.deterministic,
+            )
         if ctx.shared and dpk is not None:
             dpk, dpv = dpk.squeeze(0), dpv.squeeze(0)
         return (

@@ -58,3 +58,13 @@ def test_train_reports_the_bad_line(tmp_path):
 def test_check_command(capsys):
     assert main(["check", "--batch", "2", "--seq", "32", "--prefix", "4", "--reps", "1"]) == 0
     assert "check passed" in capsys.readouterr().out
+
+
+def test_profile_writes_traces_and_tables(tmp_path, capsys):
+    out = tmp_path / "prof"
+    assert main(["profile", "--model", "tiny", "--batch", "2", "--seq", "16", "--prefix", "3",
+                 "--decode-tokens", "2", "--rows", "3", "--out", str(out)]) == 0
+    for name in ("train_step_ours", "decode_ours"):
+        assert (out / f"trace_{name}.json").stat().st_size > 0
+        assert (out / f"top_{name}.txt").read_text().strip()
+    assert "training step, ours" in capsys.readouterr().out

@@ -3,6 +3,7 @@
     prefix-kernels demo      prefix-tune SmolLM2-135M-Instruct on the packaged task (the default)
     prefix-kernels train     the same loop on your model and JSONL data
     prefix-kernels bench     kernel benchmark: ours against PEFT-style, cat+SDPA, the no-prefix floor
+    prefix-kernels profile   torch.profiler traces + top kernels of a training step and a decode loop
     prefix-kernels check     correctness + timing of the fused op on this machine
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from prefix_kernels.cli import check, demo, train
+from prefix_kernels.cli import check, demo, profile, train
 
 
 def _bench(argv) -> int:
@@ -27,7 +28,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="prefix-kernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
-    for module in (demo, train, check):
+    for module in (demo, train, profile, check):
         module.add_parser(sub)
     sub.add_parser("bench", help="kernel benchmark (prefix-kernels bench --help)")
     if not argv or (argv[0] not in sub.choices and argv[0] not in ("-h", "--help")):

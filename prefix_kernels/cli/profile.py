@@ -1,0 +1,97 @@
+"""``prefix-kernels profile``: torch.profiler traces (Chrome/Perfetto JSON) of one prefix-tuning
+training step and of a greedy decode loop, with a top-kernels table for each.
+
+Our op shows up as ``prefix_kernels::forward`` / ``prefix_kernels::backward`` ranges
+(``torch.profiler.record_function``); under ``torch.autograd.profiler.emit_nvtx()`` (``--nvtx``)
+they become NVTX ranges for Nsight Systems. Open the traces in https://ui.perfetto.dev or
+chrome://tracing.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("profile", help="torch.profiler traces of a training step and a decode loop")
+    p.add_argument("--out", type=Path, default=Path("profiles"))
+    p.add_argument("--model", default="default",
+                   help="'default' (SmolLM2-135M when installed), 'tiny', or a local model directory")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--prefix", type=int, default=32)
+    p.add_argument("--decode-tokens", type=int, default=16)
+    p.add_argument("--rows", type=int, default=15, help="rows of each top-kernels table")
+    p.add_argument("--peft", action="store_true", help="also profile PEFT's training step (needs peft)")
+    p.add_argument("--nvtx", action="store_true", help="emit NVTX ranges (for nsys) while profiling")
+    p.add_argument("--device", default=None)
+    p.set_defaults(run=run)
+
+
+def _load(name: str, dtype, device):
+    from prefix_kernels.models import load_default_model
+
+    if name in ("default", "tiny"):
+        return load_default_model(dtype=dtype, device=device, tiny=name == "tiny").model
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device)
+
+
+def profile_call(fn, out: Path, name: str, cuda: bool, rows: int, nvtx: bool) -> str:
+    """Warms ``fn`` up twice, profiles one call; writes trace_<name>.json and top_<name>.txt."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        with torch.autograd.profiler.emit_nvtx(enabled=nvtx and cuda):
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+    prof.export_chrome_trace(str(out / f"trace_{name}.json"))
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60)
+    (out / f"top_{name}.txt").write_text(table)
+    return table
+
+
+def run(args) -> int:
+    from prefix_kernels import add_prefix_tuning
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    base = _load(args.model, dtype, device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    vocab = base.config.vocab_size
+    ids = torch.randint(0, vocab, (args.batch, args.seq), device=device)
+    mask = torch.ones_like(ids)
+    mask[: args.batch // 2, : args.seq // 8] = 0  # left padding on half the rows
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100),
+                  position_ids=(mask.cumsum(-1) - 1).clamp_min(0))
+    models = {"ours": add_prefix_tuning(copy.deepcopy(base) if args.peft else base, args.prefix)}
+    if args.peft:
+        import peft
+
+        models["peft"] = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                                           num_virtual_tokens=args.prefix))
+    for name, model in models.items():
+        model.train()
+        table = profile_call(lambda: model(**inputs).loss.backward(), args.out, f"train_step_{name}", cuda,
+                             args.rows, args.nvtx)
+        print(f"==== training step, {name}: B={args.batch} N={args.seq} P={args.prefix} on {device}\n{table}")
+    ours = models["ours"].eval()
+    prompt, prompt_mask = ids[:, : min(args.seq, 64)], mask[:, : min(args.seq, 64)]
+    gen = dict(max_new_tokens=args.decode_tokens, min_new_tokens=args.decode_tokens, do_sample=False, pad_token_id=0)
+    table = profile_call(lambda: ours.generate(input_ids=prompt, attention_mask=prompt_mask, **gen), args.out,
+                         "decode_ours", cuda, args.rows, args.nvtx)
+    print(f"==== greedy decode, ours: B={args.batch}, {args.decode_tokens} new tokens\n{table}")
+    print(f"traces and tables in {args.out}/ (open trace_*.json in https://ui.perfetto.dev)")
+    return 0
