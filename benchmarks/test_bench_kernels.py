@@ -1,0 +1,75 @@
+"""pytest-benchmark: ours against the baselines per shape and mode (``benchmark.group`` = shape + mode).
+
+    pytest benchmarks --benchmark-only [--benchmark-json out.json] [--kernel-preset quick]
+
+Shapes: the device's default preset (CPU: "cpu", CUDA: "training" + "decode"); providers that
+cannot run here are skipped with the reason; a provider that fails the correctness check against
+the fp32 reference fails its tests instead of being timed. ``extra_info`` of each benchmark holds
+the shape, FLOPs (and bytes for decode) and the TFLOPS / GB/s of the median.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("pytest_benchmark")
+
+from prefix_kernels.benchmarking.kernels import (  # noqa: E402
+    cpu_name,
+    flops,
+    kv_bytes,
+    make_inputs,
+    make_step,
+    preset_shapes,
+    resolve_providers,
+)
+
+
+def pytest_generate_tests(metafunc):
+    if "case" not in metafunc.fixturenames:
+        return
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shapes = preset_shapes(metafunc.config.getoption("--kernel-preset"), device)
+    providers = resolve_providers(metafunc.config.getoption("--kernel-providers"))
+    cases, ids = [], []
+    for shape in shapes:
+        for mode in shape.modes:
+            for provider in providers:
+                cases.append((shape, mode, provider))
+                ids.append(f"{shape.kind}-{shape.name}-{mode}-{provider.name}")
+    metafunc.parametrize("case", cases, ids=ids)
+
+
+def test_kernel(benchmark, case, bench_device, bench_dtype, correctness_gate):
+    shape, mode, provider = case
+    reason = provider.why_unavailable(bench_device, bench_dtype)
+    if reason:
+        pytest.skip(f"{provider.name}: {reason}")
+    failure = correctness_gate(provider, shape)
+    if failure:
+        pytest.fail(f"{provider.name} on {shape.name}: {failure}")
+
+    inputs = make_inputs(shape, bench_dtype, bench_device, requires_grad=mode in ("bwd", "fwd+bwd"))
+    step = make_step(provider, mode, inputs)
+    if bench_device.type == "cuda":
+        inner = step
+
+        def step():
+            inner()
+            torch.cuda.synchronize()
+
+    step()  # compile / first-call costs stay out of the timing
+    benchmark.group = f"{shape.kind} {shape.name} {mode}"
+    benchmark.extra_info.update(
+        provider=provider.name, shape=shape.name, kind=shape.kind, mode=mode, B=shape.B, Hq=shape.Hq, Hkv=shape.Hkv,
+        N=shape.N, M=shape.M, P=shape.P, D=shape.D, dtype=str(bench_dtype).replace("torch.", ""),
+        device=torch.cuda.get_device_name() if bench_device.type == "cuda" else cpu_name(), flops=flops(shape, mode),
+        bytes=kv_bytes(shape, bench_dtype) if mode == "decode" else None)
+    benchmark(step)
+    stats = getattr(benchmark, "stats", None)
+    median = getattr(getattr(stats, "stats", None), "median", None)
+    if median:
+        benchmark.extra_info["tflops_median"] = flops(shape, mode) / median / 1e12
+        if mode == "decode":
+            benchmark.extra_info["gb_per_s_median"] = kv_bytes(shape, bench_dtype) / median / 1e9

@@ -1,0 +1,214 @@
+"""The kernel benchmark (prefix_kernels.benchmarking) on CPU with tiny shapes: files and columns,
+the correctness gate, FLOP/byte counts, the plot, the CLI entry and the benchmark wrappers."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from prefix_kernels import prefix_attention_reference
+from prefix_kernels.benchmarking import PRESETS, Provider, Shape, flops, kv_bytes, main, run_kernel_bench
+from prefix_kernels.benchmarking.kernels import (
+    COLUMNS,
+    PROVIDERS,
+    check_provider,
+    make_inputs,
+    preset_shapes,
+    prefix_mask_mod,
+    resolve_providers,
+    sdpa_no_prefix,
+)
+from prefix_kernels.benchmarking.report import device_slug, write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["2x4x2x32x32x4x16", "2x4x2x1x64x4x16"]  # one training shape, one decode shape
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    rows = run_kernel_bench(device="cpu", out_dir=out, shapes=TINY, warmup=1, reps=2, log=None)
+    return rows, out
+
+
+def test_flops_and_bytes_hand_computed():
+    # B=1, Hq=2, N=3, M=5, P=2, D=4: queries see 3, 4, 5 sequence keys (12) plus 2 prefix keys each (6)
+    shape = Shape("training", 1, 2, 1, 3, 5, 2, 4)
+    assert flops(shape, "fwd") == 4 * 1 * 2 * 4 * (6 + 12) == 576
+    assert flops(shape, "bwd") == 1440
+    assert flops(shape, "fwd+bwd") == 2016
+    decode = Shape("decode", 2, 4, 2, 1, 10, 3, 8)
+    assert flops(decode, "decode") == 4 * 2 * 4 * 8 * (3 + 10) == 3328
+    assert kv_bytes(decode, torch.float32) == 2 * (2 * 2 * 10 + 2 * 3) * 8 * 4 == 2944
+    assert kv_bytes(decode, torch.bfloat16) == 1472
+
+
+def test_shapes_and_presets():
+    assert Shape.parse("8x16x4x1024x1024x64x128") == Shape("training", 8, 16, 4, 1024, 1024, 64, 128)
+    assert Shape.parse("64x32x8x1x4096x64x128").kind == "decode"
+    assert Shape.parse("64x32x8x1x4096x64x128").modes == ("decode",)
+    with pytest.raises(ValueError):
+        Shape.parse("1x2x3")
+    with pytest.raises(ValueError):
+        Shape("training", 1, 4, 3, 8, 8, 2, 16)  # Hq % Hkv != 0
+    assert preset_shapes("auto", "cpu") == PRESETS["cpu"]
+    assert preset_shapes("auto", "cuda") == PRESETS["training"] + PRESETS["decode"]
+    quick = PRESETS["quick"]
+    assert [s.kind for s in quick] == ["training", "training", "decode"]
+    assert all(512 <= s.N <= 8192 and 16 <= s.P <= 256 and s.D in (64, 128) and s.Hq > s.Hkv
+               for s in PRESETS["training"])
+    assert {s.M for s in PRESETS["decode"]} >= {1024, 32768} and {s.B for s in PRESETS["decode"]} >= {1, 64}
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset_shapes("nope", "cpu")
+    assert [p.name for p in resolve_providers("ours,peft,concat,floor")] == [
+        "ours", "peft_style", "cat_sdpa", "sdpa_no_prefix"]
+    with pytest.raises(ValueError, match="unknown provider"):
+        resolve_providers(["nope"])
+
+
+def test_run_writes_json_and_csv(tiny_run):
+    rows, out = tiny_run
+    slug = device_slug(rows[0]["device"])
+    json_path, csv_path = out / slug / f"attention_{slug}.json", out / slug / f"attention_{slug}.csv"
+    assert json.loads(json_path.read_text()) == json.loads(json.dumps(rows))
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames[: len(COLUMNS)] == list(COLUMNS)
+        assert {"device", "torch", "triton", "transformers", "git_sha", "date", "threads"} <= set(reader.fieldnames)
+        assert len(list(reader)) == len(rows)
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    # 4 providers that run on CPU x (3 training modes + decode)
+    assert sorted({r["provider"] for r in ok}) == ["cat_sdpa", "ours", "peft_style", "sdpa_no_prefix"]
+    assert len(ok) == 16
+    for r in ok:
+        assert r["ms"] > 0 and r["error"] is None and r["peak_mib"] is None
+        assert r["tflops"] == pytest.approx(r["flops"] / (r["ms"] * 1e-3) / 1e12)
+        assert r["max_err"] < 2e-3
+        ours = next(o for o in ok if (o["shape"], o["mode"], o["provider"]) == (r["shape"], r["mode"], "ours"))
+        assert r["ratio_to_ours"] == pytest.approx(r["ms"] / ours["ms"])
+        assert r["ratio_to_floor"] is not None
+        assert (r["gb_per_s"] is not None) == (r["mode"] == "decode")
+        assert r["device_type"] == "cpu" and r["dtype"] == "float32" and r["threads"] >= 1
+    assert {r["mode"] for r in ok if r["kind"] == "training"} == {"fwd", "bwd", "fwd+bwd"}
+    skipped = [r for r in rows if r["status"] == "skipped"]
+    assert {r["provider"] for r in skipped} == {"flex_attention", "flash_attn"}
+    assert all(r["ms"] is None and "CUDA" in r["error"] for r in skipped)
+
+
+def test_plot_written(tiny_run):
+    pytest.importorskip("matplotlib")
+    rows, out = tiny_run
+    slug = device_slug(rows[0]["device"])
+    png = out / slug / f"attention_{slug}.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_skipped_without_matplotlib(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
+    messages = []
+    rows = [dict(shape="1x1x1x1x2x1x1", kind="decode", dtype="float32", provider="ours", mode="decode", ms=1.0,
+                 device="Some CPU")]
+    paths = write_report(rows, tmp_path, log=messages.append)
+    assert "png" not in paths and any("matplotlib" in m for m in messages)
+    assert (tmp_path / "Some_CPU" / "attention_Some_CPU.csv").exists()
+
+
+def test_correctness_gate_turns_a_wrong_provider_into_error_rows():
+    def raises(q, k, v, pk, pv):
+        raise RuntimeError("boom")
+
+    providers = ["ours", Provider("forgets_prefix", sdpa_no_prefix), Provider("raises", raises)]
+    rows = run_kernel_bench(device="cpu", out_dir=None, providers=providers, shapes=TINY, warmup=0, reps=1, log=None)
+    by = {(r["provider"], r["mode"]): r for r in rows}
+    for mode in ("fwd", "bwd", "fwd+bwd", "decode"):
+        assert by[("ours", mode)]["status"] == "ok"
+        wrong = by[("forgets_prefix", mode)]
+        assert wrong["status"] == "error" and wrong["ms"] is None and wrong["tflops"] is None
+        assert wrong["error"].startswith("correctness check failed")
+        assert by[("raises", mode)]["status"] == "error" and "boom" in by[("raises", mode)]["error"]
+
+
+def test_floor_is_checked_without_prefix():
+    shape = Shape("training", 1, 4, 2, 24, 40, 3, 16)  # N < M: bottom-right causal
+    assert check_provider(PROVIDERS["sdpa_no_prefix"], shape, torch.float32, CPU) < 1e-4
+    assert check_provider(PROVIDERS["sdpa_no_prefix"], Shape.parse(TINY[1]), torch.float32, CPU) < 1e-4
+
+
+def test_flash_attn_wrapper_layout(monkeypatch):
+    """flash_attn_cat with a stand-in flash_attn_func ([B, S, H, D], bottom-right causal, GQA)."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    def flash_attn_func(q, k, v, causal=False):
+        assert q.dim() == 4 and q.shape[0] == k.shape[0] and q.shape[3] == k.shape[3]
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        mask = causal_lower_right(q.shape[2], k.shape[2]) if causal else None
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return out.transpose(1, 2)
+
+    fake = type(sys)("flash_attn")
+    fake.flash_attn_func = flash_attn_func
+    monkeypatch.setitem(sys.modules, "flash_attn", fake)
+    for shape in (Shape("training", 2, 4, 2, 24, 40, 3, 16), Shape.parse(TINY[1])):
+        assert check_provider(PROVIDERS["flash_attn"], shape, torch.float32, CPU) < 1e-4
+    assert PROVIDERS["flash_attn"].why_unavailable(CPU, torch.float32)
+
+
+def test_flex_mask_mod_matches_reference():
+    """FlexAttention (eager, forward: CPU) with the benchmark's mask_mod gives the reference."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    shape = Shape("training", 2, 4, 2, 40, 56, 5, 16)
+    q, k, v, pk, pv = make_inputs(shape, torch.float32, CPU, requires_grad=False)
+    mask = create_block_mask(prefix_mask_mod(shape.P, shape.M - shape.N), None, None, shape.N, shape.P + shape.M,
+                             device="cpu")
+    keys, values = (torch.cat([p.expand(shape.B, -1, -1, -1), t], dim=2) for p, t in ((pk, k), (pv, v)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = flex_attention(q, keys, values, block_mask=mask, enable_gqa=True)
+    ref, _ = prefix_attention_reference(q, k, v, pk, pv)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_cli_main(tmp_path, capsys):
+    rc = main(["--shape", "1x2x1x16x16x2x8", "--providers", "ours,floor", "--no-plot", "--flat", "--out",
+               str(tmp_path), "--reps", "1", "--warmup", "0", "--name", "k"])
+    assert rc == 0
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 2 and files[0].startswith("k_") and files[0].endswith(".csv")
+    rows = json.loads((tmp_path / files[1]).read_text())
+    assert {(r["provider"], r["status"]) for r in rows} == {("ours", "ok"), ("sdpa_no_prefix", "ok")}
+    with pytest.raises(SystemExit):
+        main(["--preset", "nope", "--out", str(tmp_path)])
+
+
+def _load(path: Path):
+    spec = importlib.util.spec_from_file_location(f"_bench_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_cpu_script_keeps_its_files(tmp_path):
+    from prefix_kernels import cpu
+
+    if not cpu.is_available():
+        pytest.skip(f"the C++ CPU op is unavailable: {cpu.unavailable_reason()}")
+    bench_cpu = _load(ROOT / "benchmarks" / "bench_cpu.py")
+    assert bench_cpu.main(["--out", str(tmp_path), "--shape", TINY[0], "--reps", "1", "--warmup", "0",
+                           "--impls", "ours,peft,concat,floor"]) == 0
+    rows = json.loads((tmp_path / "cpu_bench.json").read_text())
+    assert (tmp_path / "cpu_bench.csv").exists()
+    assert {r["provider"] for r in rows} == {"ours", "peft_style", "cat_sdpa", "sdpa_no_prefix"}
+    common = _load(ROOT / "benchmarks" / "common.py")  # bench_hf.py / profile_step.py import these
+    assert common.time_ms(lambda: None, warmup=0, reps=2, device="cpu") >= 0
+    assert {"device", "torch", "git_sha", "date", "threads"} <= set(common.environment("cpu"))
