@@ -105,6 +105,7 @@ def _summarize(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
 
 
+@torch.compiler.assume_constant_result  # traced as a constant: no graph break on the build lock
 def is_available() -> bool:
     """True when the C++ op is built and loaded (builds it on the first call). Never raises."""
     if _state["tried"]:

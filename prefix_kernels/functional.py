@@ -87,7 +87,13 @@ def validate_inputs(q, k, v, prefix_k, prefix_v, *, causal, scale, key_padding_m
             raise ValueError(
                 f"prefix_ids needs a bank of prefixes [T, Hkv, P, D], but prefix_k is {_describe(prefix_k)}"
             )
-        if batch > 0:
+        if batch > 0 and torch.compiler.is_compiling():
+            # No host sync inside a compiled graph. CUDA: a device-side assert (as for an embedding
+            # index out of range); CPU: the C++ op checks the range itself (TORCH_CHECK -> RuntimeError).
+            if prefix_ids.device.type == "cuda":
+                torch._assert_async(((prefix_ids >= 0) & (prefix_ids < n_prefixes)).all(),
+                                    f"prefix_ids must be in [0, T={n_prefixes})")
+        elif batch > 0:
             low, high = int(prefix_ids.min()), int(prefix_ids.max())
             if low < 0 or high >= n_prefixes:
                 raise ValueError(
