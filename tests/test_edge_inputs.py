@@ -1,0 +1,639 @@
+"""Edge inputs, per backend: empty sizes, single tokens, fully padded rows, huge logits, fp16 near
+overflow, NaN/inf in the inputs and very long prefixes.
+
+Backends: "reference", "cpu" (the C++ op; skipped when it cannot be built) and "triton" (on CUDA
+tensors when there is a GPU, else the interpreter on CPU tensors; tiny sizes). Each result is
+compared with the fp64 reference. Known bugs are pinned by ``xfail(strict=True)`` tests or
+parameters whose reasons say what is wrong; the ones that crash the interpreter (segfault,
+SIGFPE) run in a subprocess.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import ATOL, DEVICE, TRITON_RUNNABLE, max_err
+from prefix_kernels import cpu, prefix_attention, prefix_attention_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+BACKENDS = ["reference", "cpu", "triton"]
+NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
+NAN, INF = float("nan"), float("inf")
+# numpy (the Triton interpreter) warns when inf/NaN flow through it, which is what these tests do
+pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
+
+
+def _need(backend: str) -> None:
+    if backend == "cpu" and not cpu.is_available():
+        pytest.skip(f"C++ CPU op unavailable: {cpu.unavailable_reason()}")
+    if backend == "triton" and not TRITON_RUNNABLE:
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+
+
+def make(B=2, Hq=2, Hkv=1, N=3, M=5, P=2, D=8, T=None, dtype=torch.float32, seed=0):
+    """[q, k, v, prefix_k, prefix_v] (plain tensors; callers make leaves)."""
+    g = torch.Generator().manual_seed(seed)
+    lead = () if T is None else (T,)
+    shapes = [(B, Hq, N, D), (B, Hkv, M, D), (B, Hkv, M, D), (*lead, Hkv, P, D), (*lead, Hkv, P, D)]
+    return [torch.randn(s, generator=g).to(dtype) for s in shapes]
+
+
+def leaves(tensors):
+    return [t.detach().clone().requires_grad_() for t in tensors]
+
+
+def run(backend, tensors, grad_out=None, **kwargs):
+    """(out, lse, the five grads or None) from ``backend``, on the CPU; grads only when grad_out is
+    given. Triton runs on DEVICE (CUDA when there is a GPU)."""
+    dev = DEVICE if backend == "triton" else torch.device("cpu")
+    xs = [t.detach().to(dev).clone().requires_grad_() for t in tensors]
+    kwargs = {n: a.to(dev) if isinstance(a, torch.Tensor) else a for n, a in kwargs.items()}
+    out, lse = prefix_attention(*xs, return_lse=True, backend=backend, **kwargs)
+    grads = None
+    if grad_out is not None:
+        grads = torch.autograd.grad(out, xs, grad_out.to(dev), allow_unused=True)
+        grads = [(torch.zeros_like(x) if g is None else g).cpu() for g, x in zip(grads, xs)]
+    return out.detach().cpu(), lse.cpu(), grads
+
+
+def truth(tensors, grad_out=None, **kwargs):
+    """The fp64 reference: (out, lse, grads or None)."""
+    xs = [t.detach().double().requires_grad_() for t in tensors]
+    out, lse = prefix_attention_reference(*xs, **kwargs)
+    grads = None
+    if grad_out is not None:
+        grads = torch.autograd.grad(out, xs, grad_out.double(), allow_unused=True)
+        grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, xs)]
+    return out, lse, grads
+
+
+def same_dtype(tensors, grad_out=None, **kwargs):
+    """The reference in the inputs' dtype (upcast=False): flash-attention's error yardstick."""
+    xs = leaves(tensors)
+    out, _ = prefix_attention_reference(*xs, upcast=False, **kwargs)
+    grads = None
+    if grad_out is not None:
+        grads = torch.autograd.grad(out, xs, grad_out, allow_unused=True)
+        grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, xs)]
+    return out, grads
+
+
+def check_by_rule(backend, tensors, seed=1, **kwargs):
+    """out, lse and all five gradients against the fp64 reference (flash-attention's rule, with atol
+    relative to the size of the true values)."""
+    dtype = tensors[0].dtype
+    g = torch.Generator().manual_seed(seed)
+    go = torch.randn(tensors[0].shape, generator=g).to(dtype)
+    out, lse, grads = run(backend, tensors, go, **kwargs)
+    out64, lse64, grads64 = truth(tensors, go, **kwargs)
+    out_s, grads_s = same_dtype(tensors, go, **kwargs)
+    atol = ATOL[dtype]
+    assert out.shape == tensors[0].shape and out.dtype == dtype and lse.dtype == torch.float32
+    for name, got, ref, t64, factor, tol in [("out", out, out_s, out64, 2, atol)] + [
+        (n, a, b, c, 3, 2 * atol)
+        for n, a, b, c in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, grads_s, grads64)
+    ]:
+        assert not torch.isnan(got).any(), f"{name}: NaN"
+        size = max(1.0, t64.abs().max().item()) if t64.numel() else 1.0
+        err, ref_err = max_err(got, t64), max_err(ref, t64)
+        assert err <= factor * ref_err + tol * size, f"{name}: err {err:.3e}, torch err {ref_err:.3e}"
+    finite = torch.isfinite(lse64)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert torch.equal(lse[~finite], lse64[~finite].float())
+    if finite.any():
+        assert max_err(lse[finite], lse64[finite]) <= 1e-4 * max(1.0, lse64[finite].abs().max().item())
+    return out, lse, grads
+
+
+def _subprocess(code: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "TRITON_INTERPRET": "1"}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+# ---------------------------------------------------------------- empty and tiny sizes
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_bank", [False, True], ids=["shared", "bank+ids+mask"])
+def test_empty_batch(backend, with_bank):
+    """B = 0: empty out/lse of the right shapes, all-zero gradients of the right shapes."""
+    _need(backend)
+    tensors = make(B=0, T=3 if with_bank else None)
+    kwargs = {}
+    if with_bank:
+        kwargs = dict(prefix_ids=torch.zeros(0, dtype=torch.long), key_padding_mask=torch.ones(0, 5, dtype=torch.bool))
+    go = torch.zeros(tensors[0].shape)
+    out, lse, grads = run(backend, tensors, go, **kwargs)
+    assert out.shape == (0, 2, 3, 8) and lse.shape == (0, 2, 3)
+    for g, t in zip(grads, tensors):
+        assert g.shape == t.shape and not g.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal, M", [(True, 0), (True, 6), (False, 0), (False, 4)])
+def test_no_queries(backend, causal, M):
+    """N = 0 (with or without keys): empty out/lse, all-zero gradients."""
+    _need(backend)
+    tensors = make(N=0, M=M, P=3)
+    out, lse, grads = run(backend, tensors, torch.zeros(2, 2, 0, 8), causal=causal)
+    assert out.shape == (2, 2, 0, 8) and lse.shape == (2, 2, 0)
+    for g, t in zip(grads, tensors):
+        assert g.shape == t.shape and not g.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("padding", [False, True])
+def test_no_prefix(backend, padding):
+    """P = 0: plain attention over the sequence; the prefix gradients are empty [Hkv, 0, D]."""
+    _need(backend)
+    tensors = make(B=3, Hq=4, Hkv=2, N=4, M=7, P=0, D=16)
+    mask = None
+    if padding:
+        mask = torch.ones(3, 7, dtype=torch.bool)
+        mask[0, :5] = False  # left padding: row 0's first queries see a single key
+        mask[1, 6] = False  # right padding: the last key is hidden
+    _, _, grads = check_by_rule(backend, tensors, key_padding_mask=mask)
+    assert grads[3].shape == (2, 0, 16) and grads[4].shape == (2, 0, 16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_keys_at_all(backend):
+    """P = M = 0 (non-causal): every query sees nothing: out 0, lse -inf, zero gradients."""
+    _need(backend)
+    tensors = make(M=0, P=0)
+    out, lse, grads = run(backend, tensors, torch.randn(2, 2, 3, 8), causal=False)
+    assert (out == 0).all() and (lse == -INF).all()
+    for g, t in zip(grads, tensors):
+        assert g.shape == t.shape and not g.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("P", [0, 1, 3])
+@pytest.mark.parametrize("visible", [True, False])
+def test_single_query_single_key(backend, P, visible):
+    """M = N = 1 (decode with an empty cache), with and without the key padded out."""
+    _need(backend)
+    tensors = make(B=2, Hq=3, Hkv=1, N=1, M=1, P=P, D=16)
+    mask = torch.tensor([[visible], [True]])
+    out, lse, _ = check_by_rule(backend, tensors, key_padding_mask=mask)
+    if P == 0 and visible:  # one visible key: out is its value, exactly
+        assert torch.equal(out[:, :, 0], tensors[2][:, :, 0].expand(2, 3, 16))
+    if P == 0 and not visible:
+        assert (out[0] == 0).all() and (lse[0] == -INF).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_query_heads(backend):
+    """Hq = 0 (a multiple of any Hkv, so accepted): empty out (the CPU op: see the xfail below)."""
+    _need(backend)
+    if backend == "cpu":
+        pytest.skip("crashes the process: see test_cpu_zero_query_heads_does_not_crash")
+    tensors = make(Hq=0)
+    out, lse, grads = run(backend, tensors, torch.zeros(2, 0, 3, 8))
+    assert out.shape == (2, 0, 3, 8) and lse.shape == (2, 0, 3)
+    for g, t in zip(grads, tensors):
+        assert g.shape == t.shape and not g.any()
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "cpu: q with Hq = 0 heads (accepted by validate_inputs since 0 % Hkv == 0) kills the process "
+    "with SIGFPE: csrc/prefix_attention.cpp prepare() computes rows / p.G with G = Hq / Hkv = 0"))
+def test_cpu_zero_query_heads_does_not_crash():
+    if not cpu.is_available():
+        pytest.skip(f"C++ CPU op unavailable: {cpu.unavailable_reason()}")
+    result = _subprocess("""
+        import torch
+        from prefix_kernels import prefix_attention
+        q = torch.randn(2, 0, 3, 8, requires_grad=True)
+        k, v = torch.randn(2, 1, 3, 8), torch.randn(2, 1, 3, 8)
+        pk, pv = torch.randn(1, 2, 8), torch.randn(1, 2, 8)
+        try:
+            out = prefix_attention(q, k, v, pk, pv, backend="cpu")
+            assert out.shape == (2, 0, 3, 8)
+            out.sum().backward()
+            print("computed")
+        except (TypeError, ValueError) as exc:
+            print("refused", exc)
+        """)
+    assert result.returncode == 0, f"exit code {result.returncode}: {result.stderr[-2000:]}"
+    assert "computed" in result.stdout or "refused" in result.stdout
+
+
+# ---------------------------------------------------------------- a bank of zero prefixes
+
+_T0_BUG = ("prefix_k/prefix_v with T = 0 prefixes ([0, Hkv, P, D]) and no prefix_ids pass "
+           "functional.validate_inputs (it only refuses T > 1 without ids; n_prefixes = 0 is never "
+           "checked): the reference raises a RuntimeError from expand() (reference.select_prefix), "
+           "the CPU op a RuntimeError (its own T >= 1 check), and the Triton kernels read prefix 0 "
+           "of an empty tensor (a segfault under the interpreter; on CUDA an out-of-bounds read, not run here)")
+
+
+@pytest.mark.parametrize("backend", [
+    pytest.param("reference", marks=pytest.mark.xfail(strict=True, raises=RuntimeError, reason=_T0_BUG)),
+    pytest.param("cpu", marks=pytest.mark.xfail(strict=True, raises=RuntimeError, reason=_T0_BUG)),
+])
+def test_empty_prefix_bank_is_refused(backend):
+    _need(backend)
+    tensors = make(T=0)
+    with pytest.raises((TypeError, ValueError), match="prefix"):
+        prefix_attention(*tensors, backend=backend)
+
+
+@pytest.mark.skipif(not TRITON_RUNNABLE, reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=_T0_BUG)
+def test_empty_prefix_bank_is_refused_triton():
+    result = _subprocess("""
+        import torch
+        from prefix_kernels import prefix_attention
+        from test_edge_inputs import make
+        try:
+            prefix_attention(*make(T=0), backend="triton")
+            print("accepted")
+        except (TypeError, ValueError) as exc:
+            print("refused", exc)
+        """)
+    assert result.returncode == 0, f"exit code {result.returncode}: {result.stderr[-2000:]}"
+    assert "refused" in result.stdout and "prefix" in result.stdout
+
+
+@pytest.mark.parametrize("backend", [
+    "reference", "triton",
+    pytest.param("cpu", marks=pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
+        "cpu: B = 0 with a [0, Hkv, P, D] bank and empty prefix_ids is valid for validate_inputs and "
+        "computes (empty) on the other backends, but the C++ op raises RuntimeError "
+        "'prefix_k holds no prefix (T=0)' (csrc/prefix_attention.cpp prepare())"))),
+])
+def test_empty_prefix_bank_with_empty_batch(backend):
+    """B = 0 and T = 0 with prefix_ids of shape [0]: nothing to compute; either an empty result or
+    a clean refusal."""
+    _need(backend)
+    tensors = make(B=0, T=0)
+    try:
+        out, _, _ = run(backend, tensors, prefix_ids=torch.zeros(0, dtype=torch.long))
+    except (TypeError, ValueError) as exc:
+        assert "prefix" in str(exc)
+        return
+    assert out.shape == tensors[0].shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_prefix_bank_with_ids_is_refused(backend):
+    """T = 0 with prefix_ids for B > 0 rows: no id can be in range, a clean ValueError."""
+    _need(backend)
+    with pytest.raises(ValueError, match=r"prefix_ids must be in \[0, T=0\)"):
+        run(backend, make(T=0), prefix_ids=torch.zeros(2, dtype=torch.long))
+
+
+# ---------------------------------------------------------------- fully padded rows
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [True, False])
+def test_all_keys_padded_without_prefix(backend, causal):
+    """P = 0 and every key of row 0 padded: its queries see nothing -> out 0, lse -inf, zero
+    gradients, and no NaN anywhere; row 1 is unaffected."""
+    _need(backend)
+    tensors = make(B=2, Hq=4, Hkv=2, N=4, M=6, P=0, D=16)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0] = False
+    out, lse, grads = check_by_rule(backend, tensors, causal=causal, key_padding_mask=mask)
+    assert (out[0] == 0).all() and (lse[0] == -INF).all()
+    assert torch.isfinite(lse[1]).all()
+    dq, dk, dv, dpk, dpv = grads
+    assert (dq[0] == 0).all() and (dk[0] == 0).all() and (dv[0] == 0).all()
+    assert dpk.shape == (2, 0, 16) and dpv.shape == (2, 0, 16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bank", [False, True])
+def test_all_keys_padded_with_prefix(backend, bank):
+    """P > 0 and every sequence key padded: each query attends to its prefix only."""
+    _need(backend)
+    B, Hq, Hkv, N, M, P, D = 3, 4, 2, 4, 6, 5, 16
+    tensors = make(B=B, Hq=Hq, Hkv=Hkv, N=N, M=M, P=P, D=D, T=2 if bank else None)
+    ids = torch.tensor([1, 0, 1]) if bank else None
+    mask = torch.zeros(B, M, dtype=torch.bool)
+    out, lse, grads = check_by_rule(backend, tensors, key_padding_mask=mask, prefix_ids=ids)
+    # by hand, in fp64: softmax over the row's prefix only
+    q, _, _, pk, pv = (t.double() for t in tensors)
+    if bank:
+        pk, pv = pk[ids], pv[ids]
+    else:
+        pk, pv = pk.expand(B, -1, -1, -1), pv.expand(B, -1, -1, -1)
+    pk, pv = pk.repeat_interleave(Hq // Hkv, 1), pv.repeat_interleave(Hq // Hkv, 1)
+    scores = q @ pk.transpose(-1, -2) / math.sqrt(D)
+    want = torch.softmax(scores, -1) @ pv
+    assert max_err(out, want) <= 1e-5
+    assert max_err(lse, torch.logsumexp(scores, -1)) <= 1e-5
+    assert (grads[1] == 0).all() and (grads[2] == 0).all()  # padded keys get no gradient
+
+
+# ---------------------------------------------------------------- huge logits
+
+def _big_logit_grads_ok(grads, grads64):
+    """The backward recomputes P = exp(s - lse) from the fp32 LSE, whose ulp at |lse| ~ 1e5 is
+    ~0.008: P is off by up to ~1-2 %, so the gradients carry a relative error of a few percent
+    (flash-attention has the same limit). This guards against inf/NaN and garbage."""
+    size = max(1.0, max(g.abs().max().item() for g in grads64 if g.numel()))
+    for name, g, g64 in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, grads64):
+        assert torch.isfinite(g).all(), f"{name}: not finite"
+        assert max_err(g, g64) <= 0.06 * size, f"{name}: err {max_err(g, g64):.3e} (size {size:.3g})"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", ["scale=1e4", "q*1e4"])
+def test_logits_scaled_by_1e4(backend, how):
+    """The softmax saturates to the argmax: out is the argmax key's value (finite, equal to the
+    reference's), lse equals the reference's to fp32 precision, gradients stay finite."""
+    _need(backend)
+    tensors = make(B=2, Hq=2, Hkv=1, N=4, M=6, P=3, D=16)
+    kwargs = dict(key_padding_mask=torch.tensor([[False, True, True, True, True, True], [True] * 6]))
+    if how == "scale=1e4":
+        kwargs["scale"] = 1e4
+    else:
+        tensors[0] = tensors[0] * 1e4
+    go = torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(1))
+    out, lse, grads = run(backend, tensors, go, **kwargs)
+    out64, lse64, grads64 = truth(tensors, go, **kwargs)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert max_err(out, out64) <= 1e-5
+    assert max_err(lse, lse64) <= 1e-6 * lse64.abs().max().item()
+    # the premise: the reference's out is (to fp64 precision) a single value row per query
+    values = torch.cat([tensors[4].expand(2, -1, -1, -1), tensors[2]], 2).double().repeat_interleave(2, 1)
+    assert ((out64[..., None, :] - values[:, :, None]).abs().amax(-1).amin(-1) < 1e-9).all()
+    _big_logit_grads_ok(grads, grads64)
+
+
+def _fp16_near_overflow(seed=0, both=False, N=4, D=16):
+    """fp16 q with entries up to 6e4 (and k too when ``both``): q . k overflows fp16."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = make(B=2, Hq=2, Hkv=1, N=N, M=N + 2, P=3, D=D, seed=seed)
+    tensors[0] = (torch.rand(tensors[0].shape, generator=g) * 2 - 1) * 6e4
+    if both:
+        tensors[1] = (torch.rand(tensors[1].shape, generator=g) * 2 - 1) * 6e4
+        tensors[3] = (torch.rand(tensors[3].shape, generator=g) * 2 - 1) * 6e4
+    tensors = [t.half() for t in tensors]
+    assert all(torch.isfinite(t).all() for t in tensors)
+    q, k = tensors[0].float(), tensors[1].float().repeat_interleave(2, 1)
+    assert (q @ k.transpose(-1, -2)).abs().max() > 65504  # computed in fp16, q . k would be inf
+    return tensors
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_near_overflow(backend):
+    """fp16 inputs whose dot products overflow fp16: fp32 accumulation gives a finite out equal to
+    the reference's (to fp16 rounding), an exact lse and finite gradients."""
+    _need(backend)
+    tensors = _fp16_near_overflow()
+    go = torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(1)).half()
+    out, lse, grads = run(backend, tensors, go)
+    out64, lse64, grads64 = truth(tensors, go)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert max_err(out, out64) <= 2e-3 * max(1.0, out64.abs().max().item())
+    assert max_err(lse, lse64) <= 1e-6 * lse64.abs().max().item()
+    _big_logit_grads_ok(grads, grads64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_extreme_logits_forward(backend):
+    """q and k both up to 6e4 (logits ~1e9): the forward still gives the argmax value and the lse."""
+    _need(backend)
+    tensors = _fp16_near_overflow(both=True, N=12, D=64)
+    out, lse, _ = run(backend, tensors)
+    out64, lse64, _ = truth(tensors)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert max_err(out, out64) <= 2e-3 * max(1.0, out64.abs().max().item())
+    assert max_err(lse, lse64) <= 1e-6 * lse64.abs().max().item()
+
+
+_EXTREME_BWD_BUG = (
+    "backward with logits ~1e9 (fp16 q and k near 6e4): P is recomputed as exp2(s - lse2) from the "
+    "fp32 LSE (natural log, converted back to log2 in fp32), whose rounding there (ulp 128-256) "
+    "is far above 1: P comes out as 2^(+-100s) instead of in [0, 1]: inf in dv, dprefix_v "
+    "(Triton: dk, dprefix_k too) and errors as large as the gradients themselves in the finite "
+    "ones. Clamping P <= 1 or saving the row max (m) next to l would bound it. csrc/kernel_impl.h "
+    "backward_block / kernels/backward.py _dq_blocks, _dkdv_blocks")
+
+
+@pytest.mark.parametrize("backend", [
+    "reference",
+    pytest.param("cpu", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=_EXTREME_BWD_BUG)),
+    pytest.param("triton", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=_EXTREME_BWD_BUG)),
+])
+def test_fp16_extreme_logits_backward(backend):
+    _need(backend)
+    tensors = _fp16_near_overflow(both=True, N=12, D=64)
+    go = torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(1)).half()
+    _, _, grads = run(backend, tensors, go)
+    _, _, grads64 = truth(tensors, go)
+    _big_logit_grads_ok(grads, grads64)
+
+
+# ---------------------------------------------------------------- NaN / inf in the inputs
+
+# Poisoned element per input, at a place that every query of batch row 0 sees (N = 3, M = 5,
+# causal: query i sits at position 2 + i; key 1 is visible to all of them).
+POISON = {"q": (0, 0, 1, 2), "k": (0, 0, 1, 3), "v": (0, 0, 1, 3), "prefix_k": (0, 1, 3), "prefix_v": (0, 1, 3)}
+
+
+def _poisoned(where, value):
+    tensors = make(B=2, Hq=2, Hkv=1, N=3, M=5, P=2, D=8)
+    tensors[NAMES.index(where)][POISON[where]] = value
+    return tensors
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("value", [NAN, INF, -INF], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("where", NAMES)
+def test_nonfinite_input_propagates_to_out(backend, where, value):
+    """NaN/inf in an input: out has NaN (and inf) in exactly the elements where the reference has
+    them, the finite elements agree; batch row 1 (whose inputs are clean, unless the shared prefix
+    is poisoned) matches the reference."""
+    _need(backend)
+    tensors = _poisoned(where, value)
+    out, _, _ = run(backend, tensors)
+    out64, _, _ = truth(tensors)
+    assert torch.equal(torch.isnan(out), torch.isnan(out64)), "NaN pattern differs from the reference"
+    assert torch.equal(torch.isinf(out), torch.isinf(out64)), "inf pattern differs from the reference"
+    both = torch.isfinite(out64)
+    assert max_err(out[both], out64[both]) <= 1e-5
+    if where not in ("prefix_k", "prefix_v"):
+        assert torch.isfinite(out[1]).all()
+
+
+_LSE_BUG = ("cpu: a row whose scores hold a NaN (or +inf) gets lse = -inf, the marker of a row that "
+            "saw no key, where the reference (and Triton) give NaN/+inf: csrc/kernel_impl.h "
+            "forward_task sets seen = l > 0, which is false for l = NaN. The NaN is hidden from lse "
+            "users, and the backward then treats the row as empty (lse2 = +inf -> P = 0), so dv and "
+            "dprefix_v come out 0 instead of NaN for that row's keys")
+
+
+@pytest.mark.parametrize("backend", [
+    "reference", "triton",
+    pytest.param("cpu", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=_LSE_BUG)),
+])
+@pytest.mark.parametrize("value", [NAN, INF], ids=["nan", "inf"])
+@pytest.mark.parametrize("where", ["q", "k", "prefix_k"])
+def test_nonfinite_scores_are_not_hidden_in_lse(backend, where, value):
+    """Where the reference's lse is NaN ours is NaN; where it is +inf ours is +inf or NaN -- never
+    -inf, which means "this row saw no key"."""
+    _need(backend)
+    tensors = _poisoned(where, value)
+    _, lse, _ = run(backend, tensors)
+    _, lse64, _ = truth(tensors)
+    assert not torch.isfinite(lse64).all()  # the premise
+    nan64, pinf64 = torch.isnan(lse64), lse64 == INF
+    assert torch.isnan(lse[nan64]).all(), f"lse {lse[nan64].tolist()} where the reference has NaN"
+    assert (torch.isnan(lse[pinf64]) | (lse[pinf64] == INF)).all(), f"lse {lse[pinf64].tolist()} for +inf"
+    assert not (lse == -INF).any()
+    finite = torch.isfinite(lse64)
+    assert max_err(lse[finite], lse64[finite]) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", NAMES)
+def test_nan_input_propagates_to_gradients(backend, where):
+    """A NaN input: the poisoned tensor's gradient has NaN (for q, k, prefix_k), every query whose
+    out is NaN has NaN in its dq, and the clean batch row's dq/dk/dv equal the reference's (not
+    checked for a poisoned shared prefix, which no row escapes). Which other gradient elements
+    turn NaN differs between backends (the reference multiplies masked probabilities, 0, by NaN
+    in more places; the CPU op also hides some, see _LSE_BUG)."""
+    _need(backend)
+    tensors = _poisoned(where, NAN)
+    go = torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(1))
+    out, _, grads = run(backend, tensors, go)
+    _, _, grads64 = truth(tensors, go)
+    if where in ("q", "k", "prefix_k"):  # (dv = P^T dO does not involve v: a NaN in v reaches dq, dk)
+        assert torch.isnan(grads[NAMES.index(where)]).any()
+    nan_rows = torch.isnan(out).any(-1)
+    assert torch.isnan(grads[0]).any(-1)[nan_rows].all()
+    if where not in ("prefix_k", "prefix_v"):
+        for g, g64 in zip(grads[:3], grads64[:3]):
+            assert torch.isfinite(g[1]).all() and max_err(g[1], g64[1]) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_in_padded_key_does_not_leak(backend):
+    """A NaN in k of a padded-out key: out, lse, dk, dv and the prefix gradients stay finite and
+    equal the reference's (dq: see test_nan_in_padded_key_does_not_leak_into_dq)."""
+    _need(backend)
+    tensors = make(B=2, Hq=2, Hkv=1, N=3, M=6, P=2, D=8)
+    tensors[1][0, 0, 0] = NAN
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, 0] = False
+    go = torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(1))
+    out, lse, grads = run(backend, tensors, go, key_padding_mask=mask)
+    out64, lse64, grads64 = truth(tensors, go, key_padding_mask=mask)
+    assert torch.isfinite(out64).all() and torch.isfinite(lse64).all()  # the reference does not leak
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert max_err(out, out64) <= 1e-5 and max_err(lse, lse64) <= 1e-5
+    for name, g, g64 in zip(NAMES[1:], grads[1:], grads64[1:]):
+        assert torch.isfinite(g64).all() and torch.isfinite(g).all(), f"d{name}: NaN"
+        assert max_err(g, g64) <= 1e-5, f"d{name}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_in_causally_hidden_key_does_not_leak(backend):
+    """Causal, N = 3 queries over M = 5 keys: key 4 is seen by the last query only. A NaN in its k
+    makes that query's out NaN and leaves the earlier queries' out and lse equal to the reference's."""
+    _need(backend)
+    tensors = make(B=2, Hq=2, Hkv=1, N=3, M=5, P=2, D=8)
+    tensors[1][0, 0, 4] = NAN
+    out, lse, _ = run(backend, tensors)
+    out64, lse64, _ = truth(tensors)
+    assert torch.isnan(out[0, :, 2]).all() and torch.isnan(out64[0, :, 2]).all()
+    assert torch.isfinite(out[0, :, :2]).all() and torch.isfinite(lse[0, :, :2]).all()
+    assert max_err(out[0, :, :2], out64[0, :, :2]) <= 1e-5
+    assert max_err(lse[0, :, :2], lse64[0, :, :2]) <= 1e-5
+    assert torch.isfinite(out[1]).all() and max_err(out[1], out64[1]) <= 1e-5
+
+
+_LEAK = ("a NaN in v of a key that a query may not see (padded out, or after its position) still "
+         "turns that query's out into NaN, in every backend including the reference: the hidden "
+         "key's probability is 0, and 0 * NaN = NaN in probs @ values (reference.py), in the "
+         "P @ V tile products (csrc/kernel_impl.h forward_block; kernels/forward.py _attend_blocks "
+         "loads V unmasked). The docstring says a False in key_padding_mask hides the key; the "
+         "contract should say whether non-finite values of hidden keys may leak")
+
+
+@pytest.mark.parametrize("backend", [
+    pytest.param(b, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=_LEAK)) for b in BACKENDS])
+@pytest.mark.parametrize("hidden_by", ["padding", "causality"])
+def test_nan_in_hidden_value_does_not_leak(backend, hidden_by):
+    _need(backend)
+    tensors = make(B=2, Hq=2, Hkv=1, N=3, M=5, P=2, D=8)
+    kwargs, rows = {}, slice(0, 3)
+    if hidden_by == "padding":
+        mask = torch.ones(2, 5, dtype=torch.bool)
+        mask[0, 0] = False
+        kwargs["key_padding_mask"] = mask
+        tensors[2][0, 0, 0] = NAN
+    else:
+        tensors[2][0, 0, 4] = NAN  # key 4: seen by query 2 only
+        rows = slice(0, 2)
+    clean = [t.clone() for t in tensors]
+    clean[2] = torch.nan_to_num(clean[2], nan=0.0)
+    out, _, _ = run(backend, tensors, **kwargs)
+    want, _, _ = truth(clean, **kwargs)
+    assert torch.isfinite(out[0, :, rows]).all(), "NaN of a hidden key leaked into out"
+    assert max_err(out[0, :, rows], want[0, :, rows]) <= 1e-5
+
+
+def test_nan_in_value_of_skipped_padding_tile_does_not_leak_cpu():
+    """The CPU op skips key tiles that are all padding, so there a hidden NaN value does not leak
+    (unlike the reference and Triton for the same input, see the xfail above): which outputs turn NaN
+    depends on the backend and on where the tile edges fall."""
+    _need("cpu")
+    tensors = make(B=1, Hq=2, Hkv=1, N=4, M=1100, P=2, D=8)
+    mask = torch.ones(1, 1100, dtype=torch.bool)
+    mask[0, :800] = False  # decode-like tiles of 512 keys, cut backwards from key 1100: [0, 76) is all padding
+    tensors[2][0, 0, 10] = NAN
+    out = prefix_attention(*tensors, key_padding_mask=mask, backend="cpu")
+    ref = prefix_attention(*tensors, key_padding_mask=mask, backend="reference")
+    assert torch.isfinite(out).all()
+    assert torch.isnan(ref).any()
+
+
+_DQ_LEAK = ("a NaN in k of a padded-out key leaks into dq in every backend, the reference included: "
+            "the hidden key's dS is 0 and dq = dS @ K multiplies it by the NaN (reference autograd; "
+            "csrc/kernel_impl.h backward_block; kernels/backward.py _dq_blocks loads K unmasked)")
+
+
+@pytest.mark.parametrize("backend", [
+    pytest.param(b, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=_DQ_LEAK)) for b in BACKENDS])
+def test_nan_in_padded_key_does_not_leak_into_dq(backend):
+    _need(backend)
+    tensors = make(B=2, Hq=2, Hkv=1, N=3, M=6, P=2, D=8)
+    tensors[1][0, 0, 0] = NAN
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, 0] = False
+    go = torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(1))
+    _, _, grads = run(backend, tensors, go, key_padding_mask=mask)
+    assert torch.isfinite(grads[0]).all(), "NaN of a padded key leaked into dq"
+
+
+# ---------------------------------------------------------------- very long prefixes
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_long_prefix(backend, dtype):
+    """P = 4096 with a short sequence (a prefix bank, prefix_ids and padding on the CPU backends;
+    a single row and head pair under the Triton interpreter, where every block costs)."""
+    _need(backend)
+    if backend == "triton":
+        tensors = make(B=1, Hq=2, Hkv=1, N=3, M=4, P=4096, D=16, dtype=dtype)
+        check_by_rule(backend, tensors)
+        return
+    tensors = make(B=3, Hq=4, Hkv=2, N=5, M=8, P=4096, D=64, T=2, dtype=dtype)
+    mask = torch.ones(3, 8, dtype=torch.bool)
+    mask[0, :6] = False
+    mask[2] = False  # only the prefix
+    check_by_rule(backend, tensors, key_padding_mask=mask, prefix_ids=torch.tensor([1, 0, 1]))
