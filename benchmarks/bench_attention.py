@@ -1,13 +1,13 @@
 """Kernel benchmark of the fused op on CUDA (a wrapper of ``prefix-kernels bench``).
 
     PYTHONPATH=. python benchmarks/bench_attention.py --out benchmarks/results/
-    PYTHONPATH=. python benchmarks/bench_attention.py --quick --out DIR      # benchmarks/gpu_check.sh
+    PYTHONPATH=. python benchmarks/bench_attention.py --quick --out DIR
 
 Presets "training" + "decode" (``--quick``: "quick", two training shapes and one decode shape),
 bf16 by default; fwd, bwd and fwd+bwd for training shapes, decode for decode shapes; ours against
 PEFT-style attention, cat + SDPA (lower-right causal), FlexAttention, flash-attn (when installed)
 and SDPA without a prefix (the floor). ``--quick`` leaves FlexAttention out unless --providers
-names it (its torch.compile runs would not fit gpu_check.sh's time limit). Every provider is checked
+names it (its torch.compile runs take minutes). Every provider is checked
 against the fp32 reference on a cut-down shape before it is timed. Rows go to
 <out>/attention_<device>.json and .csv (and .png with matplotlib). Details:
 prefix_kernels/benchmarking/kernels.py.

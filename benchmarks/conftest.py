@@ -4,7 +4,7 @@
     pytest benchmarks --benchmark-only --kernel-preset quick --benchmark-json out.json
     pytest benchmarks --benchmark-only --kernel-providers ours,cat_sdpa -k decode
 
-Options: --kernel-preset (a preset of prefix_kernels.benchmarking.kernels.PRESETS, "auto" = the
+Options: --kernel-preset (a preset of prefix_kernels.benchmarking.shapes.PRESETS, "auto" = the
 device's default), --kernel-providers (comma-separated provider names), --kernel-dtype.
 """
 
@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from prefix_kernels.benchmarking.kernels import check_provider  # noqa: E402
+from prefix_kernels.benchmarking.correctness import check_provider  # noqa: E402
 
 
 def pytest_addoption(parser):

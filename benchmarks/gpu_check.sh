@@ -1,32 +1,125 @@
 #!/usr/bin/env bash
 # The GPU check, for a machine with CUDA, the preinstalled torch/triton/transformers/peft and no network:
 #   bash benchmarks/gpu_check.sh OUT_DIR
-# 1. the tests on CUDA (Triton kernels at full size, the transformers drop-in against PEFT);
-# 2. the kernel benchmark (--quick) against SDPA on concatenated K/V, PEFT-style attention and the floor;
-# 3. the end-to-end benchmark on a SmolLM2-135M-shaped model (training step vs PEFT, decode).
-# Everything it writes lands in OUT_DIR. About 6-7 minutes on an H100/H200 (cold Triton cache).
-# GPU_CHECK_TESTS overrides the pytest selection (e.g. to rerun only what failed).
+# Parts, in this order, each under its own `timeout` (a part that fails or runs out of time is recorded
+# and the next one runs):
+#   tests   the tests on CUDA (Triton kernels at full size, the transformers drop-in against PEFT)
+#   quick   prefix-kernels bench --preset quick (2 training shapes: fwd/bwd/fwd+bwd, 1 decode shape):
+#           ours, PEFT-style, cat+SDPA, flash-attn (rows "skipped" when not importable), the floor
+#   decode  prefix-kernels bench --preset decode (5 KV-cache shapes), the same providers
+#   flex    FlexAttention (torch.compile; every shape and grad mode compiles) against ours on one
+#           training shape (fwd, fwd+bwd) and one decode shape
+#   hf      benchmarks/bench_hf.py: a SmolLM2-135M-shaped model, training step vs PEFT, greedy decode
+# Limits (seconds; a part gets the smaller of its cap and what is left of the total budget, and is
+# skipped when less than its minimum is left):
+#   part     cap   min  expected on an H100, cold Triton cache (estimates, not yet measured)
+#   tests    150    60  100-150 (GPU_CHECK_TEST_SECONDS)
+#   quick     75    30  40-60
+#   decode    60    30  30-45
+#   flex      90    45  60-90 (five Inductor compiles)
+#   hf       150    60  90-120 (prints rows as it goes, so a cut-off run still leaves numbers)
+# Total budget GPU_CHECK_SECONDS (default 360, environment.txt included): with a cold cache hf may not fit and is
+# recorded as skipped; GPU_CHECK_PARTS=hf runs it alone.
+# Everything lands in OUT_DIR: environment.txt, parts.tsv (part, status, seconds, limit), pytest.txt +
+# junit.xml, attention_{quick,decode,flex}_<device>.json/.csv/.png + bench_*.txt logs, hf_<device>.json/.csv
+# + bench_hf.txt. Exit status 0 when every part that ran passed, 1 when one failed or timed out, 2
+# without CUDA.
+# Overrides: GPU_CHECK_TESTS (the pytest selection, e.g. to rerun only what failed),
+# GPU_CHECK_TEST_SECONDS (the tests' cap), GPU_CHECK_SECONDS (the total budget), GPU_CHECK_PARTS (a
+# space-separated subset of "tests quick decode flex hf"), GPU_CHECK_DRY_RUN=1 (print what would run
+# and its limit, run nothing), GPU_CHECK_FORCE=1 (run without CUDA too: tests this script on a CPU box).
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 tests=${GPU_CHECK_TESTS:-"tests/test_prefix_attention.py tests/test_gradients.py tests/test_validation.py tests/test_hf_models.py tests/test_hf_generate.py tests/test_hf_training.py tests/test_hf_checkpoint.py"}
+budget=${GPU_CHECK_SECONDS:-360}
+parts=" ${GPU_CHECK_PARTS:-tests quick decode flex hf} "
+dry=${GPU_CHECK_DRY_RUN:-0}
+providers=ours,peft_style,cat_sdpa,sdpa_no_prefix,flash_attn
 status=0
+start=$SECONDS
+
 {
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-  python -c "import peft; print('peft', peft.__version__)" || echo "peft missing: the PEFT comparisons skip"
-  git rev-parse HEAD 2>/dev/null
+  timeout 30 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || echo "nvidia-smi failed"
+  timeout 60 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+  timeout 60 python -c "import peft; print('peft', peft.__version__)" || echo "peft missing: the PEFT comparisons skip"
+  timeout 60 python -c "import flash_attn; print('flash_attn', flash_attn.__version__)" 2>/dev/null \
+    || echo "flash_attn not importable: its rows are 'skipped'"
+  echo "git $(git rev-parse HEAD 2>/dev/null || echo '(no checkout)')"
+  echo "budget ${budget}s, parts:${parts% }"
 } > "$out/environment.txt" 2>&1
 cat "$out/environment.txt"
+
+cuda=$(timeout 60 python -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+if [ "$cuda" != 1 ] && [ "${GPU_CHECK_FORCE:-0}" != 1 ] && [ "$dry" != 1 ]; then
+  echo "gpu_check.sh: CUDA is not available (torch.cuda.is_available() is False): nothing to check." >&2
+  echo "  On a CPU box: GPU_CHECK_DRY_RUN=1 prints what would run; GPU_CHECK_FORCE=1 runs it on the CPU." >&2
+  printf 'part\tstatus\tseconds\tlimit_s\nall\tskipped (no CUDA)\t0\t0\n' > "$out/parts.tsv"
+  exit 2
+fi
+
+printf 'part\tstatus\tseconds\tlimit_s\n' > "$out/parts.tsv"
+record() {  # part, status, seconds, limit
+  printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >> "$out/parts.tsv"
+  echo "== $1: $2 (${3}s, limit ${4}s; $((SECONDS - start))s of ${budget}s used)"
+}
+
+# run_part NAME CAP MIN LOG CMD...: CMD (stdout and stderr to LOG) under timeout min(CAP, budget left)
+run_part() {
+  local name=$1 cap=$2 need=$3 log=$4 rc t0 left limit
+  shift 4
+  if [[ $parts != *" $name "* ]]; then
+    return
+  fi
+  rm -f "$log"  # not a previous run's
+  left=$((budget - (SECONDS - start)))
+  limit=$((cap < left ? cap : left))
+  if ((limit < need)); then
+    record "$name" "skipped (${left}s of the budget left, needs ${need}s)" 0 "$cap"
+    return
+  fi
+  if [ "$dry" = 1 ]; then
+    echo "would run (timeout ${limit}s, log $log): $*"
+    record "$name" "dry-run" 0 "$limit"
+    return
+  fi
+  t0=$SECONDS
+  timeout -k 10 "$limit" "$@" > "$log" 2>&1
+  rc=$?
+  case $rc in
+    0) record "$name" ok $((SECONDS - t0)) "$limit" ;;
+    124 | 137) status=1; record "$name" "timeout" $((SECONDS - t0)) "$limit" ;;
+    *) status=1; record "$name" "failed (exit $rc)" $((SECONDS - t0)) "$limit" ;;
+  esac
+  return 0
+}
+
+bench() {  # NAME CAP MIN ARGS...: prefix-kernels bench writing attention_NAME_<device>.json/.csv/.png into OUT
+  local name=$1 cap=$2 need=$3
+  shift 3
+  run_part "$name" "$cap" "$need" "$out/bench_$name.txt" \
+    python -m prefix_kernels bench --out "$out" --flat --name "attention_$name" "$@"
+  [ -s "$out/bench_$name.txt" ] && grep -E "^(training|decode) |ERROR|wrote|Error" "$out/bench_$name.txt" | tail -n 12
+  return 0
+}
+
 # shellcheck disable=SC2086
-timeout "${GPU_CHECK_TEST_SECONDS:-240}" python -m pytest -q -p no:cacheprovider --junitxml="$out/junit.xml" $tests \
-  2>&1 | tail -c 200000 > "$out/pytest.txt"
-[ "${PIPESTATUS[0]}" = 0 ] || status=1
-grep -E "passed|failed|error" "$out/pytest.txt" | tail -3
-timeout 110 python benchmarks/bench_attention.py --quick --out "$out" > "$out/bench.txt" 2>&1 || status=1
-tail -n 3 "$out/bench.txt"
-timeout 150 python benchmarks/bench_hf.py --out "$out" > "$out/bench_hf.txt" 2>&1 || status=1
-grep -E "^\{|wrote|Error" "$out/bench_hf.txt" | tail -n 8
+run_part tests "${GPU_CHECK_TEST_SECONDS:-150}" 60 "$out/pytest_full.txt" \
+  python -m pytest -q -p no:cacheprovider --junitxml="$out/junit.xml" $tests
+if [ -f "$out/pytest_full.txt" ]; then
+  tail -c 200000 "$out/pytest_full.txt" > "$out/pytest.txt" && rm -f "$out/pytest_full.txt"
+  grep -E "passed|failed|error" "$out/pytest.txt" | tail -3
+fi
+bench quick 75 30 --preset quick --providers "$providers"
+bench decode 60 30 --preset decode --providers "$providers"
+bench flex 90 45 --shape 8x16x4x1024x1024x64x128 --shape 64x32x8x1x4096x64x128 \
+  --providers ours,flex_attention --modes fwd,fwd+bwd,decode
+run_part hf 150 60 "$out/bench_hf.txt" python benchmarks/bench_hf.py --out "$out"
+[ -s "$out/bench_hf.txt" ] && grep -E "^\{|wrote|Error" "$out/bench_hf.txt" | tail -n 8
+
+echo "== parts ($((SECONDS - start))s in all):"
+column -t -s $'\t' "$out/parts.tsv" 2>/dev/null || cat "$out/parts.tsv"
 exit $status

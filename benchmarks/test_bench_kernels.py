@@ -15,15 +15,11 @@ import torch
 
 pytest.importorskip("pytest_benchmark")
 
-from prefix_kernels.benchmarking.kernels import (  # noqa: E402
-    cpu_name,
-    flops,
-    kv_bytes,
-    make_inputs,
-    make_step,
-    preset_shapes,
-    resolve_providers,
-)
+from prefix_kernels.benchmarking.accounting import flops, kv_bytes  # noqa: E402
+from prefix_kernels.benchmarking.metadata import cpu_name  # noqa: E402
+from prefix_kernels.benchmarking.providers import resolve_providers  # noqa: E402
+from prefix_kernels.benchmarking.shapes import make_inputs, preset_shapes  # noqa: E402
+from prefix_kernels.benchmarking.timing import make_step  # noqa: E402
 
 
 def pytest_generate_tests(metafunc):

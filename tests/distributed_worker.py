@@ -11,9 +11,12 @@ frozen decoder layer and on the root -- embeddings, head and the prefixes), ``fs
 (only the base model sharded; the prefixes stay whole on every rank, their gradients all-reduced by
 hand), ``fsdp1`` (FullyShardedDataParallel, ``use_orig_params=True``, a unit per decoder layer).
 It writes ``OUT/rank{r}.pt`` (after every run, so a later failure keeps what finished): full
-(unsharded) gradients and the parameters after a few AdamW steps; under ``fsdp`` also the prefix
-saved (rank 0, inside ``unshard()``) and greedy ``generate()`` tokens. :func:`reference` computes the
-same quantities in one process on the whole batch; the test compares the two.
+(unsharded) gradients and the parameters after a few AdamW steps; under the FSDP wrappings also
+the prefix saved by rank 0 (``OUT/prefix_{mode}_{config}``: inside ``unshard()`` for ``fsdp``,
+``summon_full_params()`` for ``fsdp1``, directly for ``fsdp_replicated``), what ``save_prefix`` /
+``save_peft_adapter`` / ``load_prefix`` raise on each rank while the prefixes are sharded, and,
+under ``fsdp``, greedy ``generate()`` tokens. :func:`reference` computes the same quantities in one
+process on the whole batch; the test compares the two.
 
 Two loss conventions, both checked:
 
@@ -212,22 +215,72 @@ def generation_inputs(config: str) -> dict:
 GENERATE = {"max_new_tokens": 4, "do_sample": False}
 
 
-def save_and_generate(model, config: str, rank: int, out_dir: Path) -> torch.Tensor:
-    """FSDP2 (``mode="fsdp"``): rank 0 saves the trained prefix from inside ``unshard()`` (the
-    parameters are whole there); ``generate()``, registered as an FSDP forward method so that it
-    gathers the root's parameters, decodes on every rank."""
+def sharded_target(mode: str, config: str, rank: int, out_dir: Path) -> Path:
+    """Where a rank tries to save while the prefixes are sharded (nothing may appear there)."""
+    return out_dir / f"sharded_{mode}_{config}_rank{rank}"
+
+
+def attempts(calls: dict) -> dict:
+    """name -> None, or (exception type, message) of what ``call()`` raised."""
+    errors = {}
+    for name, call in calls.items():
+        try:
+            call()
+            errors[name] = None
+        except Exception as error:  # noqa: BLE001 -- recorded; the test checks type and message
+            errors[name] = (type(error).__name__, str(error))
+    return errors
+
+
+def local_values(model) -> dict:
+    """This rank's own values of the trainable parameters (a DTensor's shard, FSDP1's view)."""
+    return {name: (p.to_local() if hasattr(p, "to_local") else p).detach().clone()
+            for name, p in trainable(model).items()}
+
+
+def save_checks(mode: str, model, gathered, config: str, rank: int, out_dir: Path) -> dict:
+    """FSDP: every rank tries to save while the prefixes are sharded (``fsdp``: DTensors; ``fsdp1``:
+    views of its flat shard), which must raise; then rank 0 saves the whole prefix to
+    ``OUT/prefix_{mode}_{config}`` -- inside ``unshard()`` (FSDP2), inside ``summon_full_params()``
+    (FSDP1), or directly when the prefixes stay outside FSDP (``fsdp_replicated``); then every rank
+    tries to load that save into the sharded prefixes, which must raise and change nothing."""
     import torch.distributed as dist
 
+    sharded = mode in ("fsdp", "fsdp1")
+    out = {}
+    if sharded:
+        target = sharded_target(mode, config, rank, out_dir)
+        out["sharded_save"] = attempts({"save_prefix": lambda: model.save_prefix(target),
+                                        "save_peft_adapter": lambda: model.save_peft_adapter(target)})
+    saved = out_dir / f"prefix_{mode}_{config}"
+    if mode == "fsdp":
+        model.unshard()  # every rank: the root group (embeddings, head, prefixes) all-gathered
+        if rank == 0:
+            model.save_prefix(saved)
+        model.reshard()
+    elif mode == "fsdp1":
+        with gathered():  # every rank
+            if rank == 0:
+                model.save_prefix(saved)
+    elif rank == 0:
+        model.save_prefix(saved)
+    dist.barrier()  # the save is complete before any rank reads it
+    if sharded:
+        before = local_values(model)
+        out["sharded_load"] = attempts({"load_prefix": lambda: model.load_prefix(saved)})
+        after = local_values(model)
+        out["sharded_load_unchanged"] = all(torch.equal(before[n], after[n]) for n in before)
+    return out
+
+
+def fsdp_generate(model, config: str) -> torch.Tensor:
+    """FSDP2: ``generate()``, registered as an FSDP forward method so that it gathers the root's
+    parameters, decodes on every rank."""
     try:
         from torch.distributed.fsdp import register_fsdp_forward_method  # torch >= 2.6
     except ImportError:
         from torch.distributed._composable.fsdp import register_fsdp_forward_method
 
-    model.unshard()  # every rank: the root group (embeddings, head, prefixes) all-gathered
-    if rank == 0:
-        model.save_prefix(out_dir / f"prefix_fsdp_{config}")
-    model.reshard()
-    dist.barrier()
     register_fsdp_forward_method(model, "generate")
     return model.generate(**generation_inputs(config), **GENERATE)
 
@@ -265,8 +318,10 @@ def run_config(mode: str, config: str, rank: int, world: int, out_dir: Path) -> 
         out["trained"] = {name: full(p) for name, p in trainable(model).items()}
     out["base_numel"] = (held_numel(model.base_model.parameters()), base_numel)
     out["local_prefix_numel"] = {name: held_numel([p]) for name, p in trainable(model).items()}
+    if mode != "ddp":
+        out.update(save_checks(mode, model, gathered, config, rank, out_dir))
     if mode == "fsdp":
-        out["generated"] = save_and_generate(model, config, rank, out_dir)
+        out["generated"] = fsdp_generate(model, config)
     return out
 
 

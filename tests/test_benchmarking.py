@@ -212,3 +212,44 @@ def test_bench_cpu_script_keeps_its_files(tmp_path):
     common = _load(ROOT / "benchmarks" / "common.py")  # bench_hf.py / profile_step.py import these
     assert common.time_ms(lambda: None, warmup=0, reps=2, device="cpu") >= 0
     assert {"device", "torch", "git_sha", "date", "threads"} <= set(common.environment("cpu"))
+
+
+def test_kernels_module_reexports_the_pieces():
+    # kernels.py is the runner; the scripts under benchmarks/ and these tests import every piece from it
+    from prefix_kernels.benchmarking import accounting, correctness, kernels, metadata, providers, shapes, timing
+
+    for name in kernels.__all__:
+        assert hasattr(kernels, name), name
+    assert kernels.check_provider is correctness.check_provider and kernels.Shape is shapes.Shape
+    assert kernels.PROVIDERS is providers.PROVIDERS and kernels.flops is accounting.flops
+    assert kernels.environment is metadata.environment and kernels.time_ms is timing.time_ms
+
+
+def test_interleaved_times_drops_the_failing_step():
+    from prefix_kernels.benchmarking.timing import interleaved_times
+
+    def boom():
+        raise RuntimeError("boom\nmore")
+
+    times, failed = interleaved_times({"ok": lambda: None, "bad": boom}, warmup=1, reps=2)
+    assert set(times) == {"ok"} and failed == {"bad": "RuntimeError: boom"}
+    calls = {"n": 0}
+
+    def flaky():  # fails in the interleaved run only, not when run alone afterwards
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise ValueError("once")
+
+    times, failed = interleaved_times({"ok": lambda: None, "flaky": flaky}, warmup=0, reps=3)
+    assert times == {} and failed == {"ok": "ValueError: once", "flaky": "ValueError: once"}
+    assert interleaved_times({}, warmup=0, reps=1) == ({}, {})
+
+
+def test_gpu_check_script_parses():
+    import shutil
+    import subprocess
+
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    proc = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

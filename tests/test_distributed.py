@@ -10,9 +10,12 @@ a fixed padded batch. Compared with one process on the whole batch (``distribute
   ``num_items_in_batch``), then 3 AdamW steps: bit-identical on both ranks and equal to one process.
 - FSDP2 (``fully_shard``, CPU + gloo): the same, with the frozen base sharded layer by layer and the
   prefixes either sharded with the root or kept whole outside FSDP (gradients all-reduced by hand);
-  FSDP1 (``FullyShardedDataParallel(use_orig_params=True)``) likewise. Under FSDP2 also: the frozen
-  base really is split between the ranks, ``save_prefix`` inside ``unshard()`` writes the trained
-  prefix, and ``generate()`` registered with ``register_fsdp_forward_method`` decodes as one process.
+  FSDP1 (``FullyShardedDataParallel(use_orig_params=True)``) likewise. Under FSDP also: the frozen
+  base really is split between the ranks; rank 0's ``save_prefix`` writes the trained prefix (FSDP2
+  inside ``unshard()``, FSDP1 inside ``summon_full_params()``, prefixes outside FSDP directly);
+  ``save_prefix``, ``save_peft_adapter`` and ``load_prefix`` on sharded prefixes raise on every rank
+  and write or change nothing; ``generate()`` registered with ``register_fsdp_forward_method``
+  decodes as one process (FSDP2).
 
 A rank that fails or hangs fails the test with both ranks' logs (gloo collectives time out after
 60 s, each worker dumps its stack and exits after 150 s, the launch is killed after 240 s).
@@ -248,3 +251,42 @@ def test_fsdp_save_from_unshard_and_generate(launched, config):
         expected = one.generate(**worker.generation_inputs(config), **worker.GENERATE)
     for rank, result in enumerate(ranks):
         assert torch.equal(result["generated"], expected), f"rank {rank}: {result['generated']} != {expected}"
+
+
+SAVED_CASES = [pytest.param(mode, config, id=f"{mode}-{config}") for mode, config in worker.GROUPS["all"]
+               if mode in ("fsdp1", "fsdp_replicated")]
+SHARDED_CASES = [pytest.param(mode, config, id=f"{mode}-{config}") for mode, config in worker.GROUPS["all"]
+                 if mode in ("fsdp", "fsdp1")]
+
+
+@pytest.mark.parametrize("mode, config", SAVED_CASES)
+def test_save_from_rank_0(launched, mode, config):
+    """FSDP1: ``save_prefix`` on rank 0 inside ``summon_full_params()``; prefixes kept whole outside
+    FSDP2: ``save_prefix`` on rank 0 as is. Both write the trained prefixes."""
+    ranks = _runs(launched, mode, config)
+    one = worker.build(config).load_prefix(launched[2] / f"prefix_{mode}_{config}")
+    _assert_close(worker.trainable(one), ranks[0]["trained"], f"{mode}/{config} saved prefix", rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode, config", SHARDED_CASES)
+def test_saving_or_loading_a_sharded_prefix_raises_and_touches_nothing(launched, mode, config):
+    """On every rank, ``save_prefix`` / ``save_peft_adapter`` while the prefixes are sharded (FSDP2:
+    DTensors; FSDP1: views of the rank's flat shard) raise a RuntimeError naming the parameter and
+    what to do instead, and create nothing; ``load_prefix`` raises likewise and changes nothing."""
+    ranks = _runs(launched, mode, config)
+    first = next(iter(ranks[0]["trained"]))  # the first parameter checked: prefix_embedding / prefix_encoder.embedding
+    what = "DTensor" if mode == "fsdp" else "summon_full_params()?"
+    for rank, result in enumerate(ranks):
+        errors = {**result["sharded_save"], **result["sharded_load"]}
+        assert set(errors) == {"save_prefix", "save_peft_adapter", "load_prefix"}
+        for call, error in errors.items():
+            assert error is not None, f"rank {rank}: {call} on sharded prefixes did not raise"
+            kind, message = error
+            assert kind == "RuntimeError", f"rank {rank}: {call} raised {kind}: {message}"
+            assert message.startswith(f"{call}: parameter {first!r}") and what in message, message
+            hints = ("unshard()", "summon_full_params(module)", "full_tensor()") if call.startswith("save") else \
+                ("before fully_shard()",)
+            assert all(h in message for h in hints + ("torch.distributed.checkpoint",)), message
+        target = worker.sharded_target(mode, config, rank, launched[2])
+        assert not target.exists(), f"rank {rank}: a failed save created {sorted(target.rglob('*'))}"
+        assert result["sharded_load_unchanged"], f"rank {rank}: a failed load_prefix changed the prefix"

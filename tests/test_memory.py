@@ -555,7 +555,7 @@ def test_triton_peak_memory():
             "Triton peak memory is only meaningful on a GPU: on CPU the kernels run in the interpreter "
             "(TRITON_INTERPRET=1), whose block values are numpy arrays outside torch's allocator. On a GPU, "
             "`prefix-kernels bench` reports torch.cuda.max_memory_allocated per provider "
-            "(prefix_kernels/benchmarking/kernels.py) and benchmarks/bench_hf.py reports peak_mib the same way"
+            "(prefix_kernels/benchmarking/timing.py) and benchmarks/bench_hf.py reports peak_mib the same way"
         )
     s = SHAPE
     dev = torch.device("cuda")

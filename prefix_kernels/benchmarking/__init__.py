@@ -7,8 +7,10 @@ flash-attn and the no-prefix floor, on CUDA or CPU (``prefix-kernels bench``).
     prefix-kernels bench --shape 4x9x3x512x512x20x64 --shape 16x16x4x1x4096x64x128 --no-plot
 
 Each provider is checked against the fp32 reference on a cut-down version of each shape before it
-is timed; rows go to ``<out>/<device>/attention_<device>.json/.csv/.png``. What is timed and how
-FLOPs and bytes are counted: :mod:`prefix_kernels.benchmarking.kernels`.
+is timed; rows go to ``<out>/<device>/attention_<device>.json/.csv/.png``. The runner and the rows:
+:mod:`~prefix_kernels.benchmarking.kernels`; the providers: :mod:`~.providers`; shapes and presets:
+:mod:`~.shapes`; what is timed and how: :mod:`~.timing`; how FLOPs and bytes are counted:
+:mod:`~.accounting`; the correctness gate: :mod:`~.correctness`; the files: :mod:`~.report`.
 """
 
 from __future__ import annotations

@@ -14,12 +14,19 @@ Two formats, both safetensors (never pickle) plus a JSON config:
 Loading validates everything (config fields, tensor names, shapes, dtypes) before it copies
 anything, so a failed load leaves the model unchanged. Mismatches raise ValueError naming the file,
 the field, the saved value and the model's value; a missing file raises FileNotFoundError.
+
+Sharded prefixes. Saving and loading need the whole prefix parameters. Under FSDP2 ``fully_shard``
+they are DTensor shards and under FSDP1 (``use_orig_params=True``) flattened views of this rank's
+shard; every saver and loader here checks this first and raises RuntimeError naming the parameter
+(nothing written or copied). Save from rank 0 inside ``unshard()`` (FSDP2) or
+``summon_full_params()`` (FSDP1), or write a sharded checkpoint with torch.distributed.checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -47,11 +54,26 @@ def trainable_tensors(wrapper) -> dict[str, torch.nn.Parameter]:
     return {"prefix_embedding": wrapper.prefix_embedding}
 
 
+def expected_shapes(spec: PrefixSpec) -> dict[str, tuple[int, ...]]:
+    """The shape of each of :func:`trainable_tensors` for a wrapper of ``spec`` (whole, not sharded)."""
+    table = (spec.num_prefixes, spec.num_virtual_tokens)
+    if spec.projection_hidden is None:
+        return {"prefix_embedding": (*table, spec.width)}
+    token_dim, hidden = spec.num_kv_heads * spec.head_dim, spec.projection_hidden
+    return {"prefix_encoder.embedding": (*table, token_dim),
+            "prefix_encoder.transform.0.weight": (hidden, token_dim), "prefix_encoder.transform.0.bias": (hidden,),
+            "prefix_encoder.transform.2.weight": (spec.width, hidden), "prefix_encoder.transform.2.bias": (spec.width,)}
+
+
 def save_prefix(wrapper, directory) -> None:
-    """Writes ``prefix_tuning.safetensors`` and ``prefix_tuning_config.json`` into ``directory``."""
+    """Writes ``prefix_tuning.safetensors`` and ``prefix_tuning_config.json`` into ``directory``.
+
+    Raises RuntimeError (and writes nothing) when the prefixes are sharded (FSDP2/FSDP1): save from
+    rank 0 inside ``unshard()`` / ``summon_full_params()``, see the module docstring."""
+    params = _whole_tensors(wrapper, "save_prefix")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {name: p.detach().cpu().contiguous() for name, p in trainable_tensors(wrapper).items()}
+    tensors = {name: p.detach().cpu().contiguous() for name, p in params.items()}
     config = {"format_version": FORMAT_VERSION, **wrapper.spec.to_dict()}
     _write_safetensors(directory / PREFIX_WEIGHTS, tensors)
     _write_json(directory / PREFIX_CONFIG, config)
@@ -61,10 +83,10 @@ def load_prefix(wrapper, directory) -> None:
     """Loads what :func:`save_prefix` wrote into a wrapper built with the same settings."""
     directory = Path(directory)
     config_path, weights_path = directory / PREFIX_CONFIG, directory / PREFIX_WEIGHTS
+    params = _whole_tensors(wrapper, "load_prefix")
     config = _read_json(config_path, "save_prefix() writes it")
     _check_prefix_config(config_path, config, wrapper.spec)
     tensors = _read_safetensors(weights_path, "save_prefix() writes it")
-    params = trainable_tensors(wrapper)
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing or unexpected:
         raise ValueError(f"{weights_path}: tensor names differ from this model's trainable parameters: "
@@ -125,6 +147,7 @@ def save_peft_adapter(wrapper, directory, prefix_index: int = 0) -> None:
                          "the real tokens at positions P..P+N-1 (position_offset='peft'), so the adapter would "
                          "give different outputs")
     _check_prefix_index(spec, prefix_index)
+    _whole_tensors(wrapper, "save_peft_adapter")
     with torch.no_grad():
         table = wrapper.prefix_table()[prefix_index].detach().cpu().contiguous().clone()
     name_or_path = getattr(wrapper.base_model.config, "_name_or_path", None) or None
@@ -142,6 +165,7 @@ def load_peft_adapter(wrapper, directory, prefix_index: int = 0) -> None:
                          f"projection MLP (projection_hidden={wrapper.spec.projection_hidden}): call merge() first")
     spec = wrapper.spec
     _check_prefix_index(spec, prefix_index)
+    _whole_tensors(wrapper, "load_peft_adapter")
     config_path, config = _read_peft_config(directory)
     _check_peft_config(config_path, config, spec)
     table = _read_peft_table(directory, spec)
@@ -222,6 +246,49 @@ def _read_peft_table(directory, spec: PrefixSpec) -> torch.Tensor:
 
 
 # ---- checks and files -----------------------------------------------------------------------------
+def _is_dtensor(t) -> bool:
+    """Whether ``t`` is a torch.distributed DTensor (FSDP2's parameters). Works without
+    torch.distributed: a DTensor can only exist once its module has been imported."""
+    for module in ("torch.distributed.tensor", "torch.distributed._tensor"):  # torch >= 2.5, 2.4
+        cls = getattr(sys.modules.get(module), "DTensor", None)
+        if isinstance(cls, type) and isinstance(t, cls):
+            return True
+    return False
+
+
+_SAVE_HINT = ("save the whole prefix from one rank instead: FSDP2, call unshard() on every rank on the "
+              "fully_shard-ed module that holds the prefixes, save on rank 0, then reshard() on every rank; FSDP1, "
+              "save on rank 0 inside `with FullyShardedDataParallel.summon_full_params(module):` (entered on every "
+              "rank); or gather each parameter with p.full_tensor() (a collective: every rank) and write it "
+              "yourself, or write a sharded checkpoint with torch.distributed.checkpoint")
+_LOAD_HINT = ("load the prefix before fully_shard() / FullyShardedDataParallel wraps the model (it shards the loaded "
+              "values), or load a sharded checkpoint with torch.distributed.checkpoint")
+
+
+def _whole_tensors(wrapper, what: str) -> dict[str, torch.nn.Parameter]:
+    """:func:`trainable_tensors`, checked to be whole (not FSDP shards) before ``what`` touches any file."""
+    params = trainable_tensors(wrapper)
+    shapes = expected_shapes(wrapper.spec)
+    hint = _LOAD_HINT if what.startswith("load") else _SAVE_HINT
+    if set(params) != set(shapes):
+        raise RuntimeError(f"{what}: the wrapper's trainable parameters are {sorted(params)}, but a wrapper of this "
+                           f"spec has {sorted(shapes)} (flattened into a wrapper such as FSDP1 without "
+                           f"use_orig_params=True?); {hint}")
+    for name, p in params.items():
+        if _is_dtensor(p):
+            kind = f"{type(p).__module__}.{type(p).__qualname__}"
+            raise RuntimeError(f"{what}: parameter {name!r} is a {kind} (placements {tuple(p.placements)}, this "
+                               f"rank's shard {tuple(p.to_local().shape)} of {tuple(p.shape)}): the prefixes are "
+                               f"sharded by FSDP2 (fully_shard), not whole on this rank, so nothing was "
+                               f"{'written' if what.startswith('save') else 'loaded'}; {hint}")
+        if tuple(p.shape) != shapes.get(name):
+            raise RuntimeError(f"{what}: parameter {name!r} ({type(p).__name__}) has shape {tuple(p.shape)}, but the "
+                               f"whole parameter has {shapes.get(name)}: it is this rank's part of a sharded "
+                               f"parameter (FSDP1 outside summon_full_params()?), so nothing was "
+                               f"{'written' if what.startswith('save') else 'loaded'}; {hint}")
+    return params
+
+
 def _check_field(path: Path, field: str, saved, ours, hint: str) -> None:
     if saved != ours or type(saved) is not type(ours):
         raise ValueError(f"{path}: {field} is {saved!r} in the file, but {ours!r} in this model ({hint})")

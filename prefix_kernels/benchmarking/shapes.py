@@ -1,0 +1,133 @@
+"""The attention problems the kernel benchmark runs: :class:`Shape`, the presets, and the inputs of
+a shape.
+
+A shape is ``B`` rows, ``Hq`` query heads over ``Hkv`` K/V heads (GQA when they differ), ``N``
+queries against ``M`` sequence keys (query i at position M - N + i) and a shared prefix of ``P``
+keys, head dim ``D``. ``kind`` "training" (N = M; modes fwd, bwd, fwd+bwd) or "decode" (N = 1
+against an M-token KV cache; mode decode).
+
+Inputs are laid out as HF hands them over: q (and k/v for training) are transposed views of
+[B, S, H, D] storage; a decode KV cache is contiguous [B, Hkv, M, D]; the prefix is [Hkv, P, D].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+TRAINING_MODES = ("fwd", "bwd", "fwd+bwd")
+DECODE_MODES = ("decode",)
+MODES = TRAINING_MODES + DECODE_MODES
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One attention problem. ``kind`` "training" (modes fwd/bwd/fwd+bwd) or "decode" (N = 1)."""
+
+    kind: str
+    B: int
+    Hq: int
+    Hkv: int
+    N: int
+    M: int
+    P: int
+    D: int
+
+    def __post_init__(self):
+        if self.kind not in ("training", "decode"):
+            raise ValueError(f"kind must be 'training' or 'decode', got {self.kind!r}")
+        if self.Hq % self.Hkv or self.M < self.N or min(self.B, self.Hq, self.N, self.D) < 1 or self.P < 0:
+            raise ValueError(f"invalid shape {self}")
+        if self.kind == "decode" and self.N != 1:
+            raise ValueError(f"a decode shape has N = 1, got {self}")
+
+    @classmethod
+    def parse(cls, text: str) -> "Shape":
+        """``BxHqxHkvxNxMxPxD`` (decode when N = 1 and M > 1), e.g. ``8x16x4x1024x1024x64x128``."""
+        try:
+            b, hq, hkv, n, m, p, d = (int(x) for x in text.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"a shape is BxHqxHkvxNxMxPxD (7 integers), got {text!r}") from None
+        return cls("decode" if n == 1 and m > 1 else "training", b, hq, hkv, n, m, p, d)
+
+    @property
+    def name(self) -> str:
+        return "x".join(str(x) for x in (self.B, self.Hq, self.Hkv, self.N, self.M, self.P, self.D))
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return DECODE_MODES if self.kind == "decode" else TRAINING_MODES
+
+    def cut_down(self) -> "Shape":
+        """The smaller shape the correctness gate runs on."""
+        n = min(self.N, 256)
+        return Shape(self.kind, min(self.B, 2), self.Hq, self.Hkv, n, n + min(self.M - self.N, 512), self.P, self.D)
+
+
+def _train(b, hq, hkv, n, p, d):
+    return Shape("training", b, hq, hkv, n, n, p, d)
+
+
+def _decode(b, hq, hkv, m, p, d):
+    return Shape("decode", b, hq, hkv, 1, m, p, d)
+
+
+PRESETS: dict[str, list[Shape]] = {
+    # CUDA: N 512..8192, P 16..256, D 64/128, GQA
+    "training": [_train(16, 9, 3, 512, 20, 64), _train(8, 16, 4, 1024, 64, 128), _train(4, 32, 8, 2048, 128, 128),
+                 _train(4, 16, 4, 2048, 16, 64), _train(2, 32, 8, 4096, 256, 128), _train(1, 32, 8, 8192, 32, 128)],
+    # CUDA: KV caches 1k..32k, batch 1..64
+    "decode": [_decode(1, 32, 8, 1024, 64, 128), _decode(64, 32, 8, 4096, 64, 128), _decode(32, 9, 3, 2048, 20, 64),
+               _decode(16, 16, 4, 16384, 64, 128), _decode(4, 32, 8, 32768, 128, 128)],
+    # CUDA smoke (benchmarks/gpu_check.sh): two training shapes, one decode shape
+    "quick": [_train(8, 16, 4, 1024, 64, 128), _train(4, 32, 8, 2048, 128, 128), _decode(64, 32, 8, 4096, 64, 128)],
+    # CPU (seconds on 2 cores)
+    "cpu": [_train(2, 8, 2, 256, 16, 64), _train(4, 9, 3, 512, 20, 64), _train(1, 8, 2, 1024, 64, 64),
+            _decode(16, 16, 4, 2048, 64, 64), _decode(2, 16, 4, 8192, 64, 128)],
+}
+
+
+def preset_shapes(preset: str | Sequence[Shape], device: torch.device | str) -> list[Shape]:
+    """Shapes of a preset name ("auto", "training", "decode", "quick", "cpu", or several joined
+    with "," or "+"), or a list of shapes passed through. "auto": training + decode on CUDA, cpu
+    on CPU."""
+    if not isinstance(preset, str):
+        return list(preset)
+    names = [x for part in preset.split(",") for x in part.split("+") if x]
+    shapes: list[Shape] = []
+    for name in names:
+        if name == "auto":
+            name_list = ["training", "decode"] if torch.device(device).type == "cuda" else ["cpu"]
+        elif name in PRESETS:
+            name_list = [name]
+        else:
+            raise ValueError(f"unknown preset {name!r}; choose from auto, {', '.join(PRESETS)}")
+        for n in name_list:
+            shapes += [s for s in PRESETS[n] if s not in shapes]
+    return shapes
+
+
+def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device | str, requires_grad: bool,
+                seed: int = 0) -> list[torch.Tensor]:
+    """q, k, v, prefix_k, prefix_v (layouts: see the module docstring)."""
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*size):
+        return torch.randn(*size, device=device, dtype=dtype, generator=gen)
+
+    s = shape
+    q = randn(s.B, s.N, s.Hq, s.D).transpose(1, 2)
+    if s.kind == "decode":
+        k, v = randn(s.B, s.Hkv, s.M, s.D), randn(s.B, s.Hkv, s.M, s.D)
+    else:
+        k, v = randn(s.B, s.M, s.Hkv, s.D).transpose(1, 2), randn(s.B, s.M, s.Hkv, s.D).transpose(1, 2)
+    pk, pv = randn(s.Hkv, s.P, s.D), randn(s.Hkv, s.P, s.D)
+    return [t.requires_grad_(requires_grad) for t in (q, k, v, pk, pv)]
+
+
+def layout(shape: Shape) -> str:
+    """The ``layout`` column of a shape's rows."""
+    return "q bshd-view, kv cache bhsd" if shape.kind == "decode" else "bshd-view"
