@@ -11,6 +11,9 @@ from prefix_kernels.reference import prefix_attention_reference
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# torch has few kernels for these (no min/max, no argsort): prefix_ids in them are widened to int64.
+_WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
+_LN2 = math.log(2.0)
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -89,7 +92,8 @@ def validate_inputs(q, k, v, prefix_k, prefix_v, *, causal, scale, key_padding_m
             )
         if batch > 0 and torch.compiler.is_compiling():
             # No host sync inside a compiled graph. CUDA: a device-side assert (as for an embedding
-            # index out of range); CPU: the C++ op checks the range itself (TORCH_CHECK -> RuntimeError).
+            # index out of range). CPU: the ops check the range themselves (the C++ op's TORCH_CHECK,
+            # the Triton op's Python), since inductor's CPU assert would abort the process.
             if prefix_ids.device.type == "cuda":
                 torch._assert_async(((prefix_ids >= 0) & (prefix_ids < n_prefixes)).all(),
                                     f"prefix_ids must be in [0, T={n_prefixes})")
@@ -99,6 +103,11 @@ def validate_inputs(q, k, v, prefix_k, prefix_v, *, causal, scale, key_padding_m
                 raise ValueError(
                     f"prefix_ids must be in [0, T={n_prefixes}), got values in [{low}, {high}]"
                 )
+    elif n_prefixes == 0:
+        raise ValueError(
+            f"prefix_k holds no prefix (T=0, {_describe(prefix_k)}): pass a bank with T >= 1, or a "
+            f"[Hkv, P=0, D] prefix for attention without one"
+        )
     elif n_prefixes > 1:
         raise ValueError(
             f"prefix_k holds T={n_prefixes} prefixes ({_describe(prefix_k)}): pass prefix_ids [B] "
@@ -196,6 +205,9 @@ def prefix_attention(
     with ``causal=False`` every key is visible; a False in ``key_padding_mask`` hides that key
     column for the row. One online softmax spans the prefix and the sequence. A query that sees no
     key at all (P = 0 and all its keys hidden) gets out = 0, lse = -inf and zero gradients.
+    NaN/inf in the inputs propagate to out, lse and the gradients as in the fp32 reference. Hidden
+    keys must still hold finite values: as with SDPA and flash-attention, a NaN in k or v of a
+    padded or causally hidden key can reach out and dq through 0 * NaN.
 
     Args:
         scale: softmax scale, default 1/sqrt(D).
@@ -209,6 +221,8 @@ def prefix_attention(
     computed, and no kernel runs for the rest. fp16/bf16/fp32 (and fp64) inputs accumulate in fp32
     (fp64 for fp64).
     """
+    if isinstance(prefix_ids, torch.Tensor) and prefix_ids.dtype in _WIDE_UNSIGNED:
+        prefix_ids = prefix_ids.to(torch.int64)  # a value >= 2^63 wraps negative: refused as out of range
     scale, _ = validate_inputs(
         q, k, v, prefix_k, prefix_v, causal=causal, scale=scale,
         key_padding_mask=key_padding_mask, prefix_ids=prefix_ids,
@@ -230,7 +244,12 @@ def prefix_attention(
     else:
         from prefix_kernels.autograd import PrefixAttentionFunction
 
-        out, lse = PrefixAttentionFunction.apply(
-            q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale, deterministic
-        )
+        args = (q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale, deterministic)
+        if torch.compiler.is_compiling():  # the registered op: one graph node, fake impls, autograd
+            out, lse2 = torch.ops.prefix_kernels.triton_fwd(*args)
+        else:
+            out, lse2 = PrefixAttentionFunction.apply(*args)
+        if not return_lse:
+            return out
+        lse = lse2 * _LN2  # the kernels keep it in log2 units
     return (out, lse) if return_lse else out

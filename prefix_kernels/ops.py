@@ -62,14 +62,25 @@ def _mask_args(key_padding_mask: torch.Tensor | None, like: torch.Tensor):
 
 
 def _prefix_ids_arg(prefix_ids: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    return like if prefix_ids is None else prefix_ids.to(torch.int32)
+    """int32 and contiguous: the kernels read PREFIX_IDS + b."""
+    return like if prefix_ids is None else prefix_ids.to(torch.int32).contiguous()
 
 
-def prefix_attention_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale):
-    """Returns out (q's dtype, q's memory layout) and lse [B, Hq, N] fp32."""
+def _new_like(t: torch.Tensor, contiguous: bool, zero: bool = False) -> torch.Tensor:
+    """t's shape; t's memory layout (eager: HF's transposed views stay cheap), or a contiguous one
+    (the registered ops: a layout the fake implementations can state without seeing real strides)."""
+    fmt = torch.contiguous_format if contiguous else torch.preserve_format
+    return torch.zeros_like(t, memory_format=fmt) if zero else torch.empty_like(t, memory_format=fmt)
+
+
+def prefix_attention_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale,
+                             *, contiguous_out: bool = False):
+    """Returns out (q's dtype, q's memory layout) and lse [B, Hq, N] fp32 in log2 units
+    (``log2(sum_j 2^(s_j))`` with s = scale * log2(e) * q.k; natural log = lse * ln 2): the
+    backward needs it in exactly the forward's units (see kernels/forward.py)."""
     batch, n_heads, n_queries, head_dim = q.shape
     n_kv_heads, n_keys = k.shape[1], k.shape[2]
-    out = torch.empty_like(q)
+    out = _new_like(q, contiguous_out)
     lse = torch.empty(batch, n_heads, n_queries, device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         lse.fill_(float("-inf"))
@@ -98,7 +109,7 @@ def _prefix_grad_chunks(n_items: int, n_tiles: int, n_sms: int, partial_bytes_pe
 
 def prefix_attention_backward(
     grad_out, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_ids, causal, scale,
-    *, need_dq: bool, need_dkdv: bool, need_dprefix: bool, deterministic: bool,
+    *, need_dq: bool, need_dkdv: bool, need_dprefix: bool, deterministic: bool, contiguous_grads: bool = False,
 ):
     """Returns (dq, dk, dv, dprefix_k, dprefix_v); a gradient not asked for is None and its kernel
     does not run. dprefix_* have prefix_k's [T, Hkv, P, D] shape and dtype."""
@@ -107,10 +118,9 @@ def prefix_attention_backward(
     n_prefixes, n_prefix = prefix_k.shape[0], prefix_k.shape[2]
     group = n_heads // n_kv_heads
     nothing_to_do = q.numel() == 0  # no query: every gradient is zero
-    alloc = torch.zeros_like if nothing_to_do else torch.empty_like
-    dq = alloc(q) if need_dq else None
-    dk = alloc(k) if need_dkdv else None
-    dv = alloc(v) if need_dkdv else None
+    dq = _new_like(q, contiguous_grads, nothing_to_do) if need_dq else None
+    dk = _new_like(k, contiguous_grads, nothing_to_do) if need_dkdv else None
+    dv = _new_like(v, contiguous_grads, nothing_to_do) if need_dkdv else None
     needs_dprefix_kernel = need_dprefix and prefix_k.shape[2] > 0 and not nothing_to_do
     # The dprefix kernel's fp32 buffers become dprefix below; zeros only when it does not run.
     dpk = torch.zeros_like(prefix_k) if need_dprefix and not needs_dprefix_kernel else None

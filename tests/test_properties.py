@@ -9,7 +9,7 @@ Hypothesis runs derandomized with no example database, so CI sees the same examp
 Backends: "reference", "cpu" (the C++ op; skipped when it cannot be built) and "triton" (the CPU
 interpreter without CUDA: slow, so fewer examples and tiny shapes).
 
-Known bugs found while writing these are pinned by the ``xfail(strict=True)`` tests at the end.
+Bugs found while writing these have regression tests at the end.
 """
 
 from __future__ import annotations
@@ -91,9 +91,7 @@ def specs(draw, backend: str) -> Spec:
     bank = draw(st.sampled_from(["shared", "bank1", "ids"]))
     T = draw(st.integers(1, 3)) if bank == "ids" else 1
     ids_dtype = draw(st.sampled_from([torch.int64, torch.int32, torch.int16, torch.uint8]))
-    # A non-contiguous int32 prefix_ids is read wrongly by the Triton launchers (see the xfail
-    # test below); the property covers strided ids on the other backends only.
-    ids_strided = False if backend == "triton" else draw(st.booleans())
+    ids_strided = draw(st.booleans())
     mask = draw(st.sampled_from([None, "random", "dead_rows", "all_padded", "all_visible", "left", "right"]))
     mask_layout = draw(st.sampled_from(["contig", "strided", "transposed"]))
     layouts = ["contig", "bnhd", "d_strided", "expanded"]
@@ -513,7 +511,7 @@ def test_invalid_inputs_are_refused_naming_the_argument(backend):
     run()
 
 
-# ---------------------------------------------------------------- known bugs (strict xfail)
+# ---------------------------------------------------------------- regressions of bugs found here
 
 def _bank_inputs(B=3, T=3, dev=torch.device("cpu")):
     g = torch.Generator().manual_seed(0)
@@ -523,33 +521,38 @@ def _bank_inputs(B=3, T=3, dev=torch.device("cpu")):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("ids_dtype", [torch.uint16, torch.uint32, torch.uint64], ids=str)
-@pytest.mark.xfail(strict=True, raises=NotImplementedError, reason=(
-    "unsigned prefix_ids (uint16/uint32/uint64) pass the integer-dtype check in "
-    "functional.validate_inputs, whose range check then calls prefix_ids.min(), which torch does "
-    "not implement for these dtypes: NotImplementedError instead of a result or a TypeError"))
-def test_unsigned_prefix_ids_are_computed_or_refused(backend, ids_dtype):
+def test_unsigned_prefix_ids(backend, ids_dtype):
+    """uint16/32/64 prefix_ids (torch has no min/max/argsort for them) are widened to int64."""
     _need(backend)
     q, k, v, pk, pv = _bank_inputs(dev=_device(backend))
     ids = torch.tensor([2, 0, 1]).to(q.device, ids_dtype)
-    try:
-        out = prefix_attention(q, k, v, pk, pv, prefix_ids=ids, backend=backend)
-    except (TypeError, ValueError) as exc:
-        assert "prefix_ids" in str(exc)
-        return
+    out = prefix_attention(q, k, v, pk, pv, prefix_ids=ids, backend=backend)
     want, _ = prefix_attention_reference(q, k, v, pk, pv, prefix_ids=ids.to(torch.int64))
-    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-5)
+
+
+def test_unsigned_prefix_ids_out_of_range_refused():
+    """2^64 - 1 as uint64 wraps to -1 in int64: refused as out of range, not wrapped into a row."""
+    q, k, v, pk, pv = _bank_inputs()
+    ids = torch.tensor([2, 0, -1]).to(torch.uint64)
+    with pytest.raises(ValueError, match=r"prefix_ids must be in \[0, T=3\)"):
+        prefix_attention(q, k, v, pk, pv, prefix_ids=ids, backend="reference")
 
 
 @pytest.mark.skipif(not TRITON_RUNNABLE, reason="needs CUDA or TRITON_INTERPRET=1")
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "triton: a non-contiguous int32 prefix_ids is passed to the kernels as is "
-    "(ops._prefix_ids_arg: prefix_ids.to(torch.int32) is a no-op for int32 and keeps the stride), "
-    "and the kernels read PREFIX_IDS + b as if contiguous: rows get another row's prefix"))
 def test_triton_strided_int32_prefix_ids():
+    """A non-contiguous int32 prefix_ids (once read as contiguous by the launchers: rows got
+    another row's prefix) -- out and the prefix gradients equal the reference's."""
     q, k, v, pk, pv = _bank_inputs(B=2, T=2, dev=DEVICE)
     wide = torch.tensor([0, 0, 1, 0], dtype=torch.int32, device=DEVICE)
     ids = wide[::2]  # [0, 1], stride 2
     leaves = [t.clone().requires_grad_() for t in (q, k, v, pk, pv)]
     out = prefix_attention(*leaves, prefix_ids=ids, backend="triton")
-    want, _ = prefix_attention_reference(q, k, v, pk, pv, prefix_ids=ids.contiguous())
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v, pk, pv)]
+    want, _ = prefix_attention_reference(*ref_leaves, prefix_ids=ids.contiguous())
     torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-5)
+    go = torch.randn_like(want)
+    got = torch.autograd.grad(out, leaves, go)
+    ref = torch.autograd.grad(want, ref_leaves, go)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)

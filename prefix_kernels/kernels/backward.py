@@ -47,10 +47,16 @@ def delta_kernel(
 
 @triton.jit
 def load_lse2(LSE, rows, n_queries):
-    """LSE (natural log) -> log2 domain; -inf (no key seen) and rows past the end -> +inf."""
+    """The forward's LSE (log2 units); -inf (no key seen) and rows past the end -> +inf, so p = 0."""
     lse = tl.load(LSE + rows, mask=rows < n_queries, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    return lse * 1.4426950408889634
+    return tl.where(lse == float("-inf"), float("inf"), lse)
+
+
+@triton.jit
+def prob(s, lse2):
+    """P = exp2(s - lse2), at most 1: s is recomputed here in a different tile order than the forward,
+    and at logits ~1e9 one fp32 ulp of s is ~128, which would otherwise give P = 2^128. NaN stays NaN."""
+    return tl.minimum(tl.exp2(s - lse2), 1.0, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -68,7 +74,7 @@ def _dq_blocks(
         v = load_tile(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, cols, n_keys, offs_d,
                       HEAD_DIM, HEAD_DIM_PAD, CHECK_KEYS, UPCAST)
         qk = mm(q, tl.trans(k), PRECISION) * qk_scale
-        p = tl.exp2(qk - lse2[:, None])
+        p = prob(qk, lse2[:, None])
         if CHECK_KEYS:
             p = tl.where(cols[None, :] < n_keys, p, 0.0)
         if CAUSAL_MASK:
@@ -171,7 +177,7 @@ def _dkdv_blocks(
         lse2 = load_lse2(LSE, rows, n_queries)  # +inf past n_queries: p = 0 there
         delta = tl.load(Delta + rows, mask=rows < n_queries, other=0.0)
         qk_t = mm(k, tl.trans(q), PRECISION) * qk_scale
-        p_t = tl.exp2(qk_t - lse2[None, :])
+        p_t = prob(qk_t, lse2[None, :])
         if CAUSAL_MASK:
             p_t = tl.where(cols[:, None] <= key_offset + rows[None, :], p_t, 0.0)
         if MASK_KEYS:

@@ -3,9 +3,12 @@
 Per (query block, batch row, query head) program: the prefix keys come first (full blocks without
 any mask, then one tail block masked to P), then the sequence keys (blocks that every query of the
 tile may see without a mask, then the blocks across the causal diagonal / past M with the mask).
-Scores live in the log2 domain (``qk_scale = scale * log2(e)``), and the kernel writes the
-natural-log LSE for the backward. A row that sees no key keeps ``m = -inf``; ``m_safe`` keeps it
-from turning into NaN, so it ends with out = 0 and lse = -inf.
+Scores live in the log2 domain (``qk_scale = scale * log2(e)``), and the kernel writes the LSE in
+that domain too (log2 units, ``m + log2(l)``) for the backward, which recomputes P = exp2(s - lse2)
+from exactly the same fp32 numbers: a round trip through the natural log would cost up to a few
+ulps of |lse|, i.e. a factor 2^(+-128) in P at logits ~1e9 (the caller converts for the user). A
+row that sees no key keeps ``m = -inf``; ``m_safe`` keeps it from turning into NaN, so it ends with
+out = 0 and lse = -inf.
 
 Written for sm_80/sm_90 (compile-checked for both in the tests) and the CPU interpreter.
 """
@@ -145,7 +148,7 @@ def prefix_attention_fwd_kernel(
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)  # natural log
+    lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))  # log2 units; NaN stays NaN
     row_ok = offs_m < n_queries
     tl.store(LSE + b * stride_lb + h * stride_lh + offs_m, lse.to(tl.float32), mask=row_ok)
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
