@@ -3,6 +3,7 @@ greedy decoding with a shared prefix against the same model without any prefix (
 
     PYTHONPATH=. python benchmarks/bench_hf.py --out benchmarks/results/        # CUDA, bf16
     PYTHONPATH=. python benchmarks/bench_hf.py --small --device cpu             # a smoke run
+    PYTHONPATH=. python benchmarks/bench_hf.py --compile reduce-overhead       # + compiled steps
 
 The model is randomly initialized with SmolLM2-135M's geometry (Llama, 30 layers, 9 query / 3 KV
 heads, head dim 64) -- speed and memory do not depend on the weights. The training step is
@@ -53,7 +54,7 @@ def peak_mib(device, fn):
     return torch.cuda.max_memory_allocated() / 2**20
 
 
-def training_rows(base, batch, seq, prefix_len, device):
+def training_rows(base, batch, seq, prefix_len, device, compile_mode=None):
     import peft
 
     ids = torch.randint(0, base.config.vocab_size, (batch, seq), device=device)
@@ -66,10 +67,14 @@ def training_rows(base, batch, seq, prefix_len, device):
     with torch.no_grad():
         reference.prompt_encoder["default"].embedding.weight.copy_(models["ours"].prefix_embedding[0])
     models["peft"] = reference
+    if compile_mode:  # the same models' forward compiled (ours fullgraph: no graph break allowed)
+        for name in list(models):
+            compiled = torch.compile(models[name], mode=compile_mode, fullgraph=name == "ours")
+            models[f"{name}+compile({compile_mode})"] = compiled
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
     inputs = dict(input_ids=ids, attention_mask=mask, labels=labels, position_ids=pos)
     losses = {name: m(**inputs).loss.item() for name, m in models.items()}
-    if abs(losses["ours"] - losses["peft"]) > 2e-2 * abs(losses["peft"]):
+    if any(abs(loss - losses["peft"]) > 2e-2 * abs(losses["peft"]) for loss in losses.values()):
         raise AssertionError(f"losses differ before timing: {losses}")
     rows = []
     for name, model in models.items():
@@ -112,22 +117,26 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--small", action="store_true", help="a tiny model and shapes (smoke test)")
+    parser.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                        help="also time the training step of both models under torch.compile(mode=MODE) "
+                             "(default 'default'; 'reduce-overhead' adds CUDA graphs)")
     args = parser.parse_args(argv)
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     base = build(SMALL if args.small else SMOLLM2_135M, dtype, device)
     rows = []
     if args.small:
-        rows += training_rows(base, 2, 32, 4, device)
+        rows += training_rows(base, 2, 32, 4, device, args.compile)
         rows += decode_rows(base, 2, 8, 4, 4, device)
     else:
         for batch, seq, p in ((8, 1024, 64), (4, 2048, 256)):
-            rows += training_rows(base, batch, seq, p, device)
+            rows += training_rows(base, batch, seq, p, device, args.compile)
         rows += decode_rows(base, 64, 128, 64, 64, device)
     by_key = {(r["bench"], r["B"], r["N"], r["P"], r["provider"]): r for r in rows}
     for r in rows:
-        ours = by_key.get((r["bench"], r["B"], r["N"], r["P"], "ours"))
-        if r["provider"] != "ours" and ours:
+        mine = "ours" + r["provider"][len(r["provider"].split("+")[0]):]  # ours with the same +compile
+        ours = by_key.get((r["bench"], r["B"], r["N"], r["P"], mine))
+        if r["provider"] != mine and ours:
             r["ours_speedup"] = r["ms"] / ours["ms"]
     env = environment()
     for r in rows:

@@ -27,7 +27,8 @@
 # Overrides: GPU_CHECK_TESTS (the pytest selection, e.g. to rerun only what failed),
 # GPU_CHECK_TEST_SECONDS (the tests' cap), GPU_CHECK_SECONDS (the total budget), GPU_CHECK_PARTS (a
 # space-separated subset of "tests quick decode flex hf"), GPU_CHECK_DRY_RUN=1 (print what would run
-# and its limit, run nothing), GPU_CHECK_FORCE=1 (run without CUDA too: tests this script on a CPU box).
+# and its limit, run nothing), GPU_CHECK_FORCE=1 (run without CUDA too: tests this script on a CPU box),
+# GPU_CHECK_HF_ARGS (extra bench_hf.py arguments, e.g. "--compile reduce-overhead" to time compiled steps).
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR}
 mkdir -p "$out"
@@ -117,7 +118,8 @@ bench quick 75 30 --preset quick --providers "$providers"
 bench decode 60 30 --preset decode --providers "$providers"
 bench flex 90 45 --shape 8x16x4x1024x1024x64x128 --shape 64x32x8x1x4096x64x128 \
   --providers ours,flex_attention --modes fwd,fwd+bwd,decode
-run_part hf 150 60 "$out/bench_hf.txt" python benchmarks/bench_hf.py --out "$out"
+# shellcheck disable=SC2086  # GPU_CHECK_HF_ARGS is a list of arguments
+run_part hf 150 60 "$out/bench_hf.txt" python benchmarks/bench_hf.py --out "$out" ${GPU_CHECK_HF_ARGS:-}
 [ -s "$out/bench_hf.txt" ] && grep -E "^\{|wrote|Error" "$out/bench_hf.txt" | tail -n 8
 
 echo "== parts ($((SECONDS - start))s in all):"
