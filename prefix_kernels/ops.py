@@ -7,6 +7,7 @@ it never copies or expands its inputs. Prefixes arrive as [T, Hkv, P, D] (a shar
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 
 import torch
 import triton
@@ -29,7 +30,12 @@ def interpreting() -> bool:
 def _capability(device: torch.device) -> tuple[int, int] | None:
     if interpreting() or device.type != "cuda":
         return None
-    return torch.cuda.get_device_capability(device)
+    return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@lru_cache(maxsize=None)  # per launch otherwise: host time matters
+def _cuda_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def _num_sms(device: torch.device) -> int:

@@ -9,6 +9,7 @@ interpreter's cost is per block iteration.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -33,6 +34,7 @@ def head_dim_padded(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
 
 
+@lru_cache(maxsize=None)  # called on every launch: host time matters
 def kernel_configs(head_dim: int, dtype: torch.dtype, capability: tuple[int, int] | None) -> KernelConfigs:
     """Block sizes for the forward, dq and dk/dv kernels. ``capability=None``: the interpreter."""
     d = head_dim_padded(head_dim)
