@@ -60,7 +60,21 @@ struct Params {
   const void* lse_in = nullptr;      // [B, Hq, N] contiguous, same type as lse
   // backward outputs (null = not needed)
   MutRef dq, dk, dv;                 // dq like q, dk/dv like k/v, input dtype
-  void* dpk_part = nullptr;          // [B, Hkv, P, D] contiguous partials, accumulation dtype
+  MutRef dpk, dpv;                   // like prefix_k/prefix_v, viewed as [T, Hkv, P, D]
+
+  // Backward chunks (prefix gradients): the rows of the batch, ordered by prefix id then row, cut
+  // into n_chunks chunks that never span two prefixes; one task per (chunk, kv head) handles the
+  // chunk's rows in order and sums their prefix gradients into one [P, D] accumulator. The cut
+  // depends on the problem's shape (and prefix_ids) only, never on the thread count.
+  int64_t n_chunks = 0;
+  const int64_t* chunk_rows = nullptr;   // [B] row indices, chunk c = chunk_rows[chunk_off[c] .. chunk_off[c+1])
+  const int64_t* chunk_off = nullptr;    // [n_chunks + 1]
+  const int64_t* prefix_chunks = nullptr;  // [T + 1]: the chunks of prefix t are [prefix_chunks[t], prefix_chunks[t+1])
+  // Chunk c's partial slot, or -1 when c is its prefix's only chunk (the task then writes
+  // dpk/dpv itself). Partials: [n_parts, Hkv, P, D] contiguous, accumulation dtype, summed per
+  // prefix in chunk order by reduce_prefix.
+  const int64_t* chunk_part = nullptr;
+  void* dpk_part = nullptr;
   void* dpv_part = nullptr;
 
   int64_t block_q = 64;              // queries per task (per query head)
@@ -77,9 +91,11 @@ struct Params {
   /* forward for the work slots [slot_begin, slot_end) */                       \
   void forward_slots(const Params& p, int64_t slot_begin, int64_t slot_end);    \
   void backward_slots(const Params& p, int64_t slot_begin, int64_t slot_end);   \
-  /* dprefix[t] = sum over rows b with ids[b] == t of part[b], b ascending */    \
-  void reduce_prefix(const Params& p, const void* part, MutRef dst, int64_t hkv_begin, \
-                     int64_t hkv_end);                                          \
+  /* dst[t, hkv] = sum of the partials of prefix t's chunks, in chunk order, for */ \
+  /* the pairs t * Hkv + hkv in [pair_begin, pair_end) (single-chunk prefixes are */ \
+  /* skipped: their task wrote them; prefixes no row uses get zeros) */        \
+  void reduce_prefix(const Params& p, const void* part, MutRef dst, int64_t pair_begin, \
+                     int64_t pair_end);                                         \
   }
 
 PK_DECLARE_ISA(base)

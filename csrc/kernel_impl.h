@@ -10,10 +10,15 @@
 //             prefix tiles (never masked) and the sequence tiles (bottom-right causal). Sequence
 //             tiles are cut backwards from the last visible key, so only the first one or two
 //             straddle the diagonal; tiles past the diagonal and all-padding tiles are skipped.
-//   backward: one task per (b, g); loops over query blocks, then key tiles, recomputing
-//             P = exp(S - lse). dK/dV of the task's sequence keys and its prefix partials are
-//             owned by the task (no atomics); prefix partials [B, Hkv, P, D] are then summed
-//             over b in ascending order (deterministic, independent of the thread count).
+//   backward: one task per (chunk of rows, g); for each row of the chunk (ascending), loops over
+//             query blocks, then key tiles, recomputing P = min(exp(S - lse), 1) (the clamp
+//             bounds P where the fp32 lse is coarse: logits ~1e9). dK/dV of the row's sequence
+//             keys and the chunk's prefix gradient [P, D] are owned by the task (no atomics).
+//             Chunks never span two prefixes (Params::chunk_*); a prefix used by one chunk gets
+//             its gradient written by that task, a prefix split over several chunks gets their
+//             partials summed in chunk order by reduce_prefix. The chunks are cut from the shape
+//             alone, so results are deterministic and independent of the thread count, and the
+//             partials are O(chunks * P * D), not O(B * P * D).
 //             Prefix tiles are visited only for dq / dprefix, sequence tiles only for dq / dk / dv.
 // Tile products go through Params::sgemm / dgemm (MKL or ATen), except the forward's few-row
 // (decode) tiles, done here straight from the K/V rows. Elementwise work (masking, max, exp2,
@@ -173,9 +178,10 @@ inline float hsum(vf v) {  // lanes in a fixed order
 }
 
 // 2^x: Cephes' exp2f polynomial (max rel. error ~2e-7) after round-to-nearest range reduction;
-// 0 for x < -126 (including -inf), NaN stays NaN.
-inline vf exp2_v(vf x) {
-  const vf lo = splat(-126.0f), hi = splat(127.0f), zero = splat(0.0f);
+// 0 for x < -126 (including -inf), NaN stays NaN, x is clamped to <= top (top = 0: the result
+// is <= 1, exactly 1 for x >= 0).
+inline vf exp2_v(vf x, float top = 127.0f) {
+  const vf lo = splat(-126.0f), hi = splat(top), zero = splat(0.0f);
   vf xc = x < lo ? lo : x;
   xc = xc > hi ? hi : xc;
   const vf magic = splat(12582912.0f);                // 1.5 * 2^23: rounds to an integer
@@ -196,6 +202,14 @@ inline double exp2_acc(double x) { return std::exp2(x); }
 inline float exp2_acc(float x) {
   vf v = exp2_v(splat(x));
   return v[0];
+}
+
+// x rounded toward -inf to acc_t (a no-op for double).
+template <typename acc_t> inline acc_t round_down(double x);
+template <> inline double round_down<double>(double x) { return x; }
+template <> inline float round_down<float>(double x) {
+  const float f = float(x);
+  return double(f) > x ? std::nextafter(f, -std::numeric_limits<float>::infinity()) : f;
 }
 
 inline double row_max(const double* x, int64_t n) {
@@ -238,14 +252,20 @@ inline float exp2_sub_sum(float* x, int64_t n, float sub) {
   return hsum(acc);
 }
 
-inline void exp2_sub(double* x, int64_t n, double sub) {
-  for (int64_t i = 0; i < n; ++i) x[i] = std::exp2(x[i] - sub);
+// x[i] = min(2^(x[i] - sub), 1): the backward's P. sub is the row's lse (log2 domain), so P <= 1
+// in exact arithmetic; the clamp keeps it there when the fp32 lse is coarser than 1 (huge
+// logits). NaN stays NaN.
+inline void exp2_sub_le1(double* x, int64_t n, double sub) {
+  for (int64_t i = 0; i < n; ++i) {
+    const double d = x[i] - sub;
+    x[i] = std::exp2(d > 0 ? 0.0 : d);
+  }
 }
-inline void exp2_sub(float* x, int64_t n, float sub) {
+inline void exp2_sub_le1(float* x, int64_t n, float sub) {
   const vf vs = splat(sub);
   int64_t i = 0;
-  for (; i + kW <= n; i += kW) storeu(x + i, exp2_v(loadu(x + i) - vs));
-  if (i < n) store_tail(x + i, exp2_v(load_tail(x + i, n - i, 0.0f) - vs), n - i);
+  for (; i + kW <= n; i += kW) storeu(x + i, exp2_v(loadu(x + i) - vs, 0.0f));
+  if (i < n) store_tail(x + i, exp2_v(load_tail(x + i, n - i, 0.0f) - vs, 0.0f), n - i);
 }
 
 // dp[i] = p[i] * (dp[i] - delta)
@@ -503,12 +523,17 @@ struct Attention {
       const int64_t h = hkv * G + hh;
       for (int64_t i = 0; i < nq; ++i) {
         const int64_t r = hh * nq + i;
-        const bool seen = w.l[r] > acc_t(0);
+        // l = 0 exactly when the row saw no key (out = 0, lse = -inf); l >= 1 otherwise, or NaN
+        // when its scores hold NaN / +inf, which then flows into out and lse.
+        const bool seen = !(w.l[r] == acc_t(0));
         const acc_t inv = seen ? acc_t(1) / w.l[r] : acc_t(0);
         in_t* dst = static_cast<in_t*>(p.out.data) + b * p.out.s[0] + h * p.out.s[1] + (i0 + i) * p.out.s[2];
         store_row<in_t, acc_t>(dst, p.out.s[3], w.O + r * D, D, inv);
+        // lse is rounded down (toward -inf), and so is the backward's lse2 from it: then the
+        // recomputed P = min(2^(s - lse2), 1) of the row's top key stays in [1/l, 1] even where
+        // the fp32 lse is coarser than 1 (logits ~1e9), instead of collapsing to 2^-100.
         lse[(b * p.Hq + h) * p.N + i0 + i] =
-            seen ? acc_t(double(w.m[r]) * kLn2 + std::log(double(w.l[r]))) : ninf;
+            seen ? round_down<acc_t>(double(w.m[r]) * kLn2 + std::log(double(w.l[r]))) : ninf;
       }
     }
   }
@@ -541,7 +566,7 @@ struct Attention {
 
   // ------------------------------------------------------------------ backward
   struct BwdWs {
-    acc_t *Qs, *dO, *dQ, *S, *dP, *delta, *lse2, *Kb, *Vb, *row, *dKw, *dVw;
+    acc_t *Qs, *dO, *dQ, *S, *dP, *delta, *lse2, *Kb, *Vb, *row, *dKw, *dVw, *dPKw, *dPVw;
     int32_t* hidden;
   };
 
@@ -550,9 +575,16 @@ struct Attention {
                       int64_t n_hidden, acc_t* dKt, int64_t lddk, acc_t* dVt, int64_t lddv,
                       bool want_dq) const {
     const int64_t R = G * nq;
-    gemm(p, false, true, R, nk, D, acc_t(1), w.Qs, D, Kp, ldk, acc_t(0), w.S, nk);
+    // S exactly as the forward computed it (the same product for few-row tiles), so that where the
+    // fp32 lse is coarse (huge logits) P still comes out right for the row's top keys.
+    constexpr bool fp32 = std::is_same<acc_t, float>::value;
+    const bool small = fp32 && R <= kSmallRows;
+    if constexpr (fp32) {
+      if (small) small_nt(R, nk, D, w.Qs, Kp, ldk, w.S);
+    }
+    if (!small) gemm(p, false, true, R, nk, D, acc_t(1), w.Qs, D, Kp, ldk, acc_t(0), w.S, nk);
     if (causal_tile || n_hidden > 0) apply_masks(w.S, nq, nk, j0, qpos0, causal_tile, w.hidden, n_hidden);
-    for (int64_t r = 0; r < R; ++r) exp2_sub(w.S + r * nk, nk, w.lse2[r]);  // S := P
+    for (int64_t r = 0; r < R; ++r) exp2_sub_le1(w.S + r * nk, nk, w.lse2[r]);  // S := P
     if (dVt != nullptr)  // dV += P^T dO
       gemm(p, true, false, nk, D, R, acc_t(1), w.S, nk, w.dO, D, acc_t(1), dVt, lddv);
     if (dKt == nullptr && !want_dq) return;
@@ -586,13 +618,38 @@ struct Attention {
     for (int64_t j = 0; j < p.M; ++j) store_row<in_t, acc_t>(base + j * g.s[2], g.s[3], ws + j * D, D, acc_t(1));
   }
 
-  void backward_task(BwdWs& w, int64_t b, int64_t hkv) const {
+  // Stores a [P, D] prefix gradient (acc_t, contiguous) into dst[t, hkv].
+  void store_prefix(const MutRef& dst, int64_t t, int64_t hkv, const acc_t* src) const {
+    in_t* base = static_cast<in_t*>(dst.data) + t * dst.s[0] + hkv * dst.s[1];
+    for (int64_t j = 0; j < p.P; ++j)
+      store_row<in_t, acc_t>(base + j * dst.s[2], dst.s[3], src + j * D, D, acc_t(1));
+  }
+
+  // Chunk c's rows (ascending), kv head hkv: their dq, dk, dv, and the sum of their prefix
+  // gradients (in the chunk's partial slot, or written out when the chunk is its prefix's only one).
+  void backward_chunk(BwdWs& w, int64_t c, int64_t hkv) const {
+    const int64_t PD = p.P * D, part = p.chunk_part[c];
+    acc_t* dpk = nullptr;
+    acc_t* dpv = nullptr;
+    if (p.dpk.data != nullptr)
+      dpk = part >= 0 ? static_cast<acc_t*>(p.dpk_part) + (part * p.Hkv + hkv) * PD : w.dPKw;
+    if (p.dpv.data != nullptr)
+      dpv = part >= 0 ? static_cast<acc_t*>(p.dpv_part) + (part * p.Hkv + hkv) * PD : w.dPVw;
+    if (dpk) fill(dpk, PD, acc_t(0));
+    if (dpv) fill(dpv, PD, acc_t(0));
+    const int64_t i0 = p.chunk_off[c], i1 = p.chunk_off[c + 1];
+    for (int64_t i = i0; i < i1; ++i) backward_row(w, p.chunk_rows[i], hkv, dpk, dpv);
+    if (part < 0 && i1 > i0) {
+      const int64_t t = prefix_of(p.chunk_rows[i0]);
+      if (dpk) store_prefix(p.dpk, t, hkv, dpk);
+      if (dpv) store_prefix(p.dpv, t, hkv, dpv);
+    }
+  }
+
+  // Row b, kv head hkv: dq, dk, dv of the row; its prefix gradients are added to dpk / dpv.
+  void backward_row(BwdWs& w, int64_t b, int64_t hkv, acc_t* dpk, acc_t* dpv) const {
     const bool need_dq = p.dq.data != nullptr, need_dk = p.dk.data != nullptr,
                need_dv = p.dv.data != nullptr;
-    acc_t* dpk = p.dpk_part ? static_cast<acc_t*>(p.dpk_part) + (b * p.Hkv + hkv) * p.P * D : nullptr;
-    acc_t* dpv = p.dpv_part ? static_cast<acc_t*>(p.dpv_part) + (b * p.Hkv + hkv) * p.P * D : nullptr;
-    if (dpk) fill(dpk, p.P * D, acc_t(0));
-    if (dpv) fill(dpv, p.P * D, acc_t(0));
     // The prefix tiles matter for dq and the prefix grads; the sequence tiles for dq, dk, dv.
     const bool do_prefix = p.P > 0 && (need_dq || dpk || dpv);
     const bool do_seq = p.M > 0 && (need_dq || need_dk || need_dv);
@@ -616,7 +673,7 @@ struct Attention {
           w.delta[r] = dot_row(w.dO + r * D, w.row, D);
           const acc_t l = lse[(b * p.Hq + h) * p.N + i0 + i];
           // A row that saw nothing (lse = -inf): P = 2^(s - inf) = 0, so all its grads are 0.
-          w.lse2[r] = l == ninf ? pinf : acc_t(double(l) * kLog2e);
+          w.lse2[r] = l == ninf ? pinf : round_down<acc_t>(double(l) * kLog2e);
         }
       }
       if (need_dq) fill(w.dQ, R * D, acc_t(0));
@@ -668,13 +725,15 @@ struct Attention {
   }
 
   void backward(int64_t slot_begin, int64_t slot_end) const {
-    const int64_t n_tasks = p.B * p.Hkv;
+    const int64_t n_tasks = p.n_chunks * p.Hkv;
     if (n_tasks == 0) return;
     const int64_t RD = round_up16(R_max * D), RK = round_up16(R_max * BK), KD = round_up16(BK * D),
                   Rr = round_up16(R_max), Dr = round_up16(D);
     bool ws_dk = p.dk.data != nullptr, ws_dv = p.dv.data != nullptr;
-    const int64_t MD = round_up16(p.M * D);
-    Scratch<acc_t> buf(3 * RD + 2 * RK + 2 * Rr + 2 * KD + Dr + (ws_dk ? MD : 0) + (ws_dv ? MD : 0));
+    bool ws_dpk = p.dpk.data != nullptr, ws_dpv = p.dpv.data != nullptr;
+    const int64_t MD = round_up16(p.M * D), PD = round_up16(p.P * D);
+    Scratch<acc_t> buf(3 * RD + 2 * RK + 2 * Rr + 2 * KD + Dr + (ws_dk ? MD : 0) + (ws_dv ? MD : 0) +
+                       (ws_dpk ? PD : 0) + (ws_dpv ? PD : 0));
     Scratch<int32_t> hidden(BK);
     BwdWs w;
     w.Qs = buf.ptr;
@@ -689,28 +748,28 @@ struct Attention {
     w.row = w.Vb + KD;
     w.dKw = w.row + Dr;
     w.dVw = w.dKw + (ws_dk ? MD : 0);
+    w.dPKw = w.dVw + (ws_dv ? MD : 0);
+    w.dPVw = w.dPKw + (ws_dpk ? PD : 0);
     w.hidden = hidden.ptr;
     for (int64_t slot = slot_begin; slot < slot_end; ++slot)
-      for (int64_t t = slot; t < n_tasks; t += p.num_slots) backward_task(w, t / p.Hkv, t % p.Hkv);
+      for (int64_t t = slot; t < n_tasks; t += p.num_slots) backward_chunk(w, t / p.Hkv, t % p.Hkv);
   }
 
   // ------------------------------------------------------------------ prefix reduction
-  void reduce_prefix(const void* part_v, MutRef dst, int64_t hkv_begin, int64_t hkv_end) const {
+  void reduce_prefix(const void* part_v, MutRef dst, int64_t pair_begin, int64_t pair_end) const {
     const acc_t* part = static_cast<const acc_t*>(part_v);
     const int64_t PD = p.P * D;
     Scratch<acc_t> acc(PD);
-    for (int64_t t = 0; t < p.T; ++t) {
-      for (int64_t hkv = hkv_begin; hkv < hkv_end; ++hkv) {
-        fill(acc.ptr, PD, acc_t(0));
-        for (int64_t b = 0; b < p.B; ++b) {  // ascending b: a fixed order
-          if (prefix_of(b) != t) continue;
-          const acc_t* src = part + (b * p.Hkv + hkv) * PD;
-          for (int64_t e = 0; e < PD; ++e) acc.ptr[e] += src[e];
-        }
-        in_t* base = static_cast<in_t*>(dst.data) + t * dst.s[0] + hkv * dst.s[1];
-        for (int64_t j = 0; j < p.P; ++j)
-          store_row<in_t, acc_t>(base + j * dst.s[2], dst.s[3], acc.ptr + j * D, D, acc_t(1));
+    for (int64_t pair = pair_begin; pair < pair_end; ++pair) {
+      const int64_t t = pair / p.Hkv, hkv = pair % p.Hkv;
+      const int64_t c0 = p.prefix_chunks[t], c1 = p.prefix_chunks[t + 1];
+      if (c1 - c0 == 1) continue;  // written by its chunk's task
+      fill(acc.ptr, PD, acc_t(0));
+      for (int64_t c = c0; c < c1; ++c) {  // ascending chunks: a fixed order
+        const acc_t* src = part + (p.chunk_part[c] * p.Hkv + hkv) * PD;
+        for (int64_t e = 0; e < PD; ++e) acc.ptr[e] += src[e];
       }
+      store_prefix(dst, t, hkv, acc.ptr);
     }
   }
 };
@@ -735,8 +794,8 @@ void backward_slots(const Params& p, int64_t slot_begin, int64_t slot_end) {
   dispatch(p, [&](const auto& a) { a.backward(slot_begin, slot_end); });
 }
 
-void reduce_prefix(const Params& p, const void* part, MutRef dst, int64_t hkv_begin, int64_t hkv_end) {
-  dispatch(p, [&](const auto& a) { a.reduce_prefix(part, dst, hkv_begin, hkv_end); });
+void reduce_prefix(const Params& p, const void* part, MutRef dst, int64_t pair_begin, int64_t pair_end) {
+  dispatch(p, [&](const auto& a) { a.reduce_prefix(part, dst, pair_begin, pair_end); });
 }
 
 }  // namespace PK_ISA

@@ -212,7 +212,8 @@ Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor
   TORCH_CHECK(pv.sizes() == pk.sizes(), "prefix_kernels cpu: prefix_v must have prefix_k's shape ",
               shape_str(pk), ", got ", shape_str(pv));
   const int64_t T = pk.dim() == 4 ? pk.size(0) : 1, P = pk.size(-2);
-  TORCH_CHECK(T >= 1, "prefix_kernels cpu: prefix_k holds no prefix (T=0): ", shape_str(pk));
+  // A bank of no prefixes is fine for an empty batch only (nothing to compute, empty grads).
+  TORCH_CHECK(T >= 1 || B == 0, "prefix_kernels cpu: prefix_k holds no prefix (T=0): ", shape_str(pk));
   const std::pair<const char*, const Tensor*> all[] = {
       {"q", &q}, {"k", &k}, {"v", &v}, {"prefix_k", &pk}, {"prefix_v", &pv}};
   for (const auto& [name, t] : all) {
@@ -265,7 +266,7 @@ Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor
                   "), got ", d[b], " at row ", b);
     p.ids = B > 0 ? d : nullptr;
   } else {
-    TORCH_CHECK(T == 1, "prefix_kernels cpu: prefix_k holds T=", T,
+    TORCH_CHECK(T == 1 || B == 0, "prefix_kernels cpu: prefix_k holds T=", T,
                 " prefixes ", shape_str(pk), ": pass prefix_ids [B] to choose one per row");
   }
 
@@ -273,7 +274,8 @@ Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor
   // every thread; decode-like shapes (few rows) take long key tiles instead.
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t rows = env_int("PREFIX_KERNELS_CPU_ROWS", 128);
-  int64_t bq = std::max<int64_t>(1, std::min<int64_t>(std::max<int64_t>(N, 1), rows / p.G));
+  // (G = 0 when Hq = 0: nothing is computed then, but no division by zero either)
+  int64_t bq = std::max<int64_t>(1, std::min<int64_t>(std::max<int64_t>(N, 1), rows / std::max<int64_t>(p.G, 1)));
   while (bq > 16 && B * Hkv * ((N + bq - 1) / bq) < 2 * threads) bq = (bq + 1) / 2;
   p.block_q = bq;
   p.block_k = env_int("PREFIX_KERNELS_CPU_BLOCK_K", p.G * bq <= 16 ? 512 : 128);
@@ -293,6 +295,59 @@ void run_slots(Params& p, int64_t n_tasks, F&& body) {
 }
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Backward chunks (see Params::chunk_*): rows ordered by prefix id, then row; each prefix's rows
+// cut into ceil(rows / per_chunk) balanced chunks of consecutive rows, per_chunk = ceil(B / target)
+// with target = clamp(ceil(64 / Hkv), 8, B) chunks (about 64 (chunk, kv head) tasks, for
+// parallelism, whatever B), fewer if their partials would pass kPartialBytes. Only a prefix with
+// several chunks needs partials (at most 2 * target chunks in all), so they take
+// O(target * Hkv * P * D), not O(B * Hkv * P * D), and the cut depends on the shape and
+// prefix_ids only (never on the thread count): results are deterministic. Without prefix
+// gradients to sum every row is its own chunk.
+struct Chunks {
+  std::vector<int64_t> rows, off, prefix, part;
+  int64_t n_parts = 0;
+};
+
+constexpr int64_t kChunkTasks = 64;  // aimed-for number of (chunk, kv head) tasks
+constexpr int64_t kMinChunks = 8;
+constexpr int64_t kPartialBytes = int64_t(64) << 20;  // per prefix gradient, for target chunks
+
+Chunks make_chunks(const Params& p, bool prefix_grads, int64_t acc_bytes) {
+  Chunks c;
+  const int64_t B = p.B, T = p.T;
+  auto id = [&](int64_t b) { return p.ids != nullptr ? p.ids[b] : int64_t(0); };
+  c.rows.resize(B);
+  c.prefix.assign(T + 1, 0);
+  if (!prefix_grads) {
+    c.off.resize(B + 1);
+    for (int64_t b = 0; b <= B; ++b) c.off[b] = b;
+    for (int64_t b = 0; b < B; ++b) c.rows[b] = b;
+    c.part.assign(B, -1);
+    return c;
+  }
+  // counting sort of the rows by prefix id (stable: ascending rows within a prefix)
+  std::vector<int64_t> count(T + 1, 0);
+  for (int64_t b = 0; b < B; ++b) ++count[id(b) + 1];
+  for (int64_t t = 0; t < T; ++t) count[t + 1] += count[t];
+  std::vector<int64_t> first(count.begin(), count.end() - 1);
+  for (int64_t b = 0; b < B; ++b) c.rows[first[id(b)]++] = b;
+  const int64_t chunk_bytes = std::max<int64_t>(1, p.Hkv * p.P * p.D * acc_bytes);
+  const int64_t target = std::max<int64_t>(1, std::min({B, std::max(kMinChunks, (kChunkTasks + p.Hkv - 1) / p.Hkv),
+                                                        kPartialBytes / chunk_bytes}));
+  const int64_t per_chunk = (B + target - 1) / target;
+  c.off.push_back(0);
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t r0 = count[t], n = count[t + 1] - r0;
+    const int64_t k = (n + per_chunk - 1) / per_chunk;  // chunks of prefix t
+    for (int64_t i = 0; i < k; ++i) {
+      c.off.push_back(r0 + (i + 1) * n / k);
+      c.part.push_back(k > 1 ? c.n_parts++ : -1);
+    }
+    c.prefix[t + 1] = c.prefix[t] + k;
+  }
+  return c;
+}
 
 std::tuple<Tensor, Tensor> fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
                                    const Tensor& prefix_k, const Tensor& prefix_v,
@@ -340,41 +395,52 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_cpu(
   Tensor dv = output_mask[2] ? at::empty_like(v) : none();
   Tensor dpk = output_mask[3] ? at::empty_like(prefix_k) : none();
   Tensor dpv = output_mask[4] ? at::empty_like(prefix_v) : none();
-  const auto acc_opts = q.options().dtype(acc_type(q.scalar_type()));
-  Tensor dpk_part, dpv_part;
-  const bool work = p.B * p.Hkv > 0 && p.D > 0;
-  if (output_mask[3] && dpk.numel() > 0) dpk_part = at::empty({p.B, p.Hkv, p.P, p.D}, acc_opts);
-  if (output_mask[4] && dpv.numel() > 0) dpv_part = at::empty({p.B, p.Hkv, p.P, p.D}, acc_opts);
+  // B = 0, Hq = 0 (no query heads) or N = 0 (no queries): nothing attends, every gradient asked
+  // for is all zeros (or empty).
+  const bool work = p.B * p.Hkv > 0 && p.Hq > 0 && p.N > 0 && p.D > 0;
   if (work) {
     Tensor lse_c = lse.contiguous();
-    if (p.N > 0) {
-      p.dout = ref(grad_out);
-      p.o = ref(out);
-      p.lse_in = lse_c.data_ptr();
-    }
+    p.dout = ref(grad_out);
+    p.o = ref(out);
+    p.lse_in = lse_c.data_ptr();
     if (dq.numel() > 0) p.dq = mut(dq);
     if (dk.numel() > 0) p.dk = mut(dk);
     if (dv.numel() > 0) p.dv = mut(dv);
-    if (dpk_part.defined()) p.dpk_part = dpk_part.data_ptr();
-    if (dpv_part.defined()) p.dpv_part = dpv_part.data_ptr();
+    if (output_mask[3] && dpk.numel() > 0) p.dpk = mut(dpk);
+    if (output_mask[4] && dpv.numel() > 0) p.dpv = mut(dpv);
+    const bool prefix_grads = p.dpk.data != nullptr || p.dpv.data != nullptr;
+    const int64_t acc_bytes = q.scalar_type() == at::kDouble ? sizeof(double) : sizeof(float);
+    const Chunks chunks = make_chunks(p, prefix_grads, acc_bytes);
+    p.n_chunks = int64_t(chunks.off.size()) - 1;
+    p.chunk_rows = chunks.rows.data();
+    p.chunk_off = chunks.off.data();
+    p.prefix_chunks = chunks.prefix.data();
+    p.chunk_part = chunks.part.data();
+    const size_t part_bytes = size_t(chunks.n_parts * p.Hkv * p.P * p.D * acc_bytes);
+    // torch's allocator (64-byte aligned, and seen by the profiler's memory accounting)
+    auto partials = [&](bool needed) {
+      return at::empty({needed ? int64_t(part_bytes) : 0}, q.options().dtype(at::kByte));
+    };
+    Tensor dpk_part = partials(p.dpk.data != nullptr);
+    Tensor dpv_part = partials(p.dpv.data != nullptr);
+    p.dpk_part = dpk_part.numel() > 0 ? dpk_part.data_ptr() : nullptr;
+    p.dpv_part = dpv_part.numel() > 0 ? dpv_part.data_ptr() : nullptr;
     const bool avx2 = use_avx2();
-    run_slots(p, p.B * p.Hkv, [&](int64_t s0, int64_t s1) {
+    run_slots(p, p.n_chunks * p.Hkv, [&](int64_t s0, int64_t s1) {
       if (avx2) avx2::backward_slots(p, s0, s1);
       else base::backward_slots(p, s0, s1);
     });
-    // Sum the per-row prefix partials over the batch, rows in ascending order.
-    const std::pair<Tensor*, Tensor*> prefix_grads[] = {{&dpk_part, &dpk}, {&dpv_part, &dpv}};
-    for (const auto& [part, dst] : prefix_grads) {
-      if (!part->defined()) continue;
-      MutRef d = mut(*dst);
-      const void* src = part->data_ptr();
-      at::parallel_for(0, p.Hkv, 1, [&](int64_t h0, int64_t h1) {
-        if (avx2) avx2::reduce_prefix(p, src, d, h0, h1);
-        else base::reduce_prefix(p, src, d, h0, h1);
+    // Prefixes split over several chunks: sum their partials in chunk order (and zeros for the
+    // prefixes no row uses); single-chunk prefixes were written by their task.
+    const std::pair<const void*, MutRef> prefix_out[] = {{p.dpk_part, p.dpk}, {p.dpv_part, p.dpv}};
+    for (const auto& [src, d] : prefix_out) {
+      if (d.data == nullptr) continue;
+      at::parallel_for(0, p.T * p.Hkv, 1, [&](int64_t i0, int64_t i1) {
+        if (avx2) avx2::reduce_prefix(p, src, d, i0, i1);
+        else base::reduce_prefix(p, src, d, i0, i1);
       });
     }
   } else {
-    // B = 0 or no kv heads: whatever gradient was asked for is all zeros (or empty).
     for (Tensor* t : {&dq, &dk, &dv, &dpk, &dpv}) t->zero_();
   }
   return {dq, dk, dv, dpk, dpv};

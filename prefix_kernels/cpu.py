@@ -169,6 +169,8 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_ids)
     ctx.causal, ctx.scale = causal, scale
+    ctx.set_materialize_grads(False)  # lse is not differentiable: no zero tensor for its gradient
+    ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, grad_lse):
@@ -179,10 +181,8 @@ def _grads(ctx, grad_out):
     """The five input gradients, None where ctx.needs_input_grad says they are not needed."""
     q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_ids = ctx.saved_tensors
     mask = [bool(x) for x in ctx.needs_input_grad[:5]]
-    if not any(mask):
+    if not any(mask) or grad_out is None:  # grad_out None: out was not used, every gradient is zero
         return (None,) * 5
-    if grad_out is None:
-        grad_out = torch.zeros_like(out)
     grads = torch.ops.prefix_kernels.bwd_cpu(
         grad_out, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_ids,
         ctx.causal, ctx.scale, mask,
@@ -210,6 +210,7 @@ class PrefixAttentionCPU(torch.autograd.Function):
         )
         ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_ids)
         ctx.causal, ctx.scale = causal, scale
+        ctx.set_materialize_grads(False)  # lse is not differentiable: no zero tensor for its gradient
         ctx.mark_non_differentiable(lse)
         return out, lse
 

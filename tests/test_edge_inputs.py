@@ -193,10 +193,8 @@ def test_single_query_single_key(backend, P, visible):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_zero_query_heads(backend):
-    """Hq = 0 (a multiple of any Hkv, so accepted): empty out (the CPU op: see the xfail below)."""
+    """Hq = 0 (a multiple of any Hkv, so accepted): empty out, zero gradients."""
     _need(backend)
-    if backend == "cpu":
-        pytest.skip("crashes the process: see test_cpu_zero_query_heads_does_not_crash")
     tensors = make(Hq=0)
     out, lse, grads = run(backend, tensors, torch.zeros(2, 0, 3, 8))
     assert out.shape == (2, 0, 3, 8) and lse.shape == (2, 0, 3)
@@ -204,10 +202,9 @@ def test_zero_query_heads(backend):
         assert g.shape == t.shape and not g.any()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "cpu: q with Hq = 0 heads (accepted by validate_inputs since 0 % Hkv == 0) kills the process "
-    "with SIGFPE: csrc/prefix_attention.cpp prepare() computes rows / p.G with G = Hq / Hkv = 0"))
 def test_cpu_zero_query_heads_does_not_crash():
+    """In a subprocess: this input once killed the process with SIGFPE (rows / G with G = 0 in
+    csrc/prefix_attention.cpp)."""
     if not cpu.is_available():
         pytest.skip(f"C++ CPU op unavailable: {cpu.unavailable_reason()}")
     result = _subprocess("""
@@ -255,13 +252,7 @@ def test_empty_prefix_bank_is_refused_triton():
     assert "refused" in result.stdout and "prefix_k holds no prefix" in result.stdout
 
 
-@pytest.mark.parametrize("backend", [
-    "reference", "triton",
-    pytest.param("cpu", marks=pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-        "cpu: B = 0 with a [0, Hkv, P, D] bank and empty prefix_ids is valid for validate_inputs and "
-        "computes (empty) on the other backends, but the C++ op raises RuntimeError "
-        "'prefix_k holds no prefix (T=0)' (csrc/prefix_attention.cpp prepare())"))),
-])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_prefix_bank_with_empty_batch(backend):
     """B = 0 and T = 0 with prefix_ids of shape [0]: nothing to compute; either an empty result or
     a clean refusal."""
@@ -404,29 +395,21 @@ def test_fp16_extreme_logits_forward(backend):
     assert max_err(lse, lse64) <= 1e-6 * lse64.abs().max().item()
 
 
-_EXTREME_BWD_BUG = (
-    "backward with logits ~1e9 (fp16 q and k near 6e4): P is recomputed as exp2(s - lse2) from the "
-    "fp32 LSE (natural log, converted back to log2 in fp32), whose rounding there (ulp 128-256) "
-    "is far above 1: P comes out as 2^(+-100s) instead of in [0, 1]: inf in dv, dprefix_v "
-    "and errors as large as the gradients themselves in the finite ones. csrc/kernel_impl.h backward_block")
-
-
-@pytest.mark.parametrize("backend", [
-    "reference", "triton",
-    pytest.param("cpu", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=_EXTREME_BWD_BUG)),
-])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_fp16_extreme_logits_backward(backend):
     """Logits ~1e10, where one fp32 ulp of a score is ~1000: a backward that recomputes P from the
     LSE (ours, flash-attention's) cannot reproduce the forward's P there unless it recomputes each
     score bit for bit (the interpreter's transposed products do not). What must hold: P <= 1, so
     every gradient is finite and no larger than the inputs allow (|P| <= 1 bounds dv by
-    sum |dO|); accurate gradients only from the reference, which keeps P."""
+    sum |dO|). The reference keeps P; the C++ op rounds its LSE down and recomputes few-row tiles
+    with the forward's own product routine, so its scores are bit-identical and its gradients
+    accurate too."""
     _need(backend)
     tensors = _fp16_near_overflow(both=True, N=12, D=64)
     go = torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(1)).half()
     _, _, grads = run(backend, tensors, go)
     _, _, grads64 = truth(tensors, go)
-    if backend == "reference":
+    if backend in ("reference", "cpu"):
         _big_logit_grads_ok(grads, grads64)
         return
     for name, g in zip(NAMES, grads):
@@ -467,17 +450,7 @@ def test_nonfinite_input_propagates_to_out(backend, where, value):
         assert torch.isfinite(out[1]).all()
 
 
-_LSE_BUG = ("cpu: a row whose scores hold a NaN (or +inf) gets lse = -inf, the marker of a row that "
-            "saw no key, where the reference (and Triton) give NaN/+inf: csrc/kernel_impl.h "
-            "forward_task sets seen = l > 0, which is false for l = NaN. The NaN is hidden from lse "
-            "users, and the backward then treats the row as empty (lse2 = +inf -> P = 0), so dv and "
-            "dprefix_v come out 0 instead of NaN for that row's keys")
-
-
-@pytest.mark.parametrize("backend", [
-    "reference", "triton",
-    pytest.param("cpu", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=_LSE_BUG)),
-])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("value", [NAN, INF], ids=["nan", "inf"])
 @pytest.mark.parametrize("where", ["q", "k", "prefix_k"])
 def test_nonfinite_scores_are_not_hidden_in_lse(backend, where, value):
@@ -503,7 +476,7 @@ def test_nan_input_propagates_to_gradients(backend, where):
     out is NaN has NaN in its dq, and the clean batch row's dq/dk/dv equal the reference's (not
     checked for a poisoned shared prefix, which no row escapes). Which other gradient elements
     turn NaN differs between backends (the reference multiplies masked probabilities, 0, by NaN
-    in more places; the CPU op also hides some, see _LSE_BUG)."""
+    in more places)."""
     _need(backend)
     tensors = _poisoned(where, NAN)
     go = torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(1))
