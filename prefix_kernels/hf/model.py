@@ -187,7 +187,9 @@ class PrefixTuningModel(nn.Module):
         model = self.base_model
         device = next(model.parameters()).device
         out = model(input_ids=ids[None].to(device), use_cache=True)
-        cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+        cache = getattr(out, "cache", None)  # transformers >= 5.2x; past_key_values before (deprecated since)
+        if cache is None:
+            cache = getattr(out, "past_key_values", None)
         spec = self.spec
         rows = []
         for layer in range(spec.num_layers):
