@@ -26,7 +26,8 @@
 # without CUDA.
 # Overrides: GPU_CHECK_TESTS (the pytest selection, e.g. to rerun only what failed),
 # GPU_CHECK_TEST_SECONDS (the tests' cap), GPU_CHECK_SECONDS (the total budget), GPU_CHECK_PARTS (a
-# space-separated subset of "tests quick decode flex hf"), GPU_CHECK_DRY_RUN=1 (print what would run
+# space-separated subset of "tests quick decode flex hf tune"; tune, the block-size sweep of
+# benchmarks/tune_blocks.py, runs only when named), GPU_CHECK_DRY_RUN=1 (print what would run
 # and its limit, run nothing), GPU_CHECK_FORCE=1 (run without CUDA too: tests this script on a CPU box),
 # GPU_CHECK_HF_ARGS (extra bench_hf.py arguments, e.g. "--compile reduce-overhead" to time compiled steps).
 set -uo pipefail
@@ -121,6 +122,10 @@ bench flex 90 45 --shape 8x16x4x1024x1024x64x128 --shape 64x32x8x1x4096x64x128 \
 # shellcheck disable=SC2086  # GPU_CHECK_HF_ARGS is a list of arguments
 run_part hf 150 60 "$out/bench_hf.txt" python benchmarks/bench_hf.py --out "$out" ${GPU_CHECK_HF_ARGS:-}
 [ -s "$out/bench_hf.txt" ] && grep -E "^\{|wrote|Error" "$out/bench_hf.txt" | tail -n 8
+
+# Not in the default parts: GPU_CHECK_PARTS="tests tune" (or "tune") sweeps the kernels' block sizes.
+run_part tune 240 90 "$out/tune_blocks.txt" python benchmarks/tune_blocks.py --out "$out"
+[ -s "$out/tune_blocks.txt" ] && grep -E " default \(|wrote|Error" "$out/tune_blocks.txt" | tail -n 12
 
 echo "== parts ($((SECONDS - start))s in all):"
 column -t -s $'\t' "$out/parts.tsv" 2>/dev/null || cat "$out/parts.tsv"

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import TRITON_RUNNABLE
 from prefix_kernels import prefix_attention_reference
 from prefix_kernels.benchmarking import PRESETS, Provider, Shape, flops, kv_bytes, main, run_kernel_bench
 from prefix_kernels.benchmarking.kernels import (
@@ -212,6 +213,37 @@ def test_bench_cpu_script_keeps_its_files(tmp_path):
     common = _load(ROOT / "benchmarks" / "common.py")  # bench_hf.py / profile_step.py import these
     assert common.time_ms(lambda: None, warmup=0, reps=2, device="cpu") >= 0
     assert {"device", "torch", "git_sha", "date", "threads"} <= set(common.environment("cpu"))
+
+
+@pytest.mark.skipif(not TRITON_RUNNABLE, reason="needs CUDA or TRITON_INTERPRET=1")
+def test_tune_blocks_script_times_checks_and_restores(tmp_path, monkeypatch):
+    """The block-size sweep: one row per (kernel, candidate), each checked against the default
+    configuration's results; a candidate whose results differ is 'wrong', never timed; the
+    launchers' configuration is restored afterwards."""
+    from prefix_kernels import ops
+
+    original = ops.kernel_configs
+    tune = _load(ROOT / "benchmarks" / "tune_blocks.py")
+    args = ["--tiny", "--out", str(tmp_path)] + ([] if torch.cuda.is_available() else ["--device", "cpu"])
+    assert tune.main(args) == 0
+    assert ops.kernel_configs is original
+    rows = json.loads(next(tmp_path.glob("blocks_*.json")).read_text())
+    assert [r["kernel"] for r in rows] == ["forward", "forward", "dq", "dq", "dkdv", "dkdv"]
+    assert all(r["status"] == "ok" and r["ms"] > 0 and r["max_rel_err"] <= 2e-2 for r in rows)
+    assert {"device", "git_sha", "torch"} <= set(rows[0])
+
+    # a launcher that computes a wrong result under one configuration is caught
+    real_forward = ops.prefix_attention_forward
+
+    def forward_wrong_for_small_blocks(*a, **kw):
+        out, lse = real_forward(*a, **kw)
+        return (out * 2 if ops.kernel_configs(16, torch.float32, None).forward.block_n < 64 else out), lse
+
+    monkeypatch.setattr(ops, "prefix_attention_forward", forward_wrong_for_small_blocks)
+    rows = tune.sweep(tune.TINY[0], torch.float32, tune.torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+                      {"forward": [(64, 32, 4, 3)], "dq": [], "dkdv": []}, reps_cpu=1)
+    assert [(r["kernel"], r["default"], r["status"]) for r in rows] == [
+        ("forward", True, "ok"), ("forward", False, "wrong"), ("dq", True, "ok"), ("dkdv", True, "ok")]
 
 
 def test_kernels_module_reexports_the_pieces():
