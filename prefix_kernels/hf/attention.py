@@ -45,10 +45,9 @@ class PrefixKV:
         return cls(keys=layers[0::2], values=layers[1::2], **kw)
 
     def layer(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = self.keys[idx], self.values[idx]
-        if self.prefix_ids is None:  # one prefix shared by every row: [Hkv, P, D]
-            return k[0], v[0]
-        return k, v
+        """[T, Hkv, P, D] each. With T = 1 and no prefix_ids the op shares the prefix across rows
+        as it is (no [Hkv, P, D] select, whose backward would cost a zero fill and a copy per layer)."""
+        return self.keys[idx], self.values[idx]
 
 
 def _unsupported(module, what: str) -> NotImplementedError:
