@@ -15,10 +15,25 @@ import triton.language as tl
 
 from prefix_kernels.kernels.backward import delta_kernel, dkdv_kernel, dprefix_kernel, dq_kernel
 from prefix_kernels.kernels.configs import BlockConfig, head_dim_padded, kernel_configs
+from prefix_kernels.kernels.decode import (
+    combine_num_warps, decode_block_rows, decode_config, decode_num_splits, prefix_attention_decode_combine_kernel,
+    prefix_attention_decode_kernel,
+)
 from prefix_kernels.kernels.forward import prefix_attention_fwd_kernel
 
 LOG2E = 1.4426950408889634
 _ACC = {torch.float64: tl.float64}
+# The split-KV decode kernel takes the forward when N * G (query, head) pairs per kv head fit in this
+# many tile rows. Up to 64 rows its tile is at most half of the general kernel's BLOCK_M = 128 (D <=
+# 128, 16-bit), so the general kernel would leave at least half of every tile empty and read each
+# group's K/V G times; acc [64, D] fp32 still fits the registers of 4 warps for D <= 128. Past 64
+# rows the general tiles are well filled, and the split partials (splits x D fp32 per row, written
+# and read back) grow with N * G. fp64 stays on the general kernel (no fp64 partials/configs here).
+# And only for decode-like calls, N <= DECODE_MAX_QUERIES (generation, short speculative chunks):
+# neither kernel has been timed on a GPU against the other yet, so the general kernel keeps every
+# prefill/training shape (and its small-N code paths keep their tests).
+DECODE_MAX_ROWS = 64
+DECODE_MAX_QUERIES = 4
 # Upper bound on the fp32 partial buffer of the deterministic prefix-gradient reduction.
 _PARTIALS_BYTES = 256 * 2**20
 
@@ -91,6 +106,10 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, pref
     if out.numel() == 0:
         lse.fill_(float("-inf"))
         return out, lse
+    if (q.dtype != torch.float64 and n_queries <= DECODE_MAX_QUERIES
+            and n_queries * (n_heads // n_kv_heads) <= DECODE_MAX_ROWS):
+        prefix_attention_decode(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale, out, lse)
+        return out, lse
     cfg = kernel_configs(head_dim, q.dtype, _capability(q.device)).forward
     kpm, stride_mb, stride_mn = _mask_args(key_padding_mask, q)
     grid = (triton.cdiv(n_queries, cfg.block_m), batch * n_heads)
@@ -103,6 +122,46 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, pref
         IS_CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_PREFIX_IDS=prefix_ids is not None,
         **_dtype_flags(q.dtype), **_launch_opts(cfg),
     )
+    return out, lse
+
+
+def prefix_attention_decode(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale, out, lse):
+    """The split-KV decode forward (kernels/decode.py) into ``out`` and ``lse`` (log2 units), for
+    few queries per row. One split: the split kernel writes out/lse itself; several: fp32 partials
+    [B, Hq, N, splits, D] (+ m, l) and a combine kernel."""
+    batch, n_heads, n_queries, head_dim = q.shape
+    n_kv_heads, n_keys = k.shape[1], k.shape[2]
+    n_prefix, group = prefix_k.shape[2], n_heads // n_kv_heads
+    d_pad = head_dim_padded(head_dim)
+    block_r = decode_block_rows(n_queries * group)
+    cfg = decode_config(d_pad, q.element_size(), block_r, _capability(q.device))
+    splits, per_split = decode_num_splits(n_prefix + n_keys, batch * n_kv_heads, _num_sms(q.device), cfg)
+    kpm, stride_mb, stride_mn = _mask_args(key_padding_mask, q)
+    if splits > 1:
+        acc_part = torch.empty(batch, n_heads, n_queries, splits, head_dim, device=q.device, dtype=torch.float32)
+        ml_part = torch.empty(2, batch, n_heads, n_queries, splits, device=q.device, dtype=torch.float32)
+        m_part, l_part = ml_part[0], ml_part[1]
+    else:
+        acc_part = m_part = l_part = lse  # never read: SPLIT is False
+    opts = {} if interpreting() else dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    prefix_attention_decode_kernel[(batch * n_kv_heads, splits)](
+        q, k, v, prefix_k, prefix_v, _prefix_ids_arg(prefix_ids, q), kpm, out, lse, acc_part, m_part, l_part,
+        *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
+        stride_mb, stride_mn, *out.stride(), lse.stride(0), lse.stride(1),
+        n_heads, n_kv_heads, n_queries, n_keys, n_prefix, group, splits, per_split, scale * LOG2E,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad, BLOCK_R=block_r, BLOCK_N=cfg.block_n,
+        IS_CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_PREFIX_IDS=prefix_ids is not None,
+        SPLIT=splits > 1, UPCAST=interpreting() and q.dtype in (torch.float16, torch.bfloat16),
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **opts,
+    )
+    if splits > 1:
+        block_s = triton.next_power_of_2(splits)
+        prefix_attention_decode_combine_kernel[(batch * n_heads * n_queries,)](
+            acc_part, m_part, l_part, out, lse, *out.stride(), lse.stride(0), lse.stride(1),
+            n_heads, n_queries, splits,
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad, BLOCK_S=block_s,
+            **({} if interpreting() else dict(num_warps=combine_num_warps(block_s, d_pad), num_stages=1)),
+        )
     return out, lse
 
 

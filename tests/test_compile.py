@@ -17,8 +17,13 @@ import pytest
 import torch
 import triton
 
+from prefix_kernels import ops
 from prefix_kernels.kernels.backward import delta_kernel, dkdv_kernel, dprefix_kernel, dq_kernel
-from prefix_kernels.kernels.configs import head_dim_padded, kernel_configs
+from prefix_kernels.kernels.configs import BlockConfig, head_dim_padded, kernel_configs
+from prefix_kernels.kernels.decode import (
+    combine_num_warps, decode_block_rows, decode_config, prefix_attention_decode_combine_kernel,
+    prefix_attention_decode_kernel,
+)
 from prefix_kernels.kernels.forward import prefix_attention_fwd_kernel
 from prefix_kernels.ops import _dtype_flags
 
@@ -30,7 +35,8 @@ except ImportError:  # pragma: no cover - older triton
 SMEM_BYTES = {80: 163 * 1024, 90: 227 * 1024}  # A100, H100 per-block opt-in maximum
 TL_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 ELEMENT_POINTERS = {"Q", "K", "V", "PK", "PV", "Out", "DO", "DQ", "DK", "DV"}
-POINTER_TYPES = {"PREFIX_IDS": "*i32", "ROW_ORDER": "*i32", "KPM": "*u8", "LSE": "*fp32"}
+POINTER_TYPES = {"PREFIX_IDS": "*i32", "ROW_ORDER": "*i32", "KPM": "*u8", "LSE": "*fp32",
+                 "ACC_PART": "*fp32", "M_PART": "*fp32", "L_PART": "*fp32"}
 FLOAT_SCALARS = {"scale", "qk_scale"}
 
 
@@ -84,6 +90,14 @@ def compile_all(capability, dtype, head_dim):
     _compile(dkdv_kernel, dtype, capability, dkdv, dkdv.block_m, dkdv.block_n, head_dim, IS_CAUSAL=True, HAS_KPM=True)
     _compile(dprefix_kernel, dtype, capability, dkdv, dkdv.block_m, dkdv.block_n, head_dim,
              HAS_PREFIX_IDS=True, DETERMINISTIC=head_dim % 128 != 0)
+    if dtype != torch.float64:  # fp64 stays on the general forward (ops.prefix_attention_forward)
+        # The largest decode tile (N * G = 64 rows), split epilogue; the single-split epilogue is the forward's.
+        rows = decode_block_rows(ops.DECODE_MAX_ROWS)
+        dec = decode_config(head_dim_padded(head_dim), dtype.itemsize, rows, (capability // 10, capability % 10))
+        _compile(prefix_attention_decode_kernel, dtype, capability, dec, None, dec.block_n, head_dim,
+                 BLOCK_R=rows, SPLIT=True, **flags)
+        combine = BlockConfig(0, 0, num_warps=combine_num_warps(64, head_dim_padded(head_dim)), num_stages=1)
+        _compile(prefix_attention_decode_combine_kernel, dtype, capability, combine, None, None, head_dim, BLOCK_S=64)
 
 
 @pytest.mark.skipif(GPUTarget is None, reason="triton without GPUTarget")

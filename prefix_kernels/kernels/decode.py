@@ -1,0 +1,232 @@
+"""Triton split-KV forward for few queries per row ("flash-decoding"): generate() steps, short chunks.
+
+The general forward (kernels/forward.py) runs one program per (block of 64..128 queries, batch
+row, query head). With N = 1 that tile is almost all padding, and with GQA each of the
+G = Hq / Hkv query heads of a group reads the same K/V again. Here:
+
+Kernel 1, ``prefix_attention_decode_kernel``: one program per (batch row b, kv head g, split s).
+Its tile rows are the N * G (query head, query) pairs of kv head g -- row r is query
+i = r % N of head h = g * G + r // N -- padded to a power of two >= 16 for tl.dot, so K/V of the
+group are read once. The key axis is the concatenation [prefix (P keys) | sequence (M keys)],
+cut into ``num_splits`` contiguous ranges of ``keys_per_split`` keys (a multiple of BLOCK_N);
+split s walks [s * keys_per_split, (s + 1) * keys_per_split) of it: its part of the prefix
+(always visible; prefix t = prefix_ids[b] or 0; full blocks unmasked, a tail block masked to the
+range end), then its part of the sequence (blocks that every row may see without a mask, then the
+blocks past the causal boundary or the range end with the mask). Masks as in the forward:
+key_padding_mask [B, M] (True = attend) and bottom-right causal (query i sits at position
+M - N + i and sees sequence keys j <= M - N + i). The online softmax is the forward's
+(``_attend_blocks``, reused): scores in the log2 domain (``qk_scale = scale * log2(e)``), m, l, acc
+in fp32. With one split (SPLIT=False) the program finishes the rows itself, exactly like the
+forward (out = acc / l, lse = m + log2(l) in log2 units, out 0 / lse -inf for a row that saw no
+key). With several it writes, per (row, split), the unnormalized fp32 partials acc [D] and the
+pair (m, l) to [B, Hq, N, splits, ...] buffers. It stores m and l rather than lse_s = m + log2(l):
+at logits ~1e9 (log2 units) one fp32 ulp of lse_s is 128, so weights 2^(lse_s - lse) rebuilt from
+rounded lse_s could be off by 2^(+-64); m_s - max_s m_s is a difference of exact scores.
+
+Kernel 2, ``prefix_attention_decode_combine_kernel``: one program per (b, h, i). With
+m = max_s m_s (m_safe = 0 when every split saw nothing, m = -inf), w_s = 2^(m_s - m_safe),
+l = sum_s w_s l_s, out = sum_s w_s acc_s / l and lse = m + log2(l) in log2 units (the contract of
+ops.prefix_attention_forward; the backward recomputes P = exp2(s - lse) from it). A split that saw
+no key has m_s = -inf, l_s = 0, acc_s = 0, so w_s = 0; a row whose splits all saw nothing gets
+out = 0, lse = -inf. NaN propagates: a NaN score makes its split's l_s (and acc_s) NaN, hence l,
+out and lse NaN, as in the general kernel.
+
+Block configs (``decode_config``) and the split count (``decode_num_splits``) live here too. The
+CUDA numbers are unmeasured starting points (BLOCK_N 32..128, 4 warps, 2-3 stages, chosen so K+V
+stages fit sm_80's shared memory), not tuned results. Under the interpreter (capability None) the
+blocks are large and splits need only 64 keys, so tiny test shapes still exercise the combine.
+fp64 inputs stay on the general kernel (ops.prefix_attention_forward decides).
+
+Written for sm_80/sm_90 (compile-checked for both in the tests) and the CPU interpreter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import triton
+import triton.language as tl
+
+from prefix_kernels.kernels.forward import _attend_blocks, load_tile
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    block_n: int  # keys per tile
+    min_keys_per_split: int  # a split gets at least this many keys (partials cost S * D per row)
+    max_splits: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def decode_block_rows(n_rows: int) -> int:
+    """Tile rows for N * G (query, head) pairs: a power of two, at least 16 for tl.dot."""
+    return max(16, triton.next_power_of_2(n_rows))
+
+
+@lru_cache(maxsize=None)  # called on every launch: host time matters
+def decode_config(head_dim_pad: int, itemsize: int, block_rows: int,
+                  capability: tuple[int, int] | None) -> DecodeConfig:
+    """Block config of the split kernel. ``capability=None``: the interpreter, whose cost is per
+    block iteration: one 64-key block, splits of >= 64 keys. CUDA: unmeasured starting points."""
+    if capability is None:
+        return DecodeConfig(block_n=64, min_keys_per_split=64, max_splits=8, num_warps=1, num_stages=1)
+    # 16-bit K/V tiles: 128 x 64, 64 x 128 or 32 x 256 (16 KB each); fp32 halves the keys.
+    block_n = {16: 128, 32: 128, 64: 128, 128: 64}.get(head_dim_pad, 32)
+    if itemsize >= 4:
+        block_n //= 2
+    stages = 3 if head_dim_pad <= 128 else 2
+    if capability < (8, 0):
+        stages = min(stages, 2)
+    # acc [rows, D] fp32 lives in registers: 8 warps past 64 x 128.
+    warps = 8 if block_rows * head_dim_pad > 64 * 128 else 4
+    return DecodeConfig(block_n=block_n, min_keys_per_split=256, num_warps=warps, num_stages=stages)
+
+
+def decode_num_splits(n_keys_total: int, n_programs: int, n_sms: int, cfg: DecodeConfig) -> tuple[int, int]:
+    """(num_splits, keys_per_split) for ``n_programs`` = B * Hkv programs per split over
+    ``n_keys_total`` = P + M keys: enough splits for ~4 programs per SM, each split at least
+    ``cfg.min_keys_per_split`` keys, at most ``cfg.max_splits``; keys_per_split is a multiple of
+    BLOCK_N and no split is empty."""
+    if n_keys_total <= 0:
+        return 1, cfg.block_n
+    want = triton.cdiv(4 * n_sms, max(n_programs, 1))
+    splits = max(1, min(want, cfg.max_splits, n_keys_total // cfg.min_keys_per_split))
+    per_split = triton.cdiv(triton.cdiv(n_keys_total, splits), cfg.block_n) * cfg.block_n
+    return triton.cdiv(n_keys_total, per_split), per_split
+
+
+def combine_num_warps(block_s: int, head_dim_pad: int) -> int:
+    """Warps of the combine kernel, whose program holds a [BLOCK_S, D] fp32 tile (no loop, 1 stage)."""
+    return 4 if block_s * head_dim_pad <= 64 * 128 else 8
+
+
+@triton.jit
+def prefix_attention_decode_kernel(
+    Q, K, V, PK, PV, PREFIX_IDS, KPM, Out, LSE, ACC_PART, M_PART, L_PART,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_pkt, stride_pkh, stride_pkn, stride_pkd,
+    stride_pvt, stride_pvh, stride_pvn, stride_pvd,
+    stride_mb, stride_mn,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_lb, stride_lh,
+    n_heads, n_kv_heads, n_queries, n_keys, n_prefix, group, num_splits, keys_per_split, qk_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_PREFIX_IDS: tl.constexpr, SPLIT: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    bg = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (bg // n_kv_heads).to(tl.int64)
+    g = (bg % n_kv_heads).to(tl.int64)
+    t = tl.load(PREFIX_IDS + b).to(tl.int64) if HAS_PREFIX_IDS else 0
+
+    # Tile row r: query i = r % N of query head h = g * G + r // N (rows >= N * G are padding).
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    n_rows = n_queries * group
+    row_i = offs_r % n_queries
+    row_h = g * group + offs_r // n_queries  # int64
+    q_rows = Q + b * stride_qb + row_h * stride_qh + row_i * stride_qm
+    q = load_tile(q_rows[:, None] + offs_d[None, :] * stride_qd, offs_r, n_rows, offs_d,
+                  HEAD_DIM, HEAD_DIM_PAD, True, UPCAST)
+
+    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, HEAD_DIM_PAD], dtype=tl.float32)
+
+    # This split's range of the concatenated [prefix | sequence] key axis.
+    lo = split * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, n_prefix + n_keys)
+
+    # Prefix part [p_lo, p_hi): always visible. Full blocks unmasked, then one tail block masked.
+    p_lo = tl.minimum(lo, n_prefix)
+    p_hi = tl.minimum(hi, n_prefix)
+    p_full = p_lo + (p_hi - p_lo) // BLOCK_N * BLOCK_N
+    PK_base = PK + t * stride_pkt + g * stride_pkh
+    PV_base = PV + t * stride_pvt + g * stride_pvh
+    acc, l_i, m_i = _attend_blocks(
+        acc, l_i, m_i, q, PK_base, PV_base, stride_pkn, stride_pkd, stride_pvn, stride_pvd, KPM, 0,
+        p_lo, p_full, p_hi, offs_r, offs_n, offs_d, qk_scale,
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False, False, False, UPCAST, PRECISION)
+    acc, l_i, m_i = _attend_blocks(
+        acc, l_i, m_i, q, PK_base, PV_base, stride_pkn, stride_pkd, stride_pvn, stride_pvd, KPM, 0,
+        p_full, p_hi, p_hi, offs_r, offs_n, offs_d, qk_scale,
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, False, False, UPCAST, PRECISION)
+
+    # Sequence part [s_lo, s_hi) in sequence coordinates. Every row sees keys j <= M - N (its
+    # position is M - N + i >= M - N): those blocks need no causal mask.
+    s_lo = tl.maximum(lo, n_prefix) - n_prefix
+    s_hi = tl.maximum(hi, n_prefix) - n_prefix
+    q_pos = n_keys - n_queries + row_i
+    if IS_CAUSAL:
+        free_end = tl.minimum(s_hi, n_keys - n_queries + 1)
+    else:
+        free_end = s_hi
+    unmasked_end = s_lo + tl.maximum(free_end - s_lo, 0) // BLOCK_N * BLOCK_N
+    K_base = K + b * stride_kb + g * stride_kh
+    V_base = V + b * stride_vb + g * stride_vh
+    KPM_base = KPM + b * stride_mb
+    acc, l_i, m_i = _attend_blocks(
+        acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd, KPM_base, stride_mn,
+        s_lo, unmasked_end, s_hi, q_pos, offs_n, offs_d, qk_scale,
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False, False, HAS_KPM, UPCAST, PRECISION)
+    acc, l_i, m_i = _attend_blocks(
+        acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd, KPM_base, stride_mn,
+        unmasked_end, s_hi, s_hi, q_pos, offs_n, offs_d, qk_scale,
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL, HAS_KPM, UPCAST, PRECISION)
+
+    row_ok = offs_r < n_rows
+    if SPLIT:
+        # Partials [B, Hq, N, num_splits, (D)], contiguous: row (b, h, i) then split.
+        part = ((b * n_heads + row_h) * n_queries + row_i) * num_splits + split
+        tl.store(M_PART + part, m_i, mask=row_ok)
+        tl.store(L_PART + part, l_i, mask=row_ok)
+        a_ptrs = ACC_PART + part[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.store(a_ptrs, acc, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    else:
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))  # log2 units; NaN stays NaN
+        tl.store(LSE + b * stride_lb + row_h * stride_lh + row_i, lse, mask=row_ok)
+        o_rows = Out + b * stride_ob + row_h * stride_oh + row_i * stride_om
+        tl.store(o_rows[:, None] + offs_d[None, :] * stride_od, out.to(Out.dtype.element_ty),
+                 mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def prefix_attention_decode_combine_kernel(
+    ACC_PART, M_PART, L_PART, Out, LSE,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_lb, stride_lh,
+    n_heads, n_queries, num_splits,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # (b * Hq + h) * N + i: the partials' row
+    i = row % n_queries
+    bh = row // n_queries
+    b = bh // n_heads
+    h = bh % n_heads
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    s_ok = offs_s < num_splits
+    part = row * num_splits + offs_s
+    m_s = tl.load(M_PART + part, mask=s_ok, other=float("-inf"))
+    l_s = tl.load(L_PART + part, mask=s_ok, other=0.0)
+    acc_s = tl.load(ACC_PART + part[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=s_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    m = tl.max(m_s, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(m_s - m_safe)  # 0 for a split that saw nothing (m_s = -inf, l_s = 0, acc_s = 0)
+    l = tl.sum(w * l_s, 0)
+    acc = tl.sum(w[:, None] * acc_s, 0)
+    l_safe = tl.where(l == 0.0, 1.0, l)
+    out = acc / l_safe
+    lse = tl.where(l == 0.0, float("-inf"), m + tl.log2(l_safe))  # log2 units; NaN stays NaN
+    tl.store(LSE + b * stride_lb + h * stride_lh + i, lse)
+    o_ptrs = Out + b * stride_ob + h * stride_oh + i * stride_om + offs_d * stride_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM)
