@@ -284,7 +284,8 @@ class PrefixTuningModel(nn.Module):
     def generate(self, *args, prefix_ids=None, **kwargs):
         """``generate()`` of the wrapped model; the KV cache holds real tokens only, the prefix is
         read from the (once-evaluated) prefix table at every step."""
-        self._frozen_table = self.prefix_table().detach()
+        # evaluated (MLP) and cast to the model's dtype once, not at every step
+        self._frozen_table = self.prefix_table().detach().to(self.base_model.dtype)
         self._generation_prefix_ids = prefix_ids  # generate() refuses unknown model kwargs: the hook reads it
         try:
             return self.base_model.generate(*args, **kwargs)
