@@ -32,9 +32,10 @@ def _device(backend: str) -> torch.device:
     return DEVICE if backend == "triton" else torch.device("cpu")
 
 
-def _op_inputs(dev, requires_grad=True):
+def _op_inputs(dev, requires_grad=True, n_queries=5):
+    """N = 5 takes the general forward kernel, N = 1 the split-KV decode kernel (Triton)."""
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 4, 5, 16, generator=g).transpose(1, 2).contiguous().transpose(1, 2)  # [B, N, H, D] storage
+    q = torch.randn(2, n_queries, 4, 16, generator=g).transpose(1, 2)  # [B, N, H, D] storage
     k, v = (torch.randn(2, 2, 7, 16, generator=g) for _ in range(2))
     pk, pv = (torch.randn(3, 2, 3, 16, generator=g) for _ in range(2))
     mask = torch.ones(2, 7, dtype=torch.bool)
@@ -63,11 +64,11 @@ def test_op_compiles_fullgraph_with_gradients(backend):
 
 
 @pytest.mark.skipif(not TRITON_RUNNABLE, reason="needs CUDA or TRITON_INTERPRET=1")
-@pytest.mark.parametrize("with_mask", [False, True])
-def test_opcheck_triton_ops(with_mask):
+@pytest.mark.parametrize("with_mask, n_queries", [(False, 5), (True, 5), (True, 1)])
+def test_opcheck_triton_ops(with_mask, n_queries):
     """Schema, fake tensors (strides too), AOT dispatch and the registered autograd of triton_fwd;
     triton_bwd for two output masks (it has no autograd: there is no double backward)."""
-    (q, k, v, pk, pv), mask, ids = _op_inputs(DEVICE)
+    (q, k, v, pk, pv), mask, ids = _op_inputs(DEVICE, n_queries=n_queries)
     mask = mask if with_mask else None
     args = (q, k, v, pk, pv, mask, ids, True, 0.35, False)
     torch.library.opcheck(torch.ops.prefix_kernels.triton_fwd.default, args)
