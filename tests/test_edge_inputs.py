@@ -491,16 +491,21 @@ def test_nan_input_propagates_to_gradients(backend, where):
             assert torch.isfinite(g[1]).all() and max_err(g[1], g64[1]) <= 1e-5
 
 
+def _nan_in_padded_key():
+    """Inputs with a NaN in k of key 0 of batch row 0, which the padding mask hides; and a grad_out."""
+    tensors = make(B=2, Hq=2, Hkv=1, N=3, M=6, P=2, D=8)
+    tensors[1][0, 0, 0] = NAN
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, 0] = False
+    return tensors, mask, torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(1))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_in_padded_key_does_not_leak(backend):
     """A NaN in k of a padded-out key: out, lse, dk, dv and the prefix gradients stay finite and
     equal the reference's (dq: see test_nan_in_padded_key_does_not_leak_into_dq)."""
     _need(backend)
-    tensors = make(B=2, Hq=2, Hkv=1, N=3, M=6, P=2, D=8)
-    tensors[1][0, 0, 0] = NAN
-    mask = torch.ones(2, 6, dtype=torch.bool)
-    mask[0, 0] = False
-    go = torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(1))
+    tensors, mask, go = _nan_in_padded_key()
     out, lse, grads = run(backend, tensors, go, key_padding_mask=mask)
     out64, lse64, grads64 = truth(tensors, go, key_padding_mask=mask)
     assert torch.isfinite(out64).all() and torch.isfinite(lse64).all()  # the reference does not leak
@@ -582,11 +587,7 @@ _DQ_LEAK = ("a NaN in k of a padded-out key leaks into dq in every backend, the 
     pytest.param(b, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=_DQ_LEAK)) for b in BACKENDS])
 def test_nan_in_padded_key_does_not_leak_into_dq(backend):
     _need(backend)
-    tensors = make(B=2, Hq=2, Hkv=1, N=3, M=6, P=2, D=8)
-    tensors[1][0, 0, 0] = NAN
-    mask = torch.ones(2, 6, dtype=torch.bool)
-    mask[0, 0] = False
-    go = torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(1))
+    tensors, mask, go = _nan_in_padded_key()
     _, _, grads = run(backend, tensors, go, key_padding_mask=mask)
     assert torch.isfinite(grads[0]).all(), "NaN of a padded key leaked into dq"
 
