@@ -19,8 +19,7 @@ from torch import Tensor
 from torch.profiler import record_function
 
 from prefix_kernels import ops
-
-_NEEDS = 5  # gradients for q, k, v, prefix_k, prefix_v
+from prefix_kernels._autograd_common import backward as _common_backward, save as _save
 
 
 def _as_bank(t: Tensor) -> Tensor:
@@ -51,25 +50,6 @@ def _backward(grad_out, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask,
     return tuple(g if need else None for g, need in zip(grads, output_mask))
 
 
-def _save(ctx, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, out, lse, causal, scale,
-          deterministic):
-    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_ids)
-    ctx.causal, ctx.scale, ctx.deterministic = causal, scale, deterministic
-    ctx.set_materialize_grads(False)  # lse is not differentiable: no zero tensor for its gradient
-
-
-def _grads(ctx, grad_out, via_op: bool):
-    """Gradients for q, k, v, prefix_k, prefix_v (None where not needed)."""
-    mask = [bool(n) for n in ctx.needs_input_grad[:_NEEDS]]
-    if grad_out is None or not any(mask):  # out was not used: every gradient is zero
-        return (None,) * _NEEDS
-    saved = ctx.saved_tensors
-    if not via_op:
-        return _backward(grad_out, *saved, ctx.causal, ctx.scale, mask, ctx.deterministic)
-    grads = torch.ops.prefix_kernels.triton_bwd(grad_out, *saved, ctx.causal, ctx.scale, mask, ctx.deterministic)
-    return tuple(g if need else None for g, need in zip(grads, mask))
-
-
 class PrefixAttentionFunction(torch.autograd.Function):
     """apply(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale, deterministic)
     -> (out, lse in log2 units)."""
@@ -77,14 +57,13 @@ class PrefixAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale, deterministic):
         out, lse = _forward(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale)
-        _save(ctx, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, out, lse, causal, scale,
-              deterministic)
-        ctx.mark_non_differentiable(lse)
+        _save(ctx, (q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale, deterministic),
+              (out, lse))
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, _grad_lse):
-        return (*_grads(ctx, grad_out, via_op=False), None, None, None, None, None)
+        return _common_backward(ctx, grad_out, _backward)
 
 
 # ---------------------------------------------------------------- the same, as registered ops
@@ -125,16 +104,8 @@ def _(grad_out, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_
     return [t.new_empty(t.shape) if need else q.new_empty((0,)) for t, need in zip(like, output_mask)]
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale, deterministic = inputs
-    out, lse = output
-    _save(ctx, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, out, lse, causal, scale,
-          deterministic)
-    ctx.mark_non_differentiable(lse)
-
-
 def _op_backward(ctx, grad_out, _grad_lse):
-    return (*_grads(ctx, grad_out, via_op=True), None, None, None, None, None)
+    return _common_backward(ctx, grad_out, torch.ops.prefix_kernels.triton_bwd)
 
 
-triton_fwd.register_autograd(_op_backward, setup_context=_setup_context)
+triton_fwd.register_autograd(_op_backward, setup_context=_save)

@@ -1,16 +1,20 @@
 """The C++ CPU op (csrc/), built with ninja on first use.
 
+The sources ship inside the package (``prefix_kernels/_csrc/``, copied from the checkout's
+``csrc/`` when a wheel is built, see setup.py); an editable install reads the checkout's ``csrc/``.
 Importing this module builds nothing. The first call of :func:`is_available` (``prefix_attention``
-with ``backend="auto"`` or ``"cpu"`` on CPU tensors) compiles ``csrc/*.cpp`` with
-``torch.utils.cpp_extension.load`` (30-60 s, once; one line on stderr says so) into a cache
-directory, ``$PREFIX_KERNELS_BUILD_DIR`` or ``${XDG_CACHE_HOME:-~/.cache}/prefix_kernels/<torch>_<py>/``,
-keyed by a hash of the sources, flags, torch and Python versions. If the build fails (no compiler, no ninja, ...)
+with ``backend="auto"`` or ``"cpu"`` on CPU tensors) compiles them with
+``torch.utils.cpp_extension.load`` (about 20 s on 2 cores, once; one line on stderr says so) into a
+cache directory, ``$PREFIX_KERNELS_BUILD_DIR`` or
+``${XDG_CACHE_HOME:-~/.cache}/prefix_kernels/<torch>_<py>/``, keyed by a hash of the sources and
+their location, flags, torch and Python versions. If the build fails (no compiler, no ninja, ...)
 it warns once and ``is_available()`` is False, so ``backend="auto"`` falls back to the reference.
 ``PREFIX_KERNELS_DISABLE_CPU_EXT=1`` skips the build altogether.
 
 The library registers ``torch.ops.prefix_kernels.fwd_cpu`` / ``bwd_cpu`` (see
 csrc/prefix_attention.cpp); this module gives them fake (meta) implementations and an autograd
-formula, and wraps them in :func:`prefix_attention_cpu`.
+formula (the bookkeeping shared with the Triton path, _autograd_common.py), and wraps them in
+:func:`prefix_attention_cpu`.
 
 Kernel selection at run time (no -march=native: the binary runs on any x86-64): AVX2+FMA+F16C
 kernels when the CPU has them, else portable SSE2 ones (``PREFIX_KERNELS_CPU_ISA=base`` forces
@@ -31,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from prefix_kernels import _autograd_common
+
 _SOURCES = ("prefix_attention.cpp", "kernel_base.cpp", "kernel_avx2.cpp")
 _HEADERS = ("kernel_common.h", "kernel_impl.h")
 _CFLAGS = ["-O3", "-ffp-contract=off"]
@@ -46,8 +52,9 @@ _state: dict = {"tried": False, "ok": False, "reason": "the C++ CPU op has not b
 
 
 def _source_dir() -> Path | None:
+    """The C++ sources: the installed package's copy, else the source checkout's csrc/."""
     here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "csrc", here / "csrc"):
+    for candidate in (here / "_csrc", here.parent / "csrc"):
         if all((candidate / name).is_file() for name in _SOURCES + _HEADERS):
             return candidate
     return None
@@ -68,19 +75,22 @@ def _build() -> None:
 
     src = _source_dir()
     if src is None:
+        here = Path(__file__).resolve().parent
         raise RuntimeError(
-            "the C++ sources (csrc/prefix_attention.cpp, ...) were not found next to the package; "
-            "install prefix_kernels from a source checkout (pip install -e .)"
+            f"no C++ sources ({_SOURCES[0]}, ...) in {here / '_csrc'} (an installed package) or "
+            f"{here.parent / 'csrc'} (a source checkout); reinstall prefix_kernels"
         )
     digest = hashlib.sha256()
     for name in _SOURCES + _HEADERS:
         digest.update(name.encode() + b"\0" + (src / name).read_bytes())
-    digest.update(" ".join(_CFLAGS + _LDFLAGS + [torch.__version__, sys.version]).encode())
+    # The location too: the checkout's and an installed copy's builds (ninja files name the
+    # source paths) must not take turns rebuilding one cache entry.
+    digest.update(" ".join(_CFLAGS + _LDFLAGS + [str(src), torch.__version__, sys.version]).encode())
     name = f"prefix_kernels_cpu_{digest.hexdigest()[:12]}"
     build_dir = _build_root() / name
     build_dir.mkdir(parents=True, exist_ok=True)
     if not (build_dir / f"{name}.so").exists():
-        print(f"prefix_kernels: compiling the C++ CPU op (once, 30-60 s) in {build_dir}",
+        print(f"prefix_kernels: compiling the C++ CPU op (once, about 20 s on 2 cores) in {build_dir}",
               file=sys.stderr, flush=True)
     load(
         name=name,
@@ -164,30 +174,8 @@ def _bwd_fake(grad_out, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask,
     return tuple(torch.empty_like(t) if need else q.new_empty((0,)) for t, need in zip(like, output_mask))
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_ids)
-    ctx.causal, ctx.scale = causal, scale
-    ctx.set_materialize_grads(False)  # lse is not differentiable: no zero tensor for its gradient
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, grad_out, grad_lse):
-    return (*_grads(ctx, grad_out), None, None, None, None)
-
-
-def _grads(ctx, grad_out):
-    """The five input gradients, None where ctx.needs_input_grad says they are not needed."""
-    q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_ids = ctx.saved_tensors
-    mask = [bool(x) for x in ctx.needs_input_grad[:5]]
-    if not any(mask) or grad_out is None:  # grad_out None: out was not used, every gradient is zero
-        return (None,) * 5
-    grads = torch.ops.prefix_kernels.bwd_cpu(
-        grad_out, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_ids,
-        ctx.causal, ctx.scale, mask,
-    )
-    return tuple(g if need else None for g, need in zip(grads, mask))
+def _backward(ctx, grad_out, _grad_lse):
+    return _autograd_common.backward(ctx, grad_out, torch.ops.prefix_kernels.bwd_cpu)
 
 
 def _register_python_side() -> None:
@@ -196,7 +184,8 @@ def _register_python_side() -> None:
         return
     torch.library.register_fake("prefix_kernels::fwd_cpu")(_fwd_fake)
     torch.library.register_fake("prefix_kernels::bwd_cpu")(_bwd_fake)
-    torch.library.register_autograd("prefix_kernels::fwd_cpu", _backward, setup_context=_setup_context)
+    torch.library.register_autograd("prefix_kernels::fwd_cpu", _backward,
+                                    setup_context=_autograd_common.save)
     _registered = True
 
 
@@ -204,19 +193,12 @@ class PrefixAttentionCPU(torch.autograd.Function):
     """out, lse = fwd_cpu(...); backward runs bwd_cpu for exactly the needed gradients."""
 
     @staticmethod
-    def forward(ctx, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale):
-        out, lse = torch.ops.prefix_kernels.fwd_cpu(
-            q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale
-        )
-        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_ids)
-        ctx.causal, ctx.scale = causal, scale
-        ctx.set_materialize_grads(False)  # lse is not differentiable: no zero tensor for its gradient
-        ctx.mark_non_differentiable(lse)
-        return out, lse
+    def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale):
+        return torch.ops.prefix_kernels.fwd_cpu(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids,
+                                                causal, scale)
 
-    @staticmethod
-    def backward(ctx, grad_out, grad_lse):
-        return (*_grads(ctx, grad_out), None, None, None, None)
+    setup_context = staticmethod(_autograd_common.save)
+    backward = staticmethod(_backward)
 
 
 def prefix_attention_cpu(q, k, v, prefix_k, prefix_v, *, causal, scale, key_padding_mask, prefix_ids):

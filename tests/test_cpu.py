@@ -1,7 +1,7 @@
 """The C++ CPU op (csrc/, prefix_kernels/cpu.py) against the reference.
 
 Most tests go through ``prefix_attention(..., backend="cpu")`` so the public validation runs too.
-They need the extension, built on first use (about 30 s on 2 cores); without a compiler they
+They need the extension, built on first use (about 20 s on 2 cores); without a compiler they
 skip with the build error as the reason. The fallback tests (extension disabled) always run.
 """
 
