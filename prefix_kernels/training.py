@@ -1,14 +1,16 @@
 """The training loop shared by ``prefix-kernels demo`` and ``prefix-kernels train``: batches of
 prompt/completion examples, AdamW on the trainable parameters, a progress bar with loss and
-tokens/s, held-out loss and greedy generations.
+tokens/s, held-out loss, greedy generations, and the run's metrics.json + loss_curve.png.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -91,10 +93,55 @@ def train_steps(model, batches: list[dict], lr: float, device, *, progress: bool
     return log
 
 
+def eval_batches(examples: list[dict], collator, rows: int = 32) -> list[dict]:
+    """The held-out examples, collated in chunks of ``rows`` (in order, no shuffling)."""
+    return [collator(examples[i:i + rows]) for i in range(0, len(examples), rows)]
+
+
 @torch.no_grad()
-def mean_loss(model, batch: dict, device) -> float:
+def mean_loss(model, batches: dict | list[dict], device) -> float:
+    """Mean next-token loss over every label token of ``batches`` (one collated batch or a list)."""
     model.eval()
-    return model(**{k: v.to(device) for k, v in batch.items()}).loss.item()
+    total, count = 0.0, 0
+    for batch in [batches] if isinstance(batches, dict) else batches:
+        tokens = int((batch["labels"][:, 1:] != -100).sum())
+        total += model(**{k: v.to(device) for k, v in batch.items()}).loss.item() * tokens
+        count += tokens
+    return total / max(count, 1)
+
+
+def plot_loss_curve(path, train_losses: list[float], eval_points: list[tuple[int, float]] = (),
+                    title: str = "prefix tuning") -> Path | None:
+    """Writes the per-step training loss and the held-out points (step, loss) as a PNG (matplotlib's
+    Agg canvas: no display needed). Without matplotlib it says so in one line and returns None."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        print("(matplotlib is not installed, so no loss curve PNG: pip install matplotlib)")
+        return None
+    fig = Figure(figsize=(6.4, 4.0), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot(range(len(train_losses)), train_losses, lw=1, alpha=0.8, label="training batch")
+    if eval_points:
+        steps, losses = zip(*eval_points)
+        ax.plot(steps, losses, "o-", label="held-out")
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    return Path(path)
+
+
+def save_run(out, metrics: dict, title: str) -> list[Path]:
+    """metrics.json and loss_curve.png (from metrics["train_loss"] / ["eval_loss"]) into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    png = plot_loss_curve(out / "loss_curve.png", metrics["train_loss"], metrics.get("eval_loss", []), title)
+    return [out / "metrics.json"] + ([png] if png else [])
 
 
 @torch.no_grad()

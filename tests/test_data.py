@@ -168,3 +168,20 @@ def test_encode_prompts_left_pads_like_the_collator():
     assert mask.tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
     collated = PromptCompletionCollator(tok)([{"prompt": "a b c", "completion": " e"}])
     assert collated["input_ids"][0, :4].tolist() == input_ids[0].tolist()
+
+
+def test_collator_check_names_the_example_up_front():
+    collate = PromptCompletionCollator(word_tokenizer(), max_length=4)
+    examples = [{"prompt": "a", "completion": " b"}, {"prompt": "c", "completion": " d e f g"}]
+    collate.check(examples[:1], "training")  # fits: nothing raised
+    with pytest.raises(ValueError, match=r"^training example 2 of 2 \(prompt 'c'.*5 tokens.*max_length=4"):
+        collate.check(examples, "training")
+
+
+def test_load_jsonl_names_a_non_utf8_line_and_accepts_a_bom(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD.encode() + b'\n{"prompt": "\xff", "completion": " b"}\n')
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: not UTF-8 text")):
+        load_jsonl(path)
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD.encode() + b"\n")
+    assert load_jsonl(path) == [{"prompt": "a", "completion": " b"}]

@@ -124,8 +124,8 @@ def build_parser(prog: str = "prefix-kernels bench") -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
                         help="default: bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--out", type=Path, default=Path("bench_results"),
-                        help="output directory (files go to OUT/<device>/; default %(default)s)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output directory (files go to OUT/<device>/; default runs/bench-<date>-<time>/)")
     parser.add_argument("--flat", action="store_true", help="write into OUT itself, not OUT/<device>/")
     parser.add_argument("--name", default="attention", help="file stem: NAME_<device>.json/.csv/.png")
     parser.add_argument("--providers", default=None,
@@ -145,9 +145,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "prefix-kernels bench") 
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
+    from prefix_kernels.cli.common import run_dir
+
     try:
         rows = run_kernel_bench(
-            args.preset, device=args.device, dtype=args.dtype, out_dir=args.out, providers=args.providers,
+            args.preset, device=args.device, dtype=args.dtype, out_dir=run_dir("bench", args.out),
+            providers=args.providers,
             shapes=args.shape, modes=args.modes.split(",") if args.modes else None, warmup=args.warmup,
             reps=args.reps, threads=args.threads, plot=not args.no_plot, per_device_dir=not args.flat,
             name=args.name)

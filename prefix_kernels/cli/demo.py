@@ -4,7 +4,8 @@ installed) on the packaged table-to-text task, on the GPU when there is one, els
 It prints generations for held-out inputs before and after, the held-out loss, and a comparison
 with PEFT prefix tuning over the same first steps (same initial prefix, same batches, same
 optimizer): step time, peak memory (CUDA) and the loss reached. Then it saves the prefix
-(safetensors) and a PEFT adapter.
+(safetensors), a PEFT adapter, metrics.json and loss_curve.png into ``--out`` (default
+``runs/demo-<date>-<time>/``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import copy
 from pathlib import Path
 
 import torch
+
+from prefix_kernels.cli.common import out_help, print_generations, run_dir
 
 INSTRUCTION = "Write one fluent sentence that describes the restaurant using every attribute listed."
 
@@ -25,25 +28,20 @@ def add_parser(sub) -> None:
     p.add_argument("--compare-steps", type=int, default=None,
                    help="steps of the PEFT comparison (default: 5 on CPU, 20 on CUDA; 0 skips it)")
     p.add_argument("--examples", type=int, default=3, help="held-out inputs to generate for")
-    p.add_argument("--out", type=Path, default=Path("prefix_kernels_demo"), help="where the prefix is saved")
+    p.add_argument("--out", type=Path, default=None, help=out_help("demo"))
     p.add_argument("--device", default=None)
     p.add_argument("--tiny", action="store_true", help="a tiny random Llama instead of SmolLM2 (a smoke run)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=run)
 
 
-def _print_generations(title, prompts, texts) -> None:
-    print(f"\n{title}")
-    for prompt, text in zip(prompts, texts):
-        print(f"  {prompt.splitlines()[0]}\n    -> {text!r}")
-
-
 def run(args) -> int:
     from prefix_kernels import add_prefix_tuning
     from prefix_kernels.data import PromptCompletionCollator, demo_task_path, load_jsonl, split
     from prefix_kernels.models import load_default_model
-    from prefix_kernels.training import batch_stream, complete, mean_loss, train_steps
+    from prefix_kernels.training import batch_stream, complete, eval_batches, mean_loss, save_run, train_steps
 
+    out = run_dir("demo", args.out)  # named by the start time
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     steps = args.steps or (150 if device == "cuda" else 40)
@@ -57,7 +55,7 @@ def run(args) -> int:
     collator = PromptCompletionCollator(tokenizer, max_length=256)
     stream = batch_stream(train_set, collator, args.batch_size, seed=0)
     batches = [next(stream) for _ in range(steps)]
-    eval_batch = collator(eval_set)
+    eval_batch = eval_batches(eval_set, collator)
     shown = eval_set[: args.examples]
     prompts = [ex["prompt"] for ex in shown]
 
@@ -71,7 +69,8 @@ def run(args) -> int:
             print("(peft is not installed: the comparison with PEFT is skipped; pip install peft)")
 
     base_loss = mean_loss(model, eval_batch, device)
-    _print_generations("before (the base model, no prefix):", prompts, complete(model, tokenizer, prompts, device))
+    before = complete(model, tokenizer, prompts, device)
+    print_generations("before (the base model, no prefix):", prompts, before)
 
     init_ids = tokenizer(INSTRUCTION, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     wrapped = add_prefix_tuning(model, init_ids.numel(), init=init_ids)
@@ -87,16 +86,24 @@ def run(args) -> int:
     print(f"train loss {log.losses[0]:.3f} -> {log.losses[-1]:.3f} over {steps} steps "
           f"({log.tokens_per_s:,.0f} tokens/s, median step {log.median_step_ms():.0f} ms)")
     print(f"held-out loss: base model {base_loss:.3f}, initial prefix {start_loss:.3f}, trained prefix {end_loss:.3f}")
-    _print_generations("after (trained prefix):", prompts, complete(wrapped, tokenizer, prompts, device))
+    after = complete(wrapped, tokenizer, prompts, device)
+    print_generations("after (trained prefix):", prompts, after)
 
     if peft_base is not None:
         compare_with_peft(peft_base, initial_table, batches[:compare_steps], args, log, device)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    wrapped.save_prefix(args.out)
-    wrapped.save_peft_adapter(args.out / "peft_adapter")
-    print(f"\nsaved the prefix to {args.out}/ (prefix_tuning.safetensors + config) and a PEFT adapter to "
-          f"{args.out / 'peft_adapter'}/")
+    wrapped.save_prefix(out)
+    wrapped.save_peft_adapter(out / "peft_adapter")
+    metrics = {"command": "demo", "model": loaded.name, "model_source": loaded.note, "device": device,
+               "dtype": str(dtype).replace("torch.", ""), "steps": steps, "batch_size": args.batch_size,
+               "lr": args.lr, "prefix_length": spec.num_virtual_tokens, "init": "text (the instruction)",
+               "base_model_loss": base_loss, "final_eval_loss": end_loss, "train_loss": log.losses,
+               "eval_loss": [(0, start_loss), (steps, end_loss)], "tokens_per_s": log.tokens_per_s,
+               "median_step_ms": log.median_step_ms(), "peak_mib": log.peak_mib,
+               "generations": [{"prompt": p, "before": b, "after": a} for p, b, a in zip(prompts, before, after)]}
+    written = save_run(out, metrics, f"prefix tuning {loaded.name} (demo)")
+    print(f"\nsaved to {out}/: prefix_tuning.safetensors (+ config), peft_adapter/, "
+          f"{', '.join(p.name for p in written)}")
     return 0
 
 

@@ -14,12 +14,14 @@ from pathlib import Path
 
 import torch
 
+from prefix_kernels.cli.common import UserError, out_help, require, run_dir, user_errors
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("profile", help="torch.profiler traces of a training step and a decode loop")
-    p.add_argument("--out", type=Path, default=Path("profiles"))
+    p.add_argument("--out", type=Path, default=None, help=out_help("profile"))
     p.add_argument("--model", default="default",
-                   help="'default' (SmolLM2-135M when installed), 'tiny', or a local model directory")
+                   help="default (SmolLM2-135M when installed, else tiny), tiny, smollm2, or a local model directory")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--prefix", type=int, default=32)
@@ -31,14 +33,14 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def _load(name: str, dtype, device):
-    from prefix_kernels.models import load_default_model
-
-    if name in ("default", "tiny"):
-        return load_default_model(dtype=dtype, device=device, tiny=name == "tiny").model
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device)
+def left_padded_batch(batch: int, length: int, vocab: int, pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random token ids (never ``pad``) [batch, length], the first half of the rows left-padded by
+    length // 8 (pad ids, mask 0): every row ends in a real token, as generate() expects."""
+    ids = torch.randint(0, vocab - 1, (batch, length), device=device)
+    ids += (ids >= pad).long()  # skip the pad id
+    mask = torch.ones_like(ids)
+    mask[: batch // 2, : length // 8] = 0
+    return ids.masked_fill(mask == 0, pad), mask
 
 
 def profile_call(fn, out: Path, name: str, cuda: bool, rows: int, nvtx: bool) -> str:
@@ -62,36 +64,45 @@ def profile_call(fn, out: Path, name: str, cuda: bool, rows: int, nvtx: bool) ->
     return table
 
 
+@user_errors("profile")
 def run(args) -> int:
     from prefix_kernels import add_prefix_tuning
+    from prefix_kernels.models import ModelUnavailable, load_model
 
+    for name in ("batch", "seq", "prefix", "decode_tokens", "rows"):
+        require(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.peft:
+        try:
+            import peft
+        except ImportError:
+            raise UserError("--peft needs peft (pip install peft)") from None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
-    base = _load(args.model, dtype, device)
-    args.out.mkdir(parents=True, exist_ok=True)
-    vocab = base.config.vocab_size
-    ids = torch.randint(0, vocab, (args.batch, args.seq), device=device)
-    mask = torch.ones_like(ids)
-    mask[: args.batch // 2, : args.seq // 8] = 0  # left padding on half the rows
+    try:
+        base = load_model(args.model, dtype=dtype, device=device).model
+    except ModelUnavailable as exc:
+        raise UserError(f"--model {exc}") from None
+    out = run_dir("profile", args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pad = base.config.pad_token_id if base.config.pad_token_id is not None else 0
+    ids, mask = left_padded_batch(args.batch, args.seq, base.config.vocab_size, pad, device)
     inputs = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100),
                   position_ids=(mask.cumsum(-1) - 1).clamp_min(0))
     models = {"ours": add_prefix_tuning(copy.deepcopy(base) if args.peft else base, args.prefix)}
     if args.peft:
-        import peft
-
         models["peft"] = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type="CAUSAL_LM",
                                                                            num_virtual_tokens=args.prefix))
     for name, model in models.items():
         model.train()
-        table = profile_call(lambda: model(**inputs).loss.backward(), args.out, f"train_step_{name}", cuda,
+        table = profile_call(lambda: model(**inputs).loss.backward(), out, f"train_step_{name}", cuda,
                              args.rows, args.nvtx)
         print(f"==== training step, {name}: B={args.batch} N={args.seq} P={args.prefix} on {device}\n{table}")
     ours = models["ours"].eval()
-    prompt, prompt_mask = ids[:, : min(args.seq, 64)], mask[:, : min(args.seq, 64)]
-    gen = dict(max_new_tokens=args.decode_tokens, min_new_tokens=args.decode_tokens, do_sample=False, pad_token_id=0)
-    table = profile_call(lambda: ours.generate(input_ids=prompt, attention_mask=prompt_mask, **gen), args.out,
+    prompt, prompt_mask = left_padded_batch(args.batch, min(args.seq, 64), base.config.vocab_size, pad, device)
+    gen = dict(max_new_tokens=args.decode_tokens, min_new_tokens=args.decode_tokens, do_sample=False, pad_token_id=pad)
+    table = profile_call(lambda: ours.generate(input_ids=prompt, attention_mask=prompt_mask, **gen), out,
                          "decode_ours", cuda, args.rows, args.nvtx)
     print(f"==== greedy decode, ours: B={args.batch}, {args.decode_tokens} new tokens\n{table}")
-    print(f"traces and tables in {args.out}/ (open trace_*.json in https://ui.perfetto.dev)")
+    print(f"traces and tables in {out}/ (open trace_*.json in https://ui.perfetto.dev)")
     return 0

@@ -36,8 +36,12 @@ def load_jsonl(path) -> list[dict]:
     """One {"prompt", "completion"[, "split"]} object per line; blank lines are skipped.
     Raises ValueError naming ``path:line`` on the first bad line, or on a file without examples."""
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a leading BOM is fine
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
             try:
@@ -108,14 +112,14 @@ class PromptCompletionCollator:
         self.max_length = max_length
         self.pad_id = _pad_id(tokenizer)
 
-    def _encode(self, index: int, ex: dict) -> tuple[list[int], list[int]]:
+    def _encode(self, where: str, ex: dict) -> tuple[list[int], list[int]]:
         tok = self.tokenizer
         prompt = _prompt_ids(tok, ex["prompt"])
         completion = tok(ex["completion"], add_special_tokens=False)["input_ids"]
         if tok.eos_token_id is not None:
             completion = completion + [tok.eos_token_id]
         if len(completion) > self.max_length:
-            raise ValueError(f"example {index} (prompt {ex['prompt'][:40]!r}...): its completion is "
+            raise ValueError(f"{where} (prompt {ex['prompt'][:40]!r}...): its completion is "
                              f"{len(completion)} tokens, more than max_length={self.max_length}")
         keep = self.max_length - len(completion)
         if len(prompt) > keep:
@@ -124,9 +128,16 @@ class PromptCompletionCollator:
             prompt = head + prompt[len(prompt) - keep + len(head):]
         return prompt + completion, [-100] * len(prompt) + completion
 
+    def check(self, examples: list[dict], what: str = "") -> None:
+        """Encodes every example once (no padding, nothing kept), so that a completion longer than
+        ``max_length`` is refused up front, not when its batch comes: ValueError naming it as
+        "<what> example <i> of <n>" (1-based)."""
+        for i, ex in enumerate(examples):
+            self._encode(f"{what} example {i + 1} of {len(examples)}".strip(), ex)
+
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         if not examples:
             raise ValueError("an empty batch")
-        rows, labels = zip(*(self._encode(i, ex) for i, ex in enumerate(examples)))
+        rows, labels = zip(*(self._encode(f"example {i}", ex) for i, ex in enumerate(examples)))
         ids, mask, label_tensor = _left_pad(list(rows), self.pad_id, list(labels))
         return {"input_ids": ids, "attention_mask": mask, "labels": label_tensor}

@@ -1,0 +1,51 @@
+"""What the subcommands share: the run folder every output goes under, user errors (bad
+arguments, data or paths) printed as one line ``prefix-kernels <command>: error: ...`` with exit
+status 2 -- tracebacks are left for bugs -- and the generations listing of demo and train."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from pathlib import Path
+
+RUNS = Path("runs")
+
+
+class UserError(Exception):
+    """A mistake of the user's (an argument, the data, a path): one line, exit status 2."""
+
+
+def run_dir(command: str, out: str | Path | None = None) -> Path:
+    """``out`` when given, else ``runs/<command>-<YYYYmmdd-HHMMSS>/`` under the current directory."""
+    return Path(out) if out is not None else RUNS / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def out_help(command: str) -> str:
+    return f"folder for everything this writes (default: runs/{command}-<date>-<time>/)"
+
+
+def require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def user_errors(command: str):
+    """Decorates a subcommand's ``run(args)``: a UserError becomes one line on stderr and status 2."""
+    def wrap(run):
+        @functools.wraps(run)
+        def guarded(args):
+            try:
+                return run(args)
+            except UserError as exc:
+                print(f"prefix-kernels {command}: error: {exc}", file=sys.stderr)
+                return 2
+        return guarded
+    return wrap
+
+
+def print_generations(title: str, prompts: list[str], texts: list[str]) -> None:
+    """Each prompt's first line and its completion."""
+    print(f"\n{title}")
+    for prompt, text in zip(prompts, texts):
+        print(f"  {prompt.splitlines()[0] if prompt.strip() else repr(prompt)}\n    -> {text!r}")
