@@ -1,5 +1,5 @@
 """Block-size sweep for the Triton kernels: which (BLOCK_M, BLOCK_N, num_warps, num_stages) is fastest
-for the forward, dq and dk/dv (+ dprefix) kernels at a few training shapes.
+for the forward, the one-pass backward and the deterministic dq pass at a few training shapes.
 
     PYTHONPATH=. python benchmarks/tune_blocks.py --out DIR            # CUDA, bf16, a curated grid
     PYTHONPATH=. python benchmarks/tune_blocks.py --full --out DIR     # every combination
@@ -7,9 +7,9 @@ for the forward, dq and dk/dv (+ dprefix) kernels at a few training shapes.
 
 The block sizes in prefix_kernels/kernels/configs.py are starting points taken from the Triton
 tutorial and flash-attention, not measured. This script measures them: for each shape it times each
-kernel alone through the launchers in prefix_kernels/ops.py, with ``ops.kernel_configs`` replaced
-by the candidate (coordinate descent: forward; dq with the default dk/dv; dk/dv with the default
-dq). A candidate that fails to compile (shared memory, registers) is recorded as failed; one whose
+kernel through the launchers in prefix_kernels/ops.py, with the candidate set by
+``configs.override_configs`` (coordinate descent: forward; the deterministic dq pass; the backward
+with the default dq tiles: all five gradients, prologue + main kernel + epilogue). A candidate that fails to compile (shared memory, registers) is recorded as failed; one whose
 results differ from the default configuration's (bf16 tolerance) is recorded as wrong and never
 chosen. Rows (device, versions, git SHA, shape, kernel, config, ms, status) go to
 <out>/blocks_<device>.json and .csv; the best per kernel and shape is printed against the default.
@@ -22,7 +22,7 @@ import csv
 import itertools
 import json
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, time_ms  # noqa: E402
 
 from prefix_kernels import ops  # noqa: E402
-from prefix_kernels.kernels.configs import BlockConfig, kernel_configs  # noqa: E402
+from prefix_kernels.kernels.configs import BlockConfig, kernel_configs, override_configs  # noqa: E402
 
 # (B, Hq, Hkv, N, P, D): the kernel benchmark's training shapes and SmolLM2-135M's geometry
 SHAPES = [(4, 32, 8, 2048, 128, 128), (8, 16, 4, 1024, 64, 128), (8, 9, 3, 1024, 64, 64)]
@@ -41,13 +41,13 @@ CURATED = {
                 (128, 128, 8, 2), (64, 128, 4, 2), (128, 64, 8, 4)],
     "dq": [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 4, 3), (128, 32, 8, 2), (128, 64, 8, 2),
            (64, 64, 8, 3), (128, 128, 8, 1)],
-    "dkdv": [(32, 64, 4, 2), (32, 128, 4, 3), (32, 128, 8, 2), (64, 64, 4, 2), (64, 128, 8, 2),
-             (16, 128, 4, 2), (64, 64, 8, 3)],
+    "backward": [(32, 128, 4, 3), (32, 128, 8, 3), (32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3),
+                 (64, 64, 4, 3), (64, 64, 8, 3), (16, 128, 8, 3), (64, 128, 8, 3)],
 }
 FULL = {
     "forward": list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))),
     "dq": list(itertools.product((64, 128), (32, 64, 128), (4, 8), (1, 2, 3))),
-    "dkdv": list(itertools.product((16, 32, 64), (64, 128), (4, 8), (1, 2, 3))),
+    "backward": list(itertools.product((16, 32, 64), (64, 128), (4, 8), (2, 3, 4))),
 }
 
 
@@ -66,16 +66,16 @@ def inputs(shape, dtype, device):
 
 
 def runner(kernel, tensors, scale):
-    """A callable that runs one kernel (the backward's delta pass included) and returns its outputs."""
+    """A callable that runs one kernel's launches (with the backward's prologue/epilogue) and returns its outputs."""
     q, k, v, pk, pv, mask, grad_out = tensors
     if kernel == "forward":
         return lambda: ops.prefix_attention_forward(q, k, v, pk, pv, mask, None, True, scale)
     out, lse = ops.prefix_attention_forward(q, k, v, pk, pv, mask, None, True, scale)
-    need = dict(need_dq=kernel == "dq", need_dkdv=kernel == "dkdv", need_dprefix=kernel == "dkdv")
+    need = dict(need_dq=True, need_dkdv=kernel == "backward", need_dprefix=kernel == "backward")
 
     def backward():
         grads = ops.prefix_attention_backward(grad_out, q, k, v, pk, pv, out, lse, mask, None, True, scale,
-                                              deterministic=False, **need)
+                                              deterministic=kernel == "dq", **need)
         return tuple(g for g in grads if g is not None)
 
     return backward
@@ -92,19 +92,16 @@ def sweep(shape, dtype, device, grid, reps_cpu) -> list[dict]:
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     default = kernel_configs(shape[-1], dtype, capability)
     rows = []
-    original = ops.kernel_configs
-    try:
-        for kernel in ("forward", "dq", "dkdv"):
-            ops.kernel_configs = lambda *a: default
-            fn = runner(kernel, tensors, scale)
-            want = fn()
-            want = want if isinstance(want, tuple) else (want,)
-            base_cfg = getattr(default, kernel)
-            candidates = [base_cfg] + [BlockConfig(*c) for c in grid[kernel] if BlockConfig(*c) != base_cfg]
-            for cfg in candidates:
-                ops.kernel_configs = lambda *a, cfg=cfg: replace(default, **{kernel: cfg})
-                row = dict(shape="x".join(map(str, shape)), kernel=kernel, default=cfg == base_cfg, **asdict(cfg))
-                try:
+    for kernel in ("forward", "dq", "backward"):
+        fn = runner(kernel, tensors, scale)
+        want = fn()
+        want = want if isinstance(want, tuple) else (want,)
+        base_cfg = getattr(default, kernel)
+        candidates = [base_cfg] + [BlockConfig(*c) for c in grid[kernel] if BlockConfig(*c) != base_cfg]
+        for cfg in candidates:
+            row = dict(shape="x".join(map(str, shape)), kernel=kernel, default=cfg == base_cfg, **asdict(cfg))
+            try:
+                with override_configs(**{kernel: cfg}):
                     got = fn()
                     got = got if isinstance(got, tuple) else (got,)
                     n = 1 if kernel == "forward" else len(want)  # forward: out (lse is in other units' rounding)
@@ -114,12 +111,10 @@ def sweep(shape, dtype, device, grid, reps_cpu) -> list[dict]:
                         row.update(status="wrong", ms=None)
                     else:
                         row.update(status="ok", ms=time_ms(fn, device=device, warmup=1, reps=reps_cpu))
-                except Exception as exc:  # noqa: BLE001 -- compile failures (resources) are results here
-                    row.update(status=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}", ms=None)
-                rows.append(row)
-                print(row, flush=True)
-    finally:
-        ops.kernel_configs = original
+            except Exception as exc:  # noqa: BLE001 -- compile failures (resources) are results here
+                row.update(status=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}", ms=None)
+            rows.append(row)
+            print(row, flush=True)
     return rows
 
 

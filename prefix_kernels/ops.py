@@ -13,8 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
-from prefix_kernels.kernels.backward import delta_kernel, dkdv_kernel, dprefix_kernel, dq_kernel
-from prefix_kernels.kernels.configs import BlockConfig, head_dim_padded, kernel_configs
+from prefix_kernels.kernels.backward import (
+    backward_epilogue_kernel, backward_kernel, backward_prologue_kernel, dq_kernel,
+)
+from prefix_kernels.kernels.configs import BlockConfig, head_dim_padded, kernel_configs, prefix_grad_chunks
 from prefix_kernels.kernels.decode import (
     combine_num_warps, decode_block_rows, decode_config, decode_num_splits, prefix_attention_decode_combine_kernel,
     prefix_attention_decode_kernel,
@@ -34,8 +36,6 @@ _ACC = {torch.float64: tl.float64}
 # prefill/training shape (and its small-N code paths keep their tests).
 DECODE_MAX_ROWS = 64
 DECODE_MAX_QUERIES = 4
-# Upper bound on the fp32 partial buffer of the deterministic prefix-gradient reduction.
-_PARTIALS_BYTES = 256 * 2**20
 
 
 def interpreting() -> bool:
@@ -75,6 +75,12 @@ def _launch_opts(cfg: BlockConfig) -> dict:
     return dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
+def _elementwise_opts(tile_elems: int) -> dict:
+    """The backward's prologue/epilogue (loads, a row reduction, stores; no matmul): 8 warps for
+    [128, 128] tiles (4 spill there), else 4."""
+    return {} if interpreting() else dict(num_warps=8 if tile_elems >= 128 * 128 else 4, num_stages=1)
+
+
 def _mask_args(key_padding_mask: torch.Tensor | None, like: torch.Tensor):
     if key_padding_mask is None:
         return like, 0, 0  # never read: HAS_KPM is False
@@ -83,8 +89,8 @@ def _mask_args(key_padding_mask: torch.Tensor | None, like: torch.Tensor):
 
 
 def _prefix_ids_arg(prefix_ids: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """int32 and contiguous: the kernels read PREFIX_IDS + b."""
-    return like if prefix_ids is None else prefix_ids.to(torch.int32).contiguous()
+    """Contiguous, any integer dtype (no cast launch): the kernels read PREFIX_IDS + b."""
+    return like if prefix_ids is None else prefix_ids.contiguous()
 
 
 def _new_like(t: torch.Tensor, contiguous: bool, zero: bool = False) -> torch.Tensor:
@@ -165,31 +171,27 @@ def prefix_attention_decode(q, k, v, prefix_k, prefix_v, key_padding_mask, prefi
     return out, lse
 
 
-def _prefix_grad_chunks(n_items: int, n_tiles: int, n_sms: int, partial_bytes_per_chunk: int) -> int:
-    """Chunks of the batch reduction: enough programs for ~4 waves, within the partials budget."""
-    chunks = max(1, triton.cdiv(4 * n_sms, max(n_tiles, 1)))
-    chunks = min(chunks, n_items, max(1, _PARTIALS_BYTES // max(partial_bytes_per_chunk, 1)))
-    return triton.cdiv(n_items, triton.cdiv(n_items, chunks))  # no empty chunk
-
-
 def prefix_attention_backward(
     grad_out, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_ids, causal, scale,
     *, need_dq: bool, need_dkdv: bool, need_dprefix: bool, deterministic: bool, contiguous_grads: bool = False,
 ):
-    """Returns (dq, dk, dv, dprefix_k, dprefix_v); a gradient not asked for is None and its kernel
-    does not run. dprefix_* have prefix_k's [T, Hkv, P, D] shape and dtype."""
+    """Returns (dq, dk, dv, dprefix_k, dprefix_v); a gradient not asked for is None and no kernel
+    computes it. dprefix_* have prefix_k's [T, Hkv, P, D] shape and dtype.
+
+    Launches (kernels/backward.py): the prologue (delta, zeroed accumulators), the one-pass kernel,
+    and the epilogue when an fp32 accumulator must become a 16-bit gradient (or chunk partials be
+    summed); deterministic mode adds the dq pass. Nothing else touches device memory."""
     batch, n_heads, n_queries, head_dim = q.shape
     n_kv_heads, n_keys = k.shape[1], k.shape[2]
-    n_prefixes, n_prefix = prefix_k.shape[0], prefix_k.shape[2]
+    n_prefix = prefix_k.shape[2]
     group = n_heads // n_kv_heads
     nothing_to_do = q.numel() == 0  # no query: every gradient is zero
     dq = _new_like(q, contiguous_grads, nothing_to_do) if need_dq else None
     dk = _new_like(k, contiguous_grads, nothing_to_do) if need_dkdv else None
     dv = _new_like(v, contiguous_grads, nothing_to_do) if need_dkdv else None
-    needs_dprefix_kernel = need_dprefix and prefix_k.shape[2] > 0 and not nothing_to_do
-    # The dprefix kernel's fp32 buffers become dprefix below; zeros only when it does not run.
-    dpk = torch.zeros_like(prefix_k) if need_dprefix and not needs_dprefix_kernel else None
-    dpv = torch.zeros_like(prefix_v) if need_dprefix and not needs_dprefix_kernel else None
+    dpk = dpv = None
+    if need_dprefix and (n_prefix == 0 or nothing_to_do):  # P = 0: an empty gradient; no query: zeros
+        dpk, dpv, need_dprefix = torch.zeros_like(prefix_k), torch.zeros_like(prefix_v), False
     if nothing_to_do or not (need_dq or need_dkdv or need_dprefix):
         return dq, dk, dv, dpk, dpv
 
@@ -199,60 +201,88 @@ def prefix_attention_backward(
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     kpm, stride_mb, stride_mn = _mask_args(key_padding_mask, q)
     ids = _prefix_ids_arg(prefix_ids, q)
-    has_kpm, has_ids = key_padding_mask is not None, prefix_ids is not None
     common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad)
+    cfg, tile = configs.backward, configs.dq
+
+    # dq: atomics into an fp32 accumulator (dq itself when q is fp32/fp64), or its own pass.
+    dq_atomic = need_dq and not deterministic
+    dq_acc = None
+    if dq_atomic:
+        dq_acc = dq if dq.dtype == acc_dtype else torch.empty(q.shape, device=q.device, dtype=acc_dtype)
+    # Prefix work: chunks of (row, query head, query block) items per (prefix block, kv head).
+    seq_programs = triton.cdiv(n_keys, cfg.block_n) * batch * n_kv_heads if (dq_atomic or need_dkdv) else 0
+    prefix_tiles = triton.cdiv(n_prefix, cfg.block_n) * n_kv_heads
+    n_items = batch * group * triton.cdiv(n_queries, cfg.block_m)
+    heaviest = group * triton.cdiv(n_queries, cfg.block_m) if seq_programs else 0
+    chunks = 0
+    if need_dprefix or (dq_atomic and n_prefix > 0):
+        chunks = prefix_grad_chunks(n_items, prefix_tiles, _num_sms(q.device), heaviest,
+                                    4 * prefix_k.numel() if deterministic else 0)
+    dpk_acc = dpv_acc = q  # never read unless need_dprefix
+    if need_dprefix:  # fp32 accumulators [C, T, Hkv, P, D] (C = 1 unless deterministic), zeroed by the prologue
+        acc_shape = (chunks if deterministic else 1, *prefix_k.shape)
+        dpk_acc = torch.empty(acc_shape, device=q.device, dtype=acc_dtype)
+        dpv_acc = torch.empty(acc_shape, device=q.device, dtype=acc_dtype)
+    n_zero = dpk_acc.numel() if need_dprefix else 0
 
     delta = torch.empty(batch, n_heads, n_queries, device=q.device, dtype=acc_dtype)
-    cfg = configs.dq
-    delta_kernel[(triton.cdiv(n_queries, cfg.block_m), batch * n_heads)](
-        out, grad_out, delta, *out.stride(), *grad_out.stride(), n_heads, n_queries,
-        BLOCK_M=cfg.block_m, ACC_DTYPE=flags["ACC_DTYPE"], **common, **_launch_opts(cfg),
+    prologue_grid = (triton.cdiv(n_queries, tile.block_m), batch * n_heads)
+    zero_block = 1024 if n_zero else 0
+    zero_per_program = triton.cdiv(triton.cdiv(n_zero, prologue_grid[0] * prologue_grid[1]), 1024) * 1024
+    dqz = dq_acc if dq_atomic else q
+    backward_prologue_kernel[prologue_grid](
+        out, grad_out, delta, dqz, dpk_acc, dpv_acc, *out.stride(), *grad_out.stride(), *dqz.stride(),
+        n_heads, n_queries, n_zero, zero_per_program,
+        BLOCK_M=tile.block_m, ZERO_DQ=dq_atomic, ZERO_BLOCK=zero_block, ACC_DTYPE=flags["ACC_DTYPE"],
+        **common, **_elementwise_opts(tile.block_m * d_pad),
     )
     lse = lse.contiguous()
 
-    if need_dq:
-        dq_kernel[(triton.cdiv(n_queries, cfg.block_m), batch * n_heads)](
+    if need_dq and deterministic:
+        dq_kernel[(triton.cdiv(n_queries, tile.block_m), batch * n_heads)](
             q, k, v, prefix_k, prefix_v, ids, kpm, grad_out, lse, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
             stride_mb, stride_mn, *grad_out.stride(), *dq.stride(),
             n_heads, n_queries, n_keys, n_prefix, group, scale, scale * LOG2E,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_CAUSAL=causal, HAS_KPM=has_kpm, HAS_PREFIX_IDS=has_ids,
-            **common, **flags, **_launch_opts(cfg),
+            BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, IS_CAUSAL=causal, HAS_KPM=key_padding_mask is not None,
+            HAS_PREFIX_IDS=prefix_ids is not None, **common, **flags, **_launch_opts(tile),
         )
 
-    cfg = configs.dkdv
-    if need_dkdv and n_keys > 0:
-        dkdv_kernel[(triton.cdiv(n_keys, cfg.block_n), batch * n_kv_heads)](
-            q, k, v, kpm, grad_out, lse, delta, dk, dv,
-            *q.stride(), *k.stride(), *v.stride(), stride_mb, stride_mn, *grad_out.stride(),
-            *dk.stride(), *dv.stride(),
-            n_heads, n_kv_heads, n_queries, n_keys, group, scale, scale * LOG2E,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_CAUSAL=causal, HAS_KPM=has_kpm,
-            **common, **flags, **_launch_opts(cfg),
+    prefix_programs = prefix_tiles * chunks
+    if prefix_programs + seq_programs > 0:
+        dqa = dq_acc if dq_atomic else q
+        dka, dva = (dk, dv) if need_dkdv else (k, v)
+        gstride = dpk_acc.stride()[:4] if need_dprefix else (0, 0, 0, 0)  # (chunk, t, kv head, key)
+        backward_kernel[(prefix_programs + seq_programs,)](
+            q, k, v, prefix_k, prefix_v, ids, kpm, grad_out, lse, delta, dqa, dka, dva, dpk_acc, dpv_acc,
+            *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
+            stride_mb, stride_mn, *grad_out.stride(), *dqa.stride(), *dka.stride(), *dva.stride(), *gstride,
+            batch, n_heads, n_kv_heads, n_queries, n_keys, n_prefix, group,
+            prefix_programs, n_items, triton.cdiv(n_items, max(chunks, 1)), scale, scale * LOG2E,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_CAUSAL=causal, HAS_KPM=key_padding_mask is not None,
+            HAS_PREFIX_IDS=prefix_ids is not None, NEED_DQ=dq_atomic, NEED_DKDV=need_dkdv,
+            NEED_DPREFIX=need_dprefix, DETERMINISTIC=deterministic, PREFIX_PROGRAMS=prefix_programs > 0,
+            SEQ_PROGRAMS=seq_programs > 0, **common, **flags, **_launch_opts(cfg),
         )
 
-    if needs_dprefix_kernel:
-        block_n = max(16, min(cfg.block_n, triton.next_power_of_2(n_prefix)))
-        n_tiles = triton.cdiv(n_prefix, block_n) * n_kv_heads
-        n_items = batch * group * triton.cdiv(n_queries, cfg.block_m)
-        grad_shape = (n_prefixes, n_kv_heads, n_prefix, head_dim)
-        chunks = _prefix_grad_chunks(n_items, n_tiles, _num_sms(q.device), 4 * prefix_k.numel())
-        shape = (chunks, *grad_shape) if deterministic else grad_shape
-        partial = torch.empty(shape, device=q.device, dtype=acc_dtype)
-        partial_v = torch.empty_like(partial)
-        torch._foreach_zero_([partial, partial_v])  # one launch for both (host time matters)
-        # Rows sorted by prefix id: each chunk meets each prefix in one contiguous run.
-        row_order = torch.argsort(prefix_ids, stable=True).to(torch.int32) if has_ids else ids
-        gstride = partial.stride()[-4:]
-        dprefix_kernel[(triton.cdiv(n_prefix, block_n), n_kv_heads, chunks)](
-            q, prefix_k, prefix_v, ids, row_order, grad_out, lse, delta, partial, partial_v,
-            *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *grad_out.stride(),
-            partial.stride(0) if deterministic else 0, *gstride[:3],
-            n_heads, n_queries, n_prefix, group, n_items, triton.cdiv(n_items, chunks), scale, scale * LOG2E,
-            BLOCK_M=cfg.block_m, BLOCK_N=block_n, HAS_PREFIX_IDS=has_ids, DETERMINISTIC=deterministic,
-            **common, **flags, **_launch_opts(cfg),
+    convert_dq = dq_atomic and dq_acc is not dq
+    convert_dprefix = need_dprefix and (deterministic or prefix_k.dtype != acc_dtype)
+    if need_dprefix and not convert_dprefix:
+        dpk, dpv = dpk_acc[0], dpv_acc[0]  # the fp32/fp64 accumulators are the gradients
+    elif need_dprefix:
+        dpk, dpv = torch.empty_like(prefix_k), torch.empty_like(prefix_v)  # dense: the epilogue writes flat
+    if convert_dq or convert_dprefix:
+        dq_programs = triton.cdiv(n_queries, tile.block_m) * batch * n_heads if convert_dq else 0
+        n_elems = prefix_k.numel()
+        block_e = 1024
+        dp_programs = triton.cdiv(n_elems, block_e) if convert_dprefix else 0
+        dqc = dq_acc if convert_dq else q
+        dqo = dq if convert_dq else q
+        backward_epilogue_kernel[(dq_programs + dp_programs,)](
+            dqc, dqo, dpk_acc, dpv_acc, dpk if convert_dprefix else q, dpv if convert_dprefix else q,
+            *dqc.stride(), *dqo.stride(),
+            n_heads, n_queries, dq_programs, n_elems, dpk_acc.shape[0] if convert_dprefix else 0, n_elems,
+            BLOCK_M=tile.block_m, BLOCK_E=block_e, CONVERT_DQ=convert_dq, CONVERT_DPREFIX=convert_dprefix,
+            **common, **_elementwise_opts(tile.block_m * d_pad),
         )
-        if deterministic:
-            partial, partial_v = partial.sum(0), partial_v.sum(0)
-        dpk, dpv = partial.to(prefix_k.dtype), partial_v.to(prefix_v.dtype)  # no copy when already fp32
     return dq, dk, dv, dpk, dpv

@@ -219,31 +219,32 @@ def test_bench_cpu_script_keeps_its_files(tmp_path):
 def test_tune_blocks_script_times_checks_and_restores(tmp_path, monkeypatch):
     """The block-size sweep: one row per (kernel, candidate), each checked against the default
     configuration's results; a candidate whose results differ is 'wrong', never timed; the
-    launchers' configuration is restored afterwards."""
-    from prefix_kernels import ops
+    launch policy is the default again afterwards."""
+    from prefix_kernels.kernels import configs
 
-    original = ops.kernel_configs
     tune = _load(ROOT / "benchmarks" / "tune_blocks.py")
     args = ["--tiny", "--out", str(tmp_path)] + ([] if torch.cuda.is_available() else ["--device", "cpu"])
     assert tune.main(args) == 0
-    assert ops.kernel_configs is original
+    assert configs.kernel_configs(16, torch.float32, None) == configs._default_configs(16, torch.float32, None)
     rows = json.loads(next(tmp_path.glob("blocks_*.json")).read_text())
-    assert [r["kernel"] for r in rows] == ["forward", "forward", "dq", "dq", "dkdv", "dkdv"]
+    assert [r["kernel"] for r in rows] == ["forward", "forward", "dq", "dq", "backward", "backward"]
     assert all(r["status"] == "ok" and r["ms"] > 0 and r["max_rel_err"] <= 2e-2 for r in rows)
     assert {"device", "git_sha", "torch"} <= set(rows[0])
 
     # a launcher that computes a wrong result under one configuration is caught
+    from prefix_kernels import ops
+
     real_forward = ops.prefix_attention_forward
 
     def forward_wrong_for_small_blocks(*a, **kw):
         out, lse = real_forward(*a, **kw)
-        return (out * 2 if ops.kernel_configs(16, torch.float32, None).forward.block_n < 64 else out), lse
+        return (out * 2 if configs.kernel_configs(16, torch.float32, None).forward.block_n < 64 else out), lse
 
     monkeypatch.setattr(ops, "prefix_attention_forward", forward_wrong_for_small_blocks)
     rows = tune.sweep(tune.TINY[0], torch.float32, tune.torch.device("cuda" if torch.cuda.is_available() else "cpu"),
-                      {"forward": [(64, 32, 4, 3)], "dq": [], "dkdv": []}, reps_cpu=1)
+                      {"forward": [(64, 32, 4, 3)], "dq": [], "backward": []}, reps_cpu=1)
     assert [(r["kernel"], r["default"], r["status"]) for r in rows] == [
-        ("forward", True, "ok"), ("forward", False, "wrong"), ("dq", True, "ok"), ("dkdv", True, "ok")]
+        ("forward", True, "ok"), ("forward", False, "wrong"), ("dq", True, "ok"), ("backward", True, "ok")]
 
 
 def test_kernels_module_reexports_the_pieces():

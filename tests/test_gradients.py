@@ -8,50 +8,14 @@ import torch
 import prefix_kernels.ops as ops
 from helpers import DEVICE, ON_GPU, Case, check_against_reference, make_inputs, requires_triton
 from prefix_kernels import prefix_attention, prefix_attention_reference
-from prefix_kernels.kernels.configs import BlockConfig, KernelConfigs
+from prefix_kernels.kernels.configs import BlockConfig, KernelConfigs, override_configs
 
 
 def triton_op(*args, **kwargs):
     return prefix_attention(*args, backend="triton", **kwargs)
 
 
-class _MustNotLaunch:
-    def __init__(self, name):
-        self.name = name
-
-    def __getitem__(self, grid):
-        raise AssertionError(f"{self.name} was launched although no gradient needs it")
-
-
-@requires_triton
-@pytest.mark.parametrize(
-    "trainable, forbidden",
-    [
-        (("pk", "pv"), ("dq_kernel", "dkdv_kernel")),  # layer 0 of a frozen model: prefix grads only
-        (("q", "pk", "pv"), ("dkdv_kernel",)),  # frozen k/v
-        (("q", "k", "v"), ("dprefix_kernel",)),  # frozen prefix
-        (("k",), ("dq_kernel", "dprefix_kernel")),
-    ],
-)
-def test_only_needed_gradients_are_computed(monkeypatch, trainable, forbidden):
-    case = Case(n_prefixes=2, batch=3, padding="left").on_device()
-    q, k, v, pk, pv, mask, ids = make_inputs(case, torch.float32)
-    named = dict(q=q, k=k, v=v, pk=pk, pv=pv)
-    for name, t in named.items():
-        t.requires_grad_(name in trainable)
-    out = triton_op(q, k, v, pk, pv, key_padding_mask=mask, prefix_ids=ids)
-    loss = out.square().sum()
-    for kernel in forbidden:
-        monkeypatch.setattr(ops, kernel, _MustNotLaunch(kernel))
-    loss.backward()
-    leaves64 = {n: t.detach().double().requires_grad_() for n, t in named.items()}
-    ref, _ = prefix_attention_reference(*leaves64.values(), key_padding_mask=mask, prefix_ids=ids)
-    ref.square().sum().backward()
-    for name, t in named.items():
-        if name in trainable:
-            torch.testing.assert_close(t.grad.double(), leaves64[name].grad, rtol=1e-4, atol=1e-4)
-        else:
-            assert t.grad is None, name
+# Which kernels run for which gradients: tests/test_backward.py.
 
 
 @requires_triton
@@ -113,8 +77,8 @@ def test_many_blocks_per_program(monkeypatch, configs, case):
     """Small blocks: several unmasked prefix and sequence blocks, diagonal blocks, ragged tails."""
     if ON_GPU:
         pytest.skip("block-size override is an interpreter check; CUDA runs the real configs")
-    monkeypatch.setattr(ops, "kernel_configs", lambda *a: configs)
-    check_against_reference(triton_op, case, torch.float32)
+    with override_configs(forward=configs.forward, dq=configs.dq, backward=configs.backward):
+        check_against_reference(triton_op, case, torch.float32)
 
 
 def _gradcheck_inputs(case):

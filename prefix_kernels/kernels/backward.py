@@ -1,18 +1,31 @@
-"""Triton backward of prefix attention.
+"""Triton backward of prefix attention: one pass over key blocks, the prefix among them.
 
-Four kernels, each launched only when a gradient that needs it is asked for:
-- ``delta_kernel``: delta_i = do_i . o_i (fp32), the softmax-backward row term.
-- ``dq_kernel``: one program per (query block, row, query head); walks the prefix and the sequence
-  keys like the forward (unmasked blocks, then masked ones) and accumulates
-  dq = scale * sum_j ds_ij k_j over prefix and sequence keys.
-- ``dkdv_kernel``: one program per (sequence key block, row, kv head); loops over the query heads
-  of the group and the query blocks that can see the key block.
-- ``dprefix_kernel``: one program per (prefix block, kv head, chunk). The reduction over every row
-  that uses a prefix, every query head of the group and every query block is cut into chunks so a
-  single shared prefix still fills the GPU. Rows arrive sorted by prefix id, so a chunk meets each
-  prefix in one contiguous run and flushes its fp32 accumulator once per prefix: either into its
-  own slice of a partial buffer (deterministic: the chunks are summed afterwards in a fixed order)
-  or with fp32 atomics into the result.
+Three launches (fewer when gradients are not asked for), each written for sm_80/sm_90 and the CPU
+interpreter:
+
+1. ``backward_prologue_kernel``, one program per (query block, row, query head): delta_i = do_i . o_i
+   (fp32), the softmax-backward row term; it also zeroes the fp32 accumulators that the main kernel
+   adds into (dq, the prefix gradients), so no separate fill runs.
+2. ``backward_kernel``, a 1-D grid of *key programs*, heaviest first:
+   - prefix programs, one per (prefix block, kv head, chunk): the reduction over every row that uses
+     the prefix, every query head of the group and every query block is cut into chunks of work
+     items (row, query head, query block), so that one shared prefix still fills the GPU. A chunk
+     keeps its dprefix tile in registers and flushes it into the fp32 result whenever the row's
+     prefix changes and at the end (relaxed fp32 atomics; deterministic: its own partial slice);
+   - sequence programs, one per (key block, row, kv head), early key blocks (which the most causal
+     query blocks see) first: dk/dv of the block stay in registers while the program walks the query
+     heads of its group and the query blocks that see the block (across the diagonal with the causal
+     mask, then unmasked, then the ragged last block).
+   Every (query tile, key tile) costs 5 matmuls, as in flash attention: S^T = K Q^T, dV += P^T dO,
+   dP^T = V dO^T, dK += dS^T Q and dQ_tile = dS K, which goes into an fp32 dq buffer with relaxed
+   atomics (``NEED_DQ``). Without dk/dv (or dprefix) the programs skip those two matmuls.
+3. ``backward_epilogue_kernel``: dq fp32 -> q's dtype and layout, and the prefix gradients fp32 ->
+   the prefix dtype (summing the chunk partials in a fixed order when deterministic). It does not
+   run when there is nothing to convert (fp32/fp64 inputs, atomic mode).
+
+``deterministic=True`` replaces the dq atomics by ``dq_kernel`` (one program per query block, walking
+prefix and sequence keys like the forward) and the prefix atomics by per-chunk partials, so every
+sum has a fixed order: bit-identical run to run.
 
 Probabilities are recomputed from the forward's LSE (log2 domain inside the kernels). Rows with
 lse = -inf (saw no key) are given lse = +inf, so every p of theirs is exp2(-inf) = 0.
@@ -25,13 +38,18 @@ from prefix_kernels.kernels.forward import load_tile, mm
 
 
 @triton.jit
-def delta_kernel(
-    Out, DO, Delta,
+def backward_prologue_kernel(
+    Out, DO, Delta, DQ, ZERO_K, ZERO_V,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
-    n_heads, n_queries,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    n_heads, n_queries, n_zero, zero_per_program,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    ZERO_DQ: tl.constexpr, ZERO_BLOCK: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
+    """delta for one query tile; zeroes that tile of the fp32 dq buffer (ZERO_DQ) and this program's
+    share ``zero_per_program`` (a multiple of ZERO_BLOCK) of the flat buffers ZERO_K/ZERO_V[n_zero]
+    (the prefix-gradient accumulators; ZERO_BLOCK > 0)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     bh = tl.program_id(1)
     b = (bh // n_heads).to(tl.int64)
@@ -43,6 +61,18 @@ def delta_kernel(
                    offs_m, n_queries, offs_d, HEAD_DIM, HEAD_DIM_PAD, True, False)
     delta = tl.sum(o.to(ACC_DTYPE) * do.to(ACC_DTYPE), axis=1)
     tl.store(Delta + bh.to(tl.int64) * n_queries + offs_m, delta, mask=offs_m < n_queries)
+    if ZERO_DQ:
+        dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
+        tl.store(dq_ptrs, tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=DQ.dtype.element_ty),
+                 mask=(offs_m[:, None] < n_queries) & (offs_d[None, :] < HEAD_DIM))
+    if ZERO_BLOCK > 0:
+        pid = (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)).to(tl.int64)
+        start = pid * zero_per_program
+        end = tl.minimum(start + zero_per_program, n_zero)
+        for off in range(start, end, ZERO_BLOCK):
+            offs = off + tl.arange(0, ZERO_BLOCK)
+            tl.store(ZERO_K + offs, tl.zeros([ZERO_BLOCK], dtype=ZERO_K.dtype.element_ty), mask=offs < end)
+            tl.store(ZERO_V + offs, tl.zeros([ZERO_BLOCK], dtype=ZERO_V.dtype.element_ty), mask=offs < end)
 
 
 @triton.jit
@@ -58,6 +88,214 @@ def prob(s, lse2):
     and at logits ~1e9 one fp32 ulp of s is ~128, which would otherwise give P = 2^128. NaN stays NaN."""
     return tl.minimum(tl.exp2(s - lse2), 1.0, propagate_nan=tl.PropagateNan.ALL)
 
+
+@triton.jit
+def _key_tile_grads(
+    dk, dv, k, v, key_visible, cols, Q, DO, LSE, Delta, DQ,
+    stride_qm, stride_qd, stride_dom, stride_dod, stride_dqm, stride_dqd,
+    lo, hi, n_queries, key_offset, offs_m, offs_d, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    CHECK_ROWS: tl.constexpr, CAUSAL_MASK: tl.constexpr, MASK_KEYS: tl.constexpr,
+    NEED_DQ: tl.constexpr, NEED_DKDV: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One key tile (k, v: [BLOCK_N, D]) against query blocks [lo, hi) of one (row, query head):
+    accumulates dk (unscaled) and dv, and adds each query block's dq (scaled) into DQ atomically.
+
+    Q/DO/LSE/Delta/DQ point at that (row, query head). Query i sits at position key_offset + i.
+    """
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        q = load_tile(Q + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd, rows, n_queries, offs_d,
+                      HEAD_DIM, HEAD_DIM_PAD, CHECK_ROWS, UPCAST)
+        do = load_tile(DO + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod, rows, n_queries, offs_d,
+                       HEAD_DIM, HEAD_DIM_PAD, CHECK_ROWS, UPCAST)
+        lse2 = load_lse2(LSE, rows, n_queries)  # +inf past n_queries: p = 0 there
+        delta = tl.load(Delta + rows, mask=rows < n_queries, other=0.0)
+        qk_t = mm(k, tl.trans(q), PRECISION) * qk_scale
+        p_t = prob(qk_t, lse2[None, :])
+        if CAUSAL_MASK:
+            p_t = tl.where(cols[:, None] <= key_offset + rows[None, :], p_t, 0.0)
+        if MASK_KEYS:
+            p_t = tl.where(key_visible[:, None], p_t, 0.0)
+        if NEED_DKDV:
+            dv += mm(p_t.to(do.dtype), do, PRECISION)
+        dp_t = mm(v, tl.trans(do), PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        if NEED_DKDV:
+            dk += mm(ds_t.to(q.dtype), q, PRECISION)
+        if NEED_DQ:
+            dq = mm(tl.trans(ds_t).to(k.dtype), k, PRECISION) * scale
+            tl.atomic_add(DQ + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq,
+                          mask=(rows[:, None] < n_queries) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
+def _flush_prefix_grads(dk, dv, DPK, DPV, chunk, t, g, cols, offs_d,
+                        stride_c, stride_t, stride_h, stride_n, n_prefix, scale,
+                        HEAD_DIM: tl.constexpr, DETERMINISTIC: tl.constexpr):
+    """Adds one chunk's fp32 prefix-gradient tile to prefix t: into the chunk's own partial slice
+    (deterministic; only this program writes it, in item order) or with relaxed atomics."""
+    offs = t * stride_t + g * stride_h + cols[:, None] * stride_n + offs_d[None, :]
+    mask = (cols[:, None] < n_prefix) & (offs_d[None, :] < HEAD_DIM)
+    if DETERMINISTIC:
+        offs += chunk * stride_c
+        tl.store(DPK + offs, tl.load(DPK + offs, mask=mask) + (dk * scale).to(DPK.dtype.element_ty), mask=mask)
+        tl.store(DPV + offs, tl.load(DPV + offs, mask=mask) + dv.to(DPV.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(DPK + offs, (dk * scale).to(DPK.dtype.element_ty), mask=mask, sem="relaxed")
+        tl.atomic_add(DPV + offs, dv.to(DPV.dtype.element_ty), mask=mask, sem="relaxed")
+
+
+@triton.jit
+def _load_prefix_tiles(PK, PV, t, g, cols, offs_d, stride_pkt, stride_pkh, stride_pkn, stride_pkd,
+                       stride_pvt, stride_pvh, stride_pvn, stride_pvd, n_prefix,
+                       HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, UPCAST: tl.constexpr):
+    pk = load_tile(PK + t * stride_pkt + g * stride_pkh + cols[:, None] * stride_pkn + offs_d[None, :] * stride_pkd,
+                   cols, n_prefix, offs_d, HEAD_DIM, HEAD_DIM_PAD, True, UPCAST)
+    pv = load_tile(PV + t * stride_pvt + g * stride_pvh + cols[:, None] * stride_pvn + offs_d[None, :] * stride_pvd,
+                   cols, n_prefix, offs_d, HEAD_DIM, HEAD_DIM_PAD, True, UPCAST)
+    return pk, pv
+
+
+@triton.jit
+def backward_kernel(
+    Q, K, V, PK, PV, PREFIX_IDS, KPM, DO, LSE, Delta, DQ, DK, DV, DPK, DPV,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_pkt, stride_pkh, stride_pkn, stride_pkd,
+    stride_pvt, stride_pvh, stride_pvn, stride_pvd,
+    stride_mb, stride_mn,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_gc, stride_gt, stride_gh, stride_gn,
+    batch, n_heads, n_kv_heads, n_queries, n_keys, n_prefix, group,
+    n_prefix_programs, n_items, items_per_chunk, scale, qk_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_PREFIX_IDS: tl.constexpr,
+    NEED_DQ: tl.constexpr, NEED_DKDV: tl.constexpr, NEED_DPREFIX: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    PREFIX_PROGRAMS: tl.constexpr, SEQ_PROGRAMS: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """Programs [0, n_prefix_programs) are prefix programs, the rest sequence programs (see the module
+    docstring). DPK/DPV: fp32 [C, T, Hkv, P, D] partials (deterministic) or [T, Hkv, P, D], dense in D."""
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_n = tl.arange(0, BLOCK_N)
+    if PREFIX_PROGRAMS and (not SEQ_PROGRAMS or pid < n_prefix_programs):
+        prefix_blocks = tl.cdiv(n_prefix, BLOCK_N)
+        cols = (pid % prefix_blocks) * BLOCK_N + offs_n
+        g = ((pid // prefix_blocks) % n_kv_heads).to(tl.int64)
+        chunk = (pid // (prefix_blocks * n_kv_heads)).to(tl.int64)
+        key_visible = cols < n_prefix
+        q_blocks = tl.cdiv(n_queries, BLOCK_M)
+        items_per_row = group * q_blocks
+        first = chunk * items_per_chunk
+        last = tl.minimum(first + items_per_chunk, n_items)
+        if HAS_PREFIX_IDS:
+            t = tl.load(PREFIX_IDS + first // items_per_row).to(tl.int64)
+        else:
+            t = tl.zeros([], dtype=tl.int64)
+        pk, pv = _load_prefix_tiles(PK, PV, t, g, cols, offs_d, stride_pkt, stride_pkh, stride_pkn, stride_pkd,
+                                    stride_pvt, stride_pvh, stride_pvn, stride_pvd, n_prefix,
+                                    HEAD_DIM, HEAD_DIM_PAD, UPCAST)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=ACC_DTYPE)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=ACC_DTYPE)
+        for item in range(first, last):
+            b = (item // items_per_row).to(tl.int64)
+            hh = (item % items_per_row) // q_blocks
+            start_m = (item % q_blocks) * BLOCK_M
+            if HAS_PREFIX_IDS:
+                t_row = tl.load(PREFIX_IDS + b).to(tl.int64)
+                if t_row != t:  # another prefix: hand this one's sums over, start afresh
+                    if NEED_DPREFIX:
+                        _flush_prefix_grads(dk, dv, DPK, DPV, chunk, t, g, cols, offs_d, stride_gc, stride_gt,
+                                            stride_gh, stride_gn, n_prefix, scale, HEAD_DIM, DETERMINISTIC)
+                    dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=ACC_DTYPE)
+                    dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=ACC_DTYPE)
+                    t = t_row
+                    pk, pv = _load_prefix_tiles(PK, PV, t, g, cols, offs_d, stride_pkt, stride_pkh, stride_pkn,
+                                                stride_pkd, stride_pvt, stride_pvh, stride_pvn, stride_pvd,
+                                                n_prefix, HEAD_DIM, HEAD_DIM_PAD, UPCAST)
+            h = g * group + hh
+            row_base = (b * n_heads + h) * n_queries
+            dk, dv = _key_tile_grads(
+                dk, dv, pk, pv, key_visible, cols, Q + b * stride_qb + h * stride_qh,
+                DO + b * stride_dob + h * stride_doh, LSE + row_base, Delta + row_base,
+                DQ + b * stride_dqb + h * stride_dqh, stride_qm, stride_qd, stride_dom, stride_dod,
+                stride_dqm, stride_dqd, start_m, start_m + BLOCK_M, n_queries, 0, offs_m, offs_d, qk_scale, scale,
+                HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, True, False, True, NEED_DQ, NEED_DPREFIX, UPCAST, PRECISION)
+        if NEED_DPREFIX:
+            _flush_prefix_grads(dk, dv, DPK, DPV, chunk, t, g, cols, offs_d, stride_gc, stride_gt, stride_gh,
+                                stride_gn, n_prefix, scale, HEAD_DIM, DETERMINISTIC)
+    elif SEQ_PROGRAMS:
+        s = pid - n_prefix_programs
+        bg = s % (batch * n_kv_heads)
+        start_n = (s // (batch * n_kv_heads)) * BLOCK_N  # early key blocks first: the most query blocks see them
+        b = (bg // n_kv_heads).to(tl.int64)
+        g = (bg % n_kv_heads).to(tl.int64)
+        cols = start_n + offs_n
+        k = load_tile(K + b * stride_kb + g * stride_kh + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                      cols, n_keys, offs_d, HEAD_DIM, HEAD_DIM_PAD, True, UPCAST)
+        v = load_tile(V + b * stride_vb + g * stride_vh + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                      cols, n_keys, offs_d, HEAD_DIM, HEAD_DIM_PAD, True, UPCAST)
+        key_visible = cols < n_keys
+        if HAS_KPM:
+            key_visible = key_visible & (tl.load(KPM + b * stride_mb + cols * stride_mn, mask=cols < n_keys,
+                                                 other=0) != 0)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=ACC_DTYPE)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=ACC_DTYPE)
+
+        # Query i (position key_offset + i) sees key j iff j <= key_offset + i.
+        key_offset = n_keys - n_queries
+        q_blocks_end = tl.cdiv(n_queries, BLOCK_M) * BLOCK_M
+        full_end = n_queries // BLOCK_M * BLOCK_M
+        if IS_CAUSAL:
+            lo = tl.maximum(start_n - key_offset, 0) // BLOCK_M * BLOCK_M
+            mid = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - key_offset, 0), BLOCK_M) * BLOCK_M
+            mid = tl.minimum(tl.maximum(mid, lo), q_blocks_end)
+        else:
+            lo = 0
+            mid = 0
+        tail = tl.maximum(mid, full_end)
+        for hh in range(0, group):
+            h = g * group + hh
+            Q_base = Q + b * stride_qb + h * stride_qh
+            DO_base = DO + b * stride_dob + h * stride_doh
+            DQ_base = DQ + b * stride_dqb + h * stride_dqh
+            row_base = (b * n_heads + h) * n_queries
+            # Across the diagonal: causal mask; fully visible blocks: none; the last partial block: bounds.
+            # Keys past n_keys are zero rows of k and v: they add nothing to dq (and dk/dv rows past the
+            # end are not stored), so the unmasked range needs no key check.
+            dk, dv = _key_tile_grads(
+                dk, dv, k, v, key_visible, cols, Q_base, DO_base, LSE + row_base, Delta + row_base, DQ_base,
+                stride_qm, stride_qd, stride_dom, stride_dod, stride_dqm, stride_dqd, lo, mid, n_queries,
+                key_offset, offs_m, offs_d, qk_scale, scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M,
+                True, True, True, NEED_DQ, NEED_DKDV, UPCAST, PRECISION)
+            dk, dv = _key_tile_grads(
+                dk, dv, k, v, key_visible, cols, Q_base, DO_base, LSE + row_base, Delta + row_base, DQ_base,
+                stride_qm, stride_qd, stride_dom, stride_dod, stride_dqm, stride_dqd, mid, full_end, n_queries,
+                key_offset, offs_m, offs_d, qk_scale, scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M,
+                False, False, HAS_KPM, NEED_DQ, NEED_DKDV, UPCAST, PRECISION)
+            dk, dv = _key_tile_grads(
+                dk, dv, k, v, key_visible, cols, Q_base, DO_base, LSE + row_base, Delta + row_base, DQ_base,
+                stride_qm, stride_qd, stride_dom, stride_dod, stride_dqm, stride_dqd, tail, q_blocks_end, n_queries,
+                key_offset, offs_m, offs_d, qk_scale, scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M,
+                True, IS_CAUSAL, True, NEED_DQ, NEED_DKDV, UPCAST, PRECISION)
+        if NEED_DKDV:
+            key_ok = cols[:, None] < n_keys
+            d_ok = offs_d[None, :] < HEAD_DIM
+            dk_ptrs = DK + b * stride_dkb + g * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+            dv_ptrs = DV + b * stride_dvb + g * stride_dvh + cols[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
+            tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=key_ok & d_ok)
+            tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=key_ok & d_ok)
+
+
+# ---------------------------------------------------------------- deterministic mode: dq in its own pass
 
 @triton.jit
 def _dq_blocks(
@@ -156,191 +394,39 @@ def dq_kernel(
 
 
 @triton.jit
-def _dkdv_blocks(
-    dk, dv, k, v, key_visible, cols, Q, DO, LSE, Delta,
-    stride_qm, stride_qd, stride_dom, stride_dod,
-    lo, hi, n_queries, key_offset, offs_m, offs_d, qk_scale,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-    CHECK_ROWS: tl.constexpr, CAUSAL_MASK: tl.constexpr, MASK_KEYS: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+def backward_epilogue_kernel(
+    DQ_ACC, DQ, DPK_ACC, DPV_ACC, DPK, DPV,
+    stride_ab, stride_ah, stride_am, stride_ad,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    n_heads, n_queries, n_dq_programs, n_prefix_elems, n_chunks, stride_pc,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
+    CONVERT_DQ: tl.constexpr, CONVERT_DPREFIX: tl.constexpr,
 ):
-    """Accumulates dk/dv ([BLOCK_N, D], unscaled dk) of one key tile over query blocks [lo, hi).
-
-    Q/DO/LSE/Delta point at one (row, query head). Query i sits at position key_offset + i.
-    """
-    for start_m in range(lo, hi, BLOCK_M):
-        rows = start_m + offs_m
-        q = load_tile(Q + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd, rows, n_queries, offs_d,
-                      HEAD_DIM, HEAD_DIM_PAD, CHECK_ROWS, UPCAST)
-        do = load_tile(DO + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod, rows, n_queries, offs_d,
-                       HEAD_DIM, HEAD_DIM_PAD, CHECK_ROWS, UPCAST)
-        lse2 = load_lse2(LSE, rows, n_queries)  # +inf past n_queries: p = 0 there
-        delta = tl.load(Delta + rows, mask=rows < n_queries, other=0.0)
-        qk_t = mm(k, tl.trans(q), PRECISION) * qk_scale
-        p_t = prob(qk_t, lse2[None, :])
-        if CAUSAL_MASK:
-            p_t = tl.where(cols[:, None] <= key_offset + rows[None, :], p_t, 0.0)
-        if MASK_KEYS:
-            p_t = tl.where(key_visible[:, None], p_t, 0.0)
-        dv += mm(p_t.to(do.dtype), do, PRECISION)
-        dp_t = mm(v, tl.trans(do), PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += mm(ds_t.to(q.dtype), q, PRECISION)
-    return dk, dv
-
-
-@triton.jit
-def dkdv_kernel(
-    Q, K, V, KPM, DO, LSE, Delta, DK, DV,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_mb, stride_mn,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    n_heads, n_kv_heads, n_queries, n_keys, group, scale, qk_scale,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
-):
-    start_n = tl.program_id(0) * BLOCK_N
-    bg = tl.program_id(1)
-    b = (bg // n_kv_heads).to(tl.int64)
-    g = (bg % n_kv_heads).to(tl.int64)
-
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    cols = start_n + tl.arange(0, BLOCK_N)
-    k = load_tile(K + b * stride_kb + g * stride_kh + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                  cols, n_keys, offs_d, HEAD_DIM, HEAD_DIM_PAD, True, UPCAST)
-    v = load_tile(V + b * stride_vb + g * stride_vh + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                  cols, n_keys, offs_d, HEAD_DIM, HEAD_DIM_PAD, True, UPCAST)
-    key_visible = cols < n_keys
-    if HAS_KPM:
-        key_visible = key_visible & (tl.load(KPM + b * stride_mb + cols * stride_mn, mask=cols < n_keys, other=0) != 0)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=ACC_DTYPE)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=ACC_DTYPE)
-
-    # Query i (position key_offset + i) sees key j iff j <= key_offset + i.
-    key_offset = n_keys - n_queries
-    q_blocks_end = tl.cdiv(n_queries, BLOCK_M) * BLOCK_M
-    full_end = n_queries // BLOCK_M * BLOCK_M
-    if IS_CAUSAL:
-        lo = tl.maximum(start_n - key_offset, 0) // BLOCK_M * BLOCK_M
-        mid = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - key_offset, 0), BLOCK_M) * BLOCK_M
-        mid = tl.minimum(tl.maximum(mid, lo), q_blocks_end)
+    """Programs [0, n_dq_programs): one dq tile (query block, row x head) fp32 -> DQ's dtype/strides.
+    The rest: BLOCK_E elements of the prefix gradients: DPK_ACC/DPV_ACC are fp32 [C, n_prefix_elems]
+    (C chunk partials), summed over C in chunk order into the dense DPK/DPV."""
+    pid = tl.program_id(0)
+    if pid < n_dq_programs:
+        if CONVERT_DQ:
+            q_blocks = tl.cdiv(n_queries, BLOCK_M)
+            offs_m = (pid % q_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+            bh = pid // q_blocks
+            b = (bh // n_heads).to(tl.int64)
+            h = (bh % n_heads).to(tl.int64)
+            offs_d = tl.arange(0, HEAD_DIM_PAD)
+            tile_ok = (offs_m[:, None] < n_queries) & (offs_d[None, :] < HEAD_DIM)
+            dq = tl.load(DQ_ACC + b * stride_ab + h * stride_ah + offs_m[:, None] * stride_am
+                         + offs_d[None, :] * stride_ad, mask=tile_ok)
+            tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+                     dq.to(DQ.dtype.element_ty), mask=tile_ok)
     else:
-        lo = 0
-        mid = 0
-    tail = tl.maximum(mid, full_end)
-    for hh in range(0, group):
-        h = g * group + hh
-        Q_base = Q + b * stride_qb + h * stride_qh
-        DO_base = DO + b * stride_dob + h * stride_doh
-        row_base = (b * n_heads + h) * n_queries
-        # Across the diagonal: causal mask; fully visible blocks: none; the last partial block: bounds.
-        dk, dv = _dkdv_blocks(dk, dv, k, v, key_visible, cols, Q_base, DO_base, LSE + row_base, Delta + row_base,
-                              stride_qm, stride_qd, stride_dom, stride_dod, lo, mid, n_queries, key_offset,
-                              offs_m, offs_d, qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M,
-                              True, True, True, UPCAST, PRECISION)
-        dk, dv = _dkdv_blocks(dk, dv, k, v, key_visible, cols, Q_base, DO_base, LSE + row_base, Delta + row_base,
-                              stride_qm, stride_qd, stride_dom, stride_dod, mid, full_end, n_queries, key_offset,
-                              offs_m, offs_d, qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M,
-                              False, False, HAS_KPM, UPCAST, PRECISION)
-        dk, dv = _dkdv_blocks(dk, dv, k, v, key_visible, cols, Q_base, DO_base, LSE + row_base, Delta + row_base,
-                              stride_qm, stride_qd, stride_dom, stride_dod, tail, q_blocks_end, n_queries, key_offset,
-                              offs_m, offs_d, qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M,
-                              True, IS_CAUSAL, True, UPCAST, PRECISION)
-
-    key_ok = cols[:, None] < n_keys
-    d_ok = offs_d[None, :] < HEAD_DIM
-    dk_ptrs = DK + b * stride_dkb + g * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
-    dv_ptrs = DV + b * stride_dvb + g * stride_dvh + cols[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
-    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=key_ok & d_ok)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=key_ok & d_ok)
-
-
-@triton.jit
-def _flush_prefix_grads(dk, dv, DPK, DPV, chunk, t, g, cols, offs_d,
-                        stride_c, stride_t, stride_h, stride_n, n_prefix, scale,
-                        HEAD_DIM: tl.constexpr, DETERMINISTIC: tl.constexpr):
-    """Adds one chunk's fp32 prefix-gradient tile to prefix t (its own partial slice, or atomically)."""
-    offs = t * stride_t + g * stride_h + cols[:, None] * stride_n + offs_d[None, :]
-    mask = (cols[:, None] < n_prefix) & (offs_d[None, :] < HEAD_DIM)
-    if DETERMINISTIC:
-        offs += chunk * stride_c
-        tl.store(DPK + offs, (dk * scale).to(tl.float32), mask=mask)
-        tl.store(DPV + offs, dv.to(tl.float32), mask=mask)
-    else:
-        tl.atomic_add(DPK + offs, (dk * scale).to(tl.float32), mask=mask)
-        tl.atomic_add(DPV + offs, dv.to(tl.float32), mask=mask)
-
-
-@triton.jit
-def dprefix_kernel(
-    Q, PK, PV, PREFIX_IDS, ROW_ORDER, DO, LSE, Delta, DPK, DPV,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_pkt, stride_pkh, stride_pkn, stride_pkd,
-    stride_pvt, stride_pvh, stride_pvn, stride_pvd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_gc, stride_gt, stride_gh, stride_gn,
-    n_heads, n_queries, n_prefix, group, n_items, items_per_chunk, scale, qk_scale,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_PREFIX_IDS: tl.constexpr, DETERMINISTIC: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
-):
-    """Work items are (row in prefix order, query head of the group, query block), linearized;
-    chunk c owns items [c * items_per_chunk, (c + 1) * items_per_chunk). DPK/DPV are fp32
-    [C, T, Hkv, P, D] partials (deterministic) or [T, Hkv, P, D] (atomic), dense in D."""
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    g = tl.program_id(1).to(tl.int64)
-    chunk = tl.program_id(2).to(tl.int64)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    key_visible = cols < n_prefix
-    q_blocks = tl.cdiv(n_queries, BLOCK_M)
-    items_per_row = group * q_blocks
-    first = chunk * items_per_chunk
-    last = tl.minimum(first + items_per_chunk, n_items)
-
-    if HAS_PREFIX_IDS:
-        t = tl.load(PREFIX_IDS + tl.load(ROW_ORDER + first // items_per_row)).to(tl.int64)
-    else:
-        t = tl.zeros([], dtype=tl.int64)
-    pk = load_tile(PK + t * stride_pkt + g * stride_pkh + cols[:, None] * stride_pkn + offs_d[None, :] * stride_pkd,
-                   cols, n_prefix, offs_d, HEAD_DIM, HEAD_DIM_PAD, True, UPCAST)
-    pv = load_tile(PV + t * stride_pvt + g * stride_pvh + cols[:, None] * stride_pvn + offs_d[None, :] * stride_pvd,
-                   cols, n_prefix, offs_d, HEAD_DIM, HEAD_DIM_PAD, True, UPCAST)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=ACC_DTYPE)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=ACC_DTYPE)
-    for item in range(first, last):
-        row = item // items_per_row
-        hh = (item % items_per_row) // q_blocks
-        start_m = (item % q_blocks) * BLOCK_M
-        if HAS_PREFIX_IDS:
-            b = tl.load(ROW_ORDER + row).to(tl.int64)
-            t_row = tl.load(PREFIX_IDS + b).to(tl.int64)
-            if t_row != t:  # next prefix's run starts: hand this one's sums over, start afresh
-                _flush_prefix_grads(dk, dv, DPK, DPV, chunk, t, g, cols, offs_d, stride_gc, stride_gt, stride_gh,
-                                    stride_gn, n_prefix, scale, HEAD_DIM, DETERMINISTIC)
-                dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=ACC_DTYPE)
-                dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=ACC_DTYPE)
-                t = t_row
-                pk = load_tile(PK + t * stride_pkt + g * stride_pkh + cols[:, None] * stride_pkn
-                               + offs_d[None, :] * stride_pkd, cols, n_prefix, offs_d,
-                               HEAD_DIM, HEAD_DIM_PAD, True, UPCAST)
-                pv = load_tile(PV + t * stride_pvt + g * stride_pvh + cols[:, None] * stride_pvn
-                               + offs_d[None, :] * stride_pvd, cols, n_prefix, offs_d,
-                               HEAD_DIM, HEAD_DIM_PAD, True, UPCAST)
-        else:
-            b = row.to(tl.int64)
-        h = g * group + hh
-        row_base = (b * n_heads + h) * n_queries
-        dk, dv = _dkdv_blocks(dk, dv, pk, pv, key_visible, cols,
-                              Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh,
-                              LSE + row_base, Delta + row_base, stride_qm, stride_qd, stride_dom, stride_dod,
-                              start_m, start_m + BLOCK_M, n_queries, 0, offs_m, offs_d, qk_scale,
-                              HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, True, False, True, UPCAST, PRECISION)
-    _flush_prefix_grads(dk, dv, DPK, DPV, chunk, t, g, cols, offs_d, stride_gc, stride_gt, stride_gh, stride_gn,
-                        n_prefix, scale, HEAD_DIM, DETERMINISTIC)
+        if CONVERT_DPREFIX:
+            offs = (pid - n_dq_programs).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
+            elem_ok = offs < n_prefix_elems
+            acc_k = tl.zeros([BLOCK_E], dtype=DPK_ACC.dtype.element_ty)
+            acc_v = tl.zeros([BLOCK_E], dtype=DPV_ACC.dtype.element_ty)
+            for c in range(0, n_chunks):
+                acc_k += tl.load(DPK_ACC + c * stride_pc + offs, mask=elem_ok, other=0.0)
+                acc_v += tl.load(DPV_ACC + c * stride_pc + offs, mask=elem_ok, other=0.0)
+            tl.store(DPK + offs, acc_k.to(DPK.dtype.element_ty), mask=elem_ok)
+            tl.store(DPV + offs, acc_v.to(DPV.dtype.element_ty), mask=elem_ok)
