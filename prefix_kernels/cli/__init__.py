@@ -5,6 +5,7 @@
     prefix-kernels bench     kernel benchmark: ours against PEFT-style, cat+SDPA, the no-prefix floor
     prefix-kernels profile   torch.profiler traces + top kernels of a training step and a decode loop
     prefix-kernels check     correctness + timing of the fused op on this machine
+    prefix-kernels inspect   static report of the Triton launches of a shape, compiled for a GPU target (no GPU needed)
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from prefix_kernels.cli import check, demo, profile, train
+from prefix_kernels.cli import check, demo, inspect, profile, train
 
 
 def _bench(argv) -> int:
@@ -28,7 +29,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="prefix-kernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
-    for module in (demo, train, profile, check):
+    for module in (demo, train, profile, check, inspect):
         module.add_parser(sub)
     sub.add_parser("bench", help="kernel benchmark (prefix-kernels bench --help)")
     if not argv or (argv[0] not in sub.choices and argv[0] not in ("-h", "--help")):

@@ -1,0 +1,384 @@
+"""A static report of what the Triton kernels of one attention shape cost on a GPU, with no GPU.
+
+:func:`inspect_launches` runs the real launchers (``ops.prefix_attention_forward`` and
+``prefix_attention_backward``, as the autograd Function calls them) on ``meta`` tensors of the shape
+(no memory, real strides), with the launchers told they run on the target GPU (its capability
+and SM count), so they pick its block configs, grids and split counts. Each Triton launch runs
+``JITFunction.run`` in warmup mode: Triton's own binder specializes the arguments exactly as a
+real launch does (16-byte pointer alignment -- a meta tensor's address is 0, as aligned as a CUDA
+allocation --, integers equal to 1 or divisible by 16, constexprs) and compiles for the target
+instead of launching. The launches that write device memory outside Triton (fills, casts, sums,
+sorts, copies; not allocations or views) are counted by a dispatch mode.
+
+Per compiled kernel: registers and stack from ``cuobjdump -res-usage`` of the cubin Triton
+built; spill stores/loads from ``ptxas -v`` on its PTX (the ptxas Triton uses, with its flags);
+shared memory from the compiled metadata; static instruction counts in the PTX (wgmma,
+mma.sync, cp.async and its widths, TMA bulk copies, atomics); occupancy (blocks per SM, from
+registers, shared memory, warps and the block limit, as the CUDA occupancy calculator does) and
+waves = programs / (blocks per SM x SMs). Counts in the PTX are static (a loop body counts once).
+
+The kernels must be real JIT functions: under ``TRITON_INTERPRET=1`` they are interpreted and
+cannot be compiled (``prefix-kernels inspect`` re-runs itself without it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from unittest import mock
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from prefix_kernels.benchmarking.shapes import Shape
+from prefix_kernels.functional import validate_inputs
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What the report needs to know of a GPU (per SM unless said otherwise)."""
+
+    name: str
+    capability: tuple[int, int]
+    sms: int
+    smem_per_sm: int
+    smem_per_block: int  # the opt-in maximum of one block
+    regs_per_sm: int = 65536
+    max_warps: int = 64
+    max_blocks: int = 32
+    smem_reserved_per_block: int = 1024  # the driver's share of each block's shared memory (sm_80+)
+
+    @property
+    def arch_number(self) -> int:
+        return 10 * self.capability[0] + self.capability[1]
+
+
+ARCHS = {
+    "sm_80": Arch("sm_80", (8, 0), sms=108, smem_per_sm=164 * 1024, smem_per_block=163 * 1024),  # A100
+    "sm_90": Arch("sm_90", (9, 0), sms=132, smem_per_sm=228 * 1024, smem_per_block=227 * 1024),  # H100 SXM
+}
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64,
+          "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
+# Allocations and metadata: no kernel runs for these.
+_NO_LAUNCH = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "alias",
+              "lift_fresh", "_local_scalar_dense"}
+
+
+def resolve_arch(arch: str) -> Arch:
+    """The Arch of "sm_90", "sm90" or "90"."""
+    number = re.fullmatch(r"(?:sm_?)?(\d+)", str(arch).lower())
+    key = f"sm_{number.group(1)}" if number else None
+    if key not in ARCHS:
+        raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+    return ARCHS[key]
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """The torch dtype of "bfloat16", "bf16" or torch.bfloat16 (and the other float dtypes)."""
+    name = str(dtype).replace("torch.", "")
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of float16, bfloat16, float32, float64, got {dtype!r}")
+    return DTYPES[name]
+
+
+class _DeviceWrites(TorchDispatchMode):
+    """Records the ATen ops that would launch a device kernel (not allocations, views, metadata)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        writes = func._schema.is_mutable or any(isinstance(x, torch.Tensor) for x in tree_leaves(out))
+        if func.namespace == "aten" and not func.is_view and name not in _NO_LAUNCH and writes:
+            self.ops.append(name)
+        return out
+
+
+class _TargetDriver:
+    """Stands in for Triton's CUDA driver: the current target is the inspected GPU. One device id
+    per arch, so each arch gets its own binder (and kernel cache) in every JIT function."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def get_current_device(self):
+        return self.target.arch
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+
+@contextlib.contextmanager
+def _compiling_for(arch: Arch, launches: list):
+    """Launchers see ``arch``; each launch ``kernel[grid](...)`` compiles as Triton's warmup does
+    (the same binder and compile as a launch, without running) and appends (grid, CompiledKernel)
+    to ``launches``."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+
+    from prefix_kernels import ops
+
+    real_run = JITFunction.run
+
+    def run(kernel, *args, grid, warmup, **kwargs):  # kernel[grid](...) and wrappers (heuristics) come here
+        if warmup:
+            return real_run(kernel, *args, grid=grid, warmup=True, **kwargs)
+        try:
+            compiled = real_run(kernel, *args, grid=grid, warmup=True, **kwargs)  # binds, specializes, compiles
+        except Exception as e:
+            raise RuntimeError(f"{kernel.__name__} does not compile for {arch.name}: {e}") from e
+        shape = grid({**dict(zip(kernel.arg_names, args)), **kwargs}) if callable(grid) else grid
+        launches.append((tuple(shape) + (1,) * (3 - len(shape)), compiled))
+        return compiled
+
+    saved = dict(vars(driver))  # its attributes differ between Triton versions; reading .active may create one
+    driver.set_active(_TargetDriver(GPUTarget("cuda", arch.arch_number, 32)))
+    try:
+        with warnings.catch_warnings(), mock.patch.object(JITFunction, "run", run), \
+                mock.patch.object(ops, "_capability", lambda device: arch.capability), \
+                mock.patch.object(ops, "_num_sms", lambda device: arch.sms):
+            warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")  # triton 3.9, on every compile
+            yield
+    finally:
+        vars(driver).clear()
+        vars(driver).update(saved)
+
+
+def _inputs(shape: Shape, dtype: torch.dtype, key_padding_mask: bool, prefix_bank: int):
+    """Meta tensors laid out as the benchmark lays them out (benchmarking.shapes.make_inputs):
+    q a transposed view of [B, N, Hq, D]; k/v the same of [B, M, Hkv, D], or a contiguous
+    [B, Hkv, M, D] decode cache; the prefix [Hkv, P, D], or a bank [T, Hkv, P, D] with ids [B]."""
+    s = shape
+
+    def empty(*size, dt=dtype):
+        return torch.empty(*size, device="meta", dtype=dt)
+
+    q = empty(s.B, s.N, s.Hq, s.D).transpose(1, 2)
+    if s.kind == "decode":
+        k, v = empty(s.B, s.Hkv, s.M, s.D), empty(s.B, s.Hkv, s.M, s.D)
+    else:
+        k, v = (empty(s.B, s.M, s.Hkv, s.D).transpose(1, 2) for _ in range(2))
+    bank = (prefix_bank,) if prefix_bank else ()
+    pk, pv = empty(*bank, s.Hkv, s.P, s.D), empty(*bank, s.Hkv, s.P, s.D)
+    mask = empty(s.B, s.M, dt=torch.bool) if key_padding_mask else None
+    ids = empty(s.B, dt=torch.int64) if prefix_bank else None
+    return q, k, v, pk, pv, mask, ids
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+@lru_cache(maxsize=None)
+def _ptxas(arch_number: int) -> tuple[str, list[str]]:
+    """The ptxas Triton compiles with for this arch, and the flags of its make_cubin that change
+    code generation (-lineinfo; --regAllocOptLevel=2, Triton's workaround for ptxas 13)."""
+    from triton.backends.nvidia import compiler as nvidia
+
+    try:
+        path = nvidia.get_ptxas(arch_number).path
+    except (AttributeError, TypeError):
+        import triton
+
+        path = triton.knobs.nvidia.ptxas.path
+    version = subprocess.run([path, "--version"], capture_output=True, text=True, check=True).stdout
+    major = int(re.search(r"release (\d+)\.", version).group(1))
+    return path, ["-lineinfo", *(["--regAllocOptLevel=2"] if major >= 13 else [])]
+
+
+def _resources(compiled, arch: Arch, workdir: Path) -> dict:
+    """Registers and stack of the cubin; spill stores/loads of a ptxas -v run on its PTX."""
+    cubin = workdir / f"{compiled.name}.cubin"
+    cubin.write_bytes(compiled.asm["cubin"])
+    usage = subprocess.run([_tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True,
+                           check=True).stdout
+    regs, stack = (int(x) for x in re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
+    ptx = workdir / f"{compiled.name}.ptx"
+    ptx.write_text(compiled.asm["ptx"])
+    ptxas, flags = _ptxas(arch.arch_number)
+    gpu = f"sm_{arch.arch_number}{'a' if arch.arch_number >= 90 else ''}"
+    log = subprocess.run([ptxas, "-v", *flags, f"--gpu-name={gpu}", str(ptx), "-o", str(workdir / "rerun.o")],
+                         capture_output=True, text=True, check=True).stderr
+    stores, loads = (int(x) for x in re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log).groups())
+    rerun_regs = int(re.search(r"Used (\d+) registers", log).group(1))
+    out = dict(registers=regs, stack_bytes=stack, spill_bytes=stores, spill_load_bytes=loads)
+    if rerun_regs != regs:  # the re-run's spills would then not be the cubin's: say so
+        out["ptxas_rerun_registers"] = rerun_regs
+    return out
+
+
+def _ptx_counts(ptx: str) -> dict:
+    """Static instruction counts in the PTX."""
+    widths = sorted({int(w, 0) for w in re.findall(r"cp\.async\.c[ag]\.shared\.global[^,]*,[^,]*,\s*(0x[0-9a-f]+|\d+)",
+                                                     ptx)})
+    return dict(
+        wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)),
+        mma_sync=len(re.findall(r"\bmma\.sync", ptx)),
+        cp_async=len(re.findall(r"\bcp\.async\.c[ag]\.", ptx)),
+        cp_async_widths=widths,
+        tma=len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx)),
+        atomics=len(re.findall(r"\b(?:atom|red)\.", ptx)),
+    )
+
+
+def occupancy(arch: Arch, registers: int, num_warps: int, shared_bytes: int) -> tuple[int, str]:
+    """(resident blocks per SM, the limit that binds), as the CUDA occupancy calculator computes
+    it: registers are allocated per warp in units of 256 from 4 SM sub-partitions; shared memory
+    per block is rounded up to 128 bytes plus the driver's reserve."""
+    warp_regs = math.ceil(max(registers, 1) * 32 / 256) * 256
+    by_regs = (arch.regs_per_sm // 4 // warp_regs) * 4 // num_warps
+    block_smem = math.ceil(shared_bytes / 128) * 128 + arch.smem_reserved_per_block
+    by_smem = arch.smem_per_sm // block_smem if shared_bytes <= arch.smem_per_block else 0
+    limits = {"registers": by_regs, "shared": by_smem, "warps": arch.max_warps // num_warps,
+              "blocks": arch.max_blocks}
+    binding = min(limits, key=limits.get)
+    return limits[binding], binding
+
+
+def _kernel_report(phase: str, grid: tuple, compiled, arch: Arch, workdir: Path) -> dict:
+    meta = compiled.metadata
+    programs = grid[0] * grid[1] * grid[2]
+    res = _resources(compiled, arch, workdir)
+    blocks, limit = occupancy(arch, res["registers"], meta.num_warps, meta.shared)
+    return dict(
+        phase=phase, name=compiled.name, grid=list(grid), programs=programs, num_warps=meta.num_warps,
+        num_stages=meta.num_stages, **res, shared_bytes=meta.shared, **_ptx_counts(compiled.asm["ptx"]),
+        blocks_per_sm=blocks, occupancy_limit=limit,
+        waves=round(programs / (blocks * arch.sms), 2) if blocks else None,
+    )
+
+
+def inspect_launches(shape: str | Shape, dtype: str | torch.dtype = "bfloat16", arch: str = "sm_90", *,
+                     key_padding_mask: bool = False, prefix_bank: int = 0, deterministic: bool = False) -> dict:
+    """Compiles every Triton launch of a forward and a backward of ``shape`` (``BxHqxHkvxNxMxPxD``
+    or a :class:`Shape`) for ``arch`` and reports them. Causal, all five gradients; by default a
+    shared prefix and no padding mask, as the benchmark runs it. N = 1: the decode forward only
+    (phase "decode", no backward: generation does not train).
+
+    Returns ``{"arch", "dtype", "shape", "launches": {"forward": int, "backward": int},
+    "aten_launches": {"forward": [op names], "backward": [...]}, "kernels": [{"phase", "name",
+    "grid", "programs", "num_warps", "num_stages", "registers", "stack_bytes", "spill_bytes",
+    "spill_load_bytes", "shared_bytes", "wgmma", "mma_sync", "cp_async", "cp_async_widths",
+    "tma", "atomics", "blocks_per_sm", "occupancy_limit", "waves"}]}``; ``launches`` counts the
+    Triton kernels and the ATen ops that launch a device kernel.
+    """
+    from triton.runtime.jit import JITFunction
+
+    from prefix_kernels import ops
+    from prefix_kernels.kernels.forward import prefix_attention_fwd_kernel
+
+    if os.environ.get("TRITON_INTERPRET") == "1" or not isinstance(prefix_attention_fwd_kernel, JITFunction):
+        raise RuntimeError("inspect compiles the real Triton kernels: run it in a process without TRITON_INTERPRET=1 "
+                           "(prefix-kernels inspect re-runs itself without it)")
+    shape = Shape.parse(shape) if isinstance(shape, str) else shape
+    target, dtype = resolve_arch(arch), resolve_dtype(dtype)
+    if prefix_bank < 0:
+        raise ValueError(f"prefix_bank must be >= 0 (0: one shared prefix), got {prefix_bank}")
+    q, k, v, pk, pv, mask, ids = _inputs(shape, dtype, key_padding_mask, prefix_bank)
+    # The op's own checks (head dim, GQA, causal M >= N), on one prefix: prefix_ids of meta tensors have no values.
+    scale, _ = validate_inputs(q, k, v, pk[0] if prefix_bank else pk, pv[0] if prefix_bank else pv, causal=True,
+                               scale=None, key_padding_mask=mask, prefix_ids=None)
+    phases = [("decode" if shape.N == 1 else "forward", [], _DeviceWrites())]
+    if shape.N > 1:
+        phases.append(("backward", [], _DeviceWrites()))
+    if not prefix_bank:  # the launchers take a bank [T, Hkv, P, D]; a shared prefix is a bank of one (a view)
+        pk, pv = pk.unsqueeze(0), pv.unsqueeze(0)
+    with _compiling_for(target, phases[0][1]), phases[0][2]:
+        out, lse = ops.prefix_attention_forward(q, k, v, pk, pv, mask, ids, True, scale)
+    if shape.N > 1:
+        with _compiling_for(target, phases[1][1]), phases[1][2]:
+            ops.prefix_attention_backward(torch.empty_like(out), q, k, v, pk, pv, out, lse, mask, ids, True, scale,
+                                          need_dq=True, need_dkdv=True, need_dprefix=True, deterministic=deterministic)
+    report = {"arch": target.name, "dtype": str(dtype).replace("torch.", ""), "shape": shape.name,
+              "launches": {"forward": 0, "backward": 0}, "aten_launches": {"forward": [], "backward": []},
+              "kernels": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for phase, launches, writes in phases:
+            key = "backward" if phase == "backward" else "forward"
+            report["launches"][key] = len(launches) + len(writes.ops)
+            report["aten_launches"][key] = writes.ops
+            report["kernels"] += [_kernel_report(phase, grid, compiled, target, Path(tmp))
+                                  for grid, compiled in launches]
+    return report
+
+
+def format_report(report: dict) -> str:
+    """The report as a table, one row per launch, and the launch counts."""
+    cols = [("phase", "phase"), ("kernel", "name"), ("grid", "grid"), ("progs", "programs"), ("warps", "num_warps"),
+            ("stages", "num_stages"), ("regs", "registers"), ("spill", "spill_bytes"), ("smem KB", "shared_bytes"),
+            ("blk/SM", "blocks_per_sm"), ("waves", "waves"), ("wgmma", "wgmma"), ("mma.sync", "mma_sync"),
+            ("cp.async", "cp_async"), ("tma", "tma"), ("atomics", "atomics")]
+
+    def cell(kernel, key):
+        value = kernel[key]
+        if key == "grid":
+            return "x".join(map(str, value))
+        if key == "shared_bytes":
+            return f"{value / 1024:.1f}"
+        if key == "spill_bytes":
+            return f"{value}/{kernel['spill_load_bytes']}"
+        if key == "blocks_per_sm":
+            return f"{value} ({kernel['occupancy_limit']})"
+        return str(value)
+
+    rows = [[head for head, _ in cols]] + [[cell(k, key) for _, key in cols] for k in report["kernels"]]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
+    lines = [f"{report['shape']} {report['dtype']} on {report['arch']} ({ARCHS[report['arch']].sms} SMs); "
+             f"spill = stores/loads bytes, waves at the achievable occupancy"]
+    lines += ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    for phase in ("forward", "backward") if any(k["phase"] == "backward" for k in report["kernels"]) else ("forward",):
+        aten = report["aten_launches"][phase]
+        triton_launches = report["launches"][phase] - len(aten)
+        lines.append(f"device launches per {phase}: {report['launches'][phase]} "
+                     f"({triton_launches} Triton{', ATen: ' + ', '.join(aten) if aten else ''})")
+    return "\n".join(lines)
+
+
+def inspect_in_subprocess(requests: list[dict], timeout: float = 1800) -> list[dict]:
+    """``inspect_launches(**request)`` for each request, in one fresh interpreter without
+    TRITON_INTERPRET (kernels imported under the interpreter cannot be compiled), sharing its
+    compile caches. A request that raises gives ``{"error": message, "error_type": "ValueError"}``
+    (the exception's type name) in its place."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                      env.get("PYTHONPATH")]))
+    with tempfile.TemporaryDirectory() as tmp:
+        spec, out = Path(tmp) / "requests.json", Path(tmp) / "reports.json"
+        spec.write_text(json.dumps(requests))
+        code = "import sys; from prefix_kernels.inspection import _serve; _serve(sys.argv[1], sys.argv[2])"
+        proc = subprocess.run([sys.executable, "-c", code, str(spec), str(out)], env=env, capture_output=True,
+                              text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the inspect subprocess failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        return json.loads(out.read_text())
+
+
+def _serve(spec: str, out: str) -> None:
+    """The subprocess of :func:`inspect_in_subprocess`."""
+    reports = []
+    for request in json.loads(Path(spec).read_text()):
+        try:
+            reports.append(inspect_launches(**request))
+        except Exception as e:  # reported per request: the others still run
+            reports.append({"error": str(e), "error_type": type(e).__name__})
+    Path(out).write_text(json.dumps(reports))
