@@ -36,7 +36,7 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-tests=${GPU_CHECK_TESTS:-"tests/test_prefix_attention.py tests/test_gradients.py tests/test_validation.py tests/test_hf_models.py tests/test_hf_generate.py tests/test_hf_training.py tests/test_hf_checkpoint.py tests/test_torch_compile.py tests/test_decode_kernel.py"}
+tests=${GPU_CHECK_TESTS:-"tests/test_prefix_attention.py tests/test_gradients.py tests/test_backward.py tests/test_validation.py tests/test_hf_models.py tests/test_hf_generate.py tests/test_hf_training.py tests/test_hf_checkpoint.py tests/test_torch_compile.py tests/test_decode_kernel.py"}
 budget=${GPU_CHECK_SECONDS:-360}
 parts=" ${GPU_CHECK_PARTS:-tests quick decode flex hf} "
 dry=${GPU_CHECK_DRY_RUN:-0}

@@ -1,4 +1,5 @@
-"""Shared test helpers: device choice, input builders, and the flash-attention tolerance rule."""
+"""Shared test helpers: device and backend choice, the one builder of attention test problems
+(:class:`Case`), and the flash-attention tolerance rule."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass, replace
 import pytest
 import torch
 
+from prefix_kernels import cpu
 from prefix_kernels.reference import prefix_attention_reference
 
 ON_GPU = torch.cuda.is_available()
@@ -17,9 +19,47 @@ requires_triton = pytest.mark.skipif(not TRITON_RUNNABLE, reason="needs CUDA or 
 requires_cuda = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 
 
+def need(backend: str) -> None:
+    """Skips the calling test when ``backend`` cannot run here ("cpu": the C++ op cannot be built --
+    checked when the test runs, as the first check builds it; "triton": neither CUDA nor
+    TRITON_INTERPRET=1)."""
+    if backend == "cpu" and not cpu.is_available():
+        pytest.skip(f"C++ CPU op unavailable: {cpu.unavailable_reason()}")
+    if backend == "triton" and not TRITON_RUNNABLE:
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+
+
+def backend_device(backend: str) -> torch.device:
+    """Triton runs on CUDA tensors when there is a GPU, else in the interpreter on CPU tensors; the
+    other backends run on the CPU."""
+    return DEVICE if backend == "triton" else torch.device("cpu")
+
+
+# ---------------------------------------------------------------- the attention test problem
+
+SEQ_LAYOUTS = ("contig", "bshd", "d_strided", "expanded")
+PREFIX_LAYOUTS = ("contig", "p_sliced", "phd")
+MASK_LAYOUTS = ("contig", "strided", "transposed")
+PADDINGS = (None, "left", "right", "left_any", "right_any", "random", "dead_rows", "all_padded", "all_visible")
+
+
 @dataclass(frozen=True)
 class Case:
-    """One attention problem. On a GPU the sizes are scaled up by ``gpu_scale``."""
+    """One attention problem: sizes, causality, padding, prefix bank and memory layouts; :meth:`make`
+    builds its tensors. On a GPU :meth:`on_device` scales the sizes up by ``gpu_scale``.
+
+    ``padding``: None (no mask); "left"/"right" (each row keeps a random length in 1..M, row 0
+    about M/3: no row loses every key); "left_any"/"right_any" (lengths in 0..M: rows may be fully
+    padded); "random" (each key kept with p 0.7); "dead_rows" (p 0.6, about half the rows fully
+    padded); "all_padded"; "all_visible".
+
+    Layouts (the values are the same whatever the layout, only the strides differ): q/k/v and the
+    incoming gradient "contig" [B, H, S, D], "bshd" (a transposed [B, S, H, D] view, as HF hands
+    them), "d_strided" (inner stride 2), "expanded" (stride 0 over the batch); the prefix "contig",
+    "p_sliced" (a slice of a longer prefix: non-contiguous along P), "phd" (a transposed [P, Hkv, D]
+    view); the mask "contig", "strided" (stride 2 along M), "transposed" (column-major).
+    ``strided=True`` is short for q/k/v "bshd" and prefix "p_sliced".
+    """
 
     batch: int = 2
     heads: int = 2
@@ -29,12 +69,42 @@ class Case:
     n_prefix: int = 4
     head_dim: int = 32
     causal: bool = True
-    padding: str | None = None  # None, "left", "right"
-    n_prefixes: int | None = None  # a bank of T prefixes with prefix_ids
-    strided: bool = False  # [B, S, H, D] storage viewed as [B, H, S, D], prefix sliced
+    padding: str | None = None
+    n_prefixes: int | None = None  # a bank of T prefixes [T, Hkv, P, D]; None: one shared [Hkv, P, D]
+    with_ids: bool = True  # with a bank, draw prefix_ids [B] in 0..T-1 (False: the caller picks, if any)
+    ids_dtype: torch.dtype = torch.int64
+    ids_strided: bool = False  # prefix_ids as a stride-2 view
+    strided: bool = False
+    q_layout: str = "contig"
+    kv_layout: str = "contig"
+    prefix_layout: str = "contig"
+    mask_layout: str = "contig"
+    go_layout: str = "contig"
+    scale: float | None = None
     gpu_scale: int = 8
 
-    def on_device(self) -> "Case":
+    def __post_init__(self):
+        for name, allowed in (("q_layout", SEQ_LAYOUTS), ("kv_layout", SEQ_LAYOUTS), ("go_layout", SEQ_LAYOUTS),
+                              ("prefix_layout", PREFIX_LAYOUTS), ("mask_layout", MASK_LAYOUTS),
+                              ("padding", PADDINGS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"Case.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+    # the usual symbols
+    B = property(lambda self: self.batch)
+    Hq = property(lambda self: self.heads)
+    Hkv = property(lambda self: self.kv_heads)
+    N = property(lambda self: self.n_queries)
+    M = property(lambda self: self.n_keys)
+    P = property(lambda self: self.n_prefix)
+    D = property(lambda self: self.head_dim)
+    T = property(lambda self: self.n_prefixes)
+
+    @property
+    def has_ids(self) -> bool:
+        return self.n_prefixes is not None and self.with_ids
+
+    def on_device(self) -> Case:
         if not ON_GPU:
             return self
         s = self.gpu_scale
@@ -42,41 +112,131 @@ class Case:
                        n_keys=self.n_keys * s, n_prefix=self.n_prefix * (s // 2 if self.n_prefix > 1 else 1),
                        batch=self.batch * 2)
 
+    def make(self, dtype: torch.dtype = torch.float32, device=DEVICE, seed: int = 0,
+             requires_grad: bool | tuple[bool, ...] = True) -> Inputs:
+        """The tensors, drawn as fp32 ``randn`` from one CPU generator seeded ``seed`` in the order q,
+        k, v, prefix_k, prefix_v, mask, prefix_ids, grad_out, then cast and moved: a case and seed give
+        the same values on every device. q..prefix_v are leaves (``requires_grad``: one flag, or one
+        per tensor)."""
+        gen = torch.Generator().manual_seed(seed)
+        dev = torch.device(device)
+        seq_layout = "bshd" if self.strided else None
+        prefix_layout = "p_sliced" if self.strided else self.prefix_layout
+        b, hkv, d = self.batch, self.kv_heads, self.head_dim
+        q = self._seq(gen, (b, self.heads, self.n_queries, d), seq_layout or self.q_layout, dtype, dev)
+        k = self._seq(gen, (b, hkv, self.n_keys, d), seq_layout or self.kv_layout, dtype, dev)
+        v = self._seq(gen, (b, hkv, self.n_keys, d), seq_layout or self.kv_layout, dtype, dev)
+        lead = () if self.n_prefixes is None else (self.n_prefixes,)
+        pk = self._prefix(gen, lead, prefix_layout, dtype, dev)
+        pv = self._prefix(gen, lead, prefix_layout, dtype, dev)
+        mask = self._mask(gen, dev)
+        ids = None
+        if self.has_ids:
+            ids = torch.randint(0, self.n_prefixes, (b,), generator=gen).to(dev, self.ids_dtype)
+            if self.ids_strided:
+                wide = torch.zeros(2 * b, dtype=self.ids_dtype, device=dev)
+                wide[::2] = ids
+                ids = wide[::2]
+        go = self._seq(gen, (b, self.heads, self.n_queries, d), self.go_layout, dtype, dev)
+        flags = (requires_grad,) * 5 if isinstance(requires_grad, bool) else tuple(requires_grad)
+        q, k, v, pk, pv = (t.detach().requires_grad_(f) for t, f in zip((q, k, v, pk, pv), flags))  # keeps strides
+        return Inputs(q, k, v, pk, pv, mask, ids, go, self.causal, self.scale)
 
-def _seq(shape_bhsd, dtype, strided, gen):
-    b, h, s, d = shape_bhsd
-    if strided:
-        return torch.randn(b, s, h, d, generator=gen).to(DEVICE, dtype).transpose(1, 2)
-    return torch.randn(b, h, s, d, generator=gen).to(DEVICE, dtype)
+    @staticmethod
+    def _seq(gen, shape, layout, dtype, dev):
+        b, h, s, d = shape
+        if layout == "bshd":
+            return torch.randn(b, s, h, d, generator=gen).to(dev, dtype).transpose(1, 2)
+        if layout == "d_strided":
+            return torch.randn(b, h, s, 2 * d, generator=gen).to(dev, dtype)[..., ::2]
+        if layout == "expanded":
+            return torch.randn(1, h, s, d, generator=gen).to(dev, dtype).expand(b, h, s, d)
+        return torch.randn(b, h, s, d, generator=gen).to(dev, dtype)
+
+    def _prefix(self, gen, lead, layout, dtype, dev):
+        hkv, p, d = self.kv_heads, self.n_prefix, self.head_dim
+        if layout == "p_sliced":
+            return torch.randn(*lead, hkv, p + 3, d, generator=gen).to(dev, dtype)[..., 3:, :]
+        if layout == "phd":
+            return torch.randn(*lead, p, hkv, d, generator=gen).to(dev, dtype).transpose(-3, -2)
+        return torch.randn(*lead, hkv, p, d, generator=gen).to(dev, dtype)
+
+    def _mask(self, gen, dev):
+        kind, b, m = self.padding, self.batch, self.n_keys
+        if kind is None:
+            return None
+        if kind in ("left", "right"):
+            lengths = torch.randint(1, m + 1, (b,), generator=gen)
+            lengths[0] = max(1, m // 3)  # at least one row well padded
+        else:
+            lengths = torch.randint(0, m + 1, (b,), generator=gen)
+        pos = torch.arange(m)
+        if kind == "random":
+            mask = torch.rand(b, m, generator=gen) < 0.7
+        elif kind == "dead_rows":
+            mask = torch.rand(b, m, generator=gen) < 0.6
+            mask[torch.rand(b, generator=gen) < 0.5] = False
+        elif kind == "all_padded":
+            mask = torch.zeros(b, m, dtype=torch.bool)
+        elif kind == "all_visible":
+            mask = torch.ones(b, m, dtype=torch.bool)
+        elif kind in ("left", "left_any"):
+            mask = pos[None, :] >= (m - lengths)[:, None]
+        else:
+            mask = pos[None, :] < lengths[:, None]
+        mask = mask.to(dev)
+        if self.mask_layout == "strided":
+            wide = torch.zeros(b, 2 * m, dtype=torch.bool, device=dev)
+            wide[:, ::2] = mask
+            return wide[:, ::2]
+        if self.mask_layout == "transposed":
+            return mask.t().contiguous().t()
+        return mask.contiguous()
+
+
+NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
+
+
+@dataclass
+class Inputs:
+    """What :meth:`Case.make` builds. Unpacks as (q, k, v, prefix_k, prefix_v, key_padding_mask,
+    prefix_ids); ``grad_out`` [B, Hq, N, D] is an incoming gradient for out."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    prefix_k: torch.Tensor
+    prefix_v: torch.Tensor
+    key_padding_mask: torch.Tensor | None
+    prefix_ids: torch.Tensor | None
+    grad_out: torch.Tensor
+    causal: bool = True
+    scale: float | None = None
+
+    def __iter__(self):
+        return iter((*self.tensors, self.key_padding_mask, self.prefix_ids))
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """(q, k, v, prefix_k, prefix_v)."""
+        return self.q, self.k, self.v, self.prefix_k, self.prefix_v
+
+    def named(self) -> dict[str, torch.Tensor]:
+        """{"q": q, ..., "prefix_v": prefix_v}."""
+        return dict(zip(NAMES, self.tensors))
+
+    @property
+    def kwargs(self) -> dict:
+        """prefix_attention's keyword arguments for this problem: causal, scale, mask, prefix_ids."""
+        return dict(causal=self.causal, scale=self.scale, key_padding_mask=self.key_padding_mask,
+                    prefix_ids=self.prefix_ids)
 
 
 def make_inputs(case: Case, dtype: torch.dtype, seed: int = 0):
-    """(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids), all leaf tensors requiring grad."""
-    gen = torch.Generator().manual_seed(seed)
-    c = case
-    q = _seq((c.batch, c.heads, c.n_queries, c.head_dim), dtype, c.strided, gen)
-    k = _seq((c.batch, c.kv_heads, c.n_keys, c.head_dim), dtype, c.strided, gen)
-    v = _seq((c.batch, c.kv_heads, c.n_keys, c.head_dim), dtype, c.strided, gen)
-    bank = (c.n_prefixes,) if c.n_prefixes else ()
-    extra = 3 if c.strided else 0  # slice a longer prefix: non-contiguous along P
-    pk = torch.randn(*bank, c.kv_heads, c.n_prefix + extra, c.head_dim, generator=gen).to(DEVICE, dtype)
-    pv = torch.randn(*bank, c.kv_heads, c.n_prefix + extra, c.head_dim, generator=gen).to(DEVICE, dtype)
-    pk, pv = pk[..., extra:, :], pv[..., extra:, :]
-    mask = None
-    if c.padding:
-        lengths = torch.randint(1, c.n_keys + 1, (c.batch,), generator=gen)
-        lengths[0] = max(1, c.n_keys // 3)  # at least one row well padded
-        pos = torch.arange(c.n_keys)
-        if c.padding == "left":
-            mask = pos[None, :] >= (c.n_keys - lengths)[:, None]
-        else:
-            mask = pos[None, :] < lengths[:, None]
-        mask = mask.to(DEVICE)
-    ids = None
-    if c.n_prefixes:
-        ids = torch.randint(0, c.n_prefixes, (c.batch,), generator=gen).to(DEVICE)
-    tensors = [t.requires_grad_() for t in (q, k, v, pk, pv)]
-    return (*tensors, mask, ids)
+    """``tuple(case.make(dtype, DEVICE, seed))``: (q, k, v, prefix_k, prefix_v, key_padding_mask,
+    prefix_ids), the five tensors leaves requiring grad (the tuple spelling that
+    test_cpu.py, test_gradients.py and test_backward.py use)."""
+    return tuple(case.make(dtype, DEVICE, seed))
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -97,7 +257,7 @@ def check_against_reference(fn, case: Case, dtype: torch.dtype, seed: int = 0, c
     """Runs ``fn`` (same signature as prefix_attention) and checks out, lse and all five gradients
     against the fp64 reference, with the same-dtype reference setting the error budget."""
     causal = case.causal if causal is None else causal
-    q, k, v, pk, pv, mask, ids = make_inputs(case, dtype, seed)
+    q, k, v, pk, pv, mask, ids = case.make(dtype, seed=seed)
     kwargs = dict(causal=causal, key_padding_mask=mask, prefix_ids=ids)
     out, lse = fn(q, k, v, pk, pv, return_lse=True, **kwargs)
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)

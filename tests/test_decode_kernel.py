@@ -15,7 +15,7 @@ import torch
 
 import prefix_kernels.ops as ops
 from helpers import (
-    ATOL, DEVICE, ON_GPU, Case, assert_close_by_rule, check_against_reference, make_inputs, max_err,
+    ATOL, DEVICE, ON_GPU, Case, assert_close_by_rule, check_against_reference, max_err,
     requires_triton,
 )
 from prefix_kernels import prefix_attention, prefix_attention_reference
@@ -61,7 +61,7 @@ def triton_op(*args, **kwargs):
 def check_forward(case: Case, dtype: torch.dtype, seed: int = 0, inputs=None):
     """out (flash-attention's rule against the same-dtype reference) and lse (natural log, relative
     1e-4) against the fp64 reference; -inf rows must match exactly."""
-    q, k, v, pk, pv, mask, ids = inputs if inputs is not None else make_inputs(case, dtype, seed)
+    q, k, v, pk, pv, mask, ids = inputs if inputs is not None else case.make(dtype, seed=seed)
     kwargs = dict(causal=case.causal, key_padding_mask=mask, prefix_ids=ids)
     with torch.no_grad():
         out, lse = triton_op(q, k, v, pk, pv, return_lse=True, **kwargs)
@@ -129,7 +129,7 @@ def test_fully_padded_row(monkeypatch, n_keys, n_prefix):
     """Row 0 has every key padded: with P = 0 its queries see nothing (out 0, lse -inf); with a
     prefix they see the prefix only. Row 1 is unpadded."""
     case = _on_device(Case(batch=2, heads=4, kv_heads=2, n_queries=1, n_keys=n_keys, n_prefix=n_prefix))
-    q, k, v, pk, pv, _, ids = make_inputs(case, torch.float32)
+    q, k, v, pk, pv, _, ids = case.make(torch.float32)
     mask = torch.ones(case.batch, case.n_keys, dtype=torch.bool, device=DEVICE)
     mask[0] = False
     spy = Spy(monkeypatch)
@@ -146,7 +146,7 @@ def test_nan_in_k_propagates(monkeypatch, key):
     key (all queries of heads 0, 1 for an early key; only the last query for key M - 1) and equal the
     reference elsewhere."""
     case = _on_device(Case(batch=2, heads=4, kv_heads=2, n_queries=3, n_keys=200, n_prefix=3))
-    q, k, v, pk, pv, mask, ids = make_inputs(case, torch.float32)
+    q, k, v, pk, pv, mask, ids = case.make(torch.float32)
     j = case.n_keys // 2 if key == "early" else case.n_keys - 1
     with torch.no_grad():
         k[0, 0, j, 5] = float("nan")
@@ -193,7 +193,7 @@ def test_dispatch(monkeypatch, n_queries, heads, dtype, decode):
     """Decode path for decode-like calls only: N <= ops.DECODE_MAX_QUERIES and N * G <= ops.DECODE_MAX_ROWS."""
     case = Case(batch=1, heads=heads, kv_heads=1, n_queries=n_queries, n_keys=10, n_prefix=2)
     spy = Spy(monkeypatch)
-    q, k, v, pk, pv, _, _ = make_inputs(case, dtype)
+    q, k, v, pk, pv, _, _ = case.make(dtype)
     with torch.no_grad():
         triton_op(q, k, v, pk, pv)
     assert spy.calls == int(decode)
@@ -205,7 +205,7 @@ def test_decode_equals_general_kernel(monkeypatch, n_queries):
     which also keeps the general kernel's small-N paths tested): fp32 results agree closely."""
     case = _on_device(Case(batch=2, heads=4, kv_heads=2, n_queries=n_queries, n_keys=200, n_prefix=5,
                            n_prefixes=2, padding="left"))
-    q, k, v, pk, pv, mask, ids = make_inputs(case, torch.float32)
+    q, k, v, pk, pv, mask, ids = case.make(torch.float32)
     kwargs = dict(key_padding_mask=mask, prefix_ids=ids, return_lse=True)
     spy = Spy(monkeypatch)
     with torch.no_grad():

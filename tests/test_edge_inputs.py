@@ -15,13 +15,14 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import ATOL, DEVICE, TRITON_RUNNABLE, max_err
-from prefix_kernels import cpu, prefix_attention, prefix_attention_reference
+from helpers import ATOL, TRITON_RUNNABLE, Case, backend_device, max_err, need
+from prefix_kernels import prefix_attention, prefix_attention_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ["reference", "cpu", "triton"]
@@ -32,19 +33,13 @@ pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWar
               pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
 
 
-def _need(backend: str) -> None:
-    if backend == "cpu" and not cpu.is_available():
-        pytest.skip(f"C++ CPU op unavailable: {cpu.unavailable_reason()}")
-    if backend == "triton" and not TRITON_RUNNABLE:
-        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+SMALL = Case(batch=2, heads=2, kv_heads=1, n_queries=3, n_keys=5, n_prefix=2, head_dim=8, with_ids=False)
 
 
-def make(B=2, Hq=2, Hkv=1, N=3, M=5, P=2, D=8, T=None, dtype=torch.float32, seed=0):
-    """[q, k, v, prefix_k, prefix_v] (plain tensors; callers make leaves)."""
-    g = torch.Generator().manual_seed(seed)
-    lead = () if T is None else (T,)
-    shapes = [(B, Hq, N, D), (B, Hkv, M, D), (B, Hkv, M, D), (*lead, Hkv, P, D), (*lead, Hkv, P, D)]
-    return [torch.randn(s, generator=g).to(dtype) for s in shapes]
+def make(dtype=torch.float32, seed=0, **sizes):
+    """[q, k, v, prefix_k, prefix_v] of ``SMALL`` with ``sizes`` (Case fields) replaced: plain CPU
+    tensors (callers make leaves; the tests pick masks and prefix_ids themselves)."""
+    return list(replace(SMALL, **sizes).make(dtype, "cpu", seed, requires_grad=False).tensors)
 
 
 def leaves(tensors):
@@ -54,7 +49,7 @@ def leaves(tensors):
 def run(backend, tensors, grad_out=None, **kwargs):
     """(out, lse, the five grads or None) from ``backend``, on the CPU; grads only when grad_out is
     given. Triton runs on DEVICE (CUDA when there is a GPU)."""
-    dev = DEVICE if backend == "triton" else torch.device("cpu")
+    dev = backend_device(backend)
     xs = [t.detach().to(dev).clone().requires_grad_() for t in tensors]
     kwargs = {n: a.to(dev) if isinstance(a, torch.Tensor) else a for n, a in kwargs.items()}
     out, lse = prefix_attention(*xs, return_lse=True, backend=backend, **kwargs)
@@ -126,8 +121,8 @@ def _subprocess(code: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("with_bank", [False, True], ids=["shared", "bank+ids+mask"])
 def test_empty_batch(backend, with_bank):
     """B = 0: empty out/lse of the right shapes, all-zero gradients of the right shapes."""
-    _need(backend)
-    tensors = make(B=0, T=3 if with_bank else None)
+    need(backend)
+    tensors = make(batch=0, n_prefixes=3 if with_bank else None)
     kwargs = {}
     if with_bank:
         kwargs = dict(prefix_ids=torch.zeros(0, dtype=torch.long), key_padding_mask=torch.ones(0, 5, dtype=torch.bool))
@@ -142,8 +137,8 @@ def test_empty_batch(backend, with_bank):
 @pytest.mark.parametrize("causal, M", [(True, 0), (True, 6), (False, 0), (False, 4)])
 def test_no_queries(backend, causal, M):
     """N = 0 (with or without keys): empty out/lse, all-zero gradients."""
-    _need(backend)
-    tensors = make(N=0, M=M, P=3)
+    need(backend)
+    tensors = make(n_queries=0, n_keys=M, n_prefix=3)
     out, lse, grads = run(backend, tensors, torch.zeros(2, 2, 0, 8), causal=causal)
     assert out.shape == (2, 2, 0, 8) and lse.shape == (2, 2, 0)
     for g, t in zip(grads, tensors):
@@ -154,8 +149,8 @@ def test_no_queries(backend, causal, M):
 @pytest.mark.parametrize("padding", [False, True])
 def test_no_prefix(backend, padding):
     """P = 0: plain attention over the sequence; the prefix gradients are empty [Hkv, 0, D]."""
-    _need(backend)
-    tensors = make(B=3, Hq=4, Hkv=2, N=4, M=7, P=0, D=16)
+    need(backend)
+    tensors = make(batch=3, heads=4, kv_heads=2, n_queries=4, n_keys=7, n_prefix=0, head_dim=16)
     mask = None
     if padding:
         mask = torch.ones(3, 7, dtype=torch.bool)
@@ -168,8 +163,8 @@ def test_no_prefix(backend, padding):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_keys_at_all(backend):
     """P = M = 0 (non-causal): every query sees nothing: out 0, lse -inf, zero gradients."""
-    _need(backend)
-    tensors = make(M=0, P=0)
+    need(backend)
+    tensors = make(n_keys=0, n_prefix=0)
     out, lse, grads = run(backend, tensors, torch.randn(2, 2, 3, 8), causal=False)
     assert (out == 0).all() and (lse == -INF).all()
     for g, t in zip(grads, tensors):
@@ -181,8 +176,8 @@ def test_no_keys_at_all(backend):
 @pytest.mark.parametrize("visible", [True, False])
 def test_single_query_single_key(backend, P, visible):
     """M = N = 1 (decode with an empty cache), with and without the key padded out."""
-    _need(backend)
-    tensors = make(B=2, Hq=3, Hkv=1, N=1, M=1, P=P, D=16)
+    need(backend)
+    tensors = make(batch=2, heads=3, kv_heads=1, n_queries=1, n_keys=1, n_prefix=P, head_dim=16)
     mask = torch.tensor([[visible], [True]])
     out, lse, _ = check_by_rule(backend, tensors, key_padding_mask=mask)
     if P == 0 and visible:  # one visible key: out is its value, exactly
@@ -194,8 +189,8 @@ def test_single_query_single_key(backend, P, visible):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_zero_query_heads(backend):
     """Hq = 0 (a multiple of any Hkv, so accepted): empty out, zero gradients."""
-    _need(backend)
-    tensors = make(Hq=0)
+    need(backend)
+    tensors = make(heads=0)
     out, lse, grads = run(backend, tensors, torch.zeros(2, 0, 3, 8))
     assert out.shape == (2, 0, 3, 8) and lse.shape == (2, 0, 3)
     for g, t in zip(grads, tensors):
@@ -205,14 +200,12 @@ def test_zero_query_heads(backend):
 def test_cpu_zero_query_heads_does_not_crash():
     """In a subprocess: this input once killed the process with SIGFPE (rows / G with G = 0 in
     csrc/prefix_attention.cpp)."""
-    if not cpu.is_available():
-        pytest.skip(f"C++ CPU op unavailable: {cpu.unavailable_reason()}")
+    need("cpu")
     result = _subprocess("""
-        import torch
         from prefix_kernels import prefix_attention
-        q = torch.randn(2, 0, 3, 8, requires_grad=True)
-        k, v = torch.randn(2, 1, 3, 8), torch.randn(2, 1, 3, 8)
-        pk, pv = torch.randn(1, 2, 8), torch.randn(1, 2, 8)
+        from test_edge_inputs import make
+        q, k, v, pk, pv = make(heads=0, n_keys=3)
+        q.requires_grad_()
         try:
             out = prefix_attention(q, k, v, pk, pv, backend="cpu")
             assert out.shape == (2, 0, 3, 8)
@@ -230,9 +223,9 @@ def test_cpu_zero_query_heads_does_not_crash():
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_empty_prefix_bank_is_refused(backend):
     """A [0, Hkv, P, D] bank without prefix_ids: no prefix to use, a ValueError naming prefix_k."""
-    _need(backend)
+    need(backend)
     with pytest.raises(ValueError, match=r"prefix_k holds no prefix \(T=0"):
-        prefix_attention(*make(T=0), backend=backend)
+        prefix_attention(*make(n_prefixes=0), backend=backend)
 
 
 @pytest.mark.skipif(not TRITON_RUNNABLE, reason="needs CUDA or TRITON_INTERPRET=1")
@@ -243,7 +236,7 @@ def test_empty_prefix_bank_is_refused_triton():
         from prefix_kernels import prefix_attention
         from test_edge_inputs import make
         try:
-            prefix_attention(*make(T=0), backend="triton")
+            prefix_attention(*make(n_prefixes=0), backend="triton")
             print("accepted")
         except (TypeError, ValueError) as exc:
             print("refused", exc)
@@ -256,8 +249,8 @@ def test_empty_prefix_bank_is_refused_triton():
 def test_empty_prefix_bank_with_empty_batch(backend):
     """B = 0 and T = 0 with prefix_ids of shape [0]: nothing to compute; either an empty result or
     a clean refusal."""
-    _need(backend)
-    tensors = make(B=0, T=0)
+    need(backend)
+    tensors = make(batch=0, n_prefixes=0)
     try:
         out, _, _ = run(backend, tensors, prefix_ids=torch.zeros(0, dtype=torch.long))
     except (TypeError, ValueError) as exc:
@@ -269,9 +262,9 @@ def test_empty_prefix_bank_with_empty_batch(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_prefix_bank_with_ids_is_refused(backend):
     """T = 0 with prefix_ids for B > 0 rows: no id can be in range, a clean ValueError."""
-    _need(backend)
+    need(backend)
     with pytest.raises(ValueError, match=r"prefix_ids must be in \[0, T=0\)"):
-        run(backend, make(T=0), prefix_ids=torch.zeros(2, dtype=torch.long))
+        run(backend, make(n_prefixes=0), prefix_ids=torch.zeros(2, dtype=torch.long))
 
 
 # ---------------------------------------------------------------- fully padded rows
@@ -281,8 +274,8 @@ def test_empty_prefix_bank_with_ids_is_refused(backend):
 def test_all_keys_padded_without_prefix(backend, causal):
     """P = 0 and every key of row 0 padded: its queries see nothing -> out 0, lse -inf, zero
     gradients, and no NaN anywhere; row 1 is unaffected."""
-    _need(backend)
-    tensors = make(B=2, Hq=4, Hkv=2, N=4, M=6, P=0, D=16)
+    need(backend)
+    tensors = make(batch=2, heads=4, kv_heads=2, n_queries=4, n_keys=6, n_prefix=0, head_dim=16)
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[0] = False
     out, lse, grads = check_by_rule(backend, tensors, causal=causal, key_padding_mask=mask)
@@ -297,9 +290,10 @@ def test_all_keys_padded_without_prefix(backend, causal):
 @pytest.mark.parametrize("bank", [False, True])
 def test_all_keys_padded_with_prefix(backend, bank):
     """P > 0 and every sequence key padded: each query attends to its prefix only."""
-    _need(backend)
+    need(backend)
     B, Hq, Hkv, N, M, P, D = 3, 4, 2, 4, 6, 5, 16
-    tensors = make(B=B, Hq=Hq, Hkv=Hkv, N=N, M=M, P=P, D=D, T=2 if bank else None)
+    tensors = make(batch=B, heads=Hq, kv_heads=Hkv, n_queries=N, n_keys=M, n_prefix=P, head_dim=D,
+                   n_prefixes=2 if bank else None)
     ids = torch.tensor([1, 0, 1]) if bank else None
     mask = torch.zeros(B, M, dtype=torch.bool)
     out, lse, grads = check_by_rule(backend, tensors, key_padding_mask=mask, prefix_ids=ids)
@@ -334,8 +328,8 @@ def _big_logit_grads_ok(grads, grads64):
 def test_logits_scaled_by_1e4(backend, how):
     """The softmax saturates to the argmax: out is the argmax key's value (finite, equal to the
     reference's), lse equals the reference's to fp32 precision, gradients stay finite."""
-    _need(backend)
-    tensors = make(B=2, Hq=2, Hkv=1, N=4, M=6, P=3, D=16)
+    need(backend)
+    tensors = make(batch=2, heads=2, kv_heads=1, n_queries=4, n_keys=6, n_prefix=3, head_dim=16)
     kwargs = dict(key_padding_mask=torch.tensor([[False, True, True, True, True, True], [True] * 6]))
     if how == "scale=1e4":
         kwargs["scale"] = 1e4
@@ -356,7 +350,7 @@ def test_logits_scaled_by_1e4(backend, how):
 def _fp16_near_overflow(seed=0, both=False, N=4, D=16):
     """fp16 q with entries up to 6e4 (and k too when ``both``): q . k overflows fp16."""
     g = torch.Generator().manual_seed(seed)
-    tensors = make(B=2, Hq=2, Hkv=1, N=N, M=N + 2, P=3, D=D, seed=seed)
+    tensors = make(batch=2, heads=2, kv_heads=1, n_queries=N, n_keys=N + 2, n_prefix=3, head_dim=D, seed=seed)
     tensors[0] = (torch.rand(tensors[0].shape, generator=g) * 2 - 1) * 6e4
     if both:
         tensors[1] = (torch.rand(tensors[1].shape, generator=g) * 2 - 1) * 6e4
@@ -372,7 +366,7 @@ def _fp16_near_overflow(seed=0, both=False, N=4, D=16):
 def test_fp16_near_overflow(backend):
     """fp16 inputs whose dot products overflow fp16: fp32 accumulation gives a finite out equal to
     the reference's (to fp16 rounding), an exact lse and finite gradients."""
-    _need(backend)
+    need(backend)
     tensors = _fp16_near_overflow()
     go = torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(1)).half()
     out, lse, grads = run(backend, tensors, go)
@@ -386,7 +380,7 @@ def test_fp16_near_overflow(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fp16_extreme_logits_forward(backend):
     """q and k both up to 6e4 (logits ~1e9): the forward still gives the argmax value and the lse."""
-    _need(backend)
+    need(backend)
     tensors = _fp16_near_overflow(both=True, N=12, D=64)
     out, lse, _ = run(backend, tensors)
     out64, lse64, _ = truth(tensors)
@@ -404,7 +398,7 @@ def test_fp16_extreme_logits_backward(backend):
     sum |dO|). The reference keeps P; the C++ op rounds its LSE down and recomputes few-row tiles
     with the forward's own product routine, so its scores are bit-identical and its gradients
     accurate too."""
-    _need(backend)
+    need(backend)
     tensors = _fp16_near_overflow(both=True, N=12, D=64)
     go = torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(1)).half()
     _, _, grads = run(backend, tensors, go)
@@ -426,7 +420,7 @@ POISON = {"q": (0, 0, 1, 2), "k": (0, 0, 1, 3), "v": (0, 0, 1, 3), "prefix_k": (
 
 
 def _poisoned(where, value):
-    tensors = make(B=2, Hq=2, Hkv=1, N=3, M=5, P=2, D=8)
+    tensors = make(batch=2, heads=2, kv_heads=1, n_queries=3, n_keys=5, n_prefix=2, head_dim=8)
     tensors[NAMES.index(where)][POISON[where]] = value
     return tensors
 
@@ -438,7 +432,7 @@ def test_nonfinite_input_propagates_to_out(backend, where, value):
     """NaN/inf in an input: out has NaN (and inf) in exactly the elements where the reference has
     them, the finite elements agree; batch row 1 (whose inputs are clean, unless the shared prefix
     is poisoned) matches the reference."""
-    _need(backend)
+    need(backend)
     tensors = _poisoned(where, value)
     out, _, _ = run(backend, tensors)
     out64, _, _ = truth(tensors)
@@ -456,7 +450,7 @@ def test_nonfinite_input_propagates_to_out(backend, where, value):
 def test_nonfinite_scores_are_not_hidden_in_lse(backend, where, value):
     """Where the reference's lse is NaN ours is NaN; where it is +inf ours is +inf or NaN -- never
     -inf, which means "this row saw no key"."""
-    _need(backend)
+    need(backend)
     tensors = _poisoned(where, value)
     _, lse, _ = run(backend, tensors)
     _, lse64, _ = truth(tensors)
@@ -477,7 +471,7 @@ def test_nan_input_propagates_to_gradients(backend, where):
     checked for a poisoned shared prefix, which no row escapes). Which other gradient elements
     turn NaN differs between backends (the reference multiplies masked probabilities, 0, by NaN
     in more places)."""
-    _need(backend)
+    need(backend)
     tensors = _poisoned(where, NAN)
     go = torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(1))
     out, _, grads = run(backend, tensors, go)
@@ -493,7 +487,7 @@ def test_nan_input_propagates_to_gradients(backend, where):
 
 def _nan_in_padded_key():
     """Inputs with a NaN in k of key 0 of batch row 0, which the padding mask hides; and a grad_out."""
-    tensors = make(B=2, Hq=2, Hkv=1, N=3, M=6, P=2, D=8)
+    tensors = make(batch=2, heads=2, kv_heads=1, n_queries=3, n_keys=6, n_prefix=2, head_dim=8)
     tensors[1][0, 0, 0] = NAN
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[0, 0] = False
@@ -504,7 +498,7 @@ def _nan_in_padded_key():
 def test_nan_in_padded_key_does_not_leak(backend):
     """A NaN in k of a padded-out key: out, lse, dk, dv and the prefix gradients stay finite and
     equal the reference's (dq: see test_nan_in_padded_key_does_not_leak_into_dq)."""
-    _need(backend)
+    need(backend)
     tensors, mask, go = _nan_in_padded_key()
     out, lse, grads = run(backend, tensors, go, key_padding_mask=mask)
     out64, lse64, grads64 = truth(tensors, go, key_padding_mask=mask)
@@ -520,8 +514,8 @@ def test_nan_in_padded_key_does_not_leak(backend):
 def test_nan_in_causally_hidden_key_does_not_leak(backend):
     """Causal, N = 3 queries over M = 5 keys: key 4 is seen by the last query only. A NaN in its k
     makes that query's out NaN and leaves the earlier queries' out and lse equal to the reference's."""
-    _need(backend)
-    tensors = make(B=2, Hq=2, Hkv=1, N=3, M=5, P=2, D=8)
+    need(backend)
+    tensors = make(batch=2, heads=2, kv_heads=1, n_queries=3, n_keys=5, n_prefix=2, head_dim=8)
     tensors[1][0, 0, 4] = NAN
     out, lse, _ = run(backend, tensors)
     out64, lse64, _ = truth(tensors)
@@ -544,8 +538,8 @@ _LEAK = ("a NaN in v of a key that a query may not see (padded out, or after its
     pytest.param(b, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=_LEAK)) for b in BACKENDS])
 @pytest.mark.parametrize("hidden_by", ["padding", "causality"])
 def test_nan_in_hidden_value_does_not_leak(backend, hidden_by):
-    _need(backend)
-    tensors = make(B=2, Hq=2, Hkv=1, N=3, M=5, P=2, D=8)
+    need(backend)
+    tensors = make(batch=2, heads=2, kv_heads=1, n_queries=3, n_keys=5, n_prefix=2, head_dim=8)
     kwargs, rows = {}, slice(0, 3)
     if hidden_by == "padding":
         mask = torch.ones(2, 5, dtype=torch.bool)
@@ -567,8 +561,8 @@ def test_nan_in_value_of_skipped_padding_tile_does_not_leak_cpu():
     """The CPU op skips key tiles that are all padding, so there a hidden NaN value does not leak
     (unlike the reference and Triton for the same input, see the xfail above): which outputs turn NaN
     depends on the backend and on where the tile edges fall."""
-    _need("cpu")
-    tensors = make(B=1, Hq=2, Hkv=1, N=4, M=1100, P=2, D=8)
+    need("cpu")
+    tensors = make(batch=1, heads=2, kv_heads=1, n_queries=4, n_keys=1100, n_prefix=2, head_dim=8)
     mask = torch.ones(1, 1100, dtype=torch.bool)
     mask[0, :800] = False  # decode-like tiles of 512 keys, cut backwards from key 1100: [0, 76) is all padding
     tensors[2][0, 0, 10] = NAN
@@ -586,7 +580,7 @@ _DQ_LEAK = ("a NaN in k of a padded-out key leaks into dq in every backend, the 
 @pytest.mark.parametrize("backend", [
     pytest.param(b, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=_DQ_LEAK)) for b in BACKENDS])
 def test_nan_in_padded_key_does_not_leak_into_dq(backend):
-    _need(backend)
+    need(backend)
     tensors, mask, go = _nan_in_padded_key()
     _, _, grads = run(backend, tensors, go, key_padding_mask=mask)
     assert torch.isfinite(grads[0]).all(), "NaN of a padded key leaked into dq"
@@ -599,12 +593,13 @@ def test_nan_in_padded_key_does_not_leak_into_dq(backend):
 def test_long_prefix(backend, dtype):
     """P = 4096 with a short sequence (a prefix bank, prefix_ids and padding on the CPU backends;
     a single row and head pair under the Triton interpreter, where every block costs)."""
-    _need(backend)
+    need(backend)
     if backend == "triton":
-        tensors = make(B=1, Hq=2, Hkv=1, N=3, M=4, P=4096, D=16, dtype=dtype)
+        tensors = make(batch=1, heads=2, kv_heads=1, n_queries=3, n_keys=4, n_prefix=4096, head_dim=16, dtype=dtype)
         check_by_rule(backend, tensors)
         return
-    tensors = make(B=3, Hq=4, Hkv=2, N=5, M=8, P=4096, D=64, T=2, dtype=dtype)
+    tensors = make(batch=3, heads=4, kv_heads=2, n_queries=5, n_keys=8, n_prefix=4096, head_dim=64, n_prefixes=2,
+                   dtype=dtype)
     mask = torch.ones(3, 8, dtype=torch.bool)
     mask[0, :6] = False
     mask[2] = False  # only the prefix

@@ -14,9 +14,9 @@ pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from prefix_kernels.hf.checkpoint import (  # noqa: E402
-    FORMAT_VERSION, PEFT_CONFIG, PEFT_WEIGHTS, PREFIX_CONFIG, PREFIX_WEIGHTS, from_peft_adapter,
+    FORMAT_VERSION, PEFT_CONFIG, PEFT_WEIGHTS, PREFIX_CONFIG, PREFIX_WEIGHTS,
 )
-from prefix_kernels.hf.model import add_prefix_tuning  # noqa: E402
+from prefix_kernels.hf.model import add_prefix_tuning, from_peft_adapter  # noqa: E402
 
 P = 4
 VOCAB = 128

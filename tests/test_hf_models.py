@@ -174,7 +174,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         wrapped.train()
         if checkpointing:
             wrapped.activation_checkpointing_enable()
-            assert wrapped.base_model.is_gradient_checkpointing
+            assert wrapped.is_activation_checkpointing
         wrapped(input_ids=ids, attention_mask=mask, labels=labels_for(ids, mask)).loss.backward()
         grads.append(wrapped.prefix_embedding.grad)
     torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -70,10 +72,13 @@ def test_trainer_trains_only_the_prefix(tmp_path):
     prefix_before = wrapped.prefix_embedding.detach().clone()
     ids, mask, labels = completion_task(batch=8)
     rows = [dict(input_ids=i, attention_mask=m, labels=lab) for i, m, lab in zip(ids.cpu(), mask.cpu(), labels.cpu())]
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}  # gradient_checkpointing: older 5.x
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
                              learning_rate=1e-2, report_to=[], save_strategy="no", logging_strategy="no",
-                             use_cpu=DEVICE == "cpu", gradient_checkpointing=True, dataloader_num_workers=0)
+                             use_cpu=DEVICE == "cpu", dataloader_num_workers=0, **{checkpointing: True})
     Trainer(model=wrapped, args=args, train_dataset=rows).train()
+    assert wrapped.is_activation_checkpointing
     assert not torch.equal(wrapped.prefix_embedding.detach(), prefix_before)
     for n, p in wrapped.base_model.named_parameters():
         assert torch.equal(p.detach(), base_before[n]), n

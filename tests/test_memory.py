@@ -46,14 +46,12 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import prefix_kernels
+from helpers import Case, need
 from prefix_kernels import cpu as pk_cpu
 
 KiB, MiB = 2**10, 2**20
 SLACK = 16 * KiB  # a few scalar tensors; everything else is accounted for byte by byte
 RSS_SLACK = 6 * MiB  # page granularity, per-thread RSS counter batching, profiler buffers
-
-needs_cpu_op = pytest.mark.skipif(not pk_cpu.is_available(), reason=f"C++ CPU op unavailable: "
-                                  f"{pk_cpu.unavailable_reason()}")
 
 
 # ------------------------------------------------------------------------------------ trackers
@@ -212,12 +210,11 @@ def test_tracker_ignores_frees_of_older_blocks():
     del x
 
 
-@needs_cpu_op
 def test_tracker_sees_buffers_allocated_inside_the_cpp_op():
     """fwd_cpu allocates out and lse with at::empty in C++ (csrc/prefix_attention.cpp)."""
-    B, Hq, Hkv, N, P, D = 2, 4, 2, 64, 8, 32
-    q, k, v = torch.randn(B, Hq, N, D), torch.randn(B, Hkv, N, D), torch.randn(B, Hkv, N, D)
-    pk, pv = torch.randn(Hkv, P, D), torch.randn(Hkv, P, D)
+    need("cpu")
+    s = Shape(batch=2, heads=4, kv_heads=2, n_queries=64, n_keys=64, n_prefix=8, head_dim=32)
+    q, k, v, pk, pv = s.make(torch.float32, "cpu", requires_grad=False).tensors
 
     def fn():
         return torch.ops.prefix_kernels.fwd_cpu(q, k, v, pk, pv, None, None, True, 0.125)
@@ -225,9 +222,9 @@ def test_tracker_sees_buffers_allocated_inside_the_cpp_op():
     fn()
     out, trace = trace_memory(fn)
     (start, end), = trace.windows("prefix_kernels::fwd_cpu")
-    expected = B * Hq * N * D * 4 + B * Hq * N * 4
+    expected = s.out + s.lse
     assert trace.within(start, end) == (expected, expected)
-    assert sorted(trace.blocks) == sorted([B * Hq * N * D * 4, B * Hq * N * 4])
+    assert sorted(trace.blocks) == sorted([s.out, s.lse])
     del out
 
 
@@ -257,14 +254,17 @@ def test_rss_tracker_sees_what_the_profiler_cannot():
 # ------------------------------------------------------------------------- the op (CPU backends)
 
 @dataclass(frozen=True)
-class Shape:
-    B: int = 4
-    Hq: int = 8
-    Hkv: int = 2
-    N: int = 1024
-    M: int = 1024
-    P: int = 256
-    D: int = 64
+class Shape(Case):
+    """An attention problem (a :class:`helpers.Case`, shared prefix, no mask) and the byte sizes of
+    the op's tensors for it."""
+
+    batch: int = 4
+    heads: int = 8
+    kv_heads: int = 2
+    n_queries: int = 1024
+    n_keys: int = 1024
+    n_prefix: int = 256
+    head_dim: int = 64
     e: int = 4  # fp32
 
     @property
@@ -307,16 +307,11 @@ SHAPE = Shape()
 
 
 def _op_inputs(s: Shape):
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(s.B, s.Hq, s.N, s.D, generator=g).requires_grad_()
-    k = torch.randn(s.B, s.Hkv, s.M, s.D, generator=g).requires_grad_()
-    v = torch.randn(s.B, s.Hkv, s.M, s.D, generator=g).requires_grad_()
-    pk = torch.randn(s.Hkv, s.P, s.D, generator=g).requires_grad_()
-    pv = torch.randn(s.Hkv, s.P, s.D, generator=g).requires_grad_()
+    """q, k, v, prefix_k, prefix_v (fp32 CPU leaves), the mask, grad_out."""
+    x = s.make(torch.float32, "cpu")
     mask = torch.ones(s.B, s.M, dtype=torch.bool)
     mask[: s.B // 2, : s.M // 8] = False  # left padding on half the rows
-    grad_out = torch.randn(s.B, s.Hq, s.N, s.D, generator=g)
-    return q, k, v, pk, pv, mask, grad_out
+    return (*x.tensors, mask, x.grad_out)
 
 
 @pytest.fixture(scope="module")
@@ -352,8 +347,8 @@ def _extra(trace: MemoryTrace, mode: str, s: Shape = SHAPE) -> int:
     return trace.peak - expected
 
 
-@needs_cpu_op
 def test_op_forward_allocates_only_out_and_lse(op_measurements):
+    need("cpu")
     s = SHAPE
     trace, _ = op_measurements["cpu", "forward"]
     extra = _extra(trace, "forward")
@@ -362,8 +357,8 @@ def test_op_forward_allocates_only_out_and_lse(op_measurements):
     assert trace.final == s.out  # lse is dropped (return_lse=False)
 
 
-@needs_cpu_op
 def test_op_forward_backward_has_no_score_tensor(op_measurements):
+    need("cpu")
     s = SHAPE
     trace, _ = op_measurements["cpu", "forward+backward"]
     extra = _extra(trace, "forward+backward")
@@ -373,22 +368,22 @@ def test_op_forward_backward_has_no_score_tensor(op_measurements):
     assert trace.final == s.grads
 
 
-@needs_cpu_op
 def test_op_forward_backward_keeps_no_lse_gradient(op_measurements):
     """No zero tensor for the gradient of the non-differentiable lse (set_materialize_grads(False))."""
+    need("cpu")
     s = SHAPE
     trace, _ = op_measurements["cpu", "forward+backward"]
     assert _extra(trace, "forward+backward") - s.prefix_partials < s.lse
 
 
-@needs_cpu_op
 def test_cpu_backward_prefix_partials_do_not_grow_with_batch():
     """bwd_cpu's only transient: the prefix-gradient partials of its row chunks, at most C chunks
     whatever B -- B = 64 and B = 256 allocate the same bytes inside bwd_cpu, and far less than one
     per-row prefix copy [B, Hkv, P, D]."""
+    need("cpu")
     transient = {}
     for B in (64, 256):
-        s = Shape(B=B, Hq=4, Hkv=2, N=4, M=4, P=64, D=64)
+        s = Shape(batch=B, heads=4, kv_heads=2, n_queries=4, n_keys=4, n_prefix=64, head_dim=64)
         q, k, v, pk, pv, mask, grad_out = _op_inputs(s)
 
         def forward_backward():
@@ -405,10 +400,10 @@ def test_cpu_backward_prefix_partials_do_not_grow_with_batch():
     assert transient[256] <= s.prefix_copy // 4  # s: B = 256
 
 
-@needs_cpu_op
 @pytest.mark.parametrize("mode", ["forward", "forward+backward"])
 def test_op_bwd_and_fwd_calls_allocate_nothing_transient(op_measurements, mode):
     """Inside each fwd_cpu / bwd_cpu call: what is allocated and freed again before it returns."""
+    need("cpu")
     s = SHAPE
     trace, _ = op_measurements["cpu", mode]
     for name in ("prefix_kernels::fwd_cpu", "prefix_kernels::bwd_cpu")[: 1 + (mode != "forward")]:
@@ -418,11 +413,11 @@ def test_op_bwd_and_fwd_calls_allocate_nothing_transient(op_measurements, mode):
         assert peak - net <= allowance, f"{name}: {peak - net} transient bytes"
 
 
-@needs_cpu_op
 @needs_rss
 @pytest.mark.parametrize("mode", ["forward", "forward+backward"])
 def test_op_rss_cross_check_includes_scratch(op_measurements, mode):
     """Everything resident (scratch tiles, MKL buffers included) stays near the tracked peak."""
+    need("cpu")
     s = SHAPE
     trace, rss = op_measurements["cpu", mode]
     scratch = torch.get_num_threads() * s.scratch_per_thread()
@@ -451,8 +446,7 @@ def hf_measurements():
     """{(impl, P): MemoryTrace} of one training step (forward with labels, backward) of a tiny
     Llama (2 layers, Hq 4, Hkv 2, D 16), B=4, N=1024, left padding on half the rows."""
     pytest.importorskip("transformers")
-    if not pk_cpu.is_available():
-        pytest.skip(f"C++ CPU op unavailable: {pk_cpu.unavailable_reason()}")
+    need("cpu")
     from tiny_models import VOCAB, tiny_model
 
     from prefix_kernels import add_prefix_tuning
@@ -544,7 +538,8 @@ def test_hf_backward_calls_allocate_only_bounded_prefix_partials(hf_measurements
     ours = hf_measurements["ours", HF_P]
     windows = ours.windows("prefix_kernels::bwd_cpu")
     assert len(windows) == z["L"]
-    partials = Shape(B=HF_B, Hkv=z["Hkv"], P=HF_P, D=z["D"]).prefix_partials  # bounded by the chunk count
+    # bounded by the chunk count
+    partials = Shape(batch=HF_B, kv_heads=z["Hkv"], n_prefix=HF_P, head_dim=z["D"]).prefix_partials
     transient = max(p - n for p, n in (ours.within(s, e) for s, e in windows))
     assert transient <= partials + SLACK, f"a bwd_cpu call allocated {transient} transient bytes"
 

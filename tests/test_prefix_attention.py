@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import DEVICE, Case, check_against_reference, make_inputs, requires_triton
+from helpers import DEVICE, Case, check_against_reference, requires_triton
 from prefix_kernels import prefix_attention
 
 CASES = {
@@ -44,7 +44,7 @@ def test_matches_reference_16bit(name, dtype):
 def test_fully_masked_rows_give_zero_and_no_nan():
     """P = 0 and left padding: the first queries of row 0 see no key at all."""
     case = Case(batch=2, n_prefix=0, n_queries=12, n_keys=12, padding="left").on_device()
-    q, k, v, pk, pv, mask, _ = make_inputs(case, torch.float32)
+    q, k, v, pk, pv, mask, _ = case.make(torch.float32)
     mask[0] = torch.arange(case.n_keys, device=DEVICE) >= case.n_keys // 2
     mask[1] = True
     out, lse = triton_op(q, k, v, pk, pv, key_padding_mask=mask, return_lse=True)
@@ -62,7 +62,7 @@ def test_fully_masked_rows_give_zero_and_no_nan():
 def test_output_keeps_q_layout():
     """HF hands q as a transposed view of [B, N, H, D]: out has the same layout, so out.transpose(1, 2)
     is contiguous and needs no copy."""
-    q, k, v, pk, pv, _, _ = make_inputs(Case(strided=True).on_device(), torch.float32)
+    q, k, v, pk, pv, _, _ = Case(strided=True).on_device().make(torch.float32)
     out = triton_op(q, k, v, pk, pv)
     assert out.stride() == q.stride()
     assert out.transpose(1, 2).is_contiguous()
@@ -71,7 +71,7 @@ def test_output_keeps_q_layout():
 @requires_triton
 def test_shared_prefix_equals_bank_of_one():
     case = Case(batch=3).on_device()
-    q, k, v, pk, pv, _, _ = make_inputs(case, torch.float32)
+    q, k, v, pk, pv, _, _ = case.make(torch.float32)
     shared = triton_op(q, k, v, pk, pv)
     ids = torch.zeros(case.batch, dtype=torch.long, device=DEVICE)
     banked = triton_op(q, k, v, pk[None], pv[None], prefix_ids=ids)
@@ -81,7 +81,7 @@ def test_shared_prefix_equals_bank_of_one():
 @requires_triton
 def test_no_queries_and_no_batch():
     for case in (Case(batch=0), Case(n_queries=0, n_keys=5, causal=False)):
-        q, k, v, pk, pv, _, _ = make_inputs(case, torch.float32)
+        q, k, v, pk, pv, _, _ = case.make(torch.float32)
         out, lse = triton_op(q, k, v, pk, pv, causal=case.causal, return_lse=True)
         assert out.shape == q.shape and lse.shape == q.shape[:3]
         grads = torch.autograd.grad(out.sum(), (q, k, v, pk, pv), allow_unused=True)

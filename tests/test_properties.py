@@ -15,15 +15,15 @@ Bugs found while writing these have regression tests at the end.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import ATOL, DEVICE, TRITON_RUNNABLE, max_err
-from prefix_kernels import cpu, prefix_attention, prefix_attention_reference
+from helpers import ATOL, DEVICE, TRITON_RUNNABLE, Case, backend_device, max_err, need
+from prefix_kernels import prefix_attention, prefix_attention_reference
 
 BACKENDS = ["reference", "cpu", "triton"]
 HEAD_DIMS = [1, 8, 16, 24, 64, 80]
@@ -35,47 +35,25 @@ def _settings(n: int):
                     suppress_health_check=list(HealthCheck), print_blob=False)
 
 
-def _need(backend: str) -> None:
-    if backend == "cpu" and not cpu.is_available():
-        pytest.skip(f"C++ CPU op unavailable: {cpu.unavailable_reason()}")
-    if backend == "triton" and not TRITON_RUNNABLE:
-        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
-
-
 # ---------------------------------------------------------------- problem description
 
-@dataclass(frozen=True)
-class Spec:
-    B: int
-    Hkv: int
-    G: int
-    N: int
-    M: int
-    P: int
-    D: int
-    causal: bool
-    bank: str  # "shared" ([Hkv, P, D]), "bank1" ([1, Hkv, P, D], no ids), "ids" ([T, Hkv, P, D] + ids)
-    T: int
-    ids_dtype: torch.dtype
-    ids_strided: bool
-    mask: str | None  # None, "random", "dead_rows", "all_padded", "all_visible", "left", "right"
-    mask_layout: str  # "contig", "strided", "transposed"
-    q_layout: str  # "contig", "bnhd" (HF's transposed [B, N, H, D] view), "d_strided", "expanded"
-    kv_layout: str
-    prefix_layout: str  # "contig", "p_sliced", "phd" (a transposed [P, Hkv, D] view)
-    go_layout: str  # layout of the incoming gradient
+class Example(NamedTuple):
+    """One drawn example: the problem, its dtype, which of q, k, v, prefix_k, prefix_v require grad
+    (empty: no backward) and the seed of its values."""
+
+    case: Case
     dtype: torch.dtype
-    scale: float | None
-    grads: tuple[bool, ...]  # which of q, k, v, prefix_k, prefix_v require grad (empty: no backward)
+    grads: tuple[bool, ...]
     seed: int
 
-    @property
-    def Hq(self) -> int:
-        return self.Hkv * self.G
+    def build(self, dev=torch.device("cpu")):
+        """(tensors [q, k, v, prefix_k, prefix_v] as leaves with the drawn strides, kwargs, grad_out)."""
+        x = self.case.make(self.dtype, dev, self.seed, requires_grad=self.grads or (False,) * 5)
+        return list(x.tensors), x.kwargs, x.grad_out
 
 
 @st.composite
-def specs(draw, backend: str) -> Spec:
+def specs(draw, backend: str) -> Example:
     tiny = backend == "triton"  # the interpreter pays per program and per block iteration
     B = draw(st.integers(0, 2 if tiny else 3))
     Hkv = draw(st.integers(1, 2 if tiny else 3))
@@ -92,12 +70,13 @@ def specs(draw, backend: str) -> Spec:
     T = draw(st.integers(1, 3)) if bank == "ids" else 1
     ids_dtype = draw(st.sampled_from([torch.int64, torch.int32, torch.int16, torch.uint8]))
     ids_strided = draw(st.booleans())
-    mask = draw(st.sampled_from([None, "random", "dead_rows", "all_padded", "all_visible", "left", "right"]))
+    padding = draw(st.sampled_from([None, "random", "dead_rows", "all_padded", "all_visible", "left_any",
+                                    "right_any"]))
     mask_layout = draw(st.sampled_from(["contig", "strided", "transposed"]))
-    layouts = ["contig", "bnhd", "d_strided", "expanded"]
+    layouts = ["contig", "bshd", "d_strided", "expanded"]
     q_layout, kv_layout = draw(st.sampled_from(layouts)), draw(st.sampled_from(layouts))
     prefix_layout = draw(st.sampled_from(["contig", "p_sliced", "phd"]))
-    go_layout = draw(st.sampled_from(["contig", "bnhd"]))
+    go_layout = draw(st.sampled_from(["contig", "bshd"]))
     if backend == "triton":
         dtype = draw(st.sampled_from([torch.float32, torch.float32, torch.float16]))
     else:
@@ -109,89 +88,11 @@ def specs(draw, backend: str) -> Spec:
         if draw(st.booleans()):
             grads = (True,) * 5
     seed = draw(st.integers(0, 2**31 - 1))
-    return Spec(B, Hkv, G, N, M, P, D, causal, bank, T, ids_dtype, ids_strided, mask, mask_layout,
-                q_layout, kv_layout, prefix_layout, go_layout, dtype, scale, grads, seed)
-
-
-def _device(backend: str) -> torch.device:
-    """Triton runs on CUDA tensors when there is a GPU, else in the interpreter on CPU tensors."""
-    return DEVICE if backend == "triton" else torch.device("cpu")
-
-
-def _seq(shape, layout, dtype, gen, dev):
-    b, h, s, d = shape
-    if layout == "bnhd":
-        return torch.randn(b, s, h, d, generator=gen).to(dev, dtype).transpose(1, 2)
-    if layout == "d_strided":  # inner stride 2
-        return torch.randn(b, h, s, 2 * d, generator=gen).to(dev, dtype)[..., ::2]
-    if layout == "expanded":  # stride 0 over the batch
-        return torch.randn(1, h, s, d, generator=gen).to(dev, dtype).expand(b, h, s, d)
-    return torch.randn(b, h, s, d, generator=gen).to(dev, dtype)
-
-
-def _prefix(lead, hkv, p, d, layout, dtype, gen, dev):
-    if layout == "p_sliced":
-        return torch.randn(*lead, hkv, p + 3, d, generator=gen).to(dev, dtype)[..., 3:, :]
-    if layout == "phd":
-        return torch.randn(*lead, p, hkv, d, generator=gen).to(dev, dtype).transpose(-3, -2)
-    return torch.randn(*lead, hkv, p, d, generator=gen).to(dev, dtype)
-
-
-def _mask(spec: Spec, gen, dev):
-    B, M = spec.B, spec.M
-    if spec.mask is None:
-        return None
-    pos = torch.arange(M)
-    lengths = torch.randint(0, M + 1, (B,), generator=gen)
-    kind = spec.mask
-    if kind == "random":
-        m = torch.rand(B, M, generator=gen) < 0.7
-    elif kind == "dead_rows":  # some rows fully padded, the rest random
-        m = torch.rand(B, M, generator=gen) < 0.6
-        m[torch.rand(B, generator=gen) < 0.5] = False
-    elif kind == "all_padded":
-        m = torch.zeros(B, M, dtype=torch.bool)
-    elif kind == "all_visible":
-        m = torch.ones(B, M, dtype=torch.bool)
-    elif kind == "left":
-        m = pos[None, :] >= (M - lengths)[:, None]
-    else:
-        m = pos[None, :] < lengths[:, None]
-    m = m.to(dev)
-    if spec.mask_layout == "strided":
-        wide = torch.zeros(B, 2 * M, dtype=torch.bool, device=dev)
-        wide[:, ::2] = m
-        return wide[:, ::2]
-    if spec.mask_layout == "transposed":
-        return m.t().contiguous().t()
-    return m.contiguous()
-
-
-def build(spec: Spec, dev=torch.device("cpu")):
-    """(tensors [q, k, v, prefix_k, prefix_v] as leaves with the drawn strides, kwargs, grad_out)."""
-    gen = torch.Generator().manual_seed(spec.seed)
-    dt = spec.dtype
-    q = _seq((spec.B, spec.Hq, spec.N, spec.D), spec.q_layout, dt, gen, dev)
-    k = _seq((spec.B, spec.Hkv, spec.M, spec.D), spec.kv_layout, dt, gen, dev)
-    v = _seq((spec.B, spec.Hkv, spec.M, spec.D), spec.kv_layout, dt, gen, dev)
-    lead = () if spec.bank == "shared" else (spec.T,)
-    pk = _prefix(lead, spec.Hkv, spec.P, spec.D, spec.prefix_layout, dt, gen, dev)
-    pv = _prefix(lead, spec.Hkv, spec.P, spec.D, spec.prefix_layout, dt, gen, dev)
-    ids = None
-    if spec.bank == "ids":
-        values = torch.randint(0, spec.T, (spec.B,), generator=gen).to(dev, spec.ids_dtype)
-        if spec.ids_strided:
-            wide = torch.zeros(2 * spec.B, dtype=spec.ids_dtype, device=dev)
-            wide[::2] = values
-            ids = wide[::2]
-        else:
-            ids = values
-    mask = _mask(spec, gen, dev)
-    go = _seq((spec.B, spec.Hq, spec.N, spec.D), spec.go_layout, dt, gen, dev)
-    want = spec.grads or (False,) * 5
-    tensors = [t.detach().requires_grad_(w) for t, w in zip((q, k, v, pk, pv), want)]  # keeps strides
-    kwargs = dict(causal=spec.causal, scale=spec.scale, key_padding_mask=mask, prefix_ids=ids)
-    return tensors, kwargs, go
+    case = Case(batch=B, heads=Hkv * G, kv_heads=Hkv, n_queries=N, n_keys=M, n_prefix=P, head_dim=D, causal=causal,
+                padding=padding, n_prefixes=None if bank == "shared" else T, with_ids=bank == "ids",
+                ids_dtype=ids_dtype, ids_strided=ids_strided, q_layout=q_layout, kv_layout=kv_layout,
+                prefix_layout=prefix_layout, mask_layout=mask_layout, go_layout=go_layout, scale=scale)
+    return Example(case, dtype, grads, seed)
 
 
 # ---------------------------------------------------------------- the properties
@@ -209,8 +110,8 @@ def assert_close_by_rule(name, got, same_dtype, truth, factor, atol):
         f"{name}: err {err:.3e} > {factor} * torch err {ref_err:.3e} + {atol:g} * {size:.3g}")
 
 
-def check_matches_reference(spec: Spec, backend: str) -> None:
-    tensors, kwargs, go = build(spec, _device(backend))
+def check_matches_reference(example: Example, backend: str) -> None:
+    tensors, kwargs, go = example.build(backend_device(backend))
     q = tensors[0]
     try:
         out, lse = prefix_attention(*tensors, return_lse=True, backend=backend, **kwargs)
@@ -223,7 +124,7 @@ def check_matches_reference(spec: Spec, backend: str) -> None:
     out64, lse64 = prefix_attention_reference(*leaves64, **kwargs)
     same = [t.detach().clone().requires_grad_() for t in tensors]
     out_same, _ = prefix_attention_reference(*same, upcast=False, **kwargs)
-    atol = ATOL[spec.dtype]
+    atol = ATOL[example.dtype]
     assert_close_by_rule("out", out, out_same, out64, 2, atol)
     finite = torch.isfinite(lse64)
     assert not torch.isnan(lse).any(), "lse: NaN"
@@ -233,7 +134,7 @@ def check_matches_reference(spec: Spec, backend: str) -> None:
         bound = 1e-4 * max(1.0, lse64[finite].abs().max().item())
         assert max_err(lse[finite], lse64[finite]) <= bound, "lse differs from the reference"
 
-    wanted = [i for i, w in enumerate(spec.grads) if w]
+    wanted = [i for i, w in enumerate(example.grads) if w]
     if not wanted:
         return
     names = ("dq", "dk", "dv", "dprefix_k", "dprefix_v")
@@ -256,11 +157,11 @@ N_EXAMPLES = {"reference": 80, "cpu": 100, "triton": 20}
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_valid_inputs_match_reference(backend):
-    _need(backend)
+    need(backend)
 
     @_settings(N_EXAMPLES[backend])
     @given(spec=specs(backend))
-    def run(spec):
+    def run(spec):  # (its source seeds the derandomized examples: keep it as it is)
         check_matches_reference(spec, backend)
 
     run()
@@ -278,24 +179,7 @@ def _resize(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     return torch.randn(shape).to(t.device, t.dtype)
 
 
-def _sized(spec: Spec, **over):
-    s = dict(B=spec.B, Hq=spec.Hq, Hkv=spec.Hkv, N=spec.N, M=spec.M, P=spec.P, D=spec.D)
-    s.update(over)
-    return s
-
-
-def _fresh(s, dtype, dev, bank_t=None):
-    lead = () if bank_t is None else (bank_t,)
-    return dict(
-        q=torch.randn(s["B"], s["Hq"], s["N"], s["D"]).to(dev, dtype),
-        k=torch.randn(s["B"], s["Hkv"], s["M"], s["D"]).to(dev, dtype),
-        v=torch.randn(s["B"], s["Hkv"], s["M"], s["D"]).to(dev, dtype),
-        prefix_k=torch.randn(*lead, s["Hkv"], s["P"], s["D"]).to(dev, dtype),
-        prefix_v=torch.randn(*lead, s["Hkv"], s["P"], s["D"]).to(dev, dtype),
-    )
-
-
-# Each mutation: (name, applicable(spec), apply(args, kwargs, spec, draw), error type, message regex).
+# Each mutation: (name, applicable(case), apply(args, kwargs, case, draw), error type, message regex).
 # The regex names the offending argument.
 def _mut_q_ndim(a, kw, s, draw):
     a["q"] = a["q"].flatten(0, 1) if draw(st.booleans()) else a["q"][None]
@@ -314,7 +198,7 @@ def _mut_not_tensor(name):
 
 def _mut_dtype_mismatch(name):
     def apply(a, kw, s, draw):
-        a[name] = a[name].to(_other_float(s.dtype))
+        a[name] = a[name].to(_other_float(a["q"].dtype))
     return apply
 
 
@@ -358,8 +242,9 @@ def _mut_causal_short(a, kw, s, draw):
 
 def _mut_head_dim(a, kw, s, draw):
     d = draw(st.sampled_from([0, 257, 300]))
-    bank_t = None if a["prefix_k"].dim() == 3 else a["prefix_k"].shape[0]
-    a.update(_fresh(_sized(s, D=d), s.dtype, a["q"].device, bank_t))
+    plain = Case(batch=s.B, heads=s.Hq, kv_heads=s.Hkv, n_queries=s.N, n_keys=s.M, n_prefix=s.P, head_dim=d,
+                 n_prefixes=s.T, with_ids=False)
+    a.update(plain.make(a["q"].dtype, a["q"].device, requires_grad=False).named())
 
 
 def _mut_prefix_heads(a, kw, s, draw):
@@ -383,8 +268,8 @@ def _mut_prefix_ndim(a, kw, s, draw):
 
 def _mut_bank_without_ids(a, kw, s, draw):
     t = draw(st.integers(2, 4))
-    a["prefix_k"] = torch.randn(t, s.Hkv, s.P, s.D).to(a["q"].device, s.dtype)
-    a["prefix_v"] = torch.randn(t, s.Hkv, s.P, s.D).to(a["q"].device, s.dtype)
+    a["prefix_k"] = torch.randn(t, s.Hkv, s.P, s.D).to(a["q"].device, a["q"].dtype)
+    a["prefix_v"] = torch.randn(t, s.Hkv, s.P, s.D).to(a["q"].device, a["q"].dtype)
     kw["prefix_ids"] = None
 
 
@@ -448,9 +333,9 @@ MUTATIONS = [
       for n in ("k", "v", "prefix_k", "prefix_v")],
     *[(f"{n} device", lambda s: True, _mut_meta_device(n), ValueError, rf"\b{n} must be on q's device")
       for n in ("k", "v", "prefix_k", "prefix_v")],
-    ("mask device", lambda s: s.mask is not None, _mut_meta_device("key_padding_mask"), ValueError,
+    ("mask device", lambda s: s.padding is not None, _mut_meta_device("key_padding_mask"), ValueError,
      r"key_padding_mask must be on q's device"),
-    ("ids device", lambda s: s.bank == "ids", _mut_meta_device("prefix_ids"), ValueError,
+    ("ids device", lambda s: s.has_ids, _mut_meta_device("prefix_ids"), ValueError,
      r"prefix_ids must be on q's device"),
     ("k batch", lambda s: True, _mut_k_batch, ValueError, r"\bk must be \[B="),
     ("k head dim", lambda s: True, _mut_k_dim, ValueError, r"\bk must be \[B="),
@@ -465,12 +350,12 @@ MUTATIONS = [
     ("prefix_v shape", lambda s: True, _mut_prefix_v_shape, ValueError, r"prefix_v must have prefix_k's shape"),
     ("prefix ndim", lambda s: s.P > 0, _mut_prefix_ndim, ValueError, r"prefix_k must be 3-D or 4-D"),
     ("bank without ids", lambda s: True, _mut_bank_without_ids, ValueError, r"T=\d+ prefixes.*pass prefix_ids"),
-    ("ids without bank", lambda s: s.bank == "ids", _mut_ids_without_bank, ValueError, r"prefix_ids needs a bank"),
-    ("ids dtype", lambda s: s.bank == "ids", _mut_ids_dtype, TypeError, r"prefix_ids must be an integer tensor"),
-    ("ids not a tensor", lambda s: s.bank == "ids", _mut_ids_not_tensor, TypeError,
+    ("ids without bank", lambda s: s.has_ids, _mut_ids_without_bank, ValueError, r"prefix_ids needs a bank"),
+    ("ids dtype", lambda s: s.has_ids, _mut_ids_dtype, TypeError, r"prefix_ids must be an integer tensor"),
+    ("ids not a tensor", lambda s: s.has_ids, _mut_ids_not_tensor, TypeError,
      r"prefix_ids must be an integer torch\.Tensor"),
-    ("ids shape", lambda s: s.bank == "ids", _mut_ids_shape, ValueError, r"prefix_ids must be \[B="),
-    ("ids range", lambda s: s.bank == "ids" and s.B > 0, _mut_ids_range, ValueError, r"prefix_ids must be in \[0, T="),
+    ("ids shape", lambda s: s.has_ids, _mut_ids_shape, ValueError, r"prefix_ids must be \[B="),
+    ("ids range", lambda s: s.has_ids and s.B > 0, _mut_ids_range, ValueError, r"prefix_ids must be in \[0, T="),
     ("mask dtype", lambda s: True, _mut_mask_dtype, TypeError, r"key_padding_mask must be bool"),
     ("mask shape", lambda s: True, _mut_mask_shape, ValueError, r"key_padding_mask must be \[B="),
     ("mask not a tensor", lambda s: True, _mut_mask_not_tensor, TypeError,
@@ -482,19 +367,19 @@ MUTATIONS = [
 
 @st.composite
 def invalid_calls(draw, backend: str):
-    spec = draw(specs(backend))
-    applicable = [m for m in MUTATIONS if m[1](spec)]
+    example = draw(specs(backend))
+    applicable = [m for m in MUTATIONS if m[1](example.case)]
     name, _, apply, error, pattern = draw(st.sampled_from(applicable))
-    tensors, kwargs, _ = build(spec, _device(backend))
+    tensors, kwargs, _ = example.build(backend_device(backend))
     args = dict(zip(("q", "k", "v", "prefix_k", "prefix_v"), (t.detach() for t in tensors)))
     kwargs = dict(kwargs, backend=backend)
-    apply(args, kwargs, spec, draw)
+    apply(args, kwargs, example.case, draw)
     return name, args, kwargs, error, pattern
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_invalid_inputs_are_refused_naming_the_argument(backend):
-    _need(backend)
+    need(backend)
 
     @_settings(150)
     @given(call=invalid_calls(backend))
@@ -514,17 +399,18 @@ def test_invalid_inputs_are_refused_naming_the_argument(backend):
 # ---------------------------------------------------------------- regressions of bugs found here
 
 def _bank_inputs(B=3, T=3, dev=torch.device("cpu")):
-    g = torch.Generator().manual_seed(0)
-    shapes = [(B, 2, 4, 8), (B, 1, 6, 8), (B, 1, 6, 8), (T, 1, 3, 8), (T, 1, 3, 8)]
-    return [torch.randn(s, generator=g).to(dev) for s in shapes]
+    """q [B, 2, 4, 8], k/v [B, 1, 6, 8], a bank [T, 1, 3, 8]; the caller picks prefix_ids."""
+    case = Case(batch=B, heads=2, kv_heads=1, n_queries=4, n_keys=6, n_prefix=3, head_dim=8, n_prefixes=T,
+                with_ids=False)
+    return list(case.make(torch.float32, dev, requires_grad=False).tensors)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("ids_dtype", [torch.uint16, torch.uint32, torch.uint64], ids=str)
 def test_unsigned_prefix_ids(backend, ids_dtype):
     """uint16/32/64 prefix_ids (torch has no min/max/argsort for them) are widened to int64."""
-    _need(backend)
-    q, k, v, pk, pv = _bank_inputs(dev=_device(backend))
+    need(backend)
+    q, k, v, pk, pv = _bank_inputs(dev=backend_device(backend))
     ids = torch.tensor([2, 0, 1]).to(q.device, ids_dtype)
     out = prefix_attention(q, k, v, pk, pv, prefix_ids=ids, backend=backend)
     want, _ = prefix_attention_reference(q, k, v, pk, pv, prefix_ids=ids.to(torch.int64))

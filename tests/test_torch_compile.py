@@ -5,18 +5,23 @@ registered custom ops with fake implementations; opcheck here (Triton) and in te
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch._inductor.config
 
-from helpers import DEVICE, TRITON_RUNNABLE
+from helpers import DEVICE, Case, backend_device, requires_triton
 from prefix_kernels import cpu, prefix_attention
 
 BACKENDS = [
     pytest.param("cpu", marks=pytest.mark.skipif(not cpu.is_available(), reason="the C++ CPU op is not built")),
     "reference",
-    pytest.param("triton", marks=pytest.mark.skipif(not TRITON_RUNNABLE, reason="needs CUDA or TRITON_INTERPRET=1")),
+    pytest.param("triton", marks=requires_triton),
 ]
+# q in [B, N, H, D] storage (as HF hands it), a bank of three prefixes; the tests pick mask and ids
+OP_CASE = Case(batch=2, heads=4, kv_heads=2, n_keys=7, n_prefix=3, head_dim=16, n_prefixes=3, with_ids=False,
+               q_layout="bshd")
 
 
 @pytest.fixture(autouse=True)
@@ -28,26 +33,18 @@ def _no_compile_caches():
         yield
 
 
-def _device(backend: str) -> torch.device:
-    return DEVICE if backend == "triton" else torch.device("cpu")
-
-
 def _op_inputs(dev, requires_grad=True, n_queries=5):
     """N = 5 takes the general forward kernel, N = 1 the split-KV decode kernel (Triton)."""
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(2, n_queries, 4, 16, generator=g).transpose(1, 2)  # [B, N, H, D] storage
-    k, v = (torch.randn(2, 2, 7, 16, generator=g) for _ in range(2))
-    pk, pv = (torch.randn(3, 2, 3, 16, generator=g) for _ in range(2))
-    mask = torch.ones(2, 7, dtype=torch.bool)
+    leaves = replace(OP_CASE, n_queries=n_queries).make(torch.float32, dev, requires_grad=requires_grad).tensors
+    mask = torch.ones(2, 7, dtype=torch.bool, device=dev)
     mask[1, :2] = False
-    leaves = tuple(t.to(dev).requires_grad_(requires_grad) for t in (q, k, v, pk, pv))
-    return leaves, mask.to(dev), torch.tensor([2, 0], device=dev)
+    return leaves, mask, torch.tensor([2, 0], device=dev)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_op_compiles_fullgraph_with_gradients(backend):
     torch._dynamo.reset()
-    leaves, mask, ids = _op_inputs(_device(backend))
+    leaves, mask, ids = _op_inputs(backend_device(backend))
 
     def fn(q, k, v, pk, pv):
         out, lse = prefix_attention(q, k, v, pk, pv, key_padding_mask=mask, prefix_ids=ids, backend=backend,
@@ -63,7 +60,7 @@ def test_op_compiles_fullgraph_with_gradients(backend):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(not TRITON_RUNNABLE, reason="needs CUDA or TRITON_INTERPRET=1")
+@requires_triton
 @pytest.mark.parametrize("with_mask, n_queries", [(False, 5), (True, 5), (True, 1)])
 def test_opcheck_triton_ops(with_mask, n_queries):
     """Schema, fake tensors (strides too), AOT dispatch and the registered autograd of triton_fwd;
@@ -80,7 +77,7 @@ def test_opcheck_triton_ops(with_mask, n_queries):
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
-@pytest.mark.skipif(not TRITON_RUNNABLE, reason="needs CUDA or TRITON_INTERPRET=1")
+@requires_triton
 def test_triton_op_autograd_matches_eager_path():
     """triton_fwd differentiated through its registered autograd == the eager autograd.Function
     (bit-identical: the same launchers), with a shared [Hkv, P, D] prefix."""
@@ -107,7 +104,7 @@ def test_prefix_tuned_model_compiles_fullgraph_and_trains(backend):
     from prefix_kernels import add_prefix_tuning
 
     torch._dynamo.reset()
-    dev = _device(backend)
+    dev = backend_device(backend)
     ids, mask = (t.to(dev) for t in padded_batch())
     labels = ids.masked_fill(mask == 0, -100)
     choice = torch.tensor([2, 0, 1], device=dev)

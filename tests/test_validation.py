@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
+from helpers import Case
 from prefix_kernels import prefix_attention
 
+VALID = Case(batch=2, heads=4, kv_heads=2, n_queries=5, n_keys=7, n_prefix=3, head_dim=16)
 
-def inputs(B=2, Hq=4, Hkv=2, N=5, M=7, P=3, D=16, dtype=torch.float32):
-    return dict(
-        q=torch.randn(B, Hq, N, D, dtype=dtype), k=torch.randn(B, Hkv, M, D, dtype=dtype),
-        v=torch.randn(B, Hkv, M, D, dtype=dtype), prefix_k=torch.randn(Hkv, P, D, dtype=dtype),
-        prefix_v=torch.randn(Hkv, P, D, dtype=dtype),
-    )
+
+def inputs(**sizes):
+    """{"q": ..., "prefix_v": ...} of VALID with ``sizes`` (Case fields) replaced: plain CPU tensors."""
+    return replace(VALID, **sizes).make(torch.float32, "cpu", requires_grad=False).named()
 
 
 def call(overrides=None, **kwargs):
@@ -88,6 +90,6 @@ def test_mixed_devices_are_refused():
 
 
 def test_non_causal_allows_fewer_keys_than_queries():
-    args = inputs(M=3)
+    args = inputs(n_keys=3)
     out = prefix_attention(*args.values(), causal=False, backend="reference")
     assert out.shape == args["q"].shape

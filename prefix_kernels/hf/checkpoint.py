@@ -6,7 +6,8 @@ Two formats, both safetensors (never pickle) plus a JSON config:
   trainable tensors under their state_dict names (``prefix_embedding``, or ``prefix_encoder.embedding``
   and ``prefix_encoder.transform.{0,2}.{weight,bias}``), never the frozen base weights;
   ``prefix_tuning_config.json`` holds ``spec.to_dict()`` and a ``format_version``.
-- PEFT's, :func:`save_peft_adapter` / :func:`load_peft_adapter` / :func:`from_peft_adapter`: a directory
+- PEFT's, :func:`save_peft_adapter` / :func:`load_peft_adapter` / :func:`read_peft_adapter` (which
+  :func:`~prefix_kernels.hf.model.from_peft_adapter` builds a wrapper from): a directory
   that ``peft.PeftModel.from_pretrained`` loads (``adapter_config.json`` and ``adapter_model.safetensors``
   with ``prompt_embeddings`` [P, L * 2 * Hkv * D]), one row of the prefix bank. PEFT is not needed
   to write or read it.
@@ -33,7 +34,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from prefix_kernels.hf.model import PrefixSpec, add_prefix_tuning, model_geometry
+from prefix_kernels.hf.spec import PrefixSpec, spec_for
 
 PREFIX_WEIGHTS = "prefix_tuning.safetensors"
 PREFIX_CONFIG = "prefix_tuning_config.json"
@@ -173,28 +174,17 @@ def load_peft_adapter(wrapper, directory, prefix_index: int = 0) -> None:
         wrapper.prefix_embedding[prefix_index].copy_(table.to(wrapper.prefix_embedding.dtype))
 
 
-def from_peft_adapter(model, directory, **add_prefix_tuning_kwargs):
-    """``add_prefix_tuning(model, P, **kwargs)`` with P from the adapter's config, then the adapter
-    loaded into prefix 0. The adapter is checked against ``model`` before the model is wrapped (which
-    freezes it and re-routes its attention in place), so a mismatch leaves ``model`` untouched."""
-    kwargs = add_prefix_tuning_kwargs
-    if "num_virtual_tokens" in kwargs:
-        raise ValueError(f"num_virtual_tokens comes from the adapter's {PEFT_CONFIG}; do not pass it")
-    if kwargs.get("projection_hidden") is not None:
-        raise ValueError("a PEFT adapter holds the prefix values themselves: projection_hidden must be None")
-    config_path, config = _read_peft_config(directory)
-    num_virtual_tokens = config.get("num_virtual_tokens")
+def read_peft_adapter(directory, config, num_prefixes: int = 1,
+                      position_offset: str = "peft") -> tuple[PrefixSpec, torch.Tensor]:
+    """The PEFT prefix-tuning adapter in ``directory``, checked against a model with transformers
+    ``config``: (the spec of a wrapper with P from the adapter, its prompt_embeddings [P, width])."""
+    config_path, adapter = _read_peft_config(directory)
+    num_virtual_tokens = adapter.get("num_virtual_tokens")
     if isinstance(num_virtual_tokens, bool) or not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
         raise ValueError(f"{config_path}: num_virtual_tokens is {num_virtual_tokens!r}, not a positive int")
-    layers, kv_heads, head_dim = model_geometry(model.config)
-    spec = PrefixSpec(model.config.model_type, layers, kv_heads, head_dim, num_virtual_tokens,
-                      kwargs.get("num_prefixes", 1), None, kwargs.get("position_offset", "peft"))
-    _check_peft_config(config_path, config, spec)
-    table = _read_peft_table(directory, spec)
-    wrapper = add_prefix_tuning(model, num_virtual_tokens, **kwargs)
-    with torch.no_grad():
-        wrapper.prefix_embedding[0].copy_(table.to(wrapper.prefix_embedding.dtype))
-    return wrapper
+    spec = spec_for(config, num_virtual_tokens, num_prefixes, None, position_offset)
+    _check_peft_config(config_path, adapter, spec)
+    return spec, _read_peft_table(directory, spec)
 
 
 def _read_peft_config(directory) -> tuple[Path, dict]:

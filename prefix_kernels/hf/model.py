@@ -18,54 +18,15 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
+from prefix_kernels.hf import checkpoint, compat
 from prefix_kernels.hf.attention import ATTN_IMPLEMENTATION, PrefixKV, register
+from prefix_kernels.hf.spec import POSITION_OFFSETS, PrefixSpec, spec_for
 
-POSITION_OFFSETS = ("peft", "none")
 _DROPOUT_FIELDS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
-
-
-@dataclass(frozen=True)
-class PrefixSpec:
-    """Everything that fixes the prefix tensors' shapes and meaning (saved as JSON with them)."""
-
-    model_type: str
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    num_virtual_tokens: int
-    num_prefixes: int = 1
-    projection_hidden: int | None = None
-    position_offset: str = "peft"
-
-    @property
-    def width(self) -> int:
-        """Elements per virtual token: L * 2 * Hkv * D (PEFT's prompt_embeddings width)."""
-        return self.num_layers * 2 * self.num_kv_heads * self.head_dim
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def model_geometry(config) -> tuple[int, int, int]:
-    """(layers, kv heads, head dim) of a transformers config; head_dim from the config when given."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-
-    def first(*names):
-        for n in names:
-            if getattr(text, n, None) is not None:
-                return getattr(text, n)
-        raise ValueError(f"{text.model_type} config has none of {names}: cannot size the prefix")
-
-    layers = first("num_hidden_layers", "n_layer", "num_layers")
-    heads = first("num_attention_heads", "n_head")
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or first("hidden_size", "n_embd") // heads
-    return int(layers), int(kv_heads), int(head_dim)
 
 
 def _check_routable(model: nn.Module) -> None:
@@ -126,9 +87,7 @@ class PrefixTuningModel(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if projection_hidden is not None and (not isinstance(projection_hidden, int) or projection_hidden < 1):
             raise ValueError(f"projection_hidden must be None or a positive int, got {projection_hidden!r}")
-        layers, kv_heads, head_dim = model_geometry(model.config)
-        self.spec = PrefixSpec(model.config.model_type, layers, kv_heads, head_dim, num_virtual_tokens,
-                               num_prefixes, projection_hidden, position_offset)
+        self.spec = spec_for(model.config, num_virtual_tokens, num_prefixes, projection_hidden, position_offset)
         self.backend = backend
         self.base_model = model
         text = model.config.get_text_config()
@@ -186,18 +145,11 @@ class PrefixTuningModel(nn.Module):
         (its own attention, before any prefix), in the prefix layout."""
         model = self.base_model
         device = next(model.parameters()).device
-        out = model(input_ids=ids[None].to(device), use_cache=True)
-        cache = getattr(out, "cache", None)  # transformers >= 5.2x; past_key_values before (deprecated since)
-        if cache is None:
-            cache = getattr(out, "past_key_values", None)
+        cache = compat.output_cache(model, model(input_ids=ids[None].to(device), use_cache=True))
         spec = self.spec
         rows = []
         for layer in range(spec.num_layers):
-            if hasattr(cache, "layers"):
-                k, v = cache.layers[layer].keys, cache.layers[layer].values
-            else:  # older caches
-                k, v = cache.key_cache[layer], cache.value_cache[layer]
-            rows += [k[0], v[0]]  # [Hkv, P, D]
+            rows += [cache.layers[layer].keys[0], cache.layers[layer].values[0]]  # [Hkv, P, D]
         # [2L, Hkv, P, D] -> [P, 2L, Hkv, D] -> [1, P, width]
         return torch.stack(rows).permute(2, 0, 1, 3).reshape(1, spec.num_virtual_tokens, spec.width).float()
 
@@ -263,7 +215,7 @@ class PrefixTuningModel(nn.Module):
         offset = self.spec.num_virtual_tokens if self.spec.position_offset == "peft" else 0
         pos = kwargs.get("position_ids")
         if pos is None:
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            cache = compat.passed_cache(kwargs)
             past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
             mask = kwargs.get("attention_mask")
             if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] == past + length:
@@ -297,15 +249,16 @@ class PrefixTuningModel(nn.Module):
         """Activation checkpointing of the frozen layers; non-reentrant by default, so gradients reach
         the prefixes without making the frozen inputs require grad (PEFT refuses checkpointing here)."""
         options = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
-        base = self.base_model
-        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs=options, **kwargs)
-        else:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options, **kwargs)
+        compat.enable_activation_checkpointing(self.base_model, options, **kwargs)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs):
-        """The older name of :meth:`activation_checkpointing_enable` (what Trainer calls)."""
+        """The older name of :meth:`activation_checkpointing_enable` (what older transformers' Trainer calls)."""
         self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        """Whether activation checkpointing is on in the wrapped model."""
+        return compat.is_activation_checkpointing(self.base_model)
 
     def unload(self) -> nn.Module:
         """Removes the hook and restores the model's attention implementation; returns the model."""
@@ -323,25 +276,17 @@ class PrefixTuningModel(nn.Module):
 
     # ---- persistence (prefix_kernels.hf.checkpoint) ---------------------------------------------
     def save_prefix(self, directory) -> None:
-        from prefix_kernels.hf.checkpoint import save_prefix
-
-        save_prefix(self, directory)
+        checkpoint.save_prefix(self, directory)
 
     def load_prefix(self, directory) -> PrefixTuningModel:
-        from prefix_kernels.hf.checkpoint import load_prefix
-
-        load_prefix(self, directory)
+        checkpoint.load_prefix(self, directory)
         return self
 
     def save_peft_adapter(self, directory, prefix_index: int = 0) -> None:
-        from prefix_kernels.hf.checkpoint import save_peft_adapter
-
-        save_peft_adapter(self, directory, prefix_index=prefix_index)
+        checkpoint.save_peft_adapter(self, directory, prefix_index=prefix_index)
 
     def load_peft_adapter(self, directory, prefix_index: int = 0) -> PrefixTuningModel:
-        from prefix_kernels.hf.checkpoint import load_peft_adapter
-
-        load_peft_adapter(self, directory, prefix_index=prefix_index)
+        checkpoint.load_peft_adapter(self, directory, prefix_index=prefix_index)
         return self
 
 
@@ -367,3 +312,20 @@ def add_prefix_tuning(model: nn.Module, num_virtual_tokens: int, *, num_prefixes
     return PrefixTuningModel(model, num_virtual_tokens, num_prefixes=num_prefixes,
                              projection_hidden=projection_hidden, init=init, position_offset=position_offset,
                              backend=backend, tokenizer=tokenizer)
+
+
+def from_peft_adapter(model, directory, **add_prefix_tuning_kwargs) -> PrefixTuningModel:
+    """``add_prefix_tuning(model, P, **kwargs)`` with P from the adapter's config, then the adapter
+    loaded into prefix 0. The adapter is checked against ``model`` before the model is wrapped (which
+    freezes it and re-routes its attention in place), so a mismatch leaves ``model`` untouched."""
+    kwargs = add_prefix_tuning_kwargs
+    if "num_virtual_tokens" in kwargs:
+        raise ValueError(f"num_virtual_tokens comes from the adapter's {checkpoint.PEFT_CONFIG}; do not pass it")
+    if kwargs.get("projection_hidden") is not None:
+        raise ValueError("a PEFT adapter holds the prefix values themselves: projection_hidden must be None")
+    spec, table = checkpoint.read_peft_adapter(directory, model.config, num_prefixes=kwargs.get("num_prefixes", 1),
+                                               position_offset=kwargs.get("position_offset", "peft"))
+    wrapper = add_prefix_tuning(model, spec.num_virtual_tokens, **kwargs)
+    with torch.no_grad():
+        wrapper.prefix_embedding[0].copy_(table.to(wrapper.prefix_embedding.dtype))
+    return wrapper
