@@ -16,26 +16,15 @@ import triton.language as tl
 from prefix_kernels.kernels.backward import (
     backward_epilogue_kernel, backward_kernel, backward_prologue_kernel, dq_kernel,
 )
-from prefix_kernels.kernels.configs import BlockConfig, head_dim_padded, kernel_configs, prefix_grad_chunks
-from prefix_kernels.kernels.decode import (
-    combine_num_warps, decode_block_rows, decode_config, decode_num_splits, prefix_attention_decode_combine_kernel,
-    prefix_attention_decode_kernel,
+from prefix_kernels.kernels.configs import (
+    BlockConfig, combine_num_warps, decode_block_rows, decode_config, decode_num_splits, head_dim_padded,
+    kernel_configs, prefix_grad_chunks, use_decode_kernel,
 )
+from prefix_kernels.kernels.decode import prefix_attention_decode_combine_kernel, prefix_attention_decode_kernel
 from prefix_kernels.kernels.forward import prefix_attention_fwd_kernel
 
 LOG2E = 1.4426950408889634
 _ACC = {torch.float64: tl.float64}
-# The split-KV decode kernel takes the forward when N * G (query, head) pairs per kv head fit in this
-# many tile rows. Up to 64 rows its tile is at most half of the general kernel's BLOCK_M = 128 (D <=
-# 128, 16-bit), so the general kernel would leave at least half of every tile empty and read each
-# group's K/V G times; acc [64, D] fp32 still fits the registers of 4 warps for D <= 128. Past 64
-# rows the general tiles are well filled, and the split partials (splits x D fp32 per row, written
-# and read back) grow with N * G. fp64 stays on the general kernel (no fp64 partials/configs here).
-# And only for decode-like calls, N <= DECODE_MAX_QUERIES (generation, short speculative chunks):
-# neither kernel has been timed on a GPU against the other yet, so the general kernel keeps every
-# prefill/training shape (and its small-N code paths keep their tests).
-DECODE_MAX_ROWS = 64
-DECODE_MAX_QUERIES = 4
 
 
 def interpreting() -> bool:
@@ -112,8 +101,7 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, pref
     if out.numel() == 0:
         lse.fill_(float("-inf"))
         return out, lse
-    if (q.dtype != torch.float64 and n_queries <= DECODE_MAX_QUERIES
-            and n_queries * (n_heads // n_kv_heads) <= DECODE_MAX_ROWS):
+    if use_decode_kernel(n_queries, n_heads // n_kv_heads, q.dtype):
         prefix_attention_decode(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale, out, lse)
         return out, lse
     cfg = kernel_configs(head_dim, q.dtype, _capability(q.device)).forward

@@ -19,7 +19,8 @@ from helpers import (
     requires_triton,
 )
 from prefix_kernels import prefix_attention, prefix_attention_reference
-from prefix_kernels.kernels.decode import DecodeConfig, decode_num_splits
+from prefix_kernels.kernels import configs
+from prefix_kernels.kernels.configs import DecodeConfig, decode_num_splits
 
 pytestmark = [requires_triton,
               pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
@@ -190,7 +191,7 @@ def test_gradients_after_decode_forward(monkeypatch, name):
     (1, 4, torch.float64, False),  # fp64 keeps the general kernel
 ])
 def test_dispatch(monkeypatch, n_queries, heads, dtype, decode):
-    """Decode path for decode-like calls only: N <= ops.DECODE_MAX_QUERIES and N * G <= ops.DECODE_MAX_ROWS."""
+    """Decode path for decode-like calls only: N <= configs.DECODE_MAX_QUERIES and N * G <= configs.DECODE_MAX_ROWS."""
     case = Case(batch=1, heads=heads, kv_heads=1, n_queries=n_queries, n_keys=10, n_prefix=2)
     spy = Spy(monkeypatch)
     q, k, v, pk, pv, _, _ = case.make(dtype)
@@ -210,7 +211,7 @@ def test_decode_equals_general_kernel(monkeypatch, n_queries):
     spy = Spy(monkeypatch)
     with torch.no_grad():
         out_d, lse_d = triton_op(q, k, v, pk, pv, **kwargs)
-        monkeypatch.setattr(ops, "DECODE_MAX_ROWS", 0)
+        monkeypatch.setattr(configs, "DECODE_MAX_ROWS", 0)
         out_g, lse_g = triton_op(q, k, v, pk, pv, **kwargs)
     assert spy.calls == 1 and spy.splits[0] > 1
     assert max_err(out_d, out_g) <= 1e-5 and max_err(lse_d, lse_g) <= 1e-5
@@ -229,4 +230,9 @@ def test_num_splits():
                 assert per >= cfg.min_keys_per_split
     assert decode_num_splits(100_000, 1, 132, cfg)[0] >= 60  # 64 before rounding splits up to whole blocks
     assert decode_num_splits(100_000, 4096, 132, cfg)[0] == 1
-    assert decode_num_splits(4160, 512, 132, cfg)[0] == 2  # B=64, Hkv=8 on 132 SMs
+    # B=64, Hkv=8 on 132 SMs, 3 programs per SM: 3 splits fill 3.9 waves (2 splits: 2.6, 1: 1.3)
+    assert decode_num_splits(4160, 512, 132, cfg)[0] == 3
+    for n_keys, programs in ((4160, 512), (100_000, 64), (50_000, 1000)):  # whole waves within reach: >= 90% full
+        splits, _ = decode_num_splits(n_keys, programs, 132, cfg)
+        waves = programs * splits / (132 * cfg.resident_per_sm)
+        assert waves / -(-waves // 1) >= 0.9

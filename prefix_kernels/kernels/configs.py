@@ -3,7 +3,9 @@
 
 ``kernel_configs`` is what every launcher asks; ``override_configs`` replaces some of its answers
 within a ``with`` block (the block-size sweep benchmarks/tune_blocks.py and the tests use it, not
-patched module globals). The decode kernel's configs and split count live in kernels/decode.py.
+patched module globals). The decode path (kernels/decode.py) has its own: when a call takes it
+(``use_decode_kernel``), its block config (``decode_config``, overridable as ``decode=``) and its
+split count (``decode_num_splits``).
 
 The numbers for sm_80/sm_90 follow the Triton fused-attention tutorial and flash-attention's
 choices for these head dims; they are starting points, not autotuned results. Under the CPU
@@ -13,11 +15,13 @@ interpreter's cost is per block iteration.
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import torch
+import triton
 
 
 @dataclass(frozen=True)
@@ -40,24 +44,28 @@ def head_dim_padded(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
 
 
-_OVERRIDES: dict[str, BlockConfig] = {}
+_KERNELS = tuple(KernelConfigs.__dataclass_fields__)  # forward, dq, backward
+_OVERRIDES: dict = {}  # kernel name -> config, set by override_configs
 
 
 def kernel_configs(head_dim: int, dtype: torch.dtype, capability: tuple[int, int] | None) -> KernelConfigs:
     """Block configs for the forward, the backward and the deterministic dq pass.
     ``capability=None``: the CPU interpreter. Honours ``override_configs``."""
     configs = _default_configs(head_dim, dtype, capability)
-    return replace(configs, **_OVERRIDES) if _OVERRIDES else configs
+    if not _OVERRIDES:
+        return configs
+    return replace(configs, **{k: v for k, v in _OVERRIDES.items() if k in _KERNELS})
 
 
 @contextmanager
-def override_configs(**fields: BlockConfig):
+def override_configs(**fields):
     """``with override_configs(backward=BlockConfig(32, 128, 8, 3)): ...`` -- every launch inside
-    uses these configs for the named kernels (``forward``, ``dq``, ``backward``), whatever the shape."""
-    unknown = set(fields) - set(KernelConfigs.__dataclass_fields__)
+    uses these configs for the named kernels (``forward``, ``dq``, ``backward``: a BlockConfig;
+    ``decode``: a DecodeConfig), whatever the shape."""
+    known = (*_KERNELS, "decode")
+    unknown = set(fields) - set(known)
     if unknown:
-        raise ValueError(f"override_configs: unknown kernel(s) {sorted(unknown)}; known: "
-                         f"{sorted(KernelConfigs.__dataclass_fields__)}")
+        raise ValueError(f"override_configs: unknown kernel(s) {sorted(unknown)}; known: {sorted(known)}")
     saved = dict(_OVERRIDES)
     _OVERRIDES.update(fields)
     try:
@@ -121,3 +129,95 @@ def prefix_grad_chunks(n_items: int, n_tiles: int, n_sms: int, heaviest_program_
         chunks = min(chunks, max(1, PARTIALS_BYTES // partial_bytes_per_chunk))
     chunks = max(1, min(chunks, n_items))
     return -(-n_items // -(-n_items // chunks))  # no empty chunk
+
+
+# ---------------------------------------------------------------- the decode path (kernels/decode.py)
+
+# The split-KV decode kernel takes the forward when N * G (query, head) pairs per kv head fit in this
+# many tile rows. Up to 64 rows its tile is at most half of the general kernel's BLOCK_M = 128 (D <=
+# 128, 16-bit), so the general kernel would leave at least half of every tile empty and read each
+# group's K/V G times; acc [64, D] fp32 still fits the registers of 4 warps for D <= 128. Past 64
+# rows the general tiles are well filled, and the split partials (splits x D fp32 per row, written
+# and read back) grow with N * G. fp64 stays on the general kernel (no fp64 partials/configs here).
+# And only for decode-like calls, N <= DECODE_MAX_QUERIES (generation, short speculative chunks):
+# neither kernel has been timed on a GPU against the other yet, so the general kernel keeps every
+# prefill/training shape (and its small-N code paths keep their tests).
+DECODE_MAX_ROWS = 64
+DECODE_MAX_QUERIES = 4
+
+
+def use_decode_kernel(n_queries: int, group: int, dtype: torch.dtype) -> bool:
+    """Whether a forward of N = ``n_queries`` queries per row and ``group`` query heads per kv head
+    takes the split-KV decode kernel (see DECODE_MAX_ROWS)."""
+    return dtype != torch.float64 and n_queries <= DECODE_MAX_QUERIES and n_queries * group <= DECODE_MAX_ROWS
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    block_n: int  # keys per tile
+    min_keys_per_split: int  # a split gets at least this many keys (partials cost S * D per row)
+    max_splits: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    # Programs of the split kernel that fit on one SM at once, for the wave count. sm_90 bf16 D=128 at
+    # 4 warps: 134 registers, 70 KB of shared memory -> 3 (prefix-kernels inspect, Triton 3.9).
+    resident_per_sm: int = 3
+
+
+def decode_block_rows(n_rows: int) -> int:
+    """Tile rows for N * G (query, head) pairs: a power of two, at least 16 for tl.dot."""
+    return max(16, triton.next_power_of_2(n_rows))
+
+
+def decode_config(head_dim_pad: int, itemsize: int, block_rows: int,
+                  capability: tuple[int, int] | None) -> DecodeConfig:
+    """Block config of the split kernel; honours ``override_configs(decode=...)``."""
+    return _OVERRIDES.get("decode") or _default_decode_config(head_dim_pad, itemsize, block_rows, capability)
+
+
+@lru_cache(maxsize=None)  # called on every launch: host time matters
+def _default_decode_config(head_dim_pad: int, itemsize: int, block_rows: int,
+                  capability: tuple[int, int] | None) -> DecodeConfig:
+    """Block config of the split kernel. ``capability=None``: the interpreter, whose cost is per
+    block iteration: one 64-key block, splits of >= 64 keys. CUDA: unmeasured starting points."""
+    if capability is None:
+        return DecodeConfig(block_n=64, min_keys_per_split=64, max_splits=8, num_warps=1, num_stages=1, resident_per_sm=4)
+    # 16-bit K/V tiles: 128 x 64, 64 x 128 or 32 x 256 (16 KB each); fp32 halves the keys.
+    block_n = {16: 128, 32: 128, 64: 128, 128: 64}.get(head_dim_pad, 32)
+    if itemsize >= 4:
+        block_n //= 2
+    stages = 3 if head_dim_pad <= 128 else 2
+    if capability < (8, 0):
+        stages = min(stages, 2)
+    # acc [rows, D] fp32 lives in registers: 8 warps past 64 x 128.
+    warps = 8 if block_rows * head_dim_pad > 64 * 128 else 4
+    return DecodeConfig(block_n=block_n, min_keys_per_split=256, num_warps=warps, num_stages=stages)
+
+
+def decode_num_splits(n_keys_total: int, n_programs: int, n_sms: int, cfg: DecodeConfig) -> tuple[int, int]:
+    """(num_splits, keys_per_split) for ``n_programs`` = B * Hkv programs per split over
+    ``n_keys_total`` = P + M keys. The grid should fill whole waves of ``n_sms * resident_per_sm``
+    programs: the fewest splits whose last wave is at least 90% full (e.g. B=64, Hkv=8 on 132 SMs:
+    3 splits = 3.9 waves, where 2 gave 2.6), else the fullest; each split at least
+    ``cfg.min_keys_per_split`` keys, at most ``cfg.max_splits``; keys_per_split is a multiple of
+    BLOCK_N and no split is empty."""
+    if n_keys_total <= 0:
+        return 1, cfg.block_n
+    slots = max(n_sms * cfg.resident_per_sm, 1)
+    most = max(1, min(cfg.max_splits, n_keys_total // cfg.min_keys_per_split))
+
+    def split(wanted: int) -> tuple[int, int]:  # whole blocks per split; rounding may drop a split
+        per_split = triton.cdiv(triton.cdiv(n_keys_total, wanted), cfg.block_n) * cfg.block_n
+        return triton.cdiv(n_keys_total, per_split), per_split
+
+    def fill(choice: tuple[int, int]) -> float:  # fraction of the launched waves' slots that do work
+        waves = n_programs * choice[0] / slots
+        return waves / math.ceil(waves)
+
+    choices = [split(wanted) for wanted in range(1, most + 1)]
+    return next((c for c in choices if fill(c) >= 0.9), None) or max(choices, key=fill)
+
+
+def combine_num_warps(block_s: int, head_dim_pad: int) -> int:
+    """Warps of the combine kernel, whose program holds a [BLOCK_S, D] fp32 tile (no loop, 1 stage)."""
+    return 4 if block_s * head_dim_pad <= 64 * 128 else 8

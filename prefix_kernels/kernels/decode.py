@@ -31,75 +31,18 @@ no key has m_s = -inf, l_s = 0, acc_s = 0, so w_s = 0; a row whose splits all sa
 out = 0, lse = -inf. NaN propagates: a NaN score makes its split's l_s (and acc_s) NaN, hence l,
 out and lse NaN, as in the general kernel.
 
-Block configs (``decode_config``) and the split count (``decode_num_splits``) live here too. The
-CUDA numbers are unmeasured starting points (BLOCK_N 32..128, 4 warps, 2-3 stages, chosen so K+V
-stages fit sm_80's shared memory), not tuned results. Under the interpreter (capability None) the
-blocks are large and splits need only 64 keys, so tiny test shapes still exercise the combine.
-fp64 inputs stay on the general kernel (ops.prefix_attention_forward decides).
+Block configs (``decode_config``), the split count (``decode_num_splits``) and when a call takes
+this path (``use_decode_kernel``) are the launch policy in kernels/configs.py.
 
 Written for sm_80/sm_90 (compile-checked for both in the tests) and the CPU interpreter.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import lru_cache
-
 import triton
 import triton.language as tl
 
 from prefix_kernels.kernels.forward import _attend_blocks, load_tile
-
-
-@dataclass(frozen=True)
-class DecodeConfig:
-    block_n: int  # keys per tile
-    min_keys_per_split: int  # a split gets at least this many keys (partials cost S * D per row)
-    max_splits: int = 64
-    num_warps: int = 4
-    num_stages: int = 2
-
-
-def decode_block_rows(n_rows: int) -> int:
-    """Tile rows for N * G (query, head) pairs: a power of two, at least 16 for tl.dot."""
-    return max(16, triton.next_power_of_2(n_rows))
-
-
-@lru_cache(maxsize=None)  # called on every launch: host time matters
-def decode_config(head_dim_pad: int, itemsize: int, block_rows: int,
-                  capability: tuple[int, int] | None) -> DecodeConfig:
-    """Block config of the split kernel. ``capability=None``: the interpreter, whose cost is per
-    block iteration: one 64-key block, splits of >= 64 keys. CUDA: unmeasured starting points."""
-    if capability is None:
-        return DecodeConfig(block_n=64, min_keys_per_split=64, max_splits=8, num_warps=1, num_stages=1)
-    # 16-bit K/V tiles: 128 x 64, 64 x 128 or 32 x 256 (16 KB each); fp32 halves the keys.
-    block_n = {16: 128, 32: 128, 64: 128, 128: 64}.get(head_dim_pad, 32)
-    if itemsize >= 4:
-        block_n //= 2
-    stages = 3 if head_dim_pad <= 128 else 2
-    if capability < (8, 0):
-        stages = min(stages, 2)
-    # acc [rows, D] fp32 lives in registers: 8 warps past 64 x 128.
-    warps = 8 if block_rows * head_dim_pad > 64 * 128 else 4
-    return DecodeConfig(block_n=block_n, min_keys_per_split=256, num_warps=warps, num_stages=stages)
-
-
-def decode_num_splits(n_keys_total: int, n_programs: int, n_sms: int, cfg: DecodeConfig) -> tuple[int, int]:
-    """(num_splits, keys_per_split) for ``n_programs`` = B * Hkv programs per split over
-    ``n_keys_total`` = P + M keys: enough splits for ~4 programs per SM, each split at least
-    ``cfg.min_keys_per_split`` keys, at most ``cfg.max_splits``; keys_per_split is a multiple of
-    BLOCK_N and no split is empty."""
-    if n_keys_total <= 0:
-        return 1, cfg.block_n
-    want = triton.cdiv(4 * n_sms, max(n_programs, 1))
-    splits = max(1, min(want, cfg.max_splits, n_keys_total // cfg.min_keys_per_split))
-    per_split = triton.cdiv(triton.cdiv(n_keys_total, splits), cfg.block_n) * cfg.block_n
-    return triton.cdiv(n_keys_total, per_split), per_split
-
-
-def combine_num_warps(block_s: int, head_dim_pad: int) -> int:
-    """Warps of the combine kernel, whose program holds a [BLOCK_S, D] fp32 tile (no loop, 1 stage)."""
-    return 4 if block_s * head_dim_pad <= 64 * 128 else 8
 
 
 @triton.jit
