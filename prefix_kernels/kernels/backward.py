@@ -34,7 +34,10 @@ lse = -inf (saw no key) are given lse = +inf, so every p of theirs is exp2(-inf)
 import triton
 import triton.language as tl
 
-from prefix_kernels.kernels.forward import load_tile, mm
+from prefix_kernels.kernels.tiles import (
+    load_keep, load_lse2, load_tile, mask_scores, mm, prob, query_blocks_seeing, scores, unmasked_keys_end,
+    visible_keys_end,
+)
 
 
 @triton.jit
@@ -76,20 +79,6 @@ def backward_prologue_kernel(
 
 
 @triton.jit
-def load_lse2(LSE, rows, n_queries):
-    """The forward's LSE (log2 units); -inf (no key seen) and rows past the end -> +inf, so p = 0."""
-    lse = tl.load(LSE + rows, mask=rows < n_queries, other=float("inf"))
-    return tl.where(lse == float("-inf"), float("inf"), lse)
-
-
-@triton.jit
-def prob(s, lse2):
-    """P = exp2(s - lse2), at most 1: s is recomputed here in a different tile order than the forward,
-    and at logits ~1e9 one fp32 ulp of s is ~128, which would otherwise give P = 2^128. NaN stays NaN."""
-    return tl.minimum(tl.exp2(s - lse2), 1.0, propagate_nan=tl.PropagateNan.ALL)
-
-
-@triton.jit
 def _key_tile_grads(
     dk, dv, k, v, key_visible, cols, Q, DO, LSE, Delta, DQ,
     stride_qm, stride_qd, stride_dom, stride_dod, stride_dqm, stride_dqd,
@@ -111,12 +100,9 @@ def _key_tile_grads(
                        HEAD_DIM, HEAD_DIM_PAD, CHECK_ROWS, UPCAST)
         lse2 = load_lse2(LSE, rows, n_queries)  # +inf past n_queries: p = 0 there
         delta = tl.load(Delta + rows, mask=rows < n_queries, other=0.0)
-        qk_t = mm(k, tl.trans(q), PRECISION) * qk_scale
-        p_t = prob(qk_t, lse2[None, :])
-        if CAUSAL_MASK:
-            p_t = tl.where(cols[:, None] <= key_offset + rows[None, :], p_t, 0.0)
-        if MASK_KEYS:
-            p_t = tl.where(key_visible[:, None], p_t, 0.0)
+        p_t = prob(scores(k, q, qk_scale, PRECISION), lse2[None, :])  # [keys, queries]
+        p_t = mask_scores(p_t, cols[:, None], key_offset + rows[None, :], key_visible[:, None], 0, 0.0,
+                          False, CAUSAL_MASK, MASK_KEYS)
         if NEED_DKDV:
             dv += mm(p_t.to(do.dtype), do, PRECISION)
         dp_t = mm(v, tl.trans(do), PRECISION)
@@ -245,23 +231,14 @@ def backward_kernel(
                       cols, n_keys, offs_d, HEAD_DIM, HEAD_DIM_PAD, True, UPCAST)
         key_visible = cols < n_keys
         if HAS_KPM:
-            key_visible = key_visible & (tl.load(KPM + b * stride_mb + cols * stride_mn, mask=cols < n_keys,
-                                                 other=0) != 0)
+            key_visible = key_visible & load_keep(KPM + b * stride_mb, stride_mn, cols, n_keys)
         dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=ACC_DTYPE)
         dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=ACC_DTYPE)
 
         # Query i (position key_offset + i) sees key j iff j <= key_offset + i.
         key_offset = n_keys - n_queries
-        q_blocks_end = tl.cdiv(n_queries, BLOCK_M) * BLOCK_M
-        full_end = n_queries // BLOCK_M * BLOCK_M
-        if IS_CAUSAL:
-            lo = tl.maximum(start_n - key_offset, 0) // BLOCK_M * BLOCK_M
-            mid = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - key_offset, 0), BLOCK_M) * BLOCK_M
-            mid = tl.minimum(tl.maximum(mid, lo), q_blocks_end)
-        else:
-            lo = 0
-            mid = 0
-        tail = tl.maximum(mid, full_end)
+        lo, mid, full_end, tail, q_blocks_end = query_blocks_seeing(start_n, n_queries, key_offset, BLOCK_N,
+                                                                    BLOCK_M, IS_CAUSAL)
         for hh in range(0, group):
             h = g * group + hh
             Q_base = Q + b * stride_qb + h * stride_qh
@@ -311,15 +288,11 @@ def _dq_blocks(
                       HEAD_DIM, HEAD_DIM_PAD, CHECK_KEYS, UPCAST)
         v = load_tile(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, cols, n_keys, offs_d,
                       HEAD_DIM, HEAD_DIM_PAD, CHECK_KEYS, UPCAST)
-        qk = mm(q, tl.trans(k), PRECISION) * qk_scale
-        p = prob(qk, lse2[:, None])
-        if CHECK_KEYS:
-            p = tl.where(cols[None, :] < n_keys, p, 0.0)
-        if CAUSAL_MASK:
-            p = tl.where(cols[None, :] <= q_pos[:, None], p, 0.0)
+        keep = cols[None, :] >= 0  # unused unless HAS_KPM
         if HAS_KPM:
-            keep = tl.load(KPM + cols * stride_mn, mask=cols < n_keys, other=0)
-            p = tl.where(keep[None, :] != 0, p, 0.0)
+            keep = load_keep(KPM, stride_mn, cols, n_keys)[None, :]
+        p = mask_scores(prob(scores(q, k, qk_scale, PRECISION), lse2[:, None]), cols[None, :], q_pos[:, None],
+                        keep, n_keys, 0.0, CHECK_KEYS, CAUSAL_MASK, HAS_KPM)
         dp = mm(do, tl.trans(v), PRECISION)
         ds = p * (dp - delta[:, None])
         dq += mm(ds.to(k.dtype), k, PRECISION)
@@ -372,12 +345,8 @@ def dq_kernel(
                     HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, False, False, UPCAST, PRECISION)
 
     q_pos = n_keys - n_queries + offs_m
-    if IS_CAUSAL:
-        unmasked_end = tl.maximum(n_keys - n_queries + start_m + 1, 0) // BLOCK_N * BLOCK_N
-        masked_end = tl.minimum(n_keys - n_queries + start_m + BLOCK_M, n_keys)
-    else:
-        unmasked_end = n_keys // BLOCK_N * BLOCK_N
-        masked_end = n_keys
+    masked_end = visible_keys_end(n_keys, n_keys - n_queries + start_m + BLOCK_M - 1, IS_CAUSAL)
+    unmasked_end = unmasked_keys_end(0, masked_end, n_keys - n_queries + start_m, BLOCK_N, IS_CAUSAL)
     K_base = K + b * stride_kb + g * stride_kh
     V_base = V + b * stride_vb + g * stride_vh
     KPM_base = KPM + b * stride_mb

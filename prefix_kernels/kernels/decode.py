@@ -14,8 +14,8 @@ split s walks [s * keys_per_split, (s + 1) * keys_per_split) of it: its part of 
 range end), then its part of the sequence (blocks that every row may see without a mask, then the
 blocks past the causal boundary or the range end with the mask). Masks as in the forward:
 key_padding_mask [B, M] (True = attend) and bottom-right causal (query i sits at position
-M - N + i and sees sequence keys j <= M - N + i). The online softmax is the forward's
-(``_attend_blocks``, reused): scores in the log2 domain (``qk_scale = scale * log2(e)``), m, l, acc
+M - N + i and sees sequence keys j <= M - N + i). The walk and the online softmax are the forward's
+(``tiles.attend_prefix_and_sequence``): scores in the log2 domain (``qk_scale = scale * log2(e)``), m, l, acc
 in fp32. With one split (SPLIT=False) the program finishes the rows itself, exactly like the
 forward (out = acc / l, lse = m + log2(l) in log2 units, out 0 / lse -inf for a row that saw no
 key). With several it writes, per (row, split), the unnormalized fp32 partials acc [D] and the
@@ -42,7 +42,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from prefix_kernels.kernels.forward import _attend_blocks, load_tile
+from prefix_kernels.kernels.tiles import attend_prefix_and_sequence, finish_rows, load_tile
 
 
 @triton.jit
@@ -86,42 +86,19 @@ def prefix_attention_decode_kernel(
     lo = split * keys_per_split
     hi = tl.minimum(lo + keys_per_split, n_prefix + n_keys)
 
-    # Prefix part [p_lo, p_hi): always visible. Full blocks unmasked, then one tail block masked.
+    # Prefix part [p_lo, p_hi) of it, then the sequence part [s_lo, s_hi) in sequence coordinates.
+    # Every row sees keys j <= M - N (its position is M - N + i >= M - N): no causal mask there.
     p_lo = tl.minimum(lo, n_prefix)
     p_hi = tl.minimum(hi, n_prefix)
-    p_full = p_lo + (p_hi - p_lo) // BLOCK_N * BLOCK_N
-    PK_base = PK + t * stride_pkt + g * stride_pkh
-    PV_base = PV + t * stride_pvt + g * stride_pvh
-    acc, l_i, m_i = _attend_blocks(
-        acc, l_i, m_i, q, PK_base, PV_base, stride_pkn, stride_pkd, stride_pvn, stride_pvd, KPM, 0,
-        p_lo, p_full, p_hi, offs_r, offs_n, offs_d, qk_scale,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False, False, False, UPCAST, PRECISION)
-    acc, l_i, m_i = _attend_blocks(
-        acc, l_i, m_i, q, PK_base, PV_base, stride_pkn, stride_pkd, stride_pvn, stride_pvd, KPM, 0,
-        p_full, p_hi, p_hi, offs_r, offs_n, offs_d, qk_scale,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, False, False, UPCAST, PRECISION)
-
-    # Sequence part [s_lo, s_hi) in sequence coordinates. Every row sees keys j <= M - N (its
-    # position is M - N + i >= M - N): those blocks need no causal mask.
     s_lo = tl.maximum(lo, n_prefix) - n_prefix
     s_hi = tl.maximum(hi, n_prefix) - n_prefix
-    q_pos = n_keys - n_queries + row_i
-    if IS_CAUSAL:
-        free_end = tl.minimum(s_hi, n_keys - n_queries + 1)
-    else:
-        free_end = s_hi
-    unmasked_end = s_lo + tl.maximum(free_end - s_lo, 0) // BLOCK_N * BLOCK_N
-    K_base = K + b * stride_kb + g * stride_kh
-    V_base = V + b * stride_vb + g * stride_vh
-    KPM_base = KPM + b * stride_mb
-    acc, l_i, m_i = _attend_blocks(
-        acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd, KPM_base, stride_mn,
-        s_lo, unmasked_end, s_hi, q_pos, offs_n, offs_d, qk_scale,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False, False, HAS_KPM, UPCAST, PRECISION)
-    acc, l_i, m_i = _attend_blocks(
-        acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd, KPM_base, stride_mn,
-        unmasked_end, s_hi, s_hi, q_pos, offs_n, offs_d, qk_scale,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL, HAS_KPM, UPCAST, PRECISION)
+    acc, l_i, m_i = attend_prefix_and_sequence(
+        acc, l_i, m_i, q, PK + t * stride_pkt + g * stride_pkh, PV + t * stride_pvt + g * stride_pvh,
+        stride_pkn, stride_pkd, stride_pvn, stride_pvd,
+        K + b * stride_kb + g * stride_kh, V + b * stride_vb + g * stride_vh, stride_kn, stride_kd, stride_vn,
+        stride_vd, KPM + b * stride_mb, stride_mn,
+        p_lo, p_hi, s_lo, s_hi, n_keys - n_queries, n_keys - n_queries + row_i, offs_n, offs_d, qk_scale,
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, IS_CAUSAL, HAS_KPM, UPCAST, PRECISION)
 
     row_ok = offs_r < n_rows
     if SPLIT:
@@ -132,9 +109,7 @@ def prefix_attention_decode_kernel(
         a_ptrs = ACC_PART + part[:, None] * HEAD_DIM + offs_d[None, :]
         tl.store(a_ptrs, acc, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
     else:
-        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-        out = acc / l_safe[:, None]
-        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))  # log2 units; NaN stays NaN
+        out, lse = finish_rows(acc, l_i, m_i)
         tl.store(LSE + b * stride_lb + row_h * stride_lh + row_i, lse, mask=row_ok)
         o_rows = Out + b * stride_ob + row_h * stride_oh + row_i * stride_om
         tl.store(o_rows[:, None] + offs_d[None, :] * stride_od, out.to(Out.dtype.element_ty),

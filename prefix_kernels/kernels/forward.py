@@ -2,7 +2,8 @@
 
 Per (query block, batch row, query head) program: the prefix keys come first (full blocks without
 any mask, then one tail block masked to P), then the sequence keys (blocks that every query of the
-tile may see without a mask, then the blocks across the causal diagonal / past M with the mask).
+tile may see without a mask, then the blocks across the causal diagonal / past M with the mask):
+``tiles.attend_prefix_and_sequence``.
 Scores live in the log2 domain (``qk_scale = scale * log2(e)``), and the kernel writes the LSE in
 that domain too (log2 units, ``m + log2(l)``) for the backward, which recomputes P = exp2(s - lse2)
 from exactly the same fp32 numbers: a round trip through the natural log would cost up to a few
@@ -16,67 +17,7 @@ Written for sm_80/sm_90 (compile-checked for both in the tests) and the CPU inte
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def load_tile(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-              CHECK_ROWS: tl.constexpr, UPCAST: tl.constexpr):
-    """A [rows, HEAD_DIM_PAD] tile, zero past n_rows (if CHECK_ROWS) and past HEAD_DIM."""
-    if CHECK_ROWS:
-        if HEAD_DIM == HEAD_DIM_PAD:
-            x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
-        else:
-            x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    else:
-        if HEAD_DIM == HEAD_DIM_PAD:
-            x = tl.load(ptrs)
-        else:
-            x = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-    if UPCAST:  # the interpreter multiplies raw bf16 bits in tl.dot: compute in fp32 there
-        x = x.to(tl.float32)
-    return x
-
-
-@triton.jit
-def mm(a, b, PRECISION: tl.constexpr):
-    """a @ b. PRECISION "fma": a broadcast product summed in registers, for fp64, where Triton's
-    fp64 MMA path asserts on sm_90 ("fp64 don't support largeK MMA"); else tl.dot."""
-    if PRECISION == "fma":
-        return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
-    else:
-        return tl.dot(a, b, input_precision=PRECISION)
-
-
-@triton.jit
-def _attend_blocks(
-    acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
-    lo, hi, n_keys, q_pos, offs_n, offs_d, qk_scale,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    CHECK_KEYS: tl.constexpr, CAUSAL_MASK: tl.constexpr, HAS_KPM: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """Online-softmax update over key blocks [lo, hi); the flags choose which masks apply."""
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        k = load_tile(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, cols, n_keys, offs_d,
-                      HEAD_DIM, HEAD_DIM_PAD, CHECK_KEYS, UPCAST)
-        qk = mm(q, tl.trans(k), PRECISION) * qk_scale
-        if CHECK_KEYS:
-            qk = tl.where(cols[None, :] < n_keys, qk, float("-inf"))
-        if CAUSAL_MASK:
-            qk = tl.where(cols[None, :] <= q_pos[:, None], qk, float("-inf"))
-        if HAS_KPM:
-            keep = tl.load(KPM + cols * stride_mn, mask=cols < n_keys, other=0)
-            qk = tl.where(keep[None, :] != 0, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(qk - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = load_tile(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, cols, n_keys, offs_d,
-                      HEAD_DIM, HEAD_DIM_PAD, CHECK_KEYS, UPCAST)
-        acc = acc * alpha[:, None] + mm(p.to(v.dtype), v, PRECISION)
-        m_i = m_new
-    return acc, l_i, m_i
+from prefix_kernels.kernels.tiles import attend_prefix_and_sequence, finish_rows, load_tile, visible_keys_end
 
 
 @triton.jit
@@ -113,42 +54,18 @@ def prefix_attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=ACC_DTYPE)
 
-    # Prefix: always visible. Full blocks unmasked, then the tail block masked to n_prefix.
-    PK_base = PK + t * stride_pkt + g * stride_pkh
-    PV_base = PV + t * stride_pvt + g * stride_pvh
-    prefix_full = (n_prefix // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _attend_blocks(
-        acc, l_i, m_i, q, PK_base, PV_base, stride_pkn, stride_pkd, stride_pvn, stride_pvd, KPM, 0,
-        0, prefix_full, n_prefix, offs_m, offs_n, offs_d, qk_scale,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False, False, False, UPCAST, PRECISION)
-    acc, l_i, m_i = _attend_blocks(
-        acc, l_i, m_i, q, PK_base, PV_base, stride_pkn, stride_pkd, stride_pvn, stride_pvd, KPM, 0,
-        prefix_full, n_prefix, n_prefix, offs_m, offs_n, offs_d, qk_scale,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, False, False, UPCAST, PRECISION)
+    # Query i sits at position n_keys - n_queries + i (bottom-right causal).
+    first_pos = n_keys - n_queries + start_m
+    acc, l_i, m_i = attend_prefix_and_sequence(
+        acc, l_i, m_i, q, PK + t * stride_pkt + g * stride_pkh, PV + t * stride_pvt + g * stride_pvh,
+        stride_pkn, stride_pkd, stride_pvn, stride_pvd,
+        K + b * stride_kb + g * stride_kh, V + b * stride_vb + g * stride_vh, stride_kn, stride_kd, stride_vn,
+        stride_vd, KPM + b * stride_mb, stride_mn,
+        0, n_prefix, 0, visible_keys_end(n_keys, first_pos + BLOCK_M - 1, IS_CAUSAL), first_pos,
+        first_pos + offs_m - start_m, offs_n, offs_d, qk_scale,
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, IS_CAUSAL, HAS_KPM, UPCAST, PRECISION)
 
-    # Sequence: query i sits at position n_keys - n_queries + i (bottom-right causal).
-    q_pos = n_keys - n_queries + offs_m
-    if IS_CAUSAL:
-        unmasked_end = tl.maximum(n_keys - n_queries + start_m + 1, 0) // BLOCK_N * BLOCK_N
-        masked_end = tl.minimum(n_keys - n_queries + start_m + BLOCK_M, n_keys)
-    else:
-        unmasked_end = n_keys // BLOCK_N * BLOCK_N
-        masked_end = n_keys
-    K_base = K + b * stride_kb + g * stride_kh
-    V_base = V + b * stride_vb + g * stride_vh
-    KPM_base = KPM + b * stride_mb
-    acc, l_i, m_i = _attend_blocks(
-        acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd, KPM_base, stride_mn,
-        0, unmasked_end, n_keys, q_pos, offs_n, offs_d, qk_scale,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False, False, HAS_KPM, UPCAST, PRECISION)
-    acc, l_i, m_i = _attend_blocks(
-        acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd, KPM_base, stride_mn,
-        unmasked_end, masked_end, n_keys, q_pos, offs_n, offs_d, qk_scale,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL, HAS_KPM, UPCAST, PRECISION)
-
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))  # log2 units; NaN stays NaN
+    out, lse = finish_rows(acc, l_i, m_i)
     row_ok = offs_m < n_queries
     tl.store(LSE + b * stride_lb + h * stride_lh + offs_m, lse.to(tl.float32), mask=row_ok)
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
