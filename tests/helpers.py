@@ -232,13 +232,6 @@ class Inputs:
                     prefix_ids=self.prefix_ids)
 
 
-def make_inputs(case: Case, dtype: torch.dtype, seed: int = 0):
-    """``tuple(case.make(dtype, DEVICE, seed))``: (q, k, v, prefix_k, prefix_v, key_padding_mask,
-    prefix_ids), the five tensors leaves requiring grad (the tuple spelling that
-    test_cpu.py, test_gradients.py and test_backward.py use)."""
-    return tuple(case.make(dtype, DEVICE, seed))
-
-
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 

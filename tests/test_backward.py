@@ -9,7 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 import prefix_kernels.ops as ops
-from helpers import DEVICE, ON_GPU, Case, check_against_reference, make_inputs, requires_triton
+from helpers import DEVICE, ON_GPU, Case, check_against_reference, requires_triton
 from prefix_kernels import prefix_attention, prefix_attention_reference
 from prefix_kernels.kernels.configs import BlockConfig, override_configs, prefix_grad_chunks
 
@@ -60,7 +60,7 @@ def _record(monkeypatch):
 def _problem(dtype, n_prefixes=None, padding="left"):
     case = Case(batch=3, heads=4, kv_heads=2, n_queries=40, n_keys=56, n_prefix=9, n_prefixes=n_prefixes,
                 padding=padding).on_device()
-    q, k, v, pk, pv, mask, ids = make_inputs(case, dtype)
+    q, k, v, pk, pv, mask, ids = case.make(dtype)
     if pk.dim() == 3:
         pk, pv = pk.unsqueeze(0), pv.unsqueeze(0)  # the launchers take banks
     return q, k, v, pk, pv, mask, ids
@@ -81,7 +81,7 @@ def test_only_needed_gradients_are_computed(monkeypatch, trainable, flags):
     """The main kernel is specialized to the gradients asked for (no dk/dv matmuls for a frozen
     layer, no dq atomics for layer 0), the others come back None, the asked-for ones are right."""
     case = Case(n_prefixes=2, batch=3, padding="left").on_device()
-    q, k, v, pk, pv, mask, ids = make_inputs(case, torch.float32)
+    q, k, v, pk, pv, mask, ids = case.make(torch.float32)
     named = dict(q=q, k=k, v=v, pk=pk, pv=pv)
     for name, t in named.items():
         t.requires_grad_(name in trainable)
@@ -133,7 +133,7 @@ def test_prefix_only_chunks_cross_rows_and_prefixes(monkeypatch, deterministic, 
     twice by one chunk when rows are not sorted by prefix); 64 -> one item per chunk."""
     monkeypatch.setattr(ops, "_num_sms", lambda device: n_sms)
     case = Case(batch=6, heads=4, kv_heads=2, n_prefixes=3, n_queries=20, n_keys=20, n_prefix=5)
-    q, k, v, pk, pv, mask, _ = make_inputs(case.on_device(), torch.float32)
+    q, k, v, pk, pv, mask, _ = case.on_device().make(torch.float32)
     ids = torch.tensor([0, 2, 0, 1, 1, 2], device=q.device)  # unsorted: row 0 and 2 share prefix 0
     pk.requires_grad_(True)
     pv.requires_grad_(True)
@@ -194,7 +194,7 @@ def test_override_configs_is_scoped_and_checked():
 def test_atomic_and_deterministic_agree():
     case = Case(batch=3, heads=4, kv_heads=2, n_queries=33, n_keys=50, n_prefix=7, n_prefixes=2,
                 padding="right").on_device()
-    q, k, v, pk, pv, mask, ids = make_inputs(case, torch.float32)
+    q, k, v, pk, pv, mask, ids = case.make(torch.float32)
     grad = torch.randn(q.shape, device=DEVICE, dtype=q.dtype)
     leaves = [t.requires_grad_(True) for t in (q, k, v, pk, pv)]
     runs = []

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import TRITON_RUNNABLE
+from helpers import need, requires_triton
 from prefix_kernels import prefix_attention_reference
 from prefix_kernels.benchmarking import PRESETS, Provider, Shape, flops, kv_bytes, main, run_kernel_bench
 from prefix_kernels.benchmarking.kernels import (
@@ -192,6 +192,17 @@ def test_cli_main(tmp_path, capsys):
         main(["--preset", "nope", "--out", str(tmp_path)])
 
 
+def test_default_out_dir_is_a_run_folder_like_the_cli(tmp_path, monkeypatch):
+    """Without out_dir the Python API writes where ``prefix-kernels bench`` does: runs/bench-<time>/."""
+    monkeypatch.chdir(tmp_path)
+    rows = run_kernel_bench(device="cpu", shapes=TINY[:1], providers="ours", modes=["fwd"], warmup=0, reps=1,
+                            plot=False, log=None)
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith("bench-") and [p.name for p in tmp_path.iterdir()] == ["runs"]
+    slug = device_slug(rows[0]["device"])
+    assert json.loads((run / slug / f"attention_{slug}.json").read_text())[0]["status"] == "ok"
+
+
 def _load(path: Path):
     spec = importlib.util.spec_from_file_location(f"_bench_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
@@ -200,10 +211,7 @@ def _load(path: Path):
 
 
 def test_bench_cpu_script_keeps_its_files(tmp_path):
-    from prefix_kernels import cpu
-
-    if not cpu.is_available():
-        pytest.skip(f"the C++ CPU op is unavailable: {cpu.unavailable_reason()}")
+    need("cpu")
     bench_cpu = _load(ROOT / "benchmarks" / "bench_cpu.py")
     assert bench_cpu.main(["--out", str(tmp_path), "--shape", TINY[0], "--reps", "1", "--warmup", "0",
                            "--impls", "ours,peft,concat,floor"]) == 0
@@ -215,7 +223,7 @@ def test_bench_cpu_script_keeps_its_files(tmp_path):
     assert {"device", "torch", "git_sha", "date", "threads"} <= set(common.environment("cpu"))
 
 
-@pytest.mark.skipif(not TRITON_RUNNABLE, reason="needs CUDA or TRITON_INTERPRET=1")
+@requires_triton
 def test_tune_blocks_script_times_checks_and_restores(tmp_path, monkeypatch):
     """The block-size sweep: one row per (kernel, candidate), each checked against the default
     configuration's results; a candidate whose results differ is 'wrong', never timed; the

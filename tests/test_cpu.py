@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from prefix_kernels import cpu, prefix_attention, prefix_attention_reference
-from helpers import Case, check_against_reference, make_inputs
+from helpers import Case, check_against_reference, need
 
 ROOT = Path(__file__).resolve().parents[1]
 cpu_attention = functools.partial(prefix_attention, backend="cpu")
@@ -27,8 +27,7 @@ cpu_attention = functools.partial(prefix_attention, backend="cpu")
 
 @pytest.fixture(scope="module")
 def ext():
-    if not cpu.is_available():
-        pytest.skip(f"C++ CPU op unavailable: {cpu.unavailable_reason()}")
+    need("cpu")
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:
@@ -118,10 +117,10 @@ def test_aten_gemm_path_matches(ext):
 
 def test_rows_that_see_nothing(ext):
     """P = 0 and every visible key padded: out = 0, lse = -inf, zero grads, no NaN anywhere."""
-    B, H, N, M, D = 3, 2, 6, 9, 16
-    q, k, v = (torch.randn(B, H, n, D, requires_grad=True) for n in (N, M, M))
-    pk = torch.zeros(H, 0, D, requires_grad=True)
-    pv = torch.zeros(H, 0, D, requires_grad=True)
+    case = Case(batch=3, heads=2, kv_heads=2, n_queries=6, n_keys=9, n_prefix=0, head_dim=16)
+    inputs = case.make(torch.float32, "cpu")
+    q, k, v, pk, pv = inputs.tensors
+    B, H, N, M = case.B, case.Hq, case.N, case.M
     mask = torch.ones(B, M, dtype=torch.bool)
     mask[0] = False          # row 0: nothing at all
     mask[1, :6] = False      # row 1, left padding: queries 0..2 (positions 3..5) see nothing
@@ -134,7 +133,7 @@ def test_rows_that_see_nothing(ext):
     assert torch.equal(torch.isinf(ref_lse), dead)
     assert (out[dead] == 0).all() and torch.isfinite(out).all()
     torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-5)
-    grad = torch.randn_like(out)
+    grad = inputs.grad_out
     dq, dk, dv, dpk, dpv = torch.autograd.grad(out, (q, k, v, pk, pv), grad)
     for g in (dq, dk, dv):
         assert torch.isfinite(g).all()
@@ -148,7 +147,7 @@ def test_rows_that_see_nothing(ext):
 
 def test_prefix_only_rows(ext):
     """All sequence keys padded but a prefix present: the prefix alone carries the softmax."""
-    q, k, v, pk, pv, _, _ = make_inputs(Case(n_prefix=3), torch.float32)
+    q, k, v, pk, pv, _, _ = Case(n_prefix=3).make(torch.float32, "cpu")
     mask = torch.zeros(k.shape[0], k.shape[2], dtype=torch.bool)
     out, lse = prefix_attention(q, k, v, pk, pv, key_padding_mask=mask, return_lse=True, backend="cpu")
     ref_out, ref_lse = prefix_attention_reference(q, k, v, pk, pv, key_padding_mask=mask)
@@ -158,13 +157,9 @@ def test_prefix_only_rows(ext):
 
 def test_empty_sizes(ext):
     """Zero-size batch, queries or keys do not crash and give the reference's shapes."""
-    D = 8
     for B, N, M, P, causal in ((0, 4, 4, 2, True), (2, 0, 5, 2, True), (2, 3, 0, 2, False), (2, 3, 0, 0, False)):
-        q = torch.randn(B, 2, N, D, requires_grad=True)
-        k = torch.randn(B, 1, M, D, requires_grad=True)
-        v = torch.randn(B, 1, M, D, requires_grad=True)
-        pk = torch.randn(1, P, D, requires_grad=True)
-        pv = torch.randn(1, P, D, requires_grad=True)
+        case = Case(batch=B, heads=2, kv_heads=1, n_queries=N, n_keys=M, n_prefix=P, head_dim=8, causal=causal)
+        q, k, v, pk, pv = case.make(torch.float32, "cpu").tensors
         out, lse = prefix_attention(q, k, v, pk, pv, causal=causal, return_lse=True, backend="cpu")
         assert out.shape == q.shape and lse.shape == q.shape[:3]
         if P + M == 0:  # no key at all (the reference cannot reduce over zero keys)
@@ -184,7 +179,7 @@ def test_empty_sizes(ext):
 def test_frozen_inputs(ext, frozen):
     """Gradients of frozen tensors are None; the others equal those of the full run bit for bit."""
     case = Case(heads=4, kv_heads=2, n_queries=20, n_keys=26, padding="left", n_prefixes=2, batch=3)
-    q, k, v, pk, pv, mask, ids = make_inputs(case, torch.float32)
+    q, k, v, pk, pv, mask, ids = case.make(torch.float32, "cpu")
     kwargs = dict(key_padding_mask=mask, prefix_ids=ids, backend="cpu")
     grad = torch.randn(q.shape)
     full = torch.autograd.grad(prefix_attention(q, k, v, pk, pv, **kwargs), (q, k, v, pk, pv), grad)
@@ -203,7 +198,7 @@ def test_frozen_inputs(ext, frozen):
 
 def test_backward_op_skips_unneeded_grads(ext):
     """bwd_cpu returns empty tensors for gradients that were not asked for."""
-    q, k, v, pk, pv, mask, ids = make_inputs(Case(n_prefixes=2), torch.float32)
+    q, k, v, pk, pv, mask, ids = Case(n_prefixes=2).make(torch.float32, "cpu")
     q, k, v, pk, pv = (t.detach() for t in (q, k, v, pk, pv))
     out, lse = torch.ops.prefix_kernels.fwd_cpu(q, k, v, pk, pv, mask, ids, True, 0.25)
     grads = torch.ops.prefix_kernels.bwd_cpu(torch.ones_like(out), q, k, v, pk, pv, out, lse, mask, ids,
@@ -214,22 +209,21 @@ def test_backward_op_skips_unneeded_grads(ext):
 
 def test_output_layout_follows_q(ext):
     """out keeps q's memory layout (HF's [B, N, H, D] storage stays free to reshape)."""
-    q, k, v, pk, pv, _, _ = make_inputs(Case(strided=True), torch.float32)
+    q, k, v, pk, pv, _, _ = Case(strided=True).make(torch.float32, "cpu")
     out = prefix_attention(q, k, v, pk, pv, backend="cpu")
     assert out.stride() == q.stride()
     assert out.transpose(1, 2).is_contiguous()
 
 
 def test_lse_is_detached_fp32(ext):
-    q, k, v, pk, pv, _, _ = make_inputs(Case(), torch.bfloat16)
+    q, k, v, pk, pv, _, _ = Case().make(torch.bfloat16, "cpu")
     out, lse = prefix_attention(q, k, v, pk, pv, return_lse=True, backend="cpu")
     assert out.requires_grad and not lse.requires_grad and lse.dtype == torch.float32
 
 
 def test_op_checks_name_the_argument(ext):
-    q = torch.randn(2, 4, 5, 8)
-    k = torch.randn(2, 2, 7, 8)
-    pk = torch.randn(2, 3, 8)
+    shapes = Case(batch=2, heads=4, kv_heads=2, n_queries=5, n_keys=7, n_prefix=3, head_dim=8)
+    q, k, _, pk, _ = shapes.make(torch.float32, "cpu", requires_grad=False).tensors
     op = torch.ops.prefix_kernels.fwd_cpu
     with pytest.raises(RuntimeError, match=r"k must be \[B=2, Hkv, M, D=8\]"):
         op(q, torch.randn(3, 2, 7, 8), k, pk, pk, None, None, True, 0.3)
@@ -248,7 +242,7 @@ def test_op_checks_name_the_argument(ext):
 def test_gradcheck_float64(ext):
     case = Case(batch=2, heads=4, kv_heads=2, n_queries=5, n_keys=7, n_prefix=3, head_dim=8,
                 padding="left", n_prefixes=2, strided=True)
-    q, k, v, pk, pv, mask, ids = make_inputs(case, torch.float64)
+    q, k, v, pk, pv, mask, ids = case.make(torch.float64, "cpu")
 
     def fn(q, k, v, pk, pv):
         return prefix_attention(q, k, v, pk, pv, key_padding_mask=mask, prefix_ids=ids, backend="cpu")
@@ -258,7 +252,7 @@ def test_gradcheck_float64(ext):
 
 def test_gradcheck_float64_non_causal_shared_prefix(ext):
     case = Case(batch=2, heads=3, kv_heads=1, n_queries=4, n_keys=6, n_prefix=2, head_dim=8, causal=False)
-    q, k, v, pk, pv, _, _ = make_inputs(case, torch.float64)
+    q, k, v, pk, pv, _, _ = case.make(torch.float64, "cpu")
 
     def fn(q, k, v, pk, pv):
         return prefix_attention(q, k, v, pk, pv, causal=False, scale=0.4, backend="cpu")
@@ -269,9 +263,7 @@ def test_gradcheck_float64_non_causal_shared_prefix(ext):
 def _op_args(requires_grad: bool, with_mask: bool):
     case = Case(batch=2, heads=4, kv_heads=2, n_queries=5, n_keys=7, n_prefix=3, head_dim=8,
                 padding="left" if with_mask else None, n_prefixes=2 if with_mask else None)
-    q, k, v, pk, pv, mask, ids = make_inputs(case, torch.float32)
-    q, k, v, pk, pv = (t.detach().requires_grad_(requires_grad) for t in (q, k, v, pk, pv))
-    return q, k, v, pk, pv, mask, ids
+    return tuple(case.make(torch.float32, "cpu", requires_grad=requires_grad))
 
 
 @pytest.mark.parametrize("with_mask", [False, True])
@@ -310,7 +302,7 @@ def test_registered_autograd_of_the_op(ext):
 def test_bit_identical_across_thread_counts(ext):
     case = Case(batch=5, heads=6, kv_heads=2, n_queries=150, n_keys=170, n_prefix=20, head_dim=32,
                 padding="left", n_prefixes=3)
-    q, k, v, pk, pv, mask, ids = make_inputs(case, torch.float32)
+    q, k, v, pk, pv, mask, ids = case.make(torch.float32, "cpu")
     grad = torch.randn(q.shape)
     before = torch.get_num_threads()
     results = []
@@ -335,8 +327,8 @@ def test_disabled_extension_falls_back_to_reference():
         """
         import json, torch
         from prefix_kernels import cpu, prefix_attention, prefix_attention_reference
-        from helpers import Case, make_inputs
-        q, k, v, pk, pv, mask, ids = make_inputs(Case(padding="left", n_prefixes=2), torch.float32)
+        from helpers import Case
+        q, k, v, pk, pv, mask, ids = Case(padding="left", n_prefixes=2).make(torch.float32, "cpu")
         out = prefix_attention(q, k, v, pk, pv, key_padding_mask=mask, prefix_ids=ids, backend="auto")
         ref, _ = prefix_attention_reference(q, k, v, pk, pv, key_padding_mask=mask, prefix_ids=ids)
         try:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import prefix_kernels.ops as ops
-from helpers import DEVICE, ON_GPU, Case, check_against_reference, make_inputs, requires_triton
+from helpers import DEVICE, ON_GPU, Case, check_against_reference, requires_triton
 from prefix_kernels import prefix_attention, prefix_attention_reference
 from prefix_kernels.kernels.configs import BlockConfig, KernelConfigs, override_configs
 
@@ -20,7 +20,7 @@ def triton_op(*args, **kwargs):
 
 @requires_triton
 def test_inference_launches_no_backward_and_keeps_no_graph(monkeypatch):
-    q, k, v, pk, pv, _, _ = make_inputs(Case().on_device(), torch.float32)
+    q, k, v, pk, pv, _, _ = Case().on_device().make(torch.float32)
     with torch.no_grad():
         out = triton_op(q, k, v, pk, pv)
     assert out.grad_fn is None
@@ -30,7 +30,7 @@ def test_inference_launches_no_backward_and_keeps_no_graph(monkeypatch):
 @pytest.mark.parametrize("n_prefixes", [None, 3])
 def test_deterministic_gradients_are_bit_identical(n_prefixes):
     case = Case(batch=4, n_prefixes=n_prefixes, n_queries=40, n_keys=40, padding="right").on_device()
-    q, k, v, pk, pv, mask, ids = make_inputs(case, torch.float16 if ON_GPU else torch.float32)
+    q, k, v, pk, pv, mask, ids = case.make(torch.float16 if ON_GPU else torch.float32)
     grad = torch.randn(q.shape, device=DEVICE, dtype=q.dtype)
     runs = []
     for _ in range(3):
@@ -82,7 +82,7 @@ def test_many_blocks_per_program(monkeypatch, configs, case):
 
 
 def _gradcheck_inputs(case):
-    q, k, v, pk, pv, mask, ids = make_inputs(case, torch.float64)
+    q, k, v, pk, pv, mask, ids = case.make(torch.float64)
     return (q, k, v, pk, pv), dict(key_padding_mask=mask, prefix_ids=ids)
 
 

@@ -1,12 +1,13 @@
 """A built package (sdist, then a wheel from it) carries the C++ sources and builds the CPU op.
 
-``python -m build`` makes the sdist and, from the unpacked sdist, the wheel -- so MANIFEST.in
-(csrc/ into the sdist) and setup.py (csrc/ into the wheel's prefix_kernels/_csrc/) are both on the
-path. The wheel goes into a temporary venv that has no access to this checkout and takes torch,
-ninja and numpy from the running interpreter's site-packages (a .pth file; no download, works
-offline and with whatever torch is installed). From a directory outside the checkout, the installed
-package must build its C++ op from its own copy of the sources, in an empty build directory, and
-match the reference. About 30 s on 2 cores, most of it the C++ build.
+``python -m build --no-isolation`` (this interpreter's setuptools: the dev extra asks for the one
+pyproject.toml's [build-system] needs) makes the sdist and, from the unpacked sdist, the wheel --
+so MANIFEST.in (csrc/ into the sdist) and setup.py (csrc/ into the wheel's prefix_kernels/_csrc/)
+are both on the path. The wheel goes into a temporary venv that has no access to this checkout and
+takes torch, ninja and numpy from the running interpreter's site-packages (a .pth file; no
+download, works offline and with whatever torch is installed). From a directory outside the
+checkout, the installed package must build its C++ op from its own copy of the sources, in an empty
+build directory, and match the reference. About 30 s on 2 cores, most of it the C++ build.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import tempfile
 import textwrap
 import zipfile
 from pathlib import Path
+
+import build
 
 from prefix_kernels import cpu
 
@@ -65,6 +68,12 @@ def _run(cmd: list, **kwargs) -> subprocess.CompletedProcess:
 
 
 def test_built_wheel_ships_and_builds_the_cpu_op():
+    # --no-isolation builds with this interpreter's packages: check [build-system] requires up front
+    # (an old setuptools otherwise fails deep in the build, on pyproject.toml's `license`)
+    unmet = [chain[-1] for req in build.ProjectBuilder(ROOT).build_system_requires
+             for chain in build.check_dependency(req)]
+    assert not unmet, (f"this interpreter lacks the build requirements {unmet} of pyproject.toml's [build-system] "
+                       "(pip install -e '.[dev]' installs them)")
     with tempfile.TemporaryDirectory(prefix="prefix_kernels_install_") as tmp:
         tmp = Path(tmp)
         _run([sys.executable, "-m", "build", "--no-isolation", "--outdir", tmp / "dist", ROOT])

@@ -53,11 +53,21 @@ def _dtype(value) -> torch.dtype:
         raise ValueError(f"dtype must be one of float32, float16, bfloat16, got {value!r}") from None
 
 
+class _RunFolder:
+    """run_kernel_bench's default ``out_dir``: a new ``runs/bench-<date>-<time>/``, as the CLI's."""
+
+    def __repr__(self):
+        return "runs/bench-<date>-<time>/"
+
+
+_RUN_FOLDER = _RunFolder()
+
+
 def run_kernel_bench(
     preset: str | Sequence[Shape] = "auto",
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
-    out_dir: str | Path | None = "bench_results",
+    out_dir: str | Path | _RunFolder | None = _RUN_FOLDER,
     providers: str | Sequence[str | Provider] | None = None,
     *,
     shapes: Sequence[Shape | str] | None = None,
@@ -78,12 +88,18 @@ def run_kernel_bench(
         "BxHqxHkvxNxMxPxD" strings).
     device: "cuda" / "cpu" (default: CUDA when available). dtype: default bf16 on CUDA, fp32 on CPU.
     out_dir: where ``<name>_<device>.json/.csv/.png`` go (``<out_dir>/<device>/`` unless
-        ``per_device_dir=False``; no ``_<device>`` with ``device_suffix=False``); None writes nothing.
+        ``per_device_dir=False``; no ``_<device>`` with ``device_suffix=False``); default a new
+        ``runs/bench-<date>-<time>/`` under the current directory, as ``prefix-kernels bench``;
+        None writes nothing.
     providers: names (see ``PROVIDERS``; comma-separated string or list) or Provider objects;
         default all (those that cannot run here give "skipped" rows).
     modes: subset of fwd, bwd, fwd+bwd, decode. warmup/reps: CPU timing (CUDA uses do_bench).
     threads: torch.set_num_threads for the run (CPU).
     """
+    if out_dir is _RUN_FOLDER:
+        from prefix_kernels.cli.common import run_dir
+
+        out_dir = run_dir("bench")  # named when the run starts, as the CLI's
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' requested but CUDA is not available")

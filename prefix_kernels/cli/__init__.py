@@ -4,7 +4,7 @@
     prefix-kernels train     the same loop on your model and JSONL data
     prefix-kernels bench     kernel benchmark: ours against PEFT-style, cat+SDPA, the no-prefix floor
     prefix-kernels profile   torch.profiler traces + top kernels of a training step and a decode loop
-    prefix-kernels check     correctness + timing of the fused op on this machine
+    prefix-kernels check     each fast backend against the fp32 reference, plus timing
     prefix-kernels inspect   static report of the Triton launches of a shape, compiled for a GPU target (no GPU needed)
 """
 
