@@ -9,6 +9,9 @@ The model is randomly initialized with SmolLM2-135M's geometry (Llama, 30 layers
 heads, head dim 64) -- speed and memory do not depend on the weights. The training step is
 forward + backward + AdamW step on the prefix only; PEFT 0.21 prefix tuning (expand + cat into the
 KV cache, model's SDPA attention) is the baseline. Before timing, the two losses are compared.
+``--compile MODE`` adds both models compiled alike (ours with fullgraph=True); with "reduce-overhead"
+every step is a CUDA-graph replay (each step calls ``torch.compiler.cudagraph_mark_step_begin()``),
+and the row's ``cudagraph_skips`` counts the graphs inductor ran without one (the reason is logged).
 Rows go to <out>/hf_<device>.json and .csv.
 """
 
@@ -43,6 +46,12 @@ def build(geometry, dtype, device):
     return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
 
 
+def cudagraph_skips() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
+
+
 def peak_mib(device, fn):
     if device != "cuda":
         fn()
@@ -67,29 +76,45 @@ def training_rows(base, batch, seq, prefix_len, device, compile_mode=None):
     with torch.no_grad():
         reference.prompt_encoder["default"].embedding.weight.copy_(models["ours"].prefix_embedding[0])
     models["peft"] = reference
+    for model in models.values():
+        model.train()  # before the loss check: the compiled models then compile once (train mode, with grad)
     if compile_mode:  # the same models' forward compiled (ours fullgraph: no graph break allowed)
         for name in list(models):
             compiled = torch.compile(models[name], mode=compile_mode, fullgraph=name == "ours")
             models[f"{name}+compile({compile_mode})"] = compiled
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
     inputs = dict(input_ids=ids, attention_mask=mask, labels=labels, position_ids=pos)
-    losses = {name: m(**inputs).loss.item() for name, m in models.items()}
+    losses, skips = {}, {}  # skips: inductor's count of graphs it runs without CUDA graphs (why: logged)
+    for name, m in models.items():
+        before = cudagraph_skips()
+        torch.compiler.cudagraph_mark_step_begin()  # no-op unless CUDA graphs ("reduce-overhead")
+        losses[name] = m(**inputs).loss.item()
+        skips[name] = cudagraph_skips() - before
     if any(abs(loss - losses["peft"]) > 2e-2 * abs(losses["peft"]) for loss in losses.values()):
         raise AssertionError(f"losses differ before timing: {losses}")
     rows = []
     for name, model in models.items():
-        model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-3)
 
         def step():
+            # CUDA graphs (mode="reduce-overhead") reuse their output memory from step to step: a new
+            # step starts here (a no-op for eager and other modes)
+            torch.compiler.cudagraph_mark_step_begin()
             opt.zero_grad(set_to_none=True)
             model(**inputs).loss.backward()
             opt.step()
 
+        before = cudagraph_skips()
+        for _ in range(3):  # compiles the backward and records the CUDA graphs outside the timed runs
+            step()
+        skips[name] += cudagraph_skips() - before
         ms = time_ms(step)
-        rows.append(dict(bench="train_step", provider=name, B=batch, N=seq, P=prefix_len, ms=ms,
-                         tokens_per_s=batch * seq / ms * 1e3, peak_mib=peak_mib(device, step), loss=losses[name]))
+        row = dict(bench="train_step", provider=name, B=batch, N=seq, P=prefix_len, ms=ms,
+                   tokens_per_s=batch * seq / ms * 1e3, peak_mib=peak_mib(device, step), loss=losses[name])
+        if "+compile" in name:
+            row["cudagraph_skips"] = skips[name]
+        rows.append(row)
         print(rows[-1], flush=True)
         del opt
     return rows

@@ -6,28 +6,48 @@ Both forwards take ``(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids,
 output_mask, *extra)`` for exactly the gradients autograd needs. :func:`save` is a valid
 ``setup_context`` (``torch.library.register_autograd``, ``torch.autograd.Function``);
 :func:`backward` gives the gradient of every forward input.
+
+Differentiable inputs: q, k, v, prefix_k, prefix_v, and every tensor among ``extra`` (the C++ op's
+``sinks``; None and non-tensor extras get no gradient). ``output_mask`` holds one flag per
+differentiable input, in input order (5 when no extra is a tensor), and ``bwd`` returns one
+gradient per flag (any value where the flag is False).
 """
 
 from __future__ import annotations
 
-N_GRADS = 5  # q, k, v, prefix_k, prefix_v; the inputs after them get no gradient
+import torch
+
+N_GRADS = 5  # q, k, v, prefix_k, prefix_v: the first inputs, always differentiable
+N_FIXED = 9  # q .. scale: the inputs before the extras
 
 
 def save(ctx, inputs, output) -> None:
     """Saves the tensor inputs, out and lse for :func:`backward`; lse is marked non-differentiable."""
     q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale, *extra = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_ids)
-    ctx.causal, ctx.scale, ctx.extra = causal, scale, tuple(extra)
+    tensor_extras = [i for i, x in enumerate(extra) if isinstance(x, torch.Tensor)]
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_ids,
+                          *(extra[i] for i in tensor_extras))
+    ctx.causal, ctx.scale = causal, scale
+    ctx.extra = tuple(None if i in tensor_extras else x for i, x in enumerate(extra))  # tensors: saved
+    ctx.tensor_extras = tuple(tensor_extras)
     ctx.set_materialize_grads(False)  # no zero tensor for lse's gradient (nor for an unused out)
     ctx.mark_non_differentiable(lse)
 
 
 def backward(ctx, grad_out, bwd) -> tuple:
-    """One gradient per forward input: bwd's for the first five where needed, else None."""
-    mask = [bool(need) for need in ctx.needs_input_grad[:N_GRADS]]
-    rest = (None,) * (len(ctx.needs_input_grad) - N_GRADS)
+    """One gradient per forward input: bwd's where needed (q .. prefix_v, tensor extras), else None."""
+    grad_at = list(range(N_GRADS)) + [N_FIXED + i for i in ctx.tensor_extras]
+    mask = [bool(ctx.needs_input_grad[i]) for i in grad_at]
+    result = [None] * len(ctx.needs_input_grad)
     if grad_out is None or not any(mask):  # grad_out None: out was not used, every gradient is zero
-        return (None,) * N_GRADS + rest
-    grads = bwd(grad_out, *ctx.saved_tensors, ctx.causal, ctx.scale, mask, *ctx.extra)
-    return tuple(g if need else None for g, need in zip(grads, mask)) + rest
+        return tuple(result)
+    saved = ctx.saved_tensors
+    extra = list(ctx.extra)
+    for i, t in zip(ctx.tensor_extras, saved[N_FIXED:]):
+        extra[i] = t
+    grads = bwd(grad_out, *saved[:N_FIXED], ctx.causal, ctx.scale, mask, *extra)
+    for i, g, need in zip(grad_at, grads, mask):
+        if need:
+            result[i] = g
+    return tuple(result)

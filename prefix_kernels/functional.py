@@ -28,10 +28,54 @@ def _check_tensor(name: str, t, ndim: tuple[int, ...]) -> None:
         raise ValueError(f"{name} must be {want}, got {_describe(t)}")
 
 
-def validate_inputs(q, k, v, prefix_k, prefix_v, *, causal, scale, key_padding_mask, prefix_ids):
+def _check_prefix_ids_dtype(prefix_ids) -> None:
+    if not isinstance(prefix_ids, torch.Tensor):
+        raise TypeError(f"prefix_ids must be an integer torch.Tensor [B], got {type(prefix_ids).__name__}")
+    if prefix_ids.dtype.is_floating_point or prefix_ids.dtype.is_complex or prefix_ids.dtype == torch.bool:
+        raise TypeError(f"prefix_ids must be an integer tensor, got {_describe(prefix_ids)}")
+
+
+def _check_prefix_ids_range(prefix_ids: torch.Tensor, n_prefixes: int) -> None:
+    """Every id in [0, T). Eager: one host sync (min and max read back together). While compiling:
+    none -- on CUDA a device-side assert (as for an embedding index out of range); on CPU nothing
+    here, the ops check the range themselves (the C++ op's TORCH_CHECK, the Triton op's Python),
+    since inductor's CPU assert would abort the process."""
+    if prefix_ids.numel() == 0:
+        return
+    if torch.compiler.is_compiling():
+        if prefix_ids.device.type == "cuda":
+            torch._assert_async(((prefix_ids >= 0) & (prefix_ids < n_prefixes)).all(),
+                                f"prefix_ids must be in [0, T={n_prefixes})")
+        return
+    low, high = torch.stack(torch.aminmax(prefix_ids)).tolist()
+    if low < 0 or high >= n_prefixes:
+        raise ValueError(f"prefix_ids must be in [0, T={n_prefixes}), got values in [{low}, {high}]")
+
+
+def check_prefix_ids(prefix_ids: torch.Tensor, num_prefixes: int) -> torch.Tensor:
+    """Checks that ``prefix_ids`` is an integer tensor with every value in [0, ``num_prefixes``) and
+    returns it as the tensor to pass to :func:`prefix_attention` (uint16/32/64 widened to int64).
+
+    For a model that calls ``prefix_attention`` once per layer with the same ids: check them here
+    once per forward, then pass ``prefix_ids_checked=True`` to every layer's call. The range check
+    costs one host sync on CUDA in eager mode (none while torch.compile traces: a device-side assert
+    there). Raises TypeError/ValueError naming the values and T. The shape is not checked here
+    (``prefix_attention`` checks it against q, without a sync).
+    """
+    _check_prefix_ids_dtype(prefix_ids)
+    if prefix_ids.dtype in _WIDE_UNSIGNED:
+        prefix_ids = prefix_ids.to(torch.int64)  # a value >= 2^63 wraps negative: refused as out of range
+    _check_prefix_ids_range(prefix_ids, num_prefixes)
+    return prefix_ids
+
+
+def validate_inputs(q, k, v, prefix_k, prefix_v, *, causal, scale, key_padding_mask, prefix_ids,
+                    prefix_ids_checked=False):
     """Checks every argument; returns the resolved (scale, number of prefixes T).
 
     Raises TypeError/ValueError naming the argument, what it got and what was expected.
+    ``prefix_ids_checked``: skip the range check of prefix_ids (the only check that reads tensor
+    values; the caller ran :func:`check_prefix_ids`).
     """
     _check_tensor("q", q, (4,))
     _check_tensor("k", k, (4,))
@@ -78,10 +122,7 @@ def validate_inputs(q, k, v, prefix_k, prefix_v, *, causal, scale, key_padding_m
     n_prefixes = prefix_k.shape[0] if prefix_k.dim() == 4 else 1
 
     if prefix_ids is not None:
-        if not isinstance(prefix_ids, torch.Tensor):
-            raise TypeError(f"prefix_ids must be an integer torch.Tensor [B], got {type(prefix_ids).__name__}")
-        if prefix_ids.dtype.is_floating_point or prefix_ids.dtype.is_complex or prefix_ids.dtype == torch.bool:
-            raise TypeError(f"prefix_ids must be an integer tensor, got {_describe(prefix_ids)}")
+        _check_prefix_ids_dtype(prefix_ids)
         if prefix_ids.shape != (batch,):
             raise ValueError(f"prefix_ids must be [B={batch}], got {_describe(prefix_ids)}")
         if prefix_ids.device != q.device:
@@ -90,19 +131,8 @@ def validate_inputs(q, k, v, prefix_k, prefix_v, *, causal, scale, key_padding_m
             raise ValueError(
                 f"prefix_ids needs a bank of prefixes [T, Hkv, P, D], but prefix_k is {_describe(prefix_k)}"
             )
-        if batch > 0 and torch.compiler.is_compiling():
-            # No host sync inside a compiled graph. CUDA: a device-side assert (as for an embedding
-            # index out of range). CPU: the ops check the range themselves (the C++ op's TORCH_CHECK,
-            # the Triton op's Python), since inductor's CPU assert would abort the process.
-            if prefix_ids.device.type == "cuda":
-                torch._assert_async(((prefix_ids >= 0) & (prefix_ids < n_prefixes)).all(),
-                                    f"prefix_ids must be in [0, T={n_prefixes})")
-        elif batch > 0:
-            low, high = int(prefix_ids.min()), int(prefix_ids.max())
-            if low < 0 or high >= n_prefixes:
-                raise ValueError(
-                    f"prefix_ids must be in [0, T={n_prefixes}), got values in [{low}, {high}]"
-                )
+        if not prefix_ids_checked:
+            _check_prefix_ids_range(prefix_ids, n_prefixes)
     elif n_prefixes == 0:
         raise ValueError(
             f"prefix_k holds no prefix (T=0, {_describe(prefix_k)}): pass a bank with T >= 1, or a "
@@ -133,6 +163,34 @@ def validate_inputs(q, k, v, prefix_k, prefix_v, *, causal, scale, key_padding_m
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite float, got {scale!r}")
     return float(scale), n_prefixes
+
+
+def validate_features(q, *, sliding_window, softcap, sinks) -> float | None:
+    """Checks the optional attention features; returns softcap as a float (or None).
+
+    ``sliding_window``: an int >= 1. ``softcap``: a finite float > 0. ``sinks``: a [Hq] tensor on q's
+    device, in q's dtype or float32. Raises TypeError/ValueError naming the argument."""
+    if sliding_window is not None:
+        if isinstance(sliding_window, bool) or not isinstance(sliding_window, int):
+            raise TypeError(f"sliding_window must be an int >= 1 (or None), got {sliding_window!r}")
+        if sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 (keys per query's window), got {sliding_window}")
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+            raise TypeError(f"softcap must be a positive finite float (or None), got {softcap!r}")
+        if not math.isfinite(softcap) or softcap <= 0:
+            raise ValueError(f"softcap must be a positive finite float, got {softcap!r}")
+        softcap = float(softcap)
+    if sinks is not None:
+        if not isinstance(sinks, torch.Tensor):
+            raise TypeError(f"sinks must be a torch.Tensor [Hq] (or None), got {type(sinks).__name__}")
+        if sinks.shape != (q.shape[1],):
+            raise ValueError(f"sinks must be [Hq={q.shape[1]}] (one logit per query head), got {_describe(sinks)}")
+        if sinks.dtype not in (q.dtype, torch.float32):
+            raise TypeError(f"sinks must have q's dtype {q.dtype} or float32, got {_describe(sinks)}")
+        if sinks.device != q.device:
+            raise ValueError(f"sinks must be on q's device {q.device}, got {_describe(sinks)}")
+    return softcap
 
 
 def _triton_usable(device: torch.device) -> bool:
@@ -177,6 +235,10 @@ def prefix_attention(
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
     prefix_ids: torch.Tensor | None = None,
+    prefix_ids_checked: bool = False,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     return_lse: bool = False,
     deterministic: bool = False,
     backend: str = "auto",
@@ -211,6 +273,11 @@ def prefix_attention(
 
     Args:
         scale: softmax scale, default 1/sqrt(D).
+        prefix_ids_checked: True when the caller has already run
+            ``check_prefix_ids(prefix_ids, T)`` on these ids: the range check, the one check that
+            reads tensor values (a host sync on CUDA), is skipped; every other check still runs.
+            A model calling this once per layer checks once per forward instead of once per layer
+            (``PrefixTuningModel`` does). An id out of range is then undefined behaviour.
         return_lse: also return the log-sum-exp of the scaled scores (not differentiable).
         deterministic: bit-identical gradients run to run. The Triton backward then reduces the
             prefix gradients through fp32 partials summed in a fixed order instead of fp32 atomics.
@@ -225,13 +292,15 @@ def prefix_attention(
         prefix_ids = prefix_ids.to(torch.int64)  # a value >= 2^63 wraps negative: refused as out of range
     scale, _ = validate_inputs(
         q, k, v, prefix_k, prefix_v, causal=causal, scale=scale,
-        key_padding_mask=key_padding_mask, prefix_ids=prefix_ids,
+        key_padding_mask=key_padding_mask, prefix_ids=prefix_ids, prefix_ids_checked=prefix_ids_checked,
     )
+    softcap = validate_features(q, sliding_window=sliding_window, softcap=softcap, sinks=sinks)
+    features = dict(sliding_window=sliding_window, softcap=softcap, sinks=sinks)
     chosen = resolve_backend(backend, q.device)
     if chosen == "reference":
         out, lse = prefix_attention_reference(
             q, k, v, prefix_k, prefix_v, causal=causal, scale=scale,
-            key_padding_mask=key_padding_mask, prefix_ids=prefix_ids,
+            key_padding_mask=key_padding_mask, prefix_ids=prefix_ids, **features,
         )
         lse = lse.detach()
     elif chosen == "cpu":
@@ -240,11 +309,13 @@ def prefix_attention(
         out, lse = cpu.prefix_attention_cpu(
             q, k, v, prefix_k, prefix_v, causal=causal, scale=scale,
             key_padding_mask=key_padding_mask, prefix_ids=prefix_ids,
+            **{name: value for name, value in features.items() if value is not None},
         )
     else:
         from prefix_kernels.autograd import PrefixAttentionFunction
 
-        args = (q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale, deterministic)
+        args = (q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale, deterministic,
+                sliding_window, softcap, sinks)
         if torch.compiler.is_compiling():  # the registered op: one graph node, fake impls, autograd
             out, lse2 = torch.ops.prefix_kernels.triton_fwd(*args)
         else:

@@ -27,8 +27,17 @@ LOG2E = 1.4426950408889634
 _ACC = {torch.float64: tl.float64}
 
 
+# Triton chooses the interpreter when it decorates a kernel, i.e. when the kernel modules above are
+# imported: read once (an environment lookup per launch costs host time, see tests/test_host_overhead.py).
+_INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return _INTERPRETING
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # triton.cdiv is a constexpr function in newer Triton: ~2 us per host call
 
 
 def _capability(device: torch.device) -> tuple[int, int] | None:
@@ -45,9 +54,16 @@ def _cuda_capability(index: int) -> tuple[int, int]:
 def _num_sms(device: torch.device) -> int:
     if interpreting() or device.type != "cuda":
         return 2
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
+@lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+# The launch-option dicts below are cached (host time) and shared: callers only unpack them.
+@lru_cache(maxsize=None)
 def _dtype_flags(dtype: torch.dtype) -> dict:
     """UPCAST: the interpreter cannot tl.dot 16-bit floats, so compute in fp32 there.
     PRECISION "fma": fp64 products without tl.dot (see kernels.forward.mm)."""
@@ -58,12 +74,14 @@ def _dtype_flags(dtype: torch.dtype) -> dict:
     )
 
 
+@lru_cache(maxsize=None)
 def _launch_opts(cfg: BlockConfig) -> dict:
     if interpreting():
         return {}
     return dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
+@lru_cache(maxsize=None)
 def _elementwise_opts(tile_elems: int) -> dict:
     """The backward's prologue/epilogue (loads, a row reduction, stores; no matmul): 8 warps for
     [128, 128] tiles (4 spill there), else 4."""
@@ -89,11 +107,27 @@ def _new_like(t: torch.Tensor, contiguous: bool, zero: bool = False) -> torch.Te
     return torch.zeros_like(t, memory_format=fmt) if zero else torch.empty_like(t, memory_format=fmt)
 
 
+def _score_args(causal: bool, sliding_window: int | None, softcap: float | None) -> dict:
+    """The kernels' arguments for a sliding window and logit softcapping (kernels/tiles.py); {} (the
+    kernels' defaults) when neither is on."""
+    if sliding_window is None and softcap is None:
+        return {}
+    return dict(softcap2=(1.0 if softcap is None else softcap) * LOG2E,
+                window=0 if sliding_window is None else sliding_window,
+                WINDOW_MASK=0 if sliding_window is None else (1 if causal else 2), SOFTCAP=softcap is not None)
+
+
+def _sink_args(sinks: torch.Tensor | None) -> dict:
+    return {} if sinks is None else dict(SINKS=sinks, HAS_SINKS=True)
+
+
 def prefix_attention_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale,
-                             *, contiguous_out: bool = False):
+                             *, contiguous_out: bool = False, sliding_window: int | None = None,
+                             softcap: float | None = None, sinks: torch.Tensor | None = None):
     """Returns out (q's dtype, q's memory layout) and lse [B, Hq, N] fp32 in log2 units
     (``log2(sum_j 2^(s_j))`` with s = scale * log2(e) * q.k; natural log = lse * ln 2): the
-    backward needs it in exactly the forward's units (see kernels/forward.py)."""
+    backward needs it in exactly the forward's units (see kernels/forward.py). ``sliding_window``,
+    ``softcap`` and ``sinks`` [Hq] as in functional.prefix_attention."""
     batch, n_heads, n_queries, head_dim = q.shape
     n_kv_heads, n_keys = k.shape[1], k.shape[2]
     out = _new_like(q, contiguous_out)
@@ -101,12 +135,14 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, pref
     if out.numel() == 0:
         lse.fill_(float("-inf"))
         return out, lse
+    features = _score_args(causal, sliding_window, softcap) | _sink_args(sinks)
     if use_decode_kernel(n_queries, n_heads // n_kv_heads, q.dtype):
-        prefix_attention_decode(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale, out, lse)
+        prefix_attention_decode(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale, out, lse,
+                                sliding_window, features)
         return out, lse
     cfg = kernel_configs(head_dim, q.dtype, _capability(q.device)).forward
     kpm, stride_mb, stride_mn = _mask_args(key_padding_mask, q)
-    grid = (triton.cdiv(n_queries, cfg.block_m), batch * n_heads)
+    grid = (_cdiv(n_queries, cfg.block_m), batch * n_heads)
     prefix_attention_fwd_kernel[grid](
         q, k, v, prefix_k, prefix_v, _prefix_ids_arg(prefix_ids, q), kpm, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
@@ -114,22 +150,26 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, pref
         n_heads, n_queries, n_keys, prefix_k.shape[2], n_heads // n_kv_heads, scale * LOG2E,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_padded(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         IS_CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_PREFIX_IDS=prefix_ids is not None,
-        **_dtype_flags(q.dtype), **_launch_opts(cfg),
+        **_dtype_flags(q.dtype), **_launch_opts(cfg), **features,
     )
     return out, lse
 
 
-def prefix_attention_decode(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale, out, lse):
+def prefix_attention_decode(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale, out, lse,
+                            sliding_window=None, features=None):
     """The split-KV decode forward (kernels/decode.py) into ``out`` and ``lse`` (log2 units), for
     few queries per row. One split: the split kernel writes out/lse itself; several: fp32 partials
-    [B, Hq, N, splits, D] (+ m, l) and a combine kernel."""
+    [B, Hq, N, splits, D] (+ m, l) and a combine kernel. With a sliding window the split axis
+    leaves out the sequence keys before the first query's window (the work grows with the window)."""
     batch, n_heads, n_queries, head_dim = q.shape
     n_kv_heads, n_keys = k.shape[1], k.shape[2]
     n_prefix, group = prefix_k.shape[2], n_heads // n_kv_heads
     d_pad = head_dim_padded(head_dim)
     block_r = decode_block_rows(n_queries * group)
     cfg = decode_config(d_pad, q.element_size(), block_r, _capability(q.device))
-    splits, per_split = decode_num_splits(n_prefix + n_keys, batch * n_kv_heads, _num_sms(q.device), cfg)
+    seq_start = 0 if sliding_window is None else max(0, n_keys - n_queries - sliding_window + 1)
+    splits, per_split = decode_num_splits(n_prefix + n_keys - seq_start, batch * n_kv_heads, _num_sms(q.device),
+                                          cfg)
     kpm, stride_mb, stride_mn = _mask_args(key_padding_mask, q)
     if splits > 1:
         acc_part = torch.empty(batch, n_heads, n_queries, splits, head_dim, device=q.device, dtype=torch.float32)
@@ -146,7 +186,8 @@ def prefix_attention_decode(q, k, v, prefix_k, prefix_v, key_padding_mask, prefi
         HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad, BLOCK_R=block_r, BLOCK_N=cfg.block_n,
         IS_CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_PREFIX_IDS=prefix_ids is not None,
         SPLIT=splits > 1, UPCAST=interpreting() and q.dtype in (torch.float16, torch.bfloat16),
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **opts,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **opts, **(features or {}),
+        **({"seq_start": seq_start} if seq_start else {}),
     )
     if splits > 1:
         block_s = triton.next_power_of_2(splits)
@@ -162,9 +203,11 @@ def prefix_attention_decode(q, k, v, prefix_k, prefix_v, key_padding_mask, prefi
 def prefix_attention_backward(
     grad_out, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_ids, causal, scale,
     *, need_dq: bool, need_dkdv: bool, need_dprefix: bool, deterministic: bool, contiguous_grads: bool = False,
+    sliding_window: int | None = None, softcap: float | None = None, sinks: torch.Tensor | None = None,
+    need_dsinks: bool = False,
 ):
-    """Returns (dq, dk, dv, dprefix_k, dprefix_v); a gradient not asked for is None and no kernel
-    computes it. dprefix_* have prefix_k's [T, Hkv, P, D] shape and dtype.
+    """Returns (dq, dk, dv, dprefix_k, dprefix_v, dsinks); a gradient not asked for is None and no
+    kernel computes it. dprefix_* have prefix_k's [T, Hkv, P, D] shape and dtype, dsinks sinks'.
 
     Launches (kernels/backward.py): the prologue (delta, zeroed accumulators), the one-pass kernel,
     and the epilogue when an fp32 accumulator must become a 16-bit gradient (or chunk partials be
@@ -180,8 +223,10 @@ def prefix_attention_backward(
     dpk = dpv = None
     if need_dprefix and (n_prefix == 0 or nothing_to_do):  # P = 0: an empty gradient; no query: zeros
         dpk, dpv, need_dprefix = torch.zeros_like(prefix_k), torch.zeros_like(prefix_v), False
-    if nothing_to_do or not (need_dq or need_dkdv or need_dprefix):
-        return dq, dk, dv, dpk, dpv
+    need_dsinks = need_dsinks and sinks is not None
+    dsinks = torch.zeros_like(sinks) if need_dsinks and nothing_to_do else None
+    if nothing_to_do or not (need_dq or need_dkdv or need_dprefix or need_dsinks):
+        return dq, dk, dv, dpk, dpv, dsinks
 
     configs = kernel_configs(head_dim, q.dtype, _capability(q.device))
     flags = _dtype_flags(q.dtype)
@@ -191,6 +236,7 @@ def prefix_attention_backward(
     ids = _prefix_ids_arg(prefix_ids, q)
     common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad)
     cfg, tile = configs.backward, configs.dq
+    score_args = _score_args(causal, sliding_window, softcap)
 
     # dq: atomics into an fp32 accumulator (dq itself when q is fp32/fp64), or its own pass.
     dq_atomic = need_dq and not deterministic
@@ -198,10 +244,10 @@ def prefix_attention_backward(
     if dq_atomic:
         dq_acc = dq if dq.dtype == acc_dtype else torch.empty(q.shape, device=q.device, dtype=acc_dtype)
     # Prefix work: chunks of (row, query head, query block) items per (prefix block, kv head).
-    seq_programs = triton.cdiv(n_keys, cfg.block_n) * batch * n_kv_heads if (dq_atomic or need_dkdv) else 0
-    prefix_tiles = triton.cdiv(n_prefix, cfg.block_n) * n_kv_heads
-    n_items = batch * group * triton.cdiv(n_queries, cfg.block_m)
-    heaviest = group * triton.cdiv(n_queries, cfg.block_m) if seq_programs else 0
+    seq_programs = _cdiv(n_keys, cfg.block_n) * batch * n_kv_heads if (dq_atomic or need_dkdv) else 0
+    prefix_tiles = _cdiv(n_prefix, cfg.block_n) * n_kv_heads
+    n_items = batch * group * _cdiv(n_queries, cfg.block_m)
+    heaviest = group * _cdiv(n_queries, cfg.block_m) if seq_programs else 0
     chunks = 0
     if need_dprefix or (dq_atomic and n_prefix > 0):
         chunks = prefix_grad_chunks(n_items, prefix_tiles, _num_sms(q.device), heaviest,
@@ -214,26 +260,31 @@ def prefix_attention_backward(
     n_zero = dpk_acc.numel() if need_dprefix else 0
 
     delta = torch.empty(batch, n_heads, n_queries, device=q.device, dtype=acc_dtype)
-    prologue_grid = (triton.cdiv(n_queries, tile.block_m), batch * n_heads)
+    prologue_grid = (_cdiv(n_queries, tile.block_m), batch * n_heads)
+    lse = lse.contiguous()
+    sink_args = {}
+    if need_dsinks:  # per (row, head, query block) partials of the sink gradient, summed by the epilogue
+        dsinks = torch.empty_like(sinks)
+        dsink_part = torch.empty(batch * n_heads * prologue_grid[0], device=q.device, dtype=torch.float32)
+        sink_args = dict(LSE=lse, SINKS=sinks, DSINK_PART=dsink_part, SINK_GRAD=True)
     zero_block = 1024 if n_zero else 0
-    zero_per_program = triton.cdiv(triton.cdiv(n_zero, prologue_grid[0] * prologue_grid[1]), 1024) * 1024
+    zero_per_program = _cdiv(_cdiv(n_zero, prologue_grid[0] * prologue_grid[1]), 1024) * 1024
     dqz = dq_acc if dq_atomic else q
     backward_prologue_kernel[prologue_grid](
         out, grad_out, delta, dqz, dpk_acc, dpv_acc, *out.stride(), *grad_out.stride(), *dqz.stride(),
         n_heads, n_queries, n_zero, zero_per_program,
-        BLOCK_M=tile.block_m, ZERO_DQ=dq_atomic, ZERO_BLOCK=zero_block, ACC_DTYPE=flags["ACC_DTYPE"],
+        BLOCK_M=tile.block_m, ZERO_DQ=dq_atomic, ZERO_BLOCK=zero_block, ACC_DTYPE=flags["ACC_DTYPE"], **sink_args,
         **common, **_elementwise_opts(tile.block_m * d_pad),
     )
-    lse = lse.contiguous()
 
     if need_dq and deterministic:
-        dq_kernel[(triton.cdiv(n_queries, tile.block_m), batch * n_heads)](
+        dq_kernel[(_cdiv(n_queries, tile.block_m), batch * n_heads)](
             q, k, v, prefix_k, prefix_v, ids, kpm, grad_out, lse, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
             stride_mb, stride_mn, *grad_out.stride(), *dq.stride(),
             n_heads, n_queries, n_keys, n_prefix, group, scale, scale * LOG2E,
             BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, IS_CAUSAL=causal, HAS_KPM=key_padding_mask is not None,
-            HAS_PREFIX_IDS=prefix_ids is not None, **common, **flags, **_launch_opts(tile),
+            HAS_PREFIX_IDS=prefix_ids is not None, **common, **flags, **_launch_opts(tile), **score_args,
         )
 
     prefix_programs = prefix_tiles * chunks
@@ -246,11 +297,11 @@ def prefix_attention_backward(
             *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
             stride_mb, stride_mn, *grad_out.stride(), *dqa.stride(), *dka.stride(), *dva.stride(), *gstride,
             batch, n_heads, n_kv_heads, n_queries, n_keys, n_prefix, group,
-            prefix_programs, n_items, triton.cdiv(n_items, max(chunks, 1)), scale, scale * LOG2E,
+            prefix_programs, n_items, _cdiv(n_items, max(chunks, 1)), scale, scale * LOG2E,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_CAUSAL=causal, HAS_KPM=key_padding_mask is not None,
             HAS_PREFIX_IDS=prefix_ids is not None, NEED_DQ=dq_atomic, NEED_DKDV=need_dkdv,
             NEED_DPREFIX=need_dprefix, DETERMINISTIC=deterministic, PREFIX_PROGRAMS=prefix_programs > 0,
-            SEQ_PROGRAMS=seq_programs > 0, **common, **flags, **_launch_opts(cfg),
+            SEQ_PROGRAMS=seq_programs > 0, **common, **flags, **_launch_opts(cfg), **score_args,
         )
 
     convert_dq = dq_atomic and dq_acc is not dq
@@ -259,18 +310,20 @@ def prefix_attention_backward(
         dpk, dpv = dpk_acc[0], dpv_acc[0]  # the fp32/fp64 accumulators are the gradients
     elif need_dprefix:
         dpk, dpv = torch.empty_like(prefix_k), torch.empty_like(prefix_v)  # dense: the epilogue writes flat
-    if convert_dq or convert_dprefix:
-        dq_programs = triton.cdiv(n_queries, tile.block_m) * batch * n_heads if convert_dq else 0
+    if convert_dq or convert_dprefix or need_dsinks:
+        dq_programs = _cdiv(n_queries, tile.block_m) * batch * n_heads if convert_dq else 0
         n_elems = prefix_k.numel()
         block_e = 1024
-        dp_programs = triton.cdiv(n_elems, block_e) if convert_dprefix else 0
+        dp_programs = _cdiv(n_elems, block_e) if convert_dprefix else 0
         dqc = dq_acc if convert_dq else q
         dqo = dq if convert_dq else q
-        backward_epilogue_kernel[(dq_programs + dp_programs,)](
+        sink_args = {} if not need_dsinks else dict(n_dp_programs=dp_programs, DSINK_PART=dsink_part, DSINKS=dsinks,
+                                                    batch=batch, sink_parts=prologue_grid[0], SINK_GRAD=True)
+        backward_epilogue_kernel[(dq_programs + dp_programs + (n_heads if need_dsinks else 0),)](
             dqc, dqo, dpk_acc, dpv_acc, dpk if convert_dprefix else q, dpv if convert_dprefix else q,
             *dqc.stride(), *dqo.stride(),
             n_heads, n_queries, dq_programs, n_elems, dpk_acc.shape[0] if convert_dprefix else 0, n_elems,
             BLOCK_M=tile.block_m, BLOCK_E=block_e, CONVERT_DQ=convert_dq, CONVERT_DPREFIX=convert_dprefix,
-            **common, **_elementwise_opts(tile.block_m * d_pad),
+            **common, **_elementwise_opts(tile.block_m * d_pad), **sink_args,
         )
-    return dq, dk, dv, dpk, dpv
+    return dq, dk, dv, dpk, dpv, dsinks

@@ -30,12 +30,17 @@ class PrefixKV:
 
     Deliberately not a tensor: ``generate()`` expands tensor keyword arguments for beams, and must
     leave these alone (``prefix_ids`` [B], which it must expand, travels as its own argument).
+
+    ``prefix_ids_checked``: ``prefix_ids`` passed :func:`prefix_kernels.functional.check_prefix_ids`
+    against this bank's T (``PrefixTuningModel.prefix_kv`` checks them once per model forward), so
+    the layers skip the range check, a host sync per layer on CUDA.
     """
 
     keys: tuple[torch.Tensor, ...]
     values: tuple[torch.Tensor, ...]
     prefix_ids: torch.Tensor | None = None
     backend: str = "auto"
+    prefix_ids_checked: bool = False
 
     @classmethod
     def from_table(cls, table: torch.Tensor, num_layers: int, num_kv_heads: int, head_dim: int, **kw) -> PrefixKV:
@@ -103,7 +108,8 @@ def prefix_tuned_attention(
     out = prefix_attention(
         query, key, value, prefix_k.to(query.dtype), prefix_v.to(query.dtype),
         causal=getattr(module, "is_causal", True), scale=scaling,
-        key_padding_mask=attention_mask, prefix_ids=prefix_kv.prefix_ids, backend=prefix_kv.backend,
+        key_padding_mask=attention_mask, prefix_ids=prefix_kv.prefix_ids,
+        prefix_ids_checked=prefix_kv.prefix_ids_checked, backend=prefix_kv.backend,
     )
     return out.transpose(1, 2), None
 

@@ -22,6 +22,7 @@ import warnings
 import torch
 from torch import nn
 
+from prefix_kernels.functional import check_prefix_ids
 from prefix_kernels.hf import checkpoint, compat
 from prefix_kernels.hf.attention import ATTN_IMPLEMENTATION, PrefixKV, register
 from prefix_kernels.hf.spec import POSITION_OFFSETS, PrefixSpec, spec_for
@@ -171,15 +172,20 @@ class PrefixTuningModel(nn.Module):
             self.spec = PrefixSpec(**{**self.spec.to_dict(), "projection_hidden": None})
         return self
 
-    def prefix_kv(self, prefix_ids: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> PrefixKV:
+    def prefix_kv(self, prefix_ids: torch.Tensor | None = None, dtype: torch.dtype | None = None, *,
+                  prefix_ids_checked: bool = False) -> PrefixKV:
+        """This call's prefixes for every layer. ``prefix_ids`` are range-checked here, once for all
+        layers (``prefix_ids_checked=True``: the caller did it with ``check_prefix_ids``)."""
         table = self.prefix_table()
         if dtype is not None:
             table = table.to(dtype)
         spec = self.spec
         if prefix_ids is None and spec.num_prefixes > 1:
             raise ValueError(f"this model holds a bank of {spec.num_prefixes} prefixes: pass prefix_ids [B]")
-        return PrefixKV.from_table(table, spec.num_layers, spec.num_kv_heads, spec.head_dim,
-                                   prefix_ids=prefix_ids, backend=self.backend)
+        if prefix_ids is not None and not prefix_ids_checked:
+            prefix_ids = check_prefix_ids(prefix_ids, table.shape[0])
+        return PrefixKV.from_table(table, spec.num_layers, spec.num_kv_heads, spec.head_dim, prefix_ids=prefix_ids,
+                                   prefix_ids_checked=prefix_ids is not None, backend=self.backend)
 
     # ---- the hook on the wrapped model ------------------------------------------------------
     def _inject(self, module, args, kwargs):
@@ -195,8 +201,9 @@ class PrefixTuningModel(nn.Module):
         if ref is None:
             raise ValueError("pass input_ids or inputs_embeds")
         batch, length = ref.shape[:2]
+        checked = False
         if prefix_ids is None and self._generation_prefix_ids is not None:
-            prefix_ids = torch.as_tensor(self._generation_prefix_ids, device=ref.device)
+            prefix_ids, checked = self._generation_prefix_ids, True  # checked once by generate()
             if prefix_ids.dim() == 1 and prefix_ids.numel() and batch % prefix_ids.numel() == 0:
                 # generate() repeats each row for beams / return sequences: repeat its prefix id alike
                 prefix_ids = prefix_ids.repeat_interleave(batch // prefix_ids.numel())
@@ -207,7 +214,7 @@ class PrefixTuningModel(nn.Module):
             if prefix_ids.shape != (batch,):
                 raise ValueError(f"prefix_ids must be [B={batch}], got shape {tuple(prefix_ids.shape)}")
         model_dtype = embeds.dtype if embeds is not None else self.base_model.dtype
-        kwargs["prefix_kv"] = self.prefix_kv(prefix_ids, dtype=model_dtype)
+        kwargs["prefix_kv"] = self.prefix_kv(prefix_ids, dtype=model_dtype, prefix_ids_checked=checked)
         kwargs["position_ids"] = self._positions(kwargs, batch, length, ref.device)
         return (), kwargs
 
@@ -236,6 +243,9 @@ class PrefixTuningModel(nn.Module):
     def generate(self, *args, prefix_ids=None, **kwargs):
         """``generate()`` of the wrapped model; the KV cache holds real tokens only, the prefix is
         read from the (once-evaluated) prefix table at every step."""
+        if prefix_ids is not None:  # checked once here, not at every step (nor in every layer)
+            prefix_ids = torch.as_tensor(prefix_ids, device=self.base_model.device)
+            prefix_ids = check_prefix_ids(prefix_ids, self.spec.num_prefixes)
         # evaluated (MLP) and cast to the model's dtype once, not at every step
         self._frozen_table = self.prefix_table().detach().to(self.base_model.dtype)
         self._generation_prefix_ids = prefix_ids  # generate() refuses unknown model kwargs: the hook reads it
