@@ -246,30 +246,45 @@ def assert_close_by_rule(name, got, same_dtype, truth, factor, atol):
 ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-10}
 
 
-def check_against_reference(fn, case: Case, dtype: torch.dtype, seed: int = 0, causal=None):
+def check_against_reference(fn, case: Case, dtype: torch.dtype, seed: int = 0, causal=None, device=None,
+                            sliding_window=None, softcap=None, sinks: bool = False):
     """Runs ``fn`` (same signature as prefix_attention) and checks out, lse and all five gradients
-    against the fp64 reference, with the same-dtype reference setting the error budget."""
+    (six with ``sinks``: per-head sink logits drawn here, in q's dtype, with their gradient) against
+    the fp64 reference, with the same-dtype reference setting the error budget. ``device``: where the
+    inputs live (default DEVICE)."""
     causal = case.causal if causal is None else causal
-    q, k, v, pk, pv, mask, ids = case.make(dtype, seed=seed)
-    kwargs = dict(causal=causal, key_padding_mask=mask, prefix_ids=ids)
-    out, lse = fn(q, k, v, pk, pv, return_lse=True, **kwargs)
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
-    grads = torch.autograd.grad(out, (q, k, v, pk, pv), grad)
+    device = DEVICE if device is None else device
+    q, k, v, pk, pv, mask, ids = case.make(dtype, device, seed=seed)
+    inputs = [q, k, v, pk, pv]
+    if sinks:
+        inputs.append(torch.randn(q.shape[1], generator=torch.Generator().manual_seed(seed + 2))
+                      .to(device, dtype).requires_grad_())
+    names = ("dq", "dk", "dv", "dprefix_k", "dprefix_v", "dsinks")[: len(inputs)]
 
-    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v, pk, pv)]
-    out64, lse64 = prefix_attention_reference(*leaves64, **kwargs)
+    def run(op, tensors, **extra):
+        features = dict(sliding_window=sliding_window, softcap=softcap, sinks=tensors[5] if sinks else None)
+        features = {key: value for key, value in features.items() if value is not None}
+        return op(*tensors[:5], causal=causal, key_padding_mask=mask, prefix_ids=ids, **features, **extra)
+
+    out, lse = run(fn, inputs, return_lse=True)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(device, dtype)
+    grads = torch.autograd.grad(out, inputs, grad)
+
+    leaves64 = [t.detach().double().requires_grad_() for t in inputs]
+    out64, lse64 = run(prefix_attention_reference, leaves64)
     grads64 = torch.autograd.grad(out64, leaves64, grad.double())
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, pk, pv)]
-    out_same, _ = prefix_attention_reference(*leaves, upcast=False, **kwargs)
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out_same, _ = run(prefix_attention_reference, leaves, upcast=False)
     grads_same = torch.autograd.grad(out_same, leaves, grad)
 
-    assert out.shape == q.shape and out.dtype == dtype and lse.shape == q.shape[:3] and lse.dtype == torch.float32
+    assert out.shape == (*q.shape[:3], v.shape[3]) and out.dtype == dtype
+    assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
     atol = ATOL[dtype]
     assert_close_by_rule("out", out, out_same, out64, 2, atol)
     finite = torch.isfinite(lse64)
     assert torch.equal(torch.isfinite(lse), finite), "lse: -inf rows differ from the reference"
     assert max_err(lse[finite], lse64[finite]) <= 1e-4 * max(1.0, lse64[finite].abs().max().item() if finite.any() else 1.0)
-    for name, g, g_same, g64 in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, grads_same, grads64):
+    for name, g, g_same, g64 in zip(names, grads, grads_same, grads64):
         assert g.shape == g64.shape and g.dtype == dtype, name
-        assert_close_by_rule(name, g, g_same, g64, 3, atol * 2)
+        assert_close_by_rule(name, g, g_same, g64, 3, atol * 2 * (max(1.0, g64.abs().max().item()) if name == "dsinks" else 1))
     return out, grads

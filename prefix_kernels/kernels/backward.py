@@ -35,8 +35,7 @@ import triton
 import triton.language as tl
 
 from prefix_kernels.kernels.tiles import (
-    load_keep, load_lse2, load_tile, mask_scores, mm, prob, query_blocks_seeing, scores, unmasked_keys_end,
-    visible_keys_end,
+    key_ranges, load_keep, load_lse2, load_tile, mask_scores, mm, prob, query_ranges, scores, sink_logit2, softcap,
 )
 
 
@@ -49,10 +48,12 @@ def backward_prologue_kernel(
     n_heads, n_queries, n_zero, zero_per_program,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
     ZERO_DQ: tl.constexpr, ZERO_BLOCK: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    LSE=None, SINKS=None, DSINK_PART=None, SINK_GRAD: tl.constexpr = False,
 ):
     """delta for one query tile; zeroes that tile of the fp32 dq buffer (ZERO_DQ) and this program's
     share ``zero_per_program`` (a multiple of ZERO_BLOCK) of the flat buffers ZERO_K/ZERO_V[n_zero]
-    (the prefix-gradient accumulators; ZERO_BLOCK > 0)."""
+    (the prefix-gradient accumulators; ZERO_BLOCK > 0). SINK_GRAD: this tile's part of the sink
+    gradient, -sum_i p_sink,i * delta_i, into DSINK_PART[row, head, query block] (the epilogue sums it)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     bh = tl.program_id(1)
     b = (bh // n_heads).to(tl.int64)
@@ -64,6 +65,11 @@ def backward_prologue_kernel(
                    offs_m, n_queries, offs_d, HEAD_DIM, HEAD_DIM_PAD, True, False)
     delta = tl.sum(o.to(ACC_DTYPE) * do.to(ACC_DTYPE), axis=1)
     tl.store(Delta + bh.to(tl.int64) * n_queries + offs_m, delta, mask=offs_m < n_queries)
+    if SINK_GRAD:
+        lse2 = load_lse2(LSE + bh.to(tl.int64) * n_queries, offs_m, n_queries)
+        p_sink = tl.exp2(sink_logit2(SINKS, h, True, tl.float32) - lse2)
+        tl.store(DSINK_PART + bh.to(tl.int64) * tl.num_programs(0) + tl.program_id(0),
+                 -tl.sum(p_sink * delta.to(tl.float32), axis=0))
     if ZERO_DQ:
         dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
         tl.store(dq_ptrs, tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=DQ.dtype.element_ty),
@@ -82,10 +88,11 @@ def backward_prologue_kernel(
 def _key_tile_grads(
     dk, dv, k, v, key_visible, cols, Q, DO, LSE, Delta, DQ,
     stride_qm, stride_qd, stride_dom, stride_dod, stride_dqm, stride_dqd,
-    lo, hi, n_queries, key_offset, offs_m, offs_d, qk_scale, scale,
+    lo, hi, n_queries, key_offset, offs_m, offs_d, qk_scale, scale, softcap2, window,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-    CHECK_ROWS: tl.constexpr, CAUSAL_MASK: tl.constexpr, MASK_KEYS: tl.constexpr,
-    NEED_DQ: tl.constexpr, NEED_DKDV: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    CHECK_ROWS: tl.constexpr, CAUSAL_MASK: tl.constexpr, MASK_KEYS: tl.constexpr, WINDOW_MASK: tl.constexpr,
+    SOFTCAP: tl.constexpr, NEED_DQ: tl.constexpr, NEED_DKDV: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """One key tile (k, v: [BLOCK_N, D]) against query blocks [lo, hi) of one (row, query head):
     accumulates dk (unscaled) and dv, and adds each query block's dq (scaled) into DQ atomically.
@@ -100,13 +107,17 @@ def _key_tile_grads(
                        HEAD_DIM, HEAD_DIM_PAD, CHECK_ROWS, UPCAST)
         lse2 = load_lse2(LSE, rows, n_queries)  # +inf past n_queries: p = 0 there
         delta = tl.load(Delta + rows, mask=rows < n_queries, other=0.0)
-        p_t = prob(scores(k, q, qk_scale, PRECISION), lse2[None, :])  # [keys, queries]
-        p_t = mask_scores(p_t, cols[:, None], key_offset + rows[None, :], key_visible[:, None], 0, 0.0,
-                          False, CAUSAL_MASK, MASK_KEYS)
+        s_t = scores(k, q, qk_scale, PRECISION)  # [keys, queries]
+        if SOFTCAP:
+            s_t, dcap_t = softcap(s_t, softcap2)
+        p_t = mask_scores(prob(s_t, lse2[None, :]), cols[:, None], key_offset + rows[None, :], key_visible[:, None],
+                          0, 0.0, window, False, CAUSAL_MASK, MASK_KEYS, WINDOW_MASK)
         if NEED_DKDV:
             dv += mm(p_t.to(do.dtype), do, PRECISION)
         dp_t = mm(v, tl.trans(do), PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
+        if SOFTCAP:
+            ds_t = ds_t * dcap_t  # through c * tanh(s / c)
         if NEED_DKDV:
             dk += mm(ds_t.to(q.dtype), q, PRECISION)
         if NEED_DQ:
@@ -165,6 +176,7 @@ def backward_kernel(
     NEED_DQ: tl.constexpr, NEED_DKDV: tl.constexpr, NEED_DPREFIX: tl.constexpr, DETERMINISTIC: tl.constexpr,
     PREFIX_PROGRAMS: tl.constexpr, SEQ_PROGRAMS: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    softcap2=1.0, window=0, WINDOW_MASK: tl.constexpr = 0, SOFTCAP: tl.constexpr = False,
 ):
     """Programs [0, n_prefix_programs) are prefix programs, the rest sequence programs (see the module
     docstring). DPK/DPV: fp32 [C, T, Hkv, P, D] partials (deterministic) or [T, Hkv, P, D], dense in D."""
@@ -214,7 +226,8 @@ def backward_kernel(
                 DO + b * stride_dob + h * stride_doh, LSE + row_base, Delta + row_base,
                 DQ + b * stride_dqb + h * stride_dqh, stride_qm, stride_qd, stride_dom, stride_dod,
                 stride_dqm, stride_dqd, start_m, start_m + BLOCK_M, n_queries, 0, offs_m, offs_d, qk_scale, scale,
-                HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, True, False, True, NEED_DQ, NEED_DPREFIX, UPCAST, PRECISION)
+                softcap2, window, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, True, False, True, 0, SOFTCAP, NEED_DQ, NEED_DPREFIX,
+                UPCAST, PRECISION)
         if NEED_DPREFIX:
             _flush_prefix_grads(dk, dv, DPK, DPV, chunk, t, g, cols, offs_d, stride_gc, stride_gt, stride_gh,
                                 stride_gn, n_prefix, scale, HEAD_DIM, DETERMINISTIC)
@@ -237,32 +250,32 @@ def backward_kernel(
 
         # Query i (position key_offset + i) sees key j iff j <= key_offset + i.
         key_offset = n_keys - n_queries
-        lo, mid, full_end, tail, q_blocks_end = query_blocks_seeing(start_n, n_queries, key_offset, BLOCK_N,
-                                                                    BLOCK_M, IS_CAUSAL)
+        masked_lo, free_lo, free_hi, masked_hi = query_ranges(start_n, n_queries, key_offset, window, BLOCK_N, BLOCK_M, IS_CAUSAL,
+                                   WINDOW_MASK != 0)
         for hh in range(0, group):
             h = g * group + hh
             Q_base = Q + b * stride_qb + h * stride_qh
             DO_base = DO + b * stride_dob + h * stride_doh
             DQ_base = DQ + b * stride_dqb + h * stride_dqh
             row_base = (b * n_heads + h) * n_queries
-            # Across the diagonal: causal mask; fully visible blocks: none; the last partial block: bounds.
-            # Keys past n_keys are zero rows of k and v: they add nothing to dq (and dk/dv rows past the
-            # end are not stored), so the unmasked range needs no key check.
+            # [masked_lo, free_lo) and [free_hi, masked_hi): the causal diagonal, window edges and the ragged
+            # last query block, with every mask; [free_lo, free_hi): blocks that see every key. Keys past n_keys are zero rows of k and v:
+            # they add nothing to dq (and dk/dv rows past the end are not stored).
             dk, dv = _key_tile_grads(
                 dk, dv, k, v, key_visible, cols, Q_base, DO_base, LSE + row_base, Delta + row_base, DQ_base,
-                stride_qm, stride_qd, stride_dom, stride_dod, stride_dqm, stride_dqd, lo, mid, n_queries,
-                key_offset, offs_m, offs_d, qk_scale, scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M,
-                True, True, True, NEED_DQ, NEED_DKDV, UPCAST, PRECISION)
+                stride_qm, stride_qd, stride_dom, stride_dod, stride_dqm, stride_dqd, masked_lo, free_lo, n_queries,
+                key_offset, offs_m, offs_d, qk_scale, scale, softcap2, window, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M,
+                True, IS_CAUSAL, True, WINDOW_MASK, SOFTCAP, NEED_DQ, NEED_DKDV, UPCAST, PRECISION)
             dk, dv = _key_tile_grads(
                 dk, dv, k, v, key_visible, cols, Q_base, DO_base, LSE + row_base, Delta + row_base, DQ_base,
-                stride_qm, stride_qd, stride_dom, stride_dod, stride_dqm, stride_dqd, mid, full_end, n_queries,
-                key_offset, offs_m, offs_d, qk_scale, scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M,
-                False, False, HAS_KPM, NEED_DQ, NEED_DKDV, UPCAST, PRECISION)
+                stride_qm, stride_qd, stride_dom, stride_dod, stride_dqm, stride_dqd, free_lo, free_hi, n_queries,
+                key_offset, offs_m, offs_d, qk_scale, scale, softcap2, window, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M,
+                False, False, HAS_KPM, 0, SOFTCAP, NEED_DQ, NEED_DKDV, UPCAST, PRECISION)
             dk, dv = _key_tile_grads(
                 dk, dv, k, v, key_visible, cols, Q_base, DO_base, LSE + row_base, Delta + row_base, DQ_base,
-                stride_qm, stride_qd, stride_dom, stride_dod, stride_dqm, stride_dqd, tail, q_blocks_end, n_queries,
-                key_offset, offs_m, offs_d, qk_scale, scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M,
-                True, IS_CAUSAL, True, NEED_DQ, NEED_DKDV, UPCAST, PRECISION)
+                stride_qm, stride_qd, stride_dom, stride_dod, stride_dqm, stride_dqd, free_hi, masked_hi, n_queries,
+                key_offset, offs_m, offs_d, qk_scale, scale, softcap2, window, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M,
+                True, IS_CAUSAL, True, WINDOW_MASK, SOFTCAP, NEED_DQ, NEED_DKDV, UPCAST, PRECISION)
         if NEED_DKDV:
             key_ok = cols[:, None] < n_keys
             d_ok = offs_d[None, :] < HEAD_DIM
@@ -277,10 +290,10 @@ def backward_kernel(
 @triton.jit
 def _dq_blocks(
     dq, q, do, lse2, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
-    lo, hi, n_keys, q_pos, offs_n, offs_d, qk_scale,
+    lo, hi, n_keys, q_pos, offs_n, offs_d, qk_scale, softcap2, window,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    CHECK_KEYS: tl.constexpr, CAUSAL_MASK: tl.constexpr, HAS_KPM: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    CHECK_KEYS: tl.constexpr, CAUSAL_MASK: tl.constexpr, HAS_KPM: tl.constexpr, WINDOW_MASK: tl.constexpr,
+    SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
@@ -291,10 +304,15 @@ def _dq_blocks(
         keep = cols[None, :] >= 0  # unused unless HAS_KPM
         if HAS_KPM:
             keep = load_keep(KPM, stride_mn, cols, n_keys)[None, :]
-        p = mask_scores(prob(scores(q, k, qk_scale, PRECISION), lse2[:, None]), cols[None, :], q_pos[:, None],
-                        keep, n_keys, 0.0, CHECK_KEYS, CAUSAL_MASK, HAS_KPM)
+        s = scores(q, k, qk_scale, PRECISION)
+        if SOFTCAP:
+            s, dcap = softcap(s, softcap2)
+        p = mask_scores(prob(s, lse2[:, None]), cols[None, :], q_pos[:, None], keep, n_keys, 0.0, window,
+                        CHECK_KEYS, CAUSAL_MASK, HAS_KPM, WINDOW_MASK)
         dp = mm(do, tl.trans(v), PRECISION)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * dcap
         dq += mm(ds.to(k.dtype), k, PRECISION)
     return dq
 
@@ -314,7 +332,10 @@ def dq_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_PREFIX_IDS: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    softcap2=1.0, window=0, WINDOW_MASK: tl.constexpr = 0, SOFTCAP: tl.constexpr = False,
 ):
+    """Deterministic mode's dq: one program per (query block, row, query head), walking the prefix
+    and then the sequence keys in the forward's ranges (tiles.key_ranges)."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = (bh // n_heads).to(tl.int64)
@@ -338,24 +359,31 @@ def dq_kernel(
     PV_base = PV + t * stride_pvt + g * stride_pvh
     prefix_full = (n_prefix // BLOCK_N) * BLOCK_N
     dq = _dq_blocks(dq, q, do, lse2, delta, PK_base, PV_base, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
-                    KPM, 0, 0, prefix_full, n_prefix, offs_m, offs_n, offs_d, qk_scale,
-                    HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False, False, False, UPCAST, PRECISION)
+                    KPM, 0, 0, prefix_full, n_prefix, offs_m, offs_n, offs_d, qk_scale, softcap2, window,
+                    HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False, False, False, 0, SOFTCAP, UPCAST, PRECISION)
     dq = _dq_blocks(dq, q, do, lse2, delta, PK_base, PV_base, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
-                    KPM, 0, prefix_full, n_prefix, n_prefix, offs_m, offs_n, offs_d, qk_scale,
-                    HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, False, False, UPCAST, PRECISION)
+                    KPM, 0, prefix_full, n_prefix, n_prefix, offs_m, offs_n, offs_d, qk_scale, softcap2, window,
+                    HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, False, False, 0, SOFTCAP, UPCAST, PRECISION)
 
-    q_pos = n_keys - n_queries + offs_m
-    masked_end = visible_keys_end(n_keys, n_keys - n_queries + start_m + BLOCK_M - 1, IS_CAUSAL)
-    unmasked_end = unmasked_keys_end(0, masked_end, n_keys - n_queries + start_m, BLOCK_N, IS_CAUSAL)
+    first_pos = n_keys - n_queries + start_m
+    q_pos = first_pos + offs_m - start_m
+    masked_lo, free_lo, free_hi, masked_hi = key_ranges(0, n_keys, first_pos, first_pos + BLOCK_M - 1, window,
+                                                        BLOCK_N, IS_CAUSAL, WINDOW_MASK != 0)
     K_base = K + b * stride_kb + g * stride_kh
     V_base = V + b * stride_vb + g * stride_vh
     KPM_base = KPM + b * stride_mb
+    if WINDOW_MASK != 0:
+        dq = _dq_blocks(dq, q, do, lse2, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                        KPM_base, stride_mn, masked_lo, free_lo, n_keys, q_pos, offs_n, offs_d, qk_scale, softcap2,
+                        window, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP,
+                        UPCAST, PRECISION)
     dq = _dq_blocks(dq, q, do, lse2, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                    KPM_base, stride_mn, 0, unmasked_end, n_keys, q_pos, offs_n, offs_d, qk_scale,
-                    HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False, False, HAS_KPM, UPCAST, PRECISION)
+                    KPM_base, stride_mn, free_lo, free_hi, n_keys, q_pos, offs_n, offs_d, qk_scale, softcap2, window,
+                    HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False, False, HAS_KPM, 0, SOFTCAP, UPCAST, PRECISION)
     dq = _dq_blocks(dq, q, do, lse2, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                    KPM_base, stride_mn, unmasked_end, masked_end, n_keys, q_pos, offs_n, offs_d, qk_scale,
-                    HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL, HAS_KPM, UPCAST, PRECISION)
+                    KPM_base, stride_mn, free_hi, masked_hi, n_keys, q_pos, offs_n, offs_d, qk_scale, softcap2,
+                    window, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP,
+                    UPCAST, PRECISION)
 
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty),
@@ -370,12 +398,24 @@ def backward_epilogue_kernel(
     n_heads, n_queries, n_dq_programs, n_prefix_elems, n_chunks, stride_pc,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
     CONVERT_DQ: tl.constexpr, CONVERT_DPREFIX: tl.constexpr,
+    n_dp_programs=0, DSINK_PART=None, DSINKS=None, batch=0, sink_parts=0, SINK_GRAD: tl.constexpr = False,
 ):
     """Programs [0, n_dq_programs): one dq tile (query block, row x head) fp32 -> DQ's dtype/strides.
-    The rest: BLOCK_E elements of the prefix gradients: DPK_ACC/DPV_ACC are fp32 [C, n_prefix_elems]
-    (C chunk partials), summed over C in chunk order into the dense DPK/DPV."""
+    The next n_dp_programs: BLOCK_E elements of the prefix gradients: DPK_ACC/DPV_ACC are fp32
+    [C, n_prefix_elems] (C chunk partials), summed over C in chunk order into the dense DPK/DPV.
+    The last n_heads (SINK_GRAD): head h's sink gradient, the prologue's DSINK_PART[b, h, :sink_parts]
+    summed in a fixed order."""
     pid = tl.program_id(0)
-    if pid < n_dq_programs:
+    if SINK_GRAD and pid >= n_dq_programs + n_dp_programs:
+        head = (pid - n_dq_programs - n_dp_programs).to(tl.int64)
+        total = tl.zeros([BLOCK_E], dtype=tl.float32)
+        for row in range(0, batch):
+            base = DSINK_PART + (row * n_heads + head) * sink_parts
+            for off in range(0, sink_parts, BLOCK_E):
+                parts = off + tl.arange(0, BLOCK_E)
+                total += tl.load(base + parts, mask=parts < sink_parts, other=0.0)
+        tl.store(DSINKS + head, tl.sum(total, axis=0).to(DSINKS.dtype.element_ty))
+    elif pid < n_dq_programs:
         if CONVERT_DQ:
             q_blocks = tl.cdiv(n_queries, BLOCK_M)
             offs_m = (pid % q_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -87,11 +87,12 @@ def _default_configs(head_dim: int, dtype: torch.dtype, capability: tuple[int, i
     # (forward, dq, backward) for 16-bit inputs; dq wants tall query tiles, the backward wide key tiles
     # (its dk/dv accumulators live in registers: 2 * block_n * D fp32 over 32 * num_warps threads).
     # The backward's were chosen statically (prefix-kernels inspect, sm_90, Triton 3.9, bf16): at D=64
-    # (32, 128, 8 warps, 3 stages) is the one candidate with wgmma and no spill (244 registers); at
-    # D=128 none has both: (16, 64, 8, 2) keeps wgmma with 48 B of spill, (16, 32, 4, 3) spills nothing
-    # but runs mma.sync only. Not timed on a GPU yet: tune_blocks.py decides.
+    # (16, 128, 8 warps, 3 stages) has wgmma and no spill with room to spare (210 registers; (32, 128,
+    # 8, 2) needs 251, (32, 128, 8, 3) spills); at D=128 no candidate has both: (16, 64, 8, 2) keeps
+    # wgmma with 48 B of spill, (16, 32, 4, 3) spills nothing but runs mma.sync only. Not timed on a
+    # GPU yet: tune_blocks.py decides.
     if d <= 64:
-        table = (BlockConfig(128, 64, 4, 3), BlockConfig(128, 32, 4, 3), BlockConfig(32, 128, 8, 3))
+        table = (BlockConfig(128, 64, 4, 3), BlockConfig(128, 32, 4, 3), BlockConfig(16, 128, 8, 3))
     elif d <= 128:
         table = (BlockConfig(128, 64, 8, 3), BlockConfig(128, 32, 8, 2), BlockConfig(16, 64, 8, 2))
     else:

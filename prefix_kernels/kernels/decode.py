@@ -42,7 +42,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from prefix_kernels.kernels.tiles import attend_prefix_and_sequence, finish_rows, load_tile
+from prefix_kernels.kernels.tiles import attend_prefix_and_sequence, finish_rows, load_tile, sink_logit2
 
 
 @triton.jit
@@ -60,6 +60,8 @@ def prefix_attention_decode_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_PREFIX_IDS: tl.constexpr, SPLIT: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    softcap2=1.0, window=0, SINKS=None, seq_start=0,
+    WINDOW_MASK: tl.constexpr = 0, SOFTCAP: tl.constexpr = False, HAS_SINKS: tl.constexpr = False,
 ):
     bg = tl.program_id(0)
     split = tl.program_id(1)
@@ -81,24 +83,29 @@ def prefix_attention_decode_kernel(
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, HEAD_DIM_PAD], dtype=tl.float32)
+    if HAS_SINKS:  # split 0 carries each row's sink logit (max = sink, sum = 1); the combine is unchanged
+        if split == 0:
+            m_i = sink_logit2(SINKS, row_h, offs_r < n_rows, tl.float32)
+            l_i = l_i + 1.0
 
     # This split's range of the concatenated [prefix | sequence] key axis.
     lo = split * keys_per_split
-    hi = tl.minimum(lo + keys_per_split, n_prefix + n_keys)
+    hi = tl.minimum(lo + keys_per_split, n_prefix + n_keys - seq_start)
 
     # Prefix part [p_lo, p_hi) of it, then the sequence part [s_lo, s_hi) in sequence coordinates.
     # Every row sees keys j <= M - N (its position is M - N + i >= M - N): no causal mask there.
     p_lo = tl.minimum(lo, n_prefix)
     p_hi = tl.minimum(hi, n_prefix)
-    s_lo = tl.maximum(lo, n_prefix) - n_prefix
-    s_hi = tl.maximum(hi, n_prefix) - n_prefix
+    s_lo = tl.maximum(lo, n_prefix) - n_prefix + seq_start  # the axis skips the keys before seq_start
+    s_hi = tl.maximum(hi, n_prefix) - n_prefix + seq_start
     acc, l_i, m_i = attend_prefix_and_sequence(
         acc, l_i, m_i, q, PK + t * stride_pkt + g * stride_pkh, PV + t * stride_pvt + g * stride_pvh,
         stride_pkn, stride_pkd, stride_pvn, stride_pvd,
         K + b * stride_kb + g * stride_kh, V + b * stride_vb + g * stride_vh, stride_kn, stride_kd, stride_vn,
         stride_vd, KPM + b * stride_mb, stride_mn,
-        p_lo, p_hi, s_lo, s_hi, n_keys - n_queries, n_keys - n_queries + row_i, offs_n, offs_d, qk_scale,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, IS_CAUSAL, HAS_KPM, UPCAST, PRECISION)
+        p_lo, p_hi, s_lo, s_hi, n_keys - n_queries, n_keys - 1, n_keys - n_queries + row_i, offs_n, offs_d,
+        qk_scale, softcap2, window,
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP, UPCAST, PRECISION)
 
     row_ok = offs_r < n_rows
     if SPLIT:

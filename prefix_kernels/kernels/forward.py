@@ -17,7 +17,7 @@ Written for sm_80/sm_90 (compile-checked for both in the tests) and the CPU inte
 import triton
 import triton.language as tl
 
-from prefix_kernels.kernels.tiles import attend_prefix_and_sequence, finish_rows, load_tile, visible_keys_end
+from prefix_kernels.kernels.tiles import attend_prefix_and_sequence, finish_rows, load_tile, sink_logit2
 
 
 @triton.jit
@@ -35,6 +35,8 @@ def prefix_attention_fwd_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_PREFIX_IDS: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    softcap2=1.0, window=0, SINKS=None,
+    WINDOW_MASK: tl.constexpr = 0, SOFTCAP: tl.constexpr = False, HAS_SINKS: tl.constexpr = False,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
@@ -52,6 +54,9 @@ def prefix_attention_fwd_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
     l_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+    if HAS_SINKS:  # the head's sink logit starts the softmax: running max = sink, sum = exp2(0) = 1
+        m_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE) + sink_logit2(SINKS, h, True, ACC_DTYPE)
+        l_i = l_i + 1.0
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=ACC_DTYPE)
 
     # Query i sits at position n_keys - n_queries + i (bottom-right causal).
@@ -61,9 +66,9 @@ def prefix_attention_fwd_kernel(
         stride_pkn, stride_pkd, stride_pvn, stride_pvd,
         K + b * stride_kb + g * stride_kh, V + b * stride_vb + g * stride_vh, stride_kn, stride_kd, stride_vn,
         stride_vd, KPM + b * stride_mb, stride_mn,
-        0, n_prefix, 0, visible_keys_end(n_keys, first_pos + BLOCK_M - 1, IS_CAUSAL), first_pos,
-        first_pos + offs_m - start_m, offs_n, offs_d, qk_scale,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, IS_CAUSAL, HAS_KPM, UPCAST, PRECISION)
+        0, n_prefix, 0, n_keys, first_pos, first_pos + BLOCK_M - 1, first_pos + offs_m - start_m, offs_n, offs_d,
+        qk_scale, softcap2, window,
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP, UPCAST, PRECISION)
 
     out, lse = finish_rows(acc, l_i, m_i)
     row_ok = offs_m < n_queries

@@ -2,7 +2,8 @@
 scores, one online-softmax step, the key (or query) ranges a tile walks, and the walk over the
 prefix and then the sequence. The forward (forward.py), the decode kernel (decode.py) and the
 backward (backward.py) are written with these, so a change of the attention pattern -- which keys
-a query sees, how a score is formed -- is one edit here.
+a query sees (causal, padding, sliding windows), how a score is formed (softcapping) -- is one
+edit here.
 
 Conventions: scores live in the log2 domain (``qk_scale = scale * log2(e)``); query i of N sits at
 position M - N + i of the M sequence keys (bottom-right causal); the prefix is always visible.
@@ -44,23 +45,43 @@ def mm(a, b, PRECISION: tl.constexpr):
 @triton.jit
 def scores(a, b, qk_scale, PRECISION: tl.constexpr):
     """The log2-domain scores a @ b^T * qk_scale: [queries, keys] for (q, k), [keys, queries] for
-    (k, q) in the backward. The one place a score is formed."""
+    (k, q) in the backward. The one place a score is formed (then ``softcap`` if asked for)."""
     return mm(a, tl.trans(b), PRECISION) * qk_scale
 
 
 @triton.jit
-def mask_scores(s, cols, pos, keep, n_keys, fill,
-                CHECK_KEYS: tl.constexpr, CAUSAL_MASK: tl.constexpr, HAS_KEEP: tl.constexpr):
+def tanh(x):
+    """tanh from exp2, exact at both ends (+-1 for |x| -> inf) and NaN-propagating."""
+    return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)  # 2 * log2(e)
+
+
+@triton.jit
+def softcap(s, softcap2):
+    """Gemma 2's logit softcapping c * tanh(s / c), in the log2 domain (``softcap2 = c * log2(e)``,
+    s = score * log2(e)). Returns the capped scores and d(capped)/ds = 1 - tanh^2 for the backward."""
+    t = tanh(s / softcap2)
+    return softcap2 * t, 1.0 - t * t
+
+
+@triton.jit
+def mask_scores(s, cols, pos, keep, n_keys, fill, window,
+                CHECK_KEYS: tl.constexpr, CAUSAL_MASK: tl.constexpr, HAS_KEEP: tl.constexpr,
+                WINDOW_MASK: tl.constexpr):
     """``s`` with ``fill`` where a query may not see a key. ``cols`` (key index), ``pos`` (query
     position) and ``keep`` (bool, e.g. the padding mask) come broadcast to s's shape: [1, N] / [M, 1]
     for a [queries, keys] tile, the other way round for a transposed one. CHECK_KEYS: key < n_keys;
-    CAUSAL_MASK: key <= position; HAS_KEEP: keep."""
+    CAUSAL_MASK: key <= position; HAS_KEEP: keep; WINDOW_MASK (sliding window of ``window`` keys):
+    1 = key > position - window (causal windows), 2 = also key < position + window (non-causal)."""
     if CHECK_KEYS:
         s = tl.where(cols < n_keys, s, fill)
     if CAUSAL_MASK:
         s = tl.where(cols <= pos, s, fill)
     if HAS_KEEP:
         s = tl.where(keep, s, fill)
+    if WINDOW_MASK >= 1:
+        s = tl.where(cols > pos - window, s, fill)
+    if WINDOW_MASK == 2:
+        s = tl.where(cols < pos + window, s, fill)
     return s
 
 
@@ -85,6 +106,12 @@ def online_softmax_step(acc, l_i, m_i, qk, v, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def sink_logit2(SINKS, heads, valid, DTYPE: tl.constexpr):
+    """gpt-oss's per-head sink logits in DTYPE, in the log2 domain of the scores (0 where not ``valid``)."""
+    return tl.load(SINKS + heads, mask=valid, other=0.0).to(DTYPE) * 1.4426950408889634
+
+
+@triton.jit
 def finish_rows(acc, l_i, m_i):
     """(out, lse in log2 units) of finished online-softmax rows; a row that saw no key gets out = 0,
     lse = -inf. NaN stays NaN."""
@@ -94,52 +121,71 @@ def finish_rows(acc, l_i, m_i):
 
 
 @triton.jit
-def unmasked_keys_end(lo, hi, first_pos, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
-    """End of the whole BLOCK_N blocks of sequence keys [lo, hi) that every query of a tile sees
-    without a mask, when its first (lowest) query position is ``first_pos``: keys j <= first_pos
-    when causal, all of them otherwise. Past it, blocks need the masks."""
+def key_ranges(s_lo, s_hi, first_pos, last_pos, window, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+               HAS_WINDOW: tl.constexpr):
+    """How a tile of queries at positions [first_pos, last_pos] walks sequence keys [s_lo, s_hi):
+    (masked_lo, free_lo, free_hi, masked_hi) with [masked_lo, free_lo) masked blocks (the lower edge
+    of a sliding window), [free_lo, free_hi) whole blocks every query sees (no mask but padding),
+    [free_hi, masked_hi) masked blocks (the causal diagonal, the upper edge of a non-causal window,
+    the end). Keys outside [masked_lo, masked_hi) are seen by no query of the tile and are never
+    read: with a window the work grows with the window, not the sequence."""
+    any_lo = s_lo  # keys some query of the tile sees: [any_lo, any_hi); every query: [all_lo, all_hi)
+    all_lo = s_lo
+    any_hi = s_hi
+    all_hi = s_hi
     if IS_CAUSAL:
-        free = tl.minimum(hi, first_pos + 1)
-    else:
-        free = hi
-    return lo + tl.maximum(free - lo, 0) // BLOCK_N * BLOCK_N
+        any_hi = tl.minimum(s_hi, last_pos + 1)
+        all_hi = tl.minimum(s_hi, first_pos + 1)
+    if HAS_WINDOW:
+        any_lo = tl.maximum(s_lo, first_pos - window + 1)
+        all_lo = tl.maximum(s_lo, last_pos - window + 1)
+        if not IS_CAUSAL:
+            any_hi = tl.minimum(s_hi, last_pos + window)
+            all_hi = tl.minimum(s_hi, first_pos + window)
+    masked_hi = tl.maximum(any_hi, s_lo)
+    masked_lo = tl.minimum(s_lo + tl.maximum(any_lo - s_lo, 0) // BLOCK_N * BLOCK_N, masked_hi)
+    free_lo = tl.minimum(tl.maximum(s_lo + tl.cdiv(tl.maximum(all_lo - s_lo, 0), BLOCK_N) * BLOCK_N, masked_lo), masked_hi)
+    free_hi = free_lo + tl.maximum(all_hi - free_lo, 0) // BLOCK_N * BLOCK_N
+    return masked_lo, free_lo, free_hi, masked_hi
 
 
 @triton.jit
-def visible_keys_end(n_keys, last_pos, IS_CAUSAL: tl.constexpr):
-    """One past the last sequence key that a query at position <= last_pos can see."""
-    if IS_CAUSAL:
-        return tl.minimum(last_pos + 1, n_keys)
-    else:
-        return n_keys
-
-
-@triton.jit
-def query_blocks_seeing(start_n, n_queries, key_offset, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                        IS_CAUSAL: tl.constexpr):
+def query_ranges(start_n, n_queries, key_offset, window, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                 IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """The query blocks that see sequence keys [start_n, start_n + BLOCK_N) (query i sits at
-    position key_offset + i), as (lo, mid, full_end, tail, end): [lo, mid) cross the causal
-    diagonal (causal mask), [mid, full_end) see every key of the block, [tail, end) is the ragged
-    last query block (row bounds)."""
-    end = tl.cdiv(n_queries, BLOCK_M) * BLOCK_M
-    full_end = n_queries // BLOCK_M * BLOCK_M
+    position key_offset + i), as (masked_lo, free_lo, free_hi, masked_hi): [masked_lo, free_lo)
+    masked blocks (across the causal diagonal, the lower edge of a non-causal window), [free_lo,
+    free_hi) whole blocks that see every key of the block, [free_hi, masked_hi) masked blocks (a
+    window's upper edge, the ragged last block). Other query blocks see none of these keys."""
+    first_key = start_n - key_offset  # the block's keys in query coordinates (key j <-> query j - key_offset)
+    last_key = start_n + BLOCK_N - 1 - key_offset
+    any_lo = 0  # queries that see some key of the block: [any_lo, any_hi); all of them: [all_lo, all_hi)
+    all_lo = 0
+    any_hi = n_queries
+    all_hi = n_queries
     if IS_CAUSAL:
-        lo = tl.maximum(start_n - key_offset, 0) // BLOCK_M * BLOCK_M
-        mid = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - key_offset, 0), BLOCK_M) * BLOCK_M
-        mid = tl.minimum(tl.maximum(mid, lo), end)
-    else:
-        lo = 0
-        mid = 0
-    return lo, mid, full_end, tl.maximum(mid, full_end), end
+        any_lo = tl.maximum(first_key, 0)
+        all_lo = tl.maximum(last_key, 0)
+    if HAS_WINDOW:
+        any_hi = tl.minimum(n_queries, last_key + window)
+        all_hi = tl.minimum(n_queries, first_key + window)
+        if not IS_CAUSAL:
+            any_lo = tl.maximum(first_key - window + 1, 0)
+            all_lo = tl.maximum(last_key - window + 1, 0)
+    masked_hi = tl.cdiv(tl.maximum(any_hi, 0), BLOCK_M) * BLOCK_M
+    masked_lo = tl.minimum(any_lo // BLOCK_M * BLOCK_M, masked_hi)
+    free_lo = tl.minimum(tl.maximum(tl.cdiv(all_lo, BLOCK_M) * BLOCK_M, masked_lo), masked_hi)
+    free_hi = free_lo + tl.maximum(all_hi - free_lo, 0) // BLOCK_M * BLOCK_M
+    return masked_lo, free_lo, free_hi, masked_hi
 
 
 @triton.jit
 def attend_blocks(
     acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
-    lo, hi, n_keys, q_pos, offs_n, offs_d, qk_scale,
+    lo, hi, n_keys, q_pos, offs_n, offs_d, qk_scale, softcap2, window,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    CHECK_KEYS: tl.constexpr, CAUSAL_MASK: tl.constexpr, HAS_KPM: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    CHECK_KEYS: tl.constexpr, CAUSAL_MASK: tl.constexpr, HAS_KPM: tl.constexpr, WINDOW_MASK: tl.constexpr,
+    SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Online-softmax update over key blocks [lo, hi) of one key source; the flags choose the masks."""
     for start_n in range(lo, hi, BLOCK_N):
@@ -149,8 +195,11 @@ def attend_blocks(
         keep = cols[None, :] >= 0  # unused unless HAS_KPM
         if HAS_KPM:
             keep = load_keep(KPM, stride_mn, cols, n_keys)[None, :]
-        qk = mask_scores(scores(q, k, qk_scale, PRECISION), cols[None, :], q_pos[:, None], keep, n_keys,
-                         float("-inf"), CHECK_KEYS, CAUSAL_MASK, HAS_KPM)
+        qk = scores(q, k, qk_scale, PRECISION)
+        if SOFTCAP:
+            qk, _ = softcap(qk, softcap2)
+        qk = mask_scores(qk, cols[None, :], q_pos[:, None], keep, n_keys, float("-inf"), window,
+                         CHECK_KEYS, CAUSAL_MASK, HAS_KPM, WINDOW_MASK)
         v = load_tile(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, cols, n_keys, offs_d,
                       HEAD_DIM, HEAD_DIM_PAD, CHECK_KEYS, UPCAST)
         acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, PRECISION)
@@ -161,32 +210,39 @@ def attend_blocks(
 def attend_prefix_and_sequence(
     acc, l_i, m_i, q, PK, PV, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
     K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
-    p_lo, p_hi, s_lo, s_hi, first_pos, q_pos, offs_n, offs_d, qk_scale,
+    p_lo, p_hi, s_lo, s_hi, first_pos, last_pos, q_pos, offs_n, offs_d, qk_scale, softcap2, window,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, WINDOW_MASK: tl.constexpr, SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """The walk of the forward and the decode kernel: prefix keys [p_lo, p_hi) (always visible: whole
-    blocks unmasked, then one block masked to p_hi), then sequence keys [s_lo, s_hi) (blocks every
-    query sees unmasked, the rest with the causal and padding masks, bounded by s_hi). PK/PV/K/V/KPM
-    point at this (row, kv head); q_pos are the tile's query positions, first_pos the lowest."""
+    blocks unmasked, then one block masked to p_hi), then sequence keys [s_lo, s_hi) in the ranges of
+    ``key_ranges`` (bounded by s_hi). PK/PV/K/V/KPM point at this (row, kv head); q_pos are the
+    tile's query positions, in [first_pos, last_pos]."""
     p_full = p_lo + (p_hi - p_lo) // BLOCK_N * BLOCK_N
     acc, l_i, m_i = attend_blocks(
         acc, l_i, m_i, q, PK, PV, stride_pkn, stride_pkd, stride_pvn, stride_pvd, KPM, 0,
-        p_lo, p_full, p_hi, q_pos, offs_n, offs_d, qk_scale,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False, False, False, UPCAST, PRECISION)
+        p_lo, p_full, p_hi, q_pos, offs_n, offs_d, qk_scale, softcap2, window,
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False, False, False, 0, SOFTCAP, UPCAST, PRECISION)
     acc, l_i, m_i = attend_blocks(
         acc, l_i, m_i, q, PK, PV, stride_pkn, stride_pkd, stride_pvn, stride_pvd, KPM, 0,
-        p_full, p_hi, p_hi, q_pos, offs_n, offs_d, qk_scale,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, False, False, UPCAST, PRECISION)
-    unmasked_end = unmasked_keys_end(s_lo, s_hi, first_pos, BLOCK_N, IS_CAUSAL)
+        p_full, p_hi, p_hi, q_pos, offs_n, offs_d, qk_scale, softcap2, window,
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, False, False, 0, SOFTCAP, UPCAST, PRECISION)
+    masked_lo, free_lo, free_hi, masked_hi = key_ranges(s_lo, s_hi, first_pos, last_pos, window, BLOCK_N,
+                                                        IS_CAUSAL, WINDOW_MASK != 0)
+    if WINDOW_MASK != 0:
+        acc, l_i, m_i = attend_blocks(
+            acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
+            masked_lo, free_lo, s_hi, q_pos, offs_n, offs_d, qk_scale, softcap2, window,
+            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP, UPCAST, PRECISION)
     acc, l_i, m_i = attend_blocks(
         acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
-        s_lo, unmasked_end, s_hi, q_pos, offs_n, offs_d, qk_scale,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False, False, HAS_KPM, UPCAST, PRECISION)
+        free_lo, free_hi, s_hi, q_pos, offs_n, offs_d, qk_scale, softcap2, window,
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False, False, HAS_KPM, 0, SOFTCAP, UPCAST, PRECISION)
     acc, l_i, m_i = attend_blocks(
         acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
-        unmasked_end, s_hi, s_hi, q_pos, offs_n, offs_d, qk_scale,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL, HAS_KPM, UPCAST, PRECISION)
+        free_hi, masked_hi, s_hi, q_pos, offs_n, offs_d, qk_scale, softcap2, window,
+        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP, UPCAST, PRECISION)
     return acc, l_i, m_i
 
 

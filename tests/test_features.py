@@ -1,0 +1,161 @@
+"""The op's optional features -- sliding windows, logit softcapping, attention sinks -- against the
+fp64 reference (flash-attention's tolerance rule), alone and combined, through the public
+``prefix_attention`` on every backend that runs here (Triton under the interpreter on CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import DEVICE, ON_GPU, Case, backend_device, check_against_reference, need
+from prefix_kernels import prefix_attention, prefix_attention_reference
+
+BACKENDS = ["triton", "reference"]
+
+# (case, features): windows shorter than, equal to and longer than M; causal and not; a cache (M > N);
+# decode (N = 1, N = 3) over a long cache; gpt-oss (window + sinks) and Gemma 2 (window + softcap).
+CASES = {
+    "window_short": (Case(batch=2, heads=4, kv_heads=2, n_queries=45, n_keys=77, n_prefix=7, padding="left"),
+                     dict(sliding_window=5)),
+    "window_one": (Case(batch=2, heads=2, kv_heads=1, n_queries=33, n_keys=33, n_prefix=3), dict(sliding_window=1)),
+    "window_eq_M": (Case(batch=2, heads=2, kv_heads=2, n_queries=40, n_keys=40, n_prefix=4, n_prefixes=2),
+                    dict(sliding_window=40)),
+    "window_long": (Case(batch=2, heads=4, kv_heads=2, n_queries=45, n_keys=77, n_prefix=7), dict(sliding_window=200)),
+    "window_blocks": (Case(batch=1, heads=2, kv_heads=1, n_queries=150, n_keys=150, n_prefix=3),
+                      dict(sliding_window=20)),
+    "window_noncausal": (Case(batch=2, heads=4, kv_heads=2, n_queries=45, n_keys=77, n_prefix=7, causal=False,
+                              padding="right"), dict(sliding_window=9)),
+    "decode_window": (Case(batch=2, heads=4, kv_heads=2, n_queries=1, n_keys=300, n_prefix=5),
+                      dict(sliding_window=30)),
+    "decode3_window_sinks": (Case(batch=2, heads=4, kv_heads=2, n_queries=3, n_keys=300, n_prefix=5,
+                                  padding="left"), dict(sliding_window=30, sinks=True)),
+    "softcap": (Case(batch=2, heads=4, kv_heads=2, n_queries=45, n_keys=77, n_prefix=7), dict(softcap=2.0)),
+    "sinks": (Case(batch=2, heads=4, kv_heads=2, n_queries=45, n_keys=77, n_prefix=7, padding="left"),
+              dict(sinks=True)),
+    "sinks_no_prefix_dead_rows": (Case(batch=3, heads=2, kv_heads=1, n_queries=20, n_keys=30, n_prefix=0,
+                                       padding="dead_rows"), dict(sinks=True)),
+    "gpt_oss": (Case(batch=2, heads=4, kv_heads=2, n_queries=45, n_keys=77, n_prefix=7, n_prefixes=3,
+                     padding="left"), dict(sliding_window=12, sinks=True)),
+    "gemma2": (Case(batch=2, heads=4, kv_heads=2, n_queries=45, n_keys=77, n_prefix=7, padding="right"),
+               dict(sliding_window=10, softcap=3.0)),
+    "all": (Case(batch=2, heads=2, kv_heads=1, n_queries=64, n_keys=100, n_prefix=9, n_prefixes=2),
+            dict(sliding_window=16, softcap=4.0, sinks=True)),
+}
+
+
+def _op(backend, **extra):
+    def op(*args, **kwargs):
+        return prefix_attention(*args, backend=backend, **extra, **kwargs)
+    return op
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_features_against_reference(backend, name):
+    need(backend)
+    case, features = CASES[name]
+    if backend == "triton":
+        case = case.on_device()
+    check_against_reference(_op(backend), case, torch.float32, device=backend_device(backend), **features)
+
+
+@pytest.mark.parametrize("name", ["gpt_oss", "gemma2", "decode3_window_sinks"])
+def test_features_half_precision(name):
+    need("triton")
+    case, features = CASES[name]
+    check_against_reference(_op("triton"), case.on_device(), torch.bfloat16 if ON_GPU else torch.float16,
+                            **features)
+
+
+@pytest.mark.parametrize("name", ["gpt_oss", "all"])
+def test_features_deterministic_bit_identical(name):
+    need("triton")
+    case, features = CASES[name]
+    q, k, v, pk, pv, mask, ids = case.on_device().make(torch.float32)
+    sinks = torch.randn(q.shape[1], device=q.device).requires_grad_() if features.get("sinks") else None
+    kwargs = dict(features, sinks=sinks, key_padding_mask=mask, prefix_ids=ids)
+    leaves = [t for t in (q, k, v, pk, pv, sinks) if t is not None]
+    grad = torch.randn(q.shape, device=q.device)
+    runs = []
+    for _ in range(2):
+        out = prefix_attention(q, k, v, pk, pv, backend="triton", deterministic=True, **kwargs)
+        runs.append(torch.autograd.grad(out, leaves, grad))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sink_gradient_gradcheck(backend):
+    """fp64 gradcheck of every input including the sinks (fast mode under the interpreter)."""
+    need(backend)
+    device = backend_device(backend)
+    case = Case(batch=2, heads=2, kv_heads=1, n_queries=3, n_keys=6, n_prefix=2, head_dim=16, padding="left")
+    q, k, v, pk, pv, mask, _ = case.make(torch.float64, device)
+    sinks = torch.randn(2, dtype=torch.float64, device=device, requires_grad=True)
+
+    def f(*t):
+        return prefix_attention(*t[:5], sinks=t[5], sliding_window=3, softcap=2.5, key_padding_mask=mask,
+                                backend=backend)
+
+    torch.autograd.gradcheck(f, (q, k, v, pk, pv, sinks), fast_mode=backend == "triton" and not ON_GPU)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n_queries", [1, 40])
+def test_window_never_reads_keys_outside_every_window(backend, n_queries):
+    """With a cache, keys before the first query's window are seen by no query: they are not read at
+    all (NaN there stays out of out and every gradient), which is what makes the cost follow W."""
+    need(backend)
+    if backend == "reference":
+        pytest.skip("the reference computes every score (0 * NaN = NaN): it is not meant to skip work")
+    case = Case(batch=2, heads=2, kv_heads=1, n_queries=n_queries, n_keys=400, n_prefix=4)
+    q, k, v, pk, pv, _, _ = case.make(torch.float32, backend_device(backend))
+    window = 16
+    first_seen = 400 - n_queries - window + 1  # the lowest key any query's window reaches
+    unseen = first_seen // 128 * 128  # whole key blocks below it (blocks are read whole, masked inside)
+    k_nan, v_nan = k.detach().clone(), v.detach().clone()
+    k_nan[:, :, :unseen] = float("nan")
+    v_nan[:, :, :unseen] = float("nan")
+    k_nan.requires_grad_(), v_nan.requires_grad_()
+    out = prefix_attention(q, k_nan, v_nan, pk, pv, sliding_window=window, backend=backend)
+    grads = torch.autograd.grad(out.square().sum(), (q, k_nan, v_nan, pk, pv))
+    assert torch.isfinite(out).all()
+    assert all(torch.isfinite(g[:, :, unseen:] if i in (1, 2) else g).all() for i, g in enumerate(grads))
+    want, _ = prefix_attention_reference(q, k, v, pk, pv, sliding_window=window)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(sliding_window=0), ValueError, "sliding_window must be >= 1"),
+    (dict(sliding_window=-3), ValueError, "sliding_window must be >= 1"),
+    (dict(sliding_window=2.0), TypeError, "sliding_window must be an int"),
+    (dict(sliding_window=True), TypeError, "sliding_window must be an int"),
+    (dict(softcap=0.0), ValueError, "softcap must be a positive finite float"),
+    (dict(softcap=-1.0), ValueError, "softcap must be a positive finite float"),
+    (dict(softcap=float("inf")), ValueError, "softcap must be a positive finite float"),
+    (dict(softcap=float("nan")), ValueError, "softcap must be a positive finite float"),
+    (dict(softcap="2"), TypeError, "softcap must be a positive finite float"),
+    (dict(sinks=[0.0, 0.0]), TypeError, "sinks must be a torch.Tensor"),
+    (dict(sinks=torch.zeros(3)), ValueError, r"sinks must be \[Hq=2\]"),
+    (dict(sinks=torch.zeros(2, 1)), ValueError, r"sinks must be \[Hq=2\]"),
+    (dict(sinks=torch.zeros(2, dtype=torch.float64)), TypeError, "sinks must have q's dtype"),
+    (dict(sinks=torch.zeros(2, device="meta")), ValueError, "sinks must be on q's device"),
+])
+def test_bad_feature_arguments_are_refused(kwargs, error, match):
+    q, k, v, pk, pv, _, _ = Case(heads=2, kv_heads=1).make(torch.float32, "cpu")
+    with pytest.raises(error, match=match):
+        prefix_attention(q, k, v, pk, pv, backend="reference", **kwargs)
+
+
+def test_registered_ops_with_features_pass_opcheck():
+    """triton_fwd/triton_bwd with a window, a softcap and differentiable sinks: schema, fake impls,
+    autograd registration (torch.library.opcheck)."""
+    need("triton")
+    from prefix_kernels import autograd  # noqa: F401 -- registers the ops
+
+    case = Case(batch=2, heads=2, kv_heads=1, n_queries=20, n_keys=30, n_prefix=4, padding="left").on_device()
+    q, k, v, pk, pv, mask, _ = case.make(torch.float32)
+    sinks = torch.randn(2, device=q.device, requires_grad=True)
+    args = (q, k, v, pk, pv, mask, None, True, 0.25, False, 8, 3.0, sinks)
+    torch.library.opcheck(torch.ops.prefix_kernels.triton_fwd, args)
+    assert DEVICE.type in ("cpu", "cuda")
