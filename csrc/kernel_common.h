@@ -42,21 +42,27 @@ struct MutRef {
 
 struct Params {
   DType dtype = DType::kFloat32;
-  int64_t B = 0, Hq = 0, Hkv = 0, G = 1, N = 0, M = 0, P = 0, D = 0, T = 1;
+  int64_t B = 0, Hq = 0, Hkv = 0, G = 1, N = 0, M = 0, P = 0, D = 0, Dv = 0, T = 1;
   bool causal = true;
   double scale = 1.0;
+  // Sliding window W (0 = none): the query at position i sees sequence key j only if
+  // i - W < j (and j < i + W when not causal). The prefix stays visible.
+  int64_t window = 0;
+  double softcap = 0;                // c > 0: every score s becomes c * tanh(s / c); 0 = none
+  const void* sinks = nullptr;       // [Hq] contiguous, accumulation dtype; null = no sinks
 
-  TensorRef q, k, v, pk, pv;         // pk/pv viewed as [T, Hkv, P, D] (T stride 0 when shared)
+  TensorRef q, k, v, pk, pv;         // q/k [.., D], v [.., Dv]; pk/pv viewed as [T, Hkv, P, D / Dv]
+                                     // (T stride 0 when shared)
   const uint8_t* kpm = nullptr;      // key padding mask [B, M], nonzero = attend; may be null
   int64_t kpm_s0 = 0, kpm_s1 = 0;
   const int64_t* ids = nullptr;      // prefix ids [B], contiguous; null = prefix 0 for every row
 
   // forward outputs
-  MutRef out;                        // [B, Hq, N, D], q's dtype
+  MutRef out;                        // [B, Hq, N, Dv], q's dtype
   void* lse = nullptr;               // [B, Hq, N] contiguous, float (double for fp64 inputs)
 
   // backward inputs
-  TensorRef dout, o;                 // [B, Hq, N, D]
+  TensorRef dout, o;                 // [B, Hq, N, Dv]
   const void* lse_in = nullptr;      // [B, Hq, N] contiguous, same type as lse
   // backward outputs (null = not needed)
   MutRef dq, dk, dv;                 // dq like q, dk/dv like k/v, input dtype
@@ -71,7 +77,7 @@ struct Params {
   const int64_t* chunk_off = nullptr;    // [n_chunks + 1]
   const int64_t* prefix_chunks = nullptr;  // [T + 1]: the chunks of prefix t are [prefix_chunks[t], prefix_chunks[t+1])
   // Chunk c's partial slot, or -1 when c is its prefix's only chunk (the task then writes
-  // dpk/dpv itself). Partials: [n_parts, Hkv, P, D] contiguous, accumulation dtype, summed per
+  // dpk/dpv itself). Partials: [n_parts, Hkv, P, D] (dpv: Dv) contiguous, accumulation dtype, summed per
   // prefix in chunk order by reduce_prefix.
   const int64_t* chunk_part = nullptr;
   void* dpk_part = nullptr;
@@ -94,8 +100,9 @@ struct Params {
   /* dst[t, hkv] = sum of the partials of prefix t's chunks, in chunk order, for */ \
   /* the pairs t * Hkv + hkv in [pair_begin, pair_end) (single-chunk prefixes are */ \
   /* skipped: their task wrote them; prefixes no row uses get zeros) */        \
-  void reduce_prefix(const Params& p, const void* part, MutRef dst, int64_t pair_begin, \
-                     int64_t pair_end);                                         \
+  /* (width: D for dpk, Dv for dpv) */                                        \
+  void reduce_prefix(const Params& p, const void* part, MutRef dst, int64_t width, \
+                     int64_t pair_begin, int64_t pair_end);                     \
   }
 
 PK_DECLARE_ISA(base)

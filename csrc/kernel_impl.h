@@ -7,9 +7,13 @@
 //   forward : one task per (batch row b, kv head g, block of BQ queries). The G = Hq / Hkv query
 //             heads of the group are stacked into one [G * BQ, D] matrix, so every K/V tile is
 //             read once per group (GQA is never expanded in memory). One online softmax spans the
-//             prefix tiles (never masked) and the sequence tiles (bottom-right causal). Sequence
-//             tiles are cut backwards from the last visible key, so only the first one or two
-//             straddle the diagonal; tiles past the diagonal and all-padding tiles are skipped.
+//             prefix tiles (never masked) and the sequence tiles (bottom-right causal, and the
+//             sliding window). Sequence tiles are cut backwards from the last visible key, so
+//             only the first one or two straddle the diagonal, down to the first key of the
+//             block's window; tiles past the diagonal, before the window and all-padding tiles
+//             are skipped (work ~ N * min(W, M)). Softcap applies to every score tile; the sinks
+//             join each row's denominator at the end (lse includes them).
+//             v / prefix_v / out rows have their own head dim Dv.
 //   backward: one task per (chunk of rows, g); for each row of the chunk (ascending), loops over
 //             query blocks, then key tiles, recomputing P = min(exp(S - lse), 1) (the clamp
 //             bounds P where the fp32 lse is coarse: logits ~1e9). dK/dV of the row's sequence
@@ -20,6 +24,7 @@
 //             alone, so results are deterministic and independent of the thread count, and the
 //             partials are O(chunks * P * D), not O(B * P * D).
 //             Prefix tiles are visited only for dq / dprefix, sequence tiles only for dq / dk / dv.
+//             The sinks' gradient is not computed here (prefix_attention.cpp: from out and lse).
 // Tile products go through Params::sgemm / dgemm (MKL or ATen), except the forward's few-row
 // (decode) tiles, done here straight from the K/V rows. Elementwise work (masking, max, exp2,
 // rescaling, dS) uses GCC/Clang vector extensions. Work is dealt round-robin to Params::num_slots
@@ -280,6 +285,52 @@ inline void ds_row(float* dp, const float* p, int64_t n, float delta) {
   for (; i < n; ++i) dp[i] = p[i] * (dp[i] - delta);
 }
 
+// Softcap (Gemma 2) of a score row: x[i] = cap * tanh(x[i] / cap); dcap[i] = 1 - tanh^2, the
+// derivative, when dcap is not null. fp32: Cephes' tanhf (relative error ~2e-7, so a capped score
+// is as exact as an uncapped one whatever the cap): an odd polynomial for |a| < 0.625, else
+// 1 - 2 / (e^(2|a|) + 1) through exp2_v; fp64: libm.
+inline void softcap_row(double* x, int64_t n, double cap, double* dcap) {
+  for (int64_t i = 0; i < n; ++i) {
+    const double t = std::tanh(x[i] / cap);
+    x[i] = cap * t;
+    if (dcap != nullptr) dcap[i] = 1.0 - t * t;
+  }
+}
+inline vf tanh_v(vf x) {
+  const vf zero = splat(0.0f);
+  const vf ax = x < zero ? -x : x;
+  const vf big = 1.0f - 2.0f / (exp2_v(ax * float(2.0 * kLog2e)) + 1.0f);
+  const vf z = x * x;
+  vf poly = splat(-5.70498872745e-3f);
+  poly = poly * z + 2.06390887954e-2f;
+  poly = poly * z - 5.37397155531e-2f;
+  poly = poly * z + 1.33314422036e-1f;
+  poly = poly * z - 3.33332819422e-1f;
+  const vf small = poly * z * x + x;
+  return ax < splat(0.625f) ? small : (x < zero ? -big : big);
+}
+inline void softcap_row(float* x, int64_t n, float cap, float* dcap) {
+  const vf vc = splat(cap), vinv = splat(1.0f / cap);
+  for (int64_t i = 0; i < n; i += kW) {
+    const int64_t m = std::min<int64_t>(kW, n - i);
+    const vf t = tanh_v((m == kW ? loadu(x + i) : load_tail(x + i, m, 0.0f)) * vinv);
+    const vf d = 1.0f - t * t;
+    if (m == kW) {
+      storeu(x + i, vc * t);
+      if (dcap != nullptr) storeu(dcap + i, d);
+    } else {
+      store_tail(x + i, vc * t, m);
+      if (dcap != nullptr) store_tail(dcap + i, d, m);
+    }
+  }
+}
+
+// x[i] *= y[i]
+template <typename acc_t>
+inline void mul_row(acc_t* x, const acc_t* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] *= y[i];
+}
+
 template <typename acc_t>
 inline void scale_row(acc_t* x, int64_t n, acc_t a) {
   for (int64_t i = 0; i < n; ++i) x[i] *= a;
@@ -387,41 +438,44 @@ inline int64_t round_up16(int64_t n) { return (n + 15) / 16 * 16; }
 template <typename in_t, typename acc_t>
 struct Attention {
   const Params& p;
-  const int64_t D, G, BQ, BK, nqb, R_max;
+  const int64_t D, Dv, G, BQ, BK, nqb, R_max;
   const acc_t qscale;   // scale * log2(e): scores come out in the log2 domain
+  const acc_t cap2;     // softcap * log2(e) (the cap in the log2 domain); 0 = no softcap
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
 
   explicit Attention(const Params& params)
-      : p(params), D(params.D), G(params.G), BQ(params.block_q), BK(params.block_k),
+      : p(params), D(params.D), Dv(params.Dv), G(params.G), BQ(params.block_q), BK(params.block_k),
         nqb(params.N > 0 ? (params.N + params.block_q - 1) / params.block_q : 0),
-        R_max(params.G * params.block_q), qscale(acc_t(params.scale * kLog2e)) {}
+        R_max(params.G * params.block_q), qscale(acc_t(params.scale * kLog2e)),
+        cap2(acc_t(params.softcap * kLog2e)) {}
 
   static bool ld_ok(int64_t ld, int64_t d) { return ld >= d && ld <= 0x7fffffff; }
 
-  // Rows [row0, row0 + n) of t[i0, i1] as a row-major [n, D] acc_t matrix with leading
-  // dimension *ld: the input itself when it already is one, else packed into buf.
+  // Rows [row0, row0 + n) of t[i0, i1] (rows of `width` elements) as a row-major acc_t matrix
+  // with leading dimension *ld: the input itself when it already is one, else packed into buf.
   const acc_t* tile(const TensorRef& t, int64_t i0, int64_t i1, int64_t row0, int64_t n,
-                    acc_t* buf, int64_t* ld) const {
+                    int64_t width, acc_t* buf, int64_t* ld) const {
     const in_t* base = static_cast<const in_t*>(t.data) + i0 * t.s[0] + i1 * t.s[1] + row0 * t.s[2];
     if constexpr (std::is_same<in_t, acc_t>::value) {
-      if (t.s[3] == 1 && ld_ok(t.s[2], D)) {
+      if (t.s[3] == 1 && ld_ok(t.s[2], width)) {
         *ld = t.s[2];
         return base;
       }
     }
-    for (int64_t r = 0; r < n; ++r) load_row<in_t, acc_t>(buf + r * D, base + r * t.s[2], t.s[3], D, acc_t(1));
-    *ld = D;
+    for (int64_t r = 0; r < n; ++r)
+      load_row<in_t, acc_t>(buf + r * width, base + r * t.s[2], t.s[3], width, acc_t(1));
+    *ld = width;
     return buf;
   }
 
-  // Stacks the query rows of the group's G heads: row r = hh * nq + i.
-  void pack_rows(const TensorRef& t, int64_t b, int64_t hkv, int64_t i0, int64_t nq, acc_t* dst,
-                 acc_t mul) const {
+  // Stacks the query rows (of `width` elements) of the group's G heads: row r = hh * nq + i.
+  void pack_rows(const TensorRef& t, int64_t b, int64_t hkv, int64_t i0, int64_t nq, int64_t width,
+                 acc_t* dst, acc_t mul) const {
     for (int64_t hh = 0; hh < G; ++hh) {
       const int64_t h = hkv * G + hh;
       const in_t* base = static_cast<const in_t*>(t.data) + b * t.s[0] + h * t.s[1];
       for (int64_t i = 0; i < nq; ++i)
-        load_row<in_t, acc_t>(dst + (hh * nq + i) * D, base + (i0 + i) * t.s[2], t.s[3], D, mul);
+        load_row<in_t, acc_t>(dst + (hh * nq + i) * width, base + (i0 + i) * t.s[2], t.s[3], width, mul);
     }
   }
 
@@ -438,19 +492,66 @@ struct Attention {
     return nk - nh;
   }
 
-  // -inf on the hidden columns and, for causal diagonal tiles, on keys j > qpos0 + i.
-  void apply_masks(acc_t* S, int64_t nq, int64_t nk, int64_t j0, int64_t qpos0, bool causal_tile,
+  // The sequence keys [key_lo(i), key_hi(i)) the query at position i may see (before padding):
+  // bottom-right causal and/or the sliding window.
+  int64_t key_lo(int64_t i) const { return p.window > 0 ? i - p.window + 1 : 0; }
+  int64_t key_hi(int64_t i) const {
+    return p.causal ? i + 1 : (p.window > 0 ? i + p.window : p.M);
+  }
+
+  // Calls f(j0, nk, bounded, n_hidden) for the key tiles the queries at positions
+  // [qpos0, qpos0 + nq) of row b see, in a fixed order (forward and backward cut the same tiles):
+  // backwards from the last visible key, so the causal diagonal sits in the first tile, and down
+  // to the first key of the earliest query's window (tiles no query sees are never visited, so
+  // the work grows with the window, not with M). All-padding tiles are skipped. `bounded`: some
+  // query of the block sees only part of the tile (apply_masks must cut its rows).
+  template <typename F>
+  void for_each_key_tile(int64_t b, int64_t qpos0, int64_t nq, int32_t* hidden, F&& f) const {
+    const int64_t lo = std::max<int64_t>(0, key_lo(qpos0)), hi = std::min(p.M, key_hi(qpos0 + nq - 1));
+    for (int64_t end = hi; end > lo; end -= BK) {
+      const int64_t j0 = std::max(lo, end - BK), nk = end - j0;
+      int64_t n_hidden = 0;
+      if (padding(b, j0, nk, hidden, &n_hidden) == 0) continue;  // all padding: no weight
+      const bool bounded = j0 < key_lo(qpos0 + nq - 1) || end > key_hi(qpos0);
+      f(j0, nk, bounded, n_hidden);
+    }
+  }
+
+  // -inf on the hidden columns and, for bounded tiles, outside each query's [key_lo, key_hi).
+  void apply_masks(acc_t* S, int64_t nq, int64_t nk, int64_t j0, int64_t qpos0, bool bounded,
                    const int32_t* hidden, int64_t n_hidden) const {
     for (int64_t hh = 0; hh < G; ++hh) {
       for (int64_t i = 0; i < nq; ++i) {
         acc_t* s = S + (hh * nq + i) * nk;
         for (int64_t c = 0; c < n_hidden; ++c) s[hidden[c]] = ninf;
-        if (causal_tile) {
-          const int64_t first_hidden = std::max<int64_t>(qpos0 + i + 1 - j0, 0);
-          for (int64_t c = first_hidden; c < nk; ++c) s[c] = ninf;
+        if (bounded) {
+          const int64_t c_lo = std::clamp<int64_t>(key_lo(qpos0 + i) - j0, 0, nk);
+          const int64_t c_hi = std::clamp<int64_t>(key_hi(qpos0 + i) - j0, c_lo, nk);
+          fill(s, c_lo, ninf);
+          fill(s + c_hi, nk - c_hi, ninf);
         }
       }
     }
+  }
+
+  // S[R, nk] = the scores (log2 domain) of the R = G * nq stacked query rows Qs against the keys
+  // Kp: softcapped (dcap[R, nk] := the softcap's derivative when dcap is not null), then masked.
+  // The forward and the backward compute their scores here, the same way (with the same
+  // product for few-row tiles): where the fp32 lse is coarse (huge logits) the backward's P then
+  // still comes out right for the row's top keys.
+  void scores(const acc_t* Qs, int64_t nq, const acc_t* Kp, int64_t ldk, int64_t nk, int64_t j0,
+              int64_t qpos0, bool bounded, const int32_t* hidden, int64_t n_hidden, acc_t* S,
+              acc_t* dcap) const {
+    const int64_t R = G * nq;
+    constexpr bool fp32 = std::is_same<acc_t, float>::value;
+    const bool small = fp32 && R <= kSmallRows;
+    if constexpr (fp32) {
+      if (small) small_nt(R, nk, D, Qs, Kp, ldk, S);
+    }
+    if (!small) gemm(p, false, true, R, nk, D, acc_t(1), Qs, D, Kp, ldk, acc_t(0), S, nk);
+    if (cap2 > acc_t(0))
+      for (int64_t r = 0; r < R; ++r) softcap_row(S + r * nk, nk, cap2, dcap ? dcap + r * nk : nullptr);
+    if (bounded || n_hidden > 0) apply_masks(S, nq, nk, j0, qpos0, bounded, hidden, n_hidden);
   }
 
   int64_t prefix_of(int64_t b) const { return p.ids != nullptr ? p.ids[b] : 0; }
@@ -462,16 +563,10 @@ struct Attention {
   };
 
   void forward_block(FwdWs& w, int64_t nq, const acc_t* Kp, int64_t ldk, const acc_t* Vp,
-                     int64_t ldv, int64_t nk, int64_t j0, int64_t qpos0, bool causal_tile,
+                     int64_t ldv, int64_t nk, int64_t j0, int64_t qpos0, bool bounded,
                      int64_t n_hidden) const {
     const int64_t R = G * nq;
-    constexpr bool fp32 = std::is_same<acc_t, float>::value;
-    const bool small = fp32 && R <= kSmallRows;
-    if constexpr (fp32) {
-      if (small) small_nt(R, nk, D, w.Qs, Kp, ldk, w.S);
-    }
-    if (!small) gemm(p, false, true, R, nk, D, acc_t(1), w.Qs, D, Kp, ldk, acc_t(0), w.S, nk);
-    if (causal_tile || n_hidden > 0) apply_masks(w.S, nq, nk, j0, qpos0, causal_tile, w.hidden, n_hidden);
+    scores(w.Qs, nq, Kp, ldk, nk, j0, qpos0, bounded, w.hidden, n_hidden, w.S, nullptr);
     for (int64_t r = 0; r < R; ++r) {
       acc_t* s = w.S + r * nk;
       const acc_t mx = row_max(s, nk);
@@ -481,18 +576,21 @@ struct Attention {
       const acc_t rs = exp2_sub_sum(s, nk, m_use);
       w.l[r] = w.l[r] * alpha + rs;
       w.m[r] = m_new;
-      if (alpha != acc_t(1)) scale_row(w.O + r * D, D, alpha);
+      if (alpha != acc_t(1)) scale_row(w.O + r * Dv, Dv, alpha);
     }
-    if constexpr (fp32) {
-      if (small) small_nn(R, nk, D, w.S, Vp, ldv, w.O);
+    if constexpr (std::is_same<acc_t, float>::value) {
+      if (R <= kSmallRows) {
+        small_nn(R, nk, Dv, w.S, Vp, ldv, w.O);
+        return;
+      }
     }
-    if (!small) gemm(p, false, false, R, D, nk, acc_t(1), w.S, nk, Vp, ldv, acc_t(1), w.O, D);
+    gemm(p, false, false, R, Dv, nk, acc_t(1), w.S, nk, Vp, ldv, acc_t(1), w.O, Dv);
   }
 
   void forward_task(FwdWs& w, int64_t b, int64_t hkv, int64_t qb) const {
     const int64_t i0 = qb * BQ, nq = std::min(BQ, p.N - i0), R = G * nq;
-    pack_rows(p.q, b, hkv, i0, nq, w.Qs, qscale);
-    fill(w.O, R * D, acc_t(0));
+    pack_rows(p.q, b, hkv, i0, nq, D, w.Qs, qscale);
+    fill(w.O, R * Dv, acc_t(0));
     fill(w.m, R, ninf);
     fill(w.l, R, acc_t(0));
     int64_t ldk = 0, ldv = 0;
@@ -500,40 +598,43 @@ struct Attention {
       const int64_t t = prefix_of(b);
       for (int64_t p0 = 0; p0 < p.P; p0 += BK) {
         const int64_t np = std::min(BK, p.P - p0);
-        const acc_t* Kp = tile(p.pk, t, hkv, p0, np, w.Kb, &ldk);
-        const acc_t* Vp = tile(p.pv, t, hkv, p0, np, w.Vb, &ldv);
+        const acc_t* Kp = tile(p.pk, t, hkv, p0, np, D, w.Kb, &ldk);
+        const acc_t* Vp = tile(p.pv, t, hkv, p0, np, Dv, w.Vb, &ldv);
         forward_block(w, nq, Kp, ldk, Vp, ldv, np, 0, 0, false, 0);
       }
     }
     const int64_t qpos0 = p.M - p.N + i0;
-    const int64_t kend = p.causal ? std::min(p.M, qpos0 + nq) : p.M;
-    // Key tiles are cut backwards from the end of the visible range, so the causal diagonal
-    // sits in the first tile and wastes only a triangle of about nq x nq / 2 scores.
-    for (int64_t hi = kend; hi > 0; hi -= BK) {
-      const int64_t j0 = std::max<int64_t>(0, hi - BK), nk = hi - j0;
-      int64_t n_hidden = 0;
-      if (padding(b, j0, nk, w.hidden, &n_hidden) == 0) continue;  // all padding: no weight
-      const bool causal_tile = p.causal && j0 + nk - 1 > qpos0;
-      const acc_t* Kp = tile(p.k, b, hkv, j0, nk, w.Kb, &ldk);
-      const acc_t* Vp = tile(p.v, b, hkv, j0, nk, w.Vb, &ldv);
-      forward_block(w, nq, Kp, ldk, Vp, ldv, nk, j0, qpos0, causal_tile, n_hidden);
-    }
+    for_each_key_tile(b, qpos0, nq, w.hidden, [&](int64_t j0, int64_t nk, bool bounded, int64_t n_hidden) {
+      const acc_t* Kp = tile(p.k, b, hkv, j0, nk, D, w.Kb, &ldk);
+      const acc_t* Vp = tile(p.v, b, hkv, j0, nk, Dv, w.Vb, &ldv);
+      forward_block(w, nq, Kp, ldk, Vp, ldv, nk, j0, qpos0, bounded, n_hidden);
+    });
     acc_t* lse = static_cast<acc_t*>(p.lse);
+    const acc_t* sinks = static_cast<const acc_t*>(p.sinks);
     for (int64_t hh = 0; hh < G; ++hh) {
       const int64_t h = hkv * G + hh;
       for (int64_t i = 0; i < nq; ++i) {
         const int64_t r = hh * nq + i;
-        // l = 0 exactly when the row saw no key (out = 0, lse = -inf); l >= 1 otherwise, or NaN
-        // when its scores hold NaN / +inf, which then flows into out and lse.
-        const bool seen = !(w.l[r] == acc_t(0));
-        const acc_t inv = seen ? acc_t(1) / w.l[r] : acc_t(0);
+        acc_t m = w.m[r], l = w.l[r], o_scale = acc_t(1);
+        if (sinks != nullptr) {  // the sink joins the denominator (log2 domain), with no value
+          const acc_t s = sinks[h] * acc_t(kLog2e);
+          const acc_t m_new = s > m ? s : m;
+          const acc_t m_use = m_new == ninf ? acc_t(0) : m_new;
+          o_scale = exp2_acc(m - m_use);
+          l = l * o_scale + exp2_acc(s - m_use);
+          m = m_new;
+        }
+        // l = 0 exactly when the row saw no key and no sink (out = 0, lse = -inf); l >= 1
+        // otherwise, or NaN when its scores hold NaN / +inf, which then flows into out and lse.
+        const bool seen = !(l == acc_t(0));
+        const acc_t inv = seen ? o_scale / l : acc_t(0);
         in_t* dst = static_cast<in_t*>(p.out.data) + b * p.out.s[0] + h * p.out.s[1] + (i0 + i) * p.out.s[2];
-        store_row<in_t, acc_t>(dst, p.out.s[3], w.O + r * D, D, inv);
+        store_row<in_t, acc_t>(dst, p.out.s[3], w.O + r * Dv, Dv, inv);
         // lse is rounded down (toward -inf), and so is the backward's lse2 from it: then the
         // recomputed P = min(2^(s - lse2), 1) of the row's top key stays in [1/l, 1] even where
         // the fp32 lse is coarser than 1 (logits ~1e9), instead of collapsing to 2^-100.
         lse[(b * p.Hq + h) * p.N + i0 + i] =
-            seen ? round_down<acc_t>(double(w.m[r]) * kLn2 + std::log(double(w.l[r]))) : ninf;
+            seen ? round_down<acc_t>(double(m) * kLn2 + std::log(double(l))) : ninf;
       }
     }
   }
@@ -541,14 +642,14 @@ struct Attention {
   void forward(int64_t slot_begin, int64_t slot_end) const {
     const int64_t n_bh = p.B * p.Hkv, n_tasks = n_bh * nqb;
     if (n_tasks == 0) return;
-    const int64_t RD = round_up16(R_max * D), RK = round_up16(R_max * BK), KD = round_up16(BK * D),
-                  Rr = round_up16(R_max);
-    Scratch<acc_t> buf(2 * RD + RK + 2 * Rr + 2 * KD);
+    const int64_t RD = round_up16(R_max * D), RDv = round_up16(R_max * Dv), RK = round_up16(R_max * BK),
+                  KD = round_up16(BK * D), KDv = round_up16(BK * Dv), Rr = round_up16(R_max);
+    Scratch<acc_t> buf(RD + RDv + RK + 2 * Rr + KD + KDv);
     Scratch<int32_t> hidden(BK);
     FwdWs w;
     w.Qs = buf.ptr;
     w.O = w.Qs + RD;
-    w.S = w.O + RD;
+    w.S = w.O + RDv;
     w.m = w.S + RK;
     w.l = w.m + Rr;
     w.Kb = w.l + Rr;
@@ -566,83 +667,80 @@ struct Attention {
 
   // ------------------------------------------------------------------ backward
   struct BwdWs {
-    acc_t *Qs, *dO, *dQ, *S, *dP, *delta, *lse2, *Kb, *Vb, *row, *dKw, *dVw, *dPKw, *dPVw;
+    acc_t *Qs, *dO, *dQ, *S, *dP, *dcap, *delta, *lse2, *Kb, *Vb, *row, *dKw, *dVw, *dPKw, *dPVw;
     int32_t* hidden;
   };
 
   void backward_block(BwdWs& w, int64_t nq, const acc_t* Kp, int64_t ldk, const acc_t* Vp,
-                      int64_t ldv, int64_t nk, int64_t j0, int64_t qpos0, bool causal_tile,
+                      int64_t ldv, int64_t nk, int64_t j0, int64_t qpos0, bool bounded,
                       int64_t n_hidden, acc_t* dKt, int64_t lddk, acc_t* dVt, int64_t lddv,
                       bool want_dq) const {
     const int64_t R = G * nq;
-    // S exactly as the forward computed it (the same product for few-row tiles), so that where the
-    // fp32 lse is coarse (huge logits) P still comes out right for the row's top keys.
-    constexpr bool fp32 = std::is_same<acc_t, float>::value;
-    const bool small = fp32 && R <= kSmallRows;
-    if constexpr (fp32) {
-      if (small) small_nt(R, nk, D, w.Qs, Kp, ldk, w.S);
-    }
-    if (!small) gemm(p, false, true, R, nk, D, acc_t(1), w.Qs, D, Kp, ldk, acc_t(0), w.S, nk);
-    if (causal_tile || n_hidden > 0) apply_masks(w.S, nq, nk, j0, qpos0, causal_tile, w.hidden, n_hidden);
+    const bool need_ds = dKt != nullptr || want_dq;
+    scores(w.Qs, nq, Kp, ldk, nk, j0, qpos0, bounded, w.hidden, n_hidden, w.S, need_ds ? w.dcap : nullptr);
     for (int64_t r = 0; r < R; ++r) exp2_sub_le1(w.S + r * nk, nk, w.lse2[r]);  // S := P
     if (dVt != nullptr)  // dV += P^T dO
-      gemm(p, true, false, nk, D, R, acc_t(1), w.S, nk, w.dO, D, acc_t(1), dVt, lddv);
-    if (dKt == nullptr && !want_dq) return;
-    gemm(p, false, true, R, nk, D, acc_t(1), w.dO, D, Vp, ldv, acc_t(0), w.dP, nk);  // dP = dO V^T
+      gemm(p, true, false, nk, Dv, R, acc_t(1), w.S, nk, w.dO, Dv, acc_t(1), dVt, lddv);
+    if (!need_ds) return;
+    gemm(p, false, true, R, nk, Dv, acc_t(1), w.dO, Dv, Vp, ldv, acc_t(0), w.dP, nk);  // dP = dO V^T
     for (int64_t r = 0; r < R; ++r) ds_row(w.dP + r * nk, w.S + r * nk, nk, w.delta[r]);  // dS
+    if (cap2 > acc_t(0)) mul_row(w.dP, w.dcap, R * nk);  // through the softcap: dS *= 1 - tanh^2
     if (dKt != nullptr)  // dK += scale dS^T Q = ln2 * dS^T Qs
       gemm(p, true, false, nk, D, R, acc_t(kLn2), w.dP, nk, w.Qs, D, acc_t(1), dKt, lddk);
     if (want_dq)  // dQ += dS K (times scale at the end)
       gemm(p, false, false, R, D, nk, acc_t(1), w.dP, nk, Kp, ldk, acc_t(1), w.dQ, D);
   }
 
-  // Accumulation target for dK or dV rows of (b, hkv): the output itself when it has the
-  // accumulation dtype and unit-stride rows, else the task's workspace (copied out at the end).
-  acc_t* grad_target(const MutRef& g, int64_t b, int64_t hkv, acc_t* ws, int64_t* ld) const {
+  // Accumulation target for dK (width D) or dV (width Dv) rows of (b, hkv): the output itself
+  // when it has the accumulation dtype and unit-stride rows, else the task's workspace (copied
+  // out at the end).
+  acc_t* grad_target(const MutRef& g, int64_t b, int64_t hkv, int64_t width, acc_t* ws, int64_t* ld) const {
     if constexpr (std::is_same<in_t, acc_t>::value) {
-      if (g.s[3] == 1 && ld_ok(g.s[2], D)) {
+      if (g.s[3] == 1 && ld_ok(g.s[2], width)) {
         acc_t* base = static_cast<acc_t*>(g.data) + b * g.s[0] + hkv * g.s[1];
         *ld = g.s[2];
-        for (int64_t j = 0; j < p.M; ++j) fill(base + j * g.s[2], D, acc_t(0));
+        for (int64_t j = 0; j < p.M; ++j) fill(base + j * g.s[2], width, acc_t(0));
         return base;
       }
     }
-    *ld = D;
-    fill(ws, p.M * D, acc_t(0));
+    *ld = width;
+    fill(ws, p.M * width, acc_t(0));
     return ws;
   }
 
-  void flush_grad(const MutRef& g, int64_t b, int64_t hkv, const acc_t* src, const acc_t* ws) const {
+  void flush_grad(const MutRef& g, int64_t b, int64_t hkv, int64_t width, const acc_t* src,
+                  const acc_t* ws) const {
     if (src != ws) return;  // accumulated in place
     in_t* base = static_cast<in_t*>(g.data) + b * g.s[0] + hkv * g.s[1];
-    for (int64_t j = 0; j < p.M; ++j) store_row<in_t, acc_t>(base + j * g.s[2], g.s[3], ws + j * D, D, acc_t(1));
+    for (int64_t j = 0; j < p.M; ++j)
+      store_row<in_t, acc_t>(base + j * g.s[2], g.s[3], ws + j * width, width, acc_t(1));
   }
 
-  // Stores a [P, D] prefix gradient (acc_t, contiguous) into dst[t, hkv].
-  void store_prefix(const MutRef& dst, int64_t t, int64_t hkv, const acc_t* src) const {
+  // Stores a [P, width] prefix gradient (acc_t, contiguous) into dst[t, hkv].
+  void store_prefix(const MutRef& dst, int64_t t, int64_t hkv, int64_t width, const acc_t* src) const {
     in_t* base = static_cast<in_t*>(dst.data) + t * dst.s[0] + hkv * dst.s[1];
     for (int64_t j = 0; j < p.P; ++j)
-      store_row<in_t, acc_t>(base + j * dst.s[2], dst.s[3], src + j * D, D, acc_t(1));
+      store_row<in_t, acc_t>(base + j * dst.s[2], dst.s[3], src + j * width, width, acc_t(1));
   }
 
   // Chunk c's rows (ascending), kv head hkv: their dq, dk, dv, and the sum of their prefix
   // gradients (in the chunk's partial slot, or written out when the chunk is its prefix's only one).
   void backward_chunk(BwdWs& w, int64_t c, int64_t hkv) const {
-    const int64_t PD = p.P * D, part = p.chunk_part[c];
+    const int64_t PD = p.P * D, PDv = p.P * Dv, part = p.chunk_part[c];
     acc_t* dpk = nullptr;
     acc_t* dpv = nullptr;
     if (p.dpk.data != nullptr)
       dpk = part >= 0 ? static_cast<acc_t*>(p.dpk_part) + (part * p.Hkv + hkv) * PD : w.dPKw;
     if (p.dpv.data != nullptr)
-      dpv = part >= 0 ? static_cast<acc_t*>(p.dpv_part) + (part * p.Hkv + hkv) * PD : w.dPVw;
+      dpv = part >= 0 ? static_cast<acc_t*>(p.dpv_part) + (part * p.Hkv + hkv) * PDv : w.dPVw;
     if (dpk) fill(dpk, PD, acc_t(0));
-    if (dpv) fill(dpv, PD, acc_t(0));
+    if (dpv) fill(dpv, PDv, acc_t(0));
     const int64_t i0 = p.chunk_off[c], i1 = p.chunk_off[c + 1];
     for (int64_t i = i0; i < i1; ++i) backward_row(w, p.chunk_rows[i], hkv, dpk, dpv);
     if (part < 0 && i1 > i0) {
       const int64_t t = prefix_of(p.chunk_rows[i0]);
-      if (dpk) store_prefix(p.dpk, t, hkv, dpk);
-      if (dpv) store_prefix(p.dpv, t, hkv, dpv);
+      if (dpk) store_prefix(p.dpk, t, hkv, D, dpk);
+      if (dpv) store_prefix(p.dpv, t, hkv, Dv, dpv);
     }
   }
 
@@ -653,24 +751,24 @@ struct Attention {
     // The prefix tiles matter for dq and the prefix grads; the sequence tiles for dq, dk, dv.
     const bool do_prefix = p.P > 0 && (need_dq || dpk || dpv);
     const bool do_seq = p.M > 0 && (need_dq || need_dk || need_dv);
-    int64_t lddk = D, lddv = D;
-    acc_t* dK = need_dk ? grad_target(p.dk, b, hkv, w.dKw, &lddk) : nullptr;
-    acc_t* dV = need_dv ? grad_target(p.dv, b, hkv, w.dVw, &lddv) : nullptr;
+    int64_t lddk = D, lddv = Dv;
+    acc_t* dK = need_dk ? grad_target(p.dk, b, hkv, D, w.dKw, &lddk) : nullptr;
+    acc_t* dV = need_dv ? grad_target(p.dv, b, hkv, Dv, w.dVw, &lddv) : nullptr;
     const acc_t* lse = static_cast<const acc_t*>(p.lse_in);
     const acc_t pinf = std::numeric_limits<acc_t>::infinity();
     int64_t ldk = 0, ldv = 0;
 
     for (int64_t qb = 0; qb < nqb && (do_prefix || do_seq); ++qb) {
       const int64_t i0 = qb * BQ, nq = std::min(BQ, p.N - i0), R = G * nq;
-      pack_rows(p.q, b, hkv, i0, nq, w.Qs, qscale);
-      pack_rows(p.dout, b, hkv, i0, nq, w.dO, acc_t(1));
+      pack_rows(p.q, b, hkv, i0, nq, D, w.Qs, qscale);
+      pack_rows(p.dout, b, hkv, i0, nq, Dv, w.dO, acc_t(1));
       for (int64_t hh = 0; hh < G; ++hh) {
         const int64_t h = hkv * G + hh;
         const in_t* obase = static_cast<const in_t*>(p.o.data) + b * p.o.s[0] + h * p.o.s[1];
         for (int64_t i = 0; i < nq; ++i) {
           const int64_t r = hh * nq + i;
-          load_row<in_t, acc_t>(w.row, obase + (i0 + i) * p.o.s[2], p.o.s[3], D, acc_t(1));
-          w.delta[r] = dot_row(w.dO + r * D, w.row, D);
+          load_row<in_t, acc_t>(w.row, obase + (i0 + i) * p.o.s[2], p.o.s[3], Dv, acc_t(1));
+          w.delta[r] = dot_row(w.dO + r * Dv, w.row, Dv);
           const acc_t l = lse[(b * p.Hq + h) * p.N + i0 + i];
           // A row that saw nothing (lse = -inf): P = 2^(s - inf) = 0, so all its grads are 0.
           w.lse2[r] = l == ninf ? pinf : round_down<acc_t>(double(l) * kLog2e);
@@ -681,26 +779,21 @@ struct Attention {
         const int64_t t = prefix_of(b);
         for (int64_t p0 = 0; p0 < p.P; p0 += BK) {
           const int64_t np = std::min(BK, p.P - p0);
-          const acc_t* Kp = tile(p.pk, t, hkv, p0, np, w.Kb, &ldk);
-          const acc_t* Vp = tile(p.pv, t, hkv, p0, np, w.Vb, &ldv);
+          const acc_t* Kp = tile(p.pk, t, hkv, p0, np, D, w.Kb, &ldk);
+          const acc_t* Vp = tile(p.pv, t, hkv, p0, np, Dv, w.Vb, &ldv);
           backward_block(w, nq, Kp, ldk, Vp, ldv, np, 0, 0, false, 0,
-                         dpk ? dpk + p0 * D : nullptr, D, dpv ? dpv + p0 * D : nullptr, D, need_dq);
+                         dpk ? dpk + p0 * D : nullptr, D, dpv ? dpv + p0 * Dv : nullptr, Dv, need_dq);
         }
       }
       if (do_seq) {
         const int64_t qpos0 = p.M - p.N + i0;
-        const int64_t kend = p.causal ? std::min(p.M, qpos0 + nq) : p.M;
-        for (int64_t hi = kend; hi > 0; hi -= BK) {  // same tiles as the forward
-          const int64_t j0 = std::max<int64_t>(0, hi - BK), nk = hi - j0;
-          int64_t n_hidden = 0;
-          if (padding(b, j0, nk, w.hidden, &n_hidden) == 0) continue;
-          const bool causal_tile = p.causal && j0 + nk - 1 > qpos0;
-          const acc_t* Kp = tile(p.k, b, hkv, j0, nk, w.Kb, &ldk);
-          const acc_t* Vp = tile(p.v, b, hkv, j0, nk, w.Vb, &ldv);
-          backward_block(w, nq, Kp, ldk, Vp, ldv, nk, j0, qpos0, causal_tile, n_hidden,
+        for_each_key_tile(b, qpos0, nq, w.hidden, [&](int64_t j0, int64_t nk, bool bounded, int64_t n_hidden) {
+          const acc_t* Kp = tile(p.k, b, hkv, j0, nk, D, w.Kb, &ldk);
+          const acc_t* Vp = tile(p.v, b, hkv, j0, nk, Dv, w.Vb, &ldv);
+          backward_block(w, nq, Kp, ldk, Vp, ldv, nk, j0, qpos0, bounded, n_hidden,
                          dK ? dK + j0 * lddk : nullptr, lddk, dV ? dV + j0 * lddv : nullptr, lddv,
                          need_dq);
-        }
+        });
       }
       if (need_dq) {
         const acc_t sc = acc_t(p.scale);
@@ -720,45 +813,49 @@ struct Attention {
         for (int64_t i = 0; i < p.N; ++i) store_row<in_t, acc_t>(base + i * p.dq.s[2], p.dq.s[3], w.row, D, acc_t(1));
       }
     }
-    if (need_dk) flush_grad(p.dk, b, hkv, dK, w.dKw);
-    if (need_dv) flush_grad(p.dv, b, hkv, dV, w.dVw);
+    if (need_dk) flush_grad(p.dk, b, hkv, D, dK, w.dKw);
+    if (need_dv) flush_grad(p.dv, b, hkv, Dv, dV, w.dVw);
   }
 
   void backward(int64_t slot_begin, int64_t slot_end) const {
     const int64_t n_tasks = p.n_chunks * p.Hkv;
     if (n_tasks == 0) return;
-    const int64_t RD = round_up16(R_max * D), RK = round_up16(R_max * BK), KD = round_up16(BK * D),
-                  Rr = round_up16(R_max), Dr = round_up16(D);
-    bool ws_dk = p.dk.data != nullptr, ws_dv = p.dv.data != nullptr;
-    bool ws_dpk = p.dpk.data != nullptr, ws_dpv = p.dpv.data != nullptr;
-    const int64_t MD = round_up16(p.M * D), PD = round_up16(p.P * D);
-    Scratch<acc_t> buf(3 * RD + 2 * RK + 2 * Rr + 2 * KD + Dr + (ws_dk ? MD : 0) + (ws_dv ? MD : 0) +
-                       (ws_dpk ? PD : 0) + (ws_dpv ? PD : 0));
+    const int64_t RD = round_up16(R_max * D), RDv = round_up16(R_max * Dv), RK = round_up16(R_max * BK),
+                  KD = round_up16(BK * D), KDv = round_up16(BK * Dv), Rr = round_up16(R_max),
+                  Dr = round_up16(std::max(D, Dv));
+    const int64_t dcap_n = cap2 > acc_t(0) ? RK : 0;
+    const int64_t dk_n = p.dk.data != nullptr ? round_up16(p.M * D) : 0;
+    const int64_t dv_n = p.dv.data != nullptr ? round_up16(p.M * Dv) : 0;
+    const int64_t dpk_n = p.dpk.data != nullptr ? round_up16(p.P * D) : 0;
+    const int64_t dpv_n = p.dpv.data != nullptr ? round_up16(p.P * Dv) : 0;
+    Scratch<acc_t> buf(2 * RD + RDv + 2 * RK + dcap_n + 2 * Rr + KD + KDv + Dr + dk_n + dv_n + dpk_n + dpv_n);
     Scratch<int32_t> hidden(BK);
     BwdWs w;
     w.Qs = buf.ptr;
     w.dO = w.Qs + RD;
-    w.dQ = w.dO + RD;
+    w.dQ = w.dO + RDv;
     w.S = w.dQ + RD;
     w.dP = w.S + RK;
-    w.delta = w.dP + RK;
+    w.dcap = w.dP + RK;
+    w.delta = w.dcap + dcap_n;
     w.lse2 = w.delta + Rr;
     w.Kb = w.lse2 + Rr;
     w.Vb = w.Kb + KD;
-    w.row = w.Vb + KD;
+    w.row = w.Vb + KDv;
     w.dKw = w.row + Dr;
-    w.dVw = w.dKw + (ws_dk ? MD : 0);
-    w.dPKw = w.dVw + (ws_dv ? MD : 0);
-    w.dPVw = w.dPKw + (ws_dpk ? PD : 0);
+    w.dVw = w.dKw + dk_n;
+    w.dPKw = w.dVw + dv_n;
+    w.dPVw = w.dPKw + dpk_n;
     w.hidden = hidden.ptr;
     for (int64_t slot = slot_begin; slot < slot_end; ++slot)
       for (int64_t t = slot; t < n_tasks; t += p.num_slots) backward_chunk(w, t / p.Hkv, t % p.Hkv);
   }
 
   // ------------------------------------------------------------------ prefix reduction
-  void reduce_prefix(const void* part_v, MutRef dst, int64_t pair_begin, int64_t pair_end) const {
+  void reduce_prefix(const void* part_v, MutRef dst, int64_t width, int64_t pair_begin,
+                     int64_t pair_end) const {
     const acc_t* part = static_cast<const acc_t*>(part_v);
-    const int64_t PD = p.P * D;
+    const int64_t PD = p.P * width;
     Scratch<acc_t> acc(PD);
     for (int64_t pair = pair_begin; pair < pair_end; ++pair) {
       const int64_t t = pair / p.Hkv, hkv = pair % p.Hkv;
@@ -769,7 +866,7 @@ struct Attention {
         const acc_t* src = part + (p.chunk_part[c] * p.Hkv + hkv) * PD;
         for (int64_t e = 0; e < PD; ++e) acc.ptr[e] += src[e];
       }
-      store_prefix(dst, t, hkv, acc.ptr);
+      store_prefix(dst, t, hkv, width, acc.ptr);
     }
   }
 };
@@ -794,8 +891,9 @@ void backward_slots(const Params& p, int64_t slot_begin, int64_t slot_end) {
   dispatch(p, [&](const auto& a) { a.backward(slot_begin, slot_end); });
 }
 
-void reduce_prefix(const Params& p, const void* part, MutRef dst, int64_t pair_begin, int64_t pair_end) {
-  dispatch(p, [&](const auto& a) { a.reduce_prefix(part, dst, pair_begin, pair_end); });
+void reduce_prefix(const Params& p, const void* part, MutRef dst, int64_t width, int64_t pair_begin,
+                   int64_t pair_end) {
+  dispatch(p, [&](const auto& a) { a.reduce_prefix(part, dst, width, pair_begin, pair_end); });
 }
 
 }  // namespace PK_ISA

@@ -1,9 +1,11 @@
 // prefix_kernels C++ CPU op: argument checks, output allocation, BLAS selection, threading and
 // the torch.library registration of
-//   prefix_kernels::fwd_cpu(q, k, v, prefix_k, prefix_v, key_padding_mask?, prefix_ids?, causal, scale)
-//       -> (out [B,Hq,N,D] like q, lse [B,Hq,N] fp32 (fp64 for fp64 inputs))
+//   prefix_kernels::fwd_cpu(q, k, v, prefix_k, prefix_v, key_padding_mask?, prefix_ids?, causal, scale,
+//       sliding_window?, softcap?, sinks?)
+//       -> (out [B,Hq,N,Dv] in q's layout, lse [B,Hq,N] fp32 (fp64 for fp64 inputs), natural log)
 //   prefix_kernels::bwd_cpu(grad_out, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask?,
-//       prefix_ids?, causal, scale, output_mask[5]) -> (dq, dk, dv, dprefix_k, dprefix_v)
+//       prefix_ids?, causal, scale, output_mask, sliding_window?, softcap?, sinks?)
+//       -> [dq, dk, dv, dprefix_k, dprefix_v] (output_mask of 5) or [..., dsinks] (of 6: sinks given)
 //       (a gradient not asked for in output_mask comes back as an empty [0] tensor)
 //   prefix_kernels::cpu_build_info() -> str
 // The kernels themselves live in kernel_impl.h (built as kernel_base.cpp and kernel_avx2.cpp).
@@ -183,23 +185,36 @@ MutRef mut(const Tensor& t) {
   return r;
 }
 
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
 // Keeps alive the converted helper tensors the Params point into.
 struct Prepared {
   Params p;
-  Tensor ids;  // int64 contiguous
-  Tensor kpm;  // bool
+  Tensor ids;    // int64 contiguous
+  Tensor kpm;    // bool
+  Tensor sinks;  // [Hq] accumulation dtype, contiguous
+};
+
+// The optional features (see Params): sliding_window, softcap, sinks.
+struct Features {
+  std::optional<int64_t> sliding_window;
+  std::optional<double> softcap;
+  std::optional<Tensor> sinks;
 };
 
 Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& pk,
                  const Tensor& pv, const std::optional<Tensor>& key_padding_mask,
-                 const std::optional<Tensor>& prefix_ids, bool causal, double scale) {
+                 const std::optional<Tensor>& prefix_ids, bool causal, double scale,
+                 const Features& features) {
   TORCH_CHECK(q.dim() == 4, "prefix_kernels cpu: q must be [B, Hq, N, D], got ", shape_str(q));
   const int64_t B = q.size(0), Hq = q.size(1), N = q.size(2), D = q.size(3);
   TORCH_CHECK(k.dim() == 4 && k.size(0) == B && k.size(3) == D,
               "prefix_kernels cpu: k must be [B=", B, ", Hkv, M, D=", D, "], got ", shape_str(k));
-  TORCH_CHECK(v.sizes() == k.sizes(), "prefix_kernels cpu: v must have k's shape ", shape_str(k),
-              ", got ", shape_str(v));
   const int64_t Hkv = k.size(1), M = k.size(2);
+  TORCH_CHECK(v.dim() == 4 && v.size(0) == B && v.size(1) == Hkv && v.size(2) == M && v.size(3) >= 1,
+              "prefix_kernels cpu: v must be [B=", B, ", Hkv=", Hkv, ", M=", M,
+              ", Dv] with Dv >= 1 (k's shape but its own head dim), got ", shape_str(v));
+  const int64_t Dv = v.size(3);
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "prefix_kernels cpu: q's head count Hq=", Hq,
               " must be a multiple of k's head count Hkv=", Hkv);
   TORCH_CHECK(D >= 1, "prefix_kernels cpu: head dim D must be >= 1, got q ", shape_str(q));
@@ -209,8 +224,10 @@ Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor
               ", P, D=", D, "] or [T, Hkv=", Hkv, ", P, D=", D, "], got ", shape_str(pk));
   TORCH_CHECK(pk.size(-3) == Hkv && pk.size(-1) == D, "prefix_kernels cpu: prefix_k must be [Hkv=",
               Hkv, ", P, D=", D, "] or [T, Hkv=", Hkv, ", P, D=", D, "], got ", shape_str(pk));
-  TORCH_CHECK(pv.sizes() == pk.sizes(), "prefix_kernels cpu: prefix_v must have prefix_k's shape ",
-              shape_str(pk), ", got ", shape_str(pv));
+  TORCH_CHECK(pv.dim() == pk.dim() && pv.sizes().slice(0, pk.dim() - 1) == pk.sizes().slice(0, pk.dim() - 1) &&
+                  pv.size(-1) == Dv,
+              "prefix_kernels cpu: prefix_v must have prefix_k's shape ", shape_str(pk),
+              " with v's head dim Dv=", Dv, " last, got ", shape_str(pv));
   const int64_t T = pk.dim() == 4 ? pk.size(0) : 1, P = pk.size(-2);
   // A bank of no prefixes is fine for an empty batch only (nothing to compute, empty grads).
   TORCH_CHECK(T >= 1 || B == 0, "prefix_kernels cpu: prefix_k holds no prefix (T=0): ", shape_str(pk));
@@ -223,13 +240,32 @@ Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor
                 " must have q's dtype ", q.scalar_type(), ", got ", t->scalar_type());
   }
   TORCH_CHECK(std::isfinite(scale) && scale > 0, "prefix_kernels cpu: scale must be a positive finite float, got ", scale);
+  if (features.sliding_window.has_value())
+    TORCH_CHECK(*features.sliding_window >= 1, "prefix_kernels cpu: sliding_window must be an int >= 1 (or None), got ",
+                *features.sliding_window);
+  if (features.softcap.has_value())
+    TORCH_CHECK(std::isfinite(*features.softcap) && *features.softcap > 0,
+                "prefix_kernels cpu: softcap must be a positive finite float (or None), got ", *features.softcap);
 
   Prepared out;
   Params& p = out.p;
   p.dtype = dtype_of(q);
-  p.B = B; p.Hq = Hq; p.Hkv = Hkv; p.G = Hq / Hkv; p.N = N; p.M = M; p.P = P; p.D = D; p.T = T;
+  p.B = B; p.Hq = Hq; p.Hkv = Hkv; p.G = Hq / Hkv; p.N = N; p.M = M; p.P = P; p.D = D; p.Dv = Dv; p.T = T;
   p.causal = causal;
   p.scale = scale;
+  p.window = features.sliding_window.value_or(0);
+  p.softcap = features.softcap.value_or(0.0);
+  if (features.sinks.has_value()) {
+    const Tensor& s = *features.sinks;
+    TORCH_CHECK(s.dim() == 1 && s.size(0) == Hq, "prefix_kernels cpu: sinks must be [Hq=", Hq,
+                "] (one logit per query head), got ", shape_str(s));
+    TORCH_CHECK(s.scalar_type() == q.scalar_type() || s.scalar_type() == at::kFloat,
+                "prefix_kernels cpu: sinks must have q's dtype ", q.scalar_type(), " or float32, got ",
+                s.scalar_type());
+    TORCH_CHECK(s.device().is_cpu(), "prefix_kernels cpu: sinks must be a CPU tensor, got ", s.device());
+    out.sinks = s.to(acc_type(q.scalar_type())).contiguous();
+    p.sinks = Hq > 0 ? out.sinks.data_ptr() : nullptr;
+  }
   if (B * Hq * N > 0) {  // data pointers of empty tensors are never read
     p.q = ref(q);
     p.k = ref(k);
@@ -294,8 +330,6 @@ void run_slots(Params& p, int64_t n_tasks, F&& body) {
   });
 }
 
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 // Backward chunks (see Params::chunk_*): rows ordered by prefix id, then row; each prefix's rows
 // cut into ceil(rows / per_chunk) balanced chunks of consecutive rows, per_chunk = ceil(B / target)
 // with target = clamp(ceil(64 / Hkv), 8, B) chunks (about 64 (chunk, kv head) tasks, for
@@ -332,7 +366,7 @@ Chunks make_chunks(const Params& p, bool prefix_grads, int64_t acc_bytes) {
   for (int64_t t = 0; t < T; ++t) count[t + 1] += count[t];
   std::vector<int64_t> first(count.begin(), count.end() - 1);
   for (int64_t b = 0; b < B; ++b) c.rows[first[id(b)]++] = b;
-  const int64_t chunk_bytes = std::max<int64_t>(1, p.Hkv * p.P * p.D * acc_bytes);
+  const int64_t chunk_bytes = std::max<int64_t>(1, p.Hkv * p.P * std::max(p.D, p.Dv) * acc_bytes);
   const int64_t target = std::max<int64_t>(1, std::min({B, std::max(kMinChunks, (kChunkTasks + p.Hkv - 1) / p.Hkv),
                                                         kPartialBytes / chunk_bytes}));
   const int64_t per_chunk = (B + target - 1) / target;
@@ -349,14 +383,31 @@ Chunks make_chunks(const Params& p, bool prefix_grads, int64_t acc_bytes) {
   return c;
 }
 
+// out [B, Hq, N, Dv] with q's dimension order in memory (HF's [B, N, H, D] storage stays free to
+// reshape): empty_like(q) when Dv = D, else dims ordered by q's strides, largest first (ties
+// keep the dims' order). The fake impl in cpu.py follows the same rule.
+Tensor empty_out(const Tensor& q, int64_t Dv) {
+  if (Dv == q.size(3)) return at::empty_like(q);
+  std::array<int64_t, 4> order = {0, 1, 2, 3};
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return q.stride(a) > q.stride(b); });
+  std::vector<int64_t> sizes(4), inverse(4);
+  for (int64_t i = 0; i < 4; ++i) {
+    sizes[i] = order[i] == 3 ? Dv : q.size(order[i]);
+    inverse[order[i]] = i;
+  }
+  return at::empty(sizes, q.options()).permute(inverse);
+}
+
 std::tuple<Tensor, Tensor> fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
                                    const Tensor& prefix_k, const Tensor& prefix_v,
                                    const std::optional<Tensor>& key_padding_mask,
                                    const std::optional<Tensor>& prefix_ids, bool causal,
-                                   double scale) {
-  Prepared prep = prepare(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale);
+                                   double scale, std::optional<int64_t> sliding_window,
+                                   std::optional<double> softcap, const std::optional<Tensor>& sinks) {
+  Prepared prep = prepare(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale,
+                          {sliding_window, softcap, sinks});
   Params& p = prep.p;
-  Tensor out = at::empty_like(q);
+  Tensor out = empty_out(q, p.Dv);
   Tensor lse = at::empty({p.B, p.Hq, p.N}, q.options().dtype(acc_type(q.scalar_type())));
   if (out.numel() == 0) return {out, lse};
   p.out = mut(out);
@@ -370,16 +421,24 @@ std::tuple<Tensor, Tensor> fwd_cpu(const Tensor& q, const Tensor& k, const Tenso
   return {out, lse};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_cpu(
+std::vector<Tensor> bwd_cpu(
     const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
     const Tensor& prefix_k, const Tensor& prefix_v, const Tensor& out, const Tensor& lse,
     const std::optional<Tensor>& key_padding_mask, const std::optional<Tensor>& prefix_ids,
-    bool causal, double scale, std::array<bool, 5> output_mask) {
-  Prepared prep = prepare(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale);
+    bool causal, double scale, c10::List<bool> output_mask, std::optional<int64_t> sliding_window,
+    std::optional<double> softcap, const std::optional<Tensor>& sinks) {
+  Prepared prep = prepare(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale,
+                          {sliding_window, softcap, sinks});
   Params& p = prep.p;
+  TORCH_CHECK(output_mask.size() == 5 || (output_mask.size() == 6 && sinks.has_value()),
+              "prefix_kernels cpu: output_mask must hold 5 flags (dq, dk, dv, dprefix_k, dprefix_v), "
+              "or 6 (and dsinks) when sinks are given, got ", output_mask.size(),
+              sinks.has_value() ? "" : " without sinks");
+  const std::vector<int64_t> out_shape = {p.B, p.Hq, p.N, p.Dv};
   for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"grad_out", &grad_out}, {"out", &out}}) {
-    TORCH_CHECK(t->sizes() == q.sizes(), "prefix_kernels cpu: ", name, " must have q's shape ",
-                shape_str(q), ", got ", shape_str(*t));
+    TORCH_CHECK(t->sizes() == at::IntArrayRef(out_shape), "prefix_kernels cpu: ", name,
+                " must be [B=", p.B, ", Hq=", p.Hq, ", N=", p.N, ", Dv=", p.Dv, "] (fwd_cpu's out), got ",
+                shape_str(*t));
     TORCH_CHECK(t->scalar_type() == q.scalar_type() && t->device().is_cpu(), "prefix_kernels cpu: ",
                 name, " must be a CPU tensor of q's dtype ", q.scalar_type(), ", got ", t->scalar_type(),
                 " on ", t->device());
@@ -390,6 +449,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_cpu(
               ", Hq=", p.Hq, ", N=", p.N, "] (fwd_cpu's second output), got ", lse.scalar_type(), " ",
               shape_str(lse));
   auto none = [&] { return at::empty({0}, q.options()); };
+  const bool need_dsinks = output_mask.size() == 6 && output_mask[5];
   Tensor dq = output_mask[0] ? at::empty_like(q) : none();
   Tensor dk = output_mask[1] ? at::empty_like(k) : none();
   Tensor dv = output_mask[2] ? at::empty_like(v) : none();
@@ -416,34 +476,50 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_cpu(
     p.chunk_off = chunks.off.data();
     p.prefix_chunks = chunks.prefix.data();
     p.chunk_part = chunks.part.data();
-    const size_t part_bytes = size_t(chunks.n_parts * p.Hkv * p.P * p.D * acc_bytes);
     // torch's allocator (64-byte aligned, and seen by the profiler's memory accounting)
-    auto partials = [&](bool needed) {
-      return at::empty({needed ? int64_t(part_bytes) : 0}, q.options().dtype(at::kByte));
+    auto partials = [&](bool needed, int64_t width) {
+      return at::empty({needed ? chunks.n_parts * p.Hkv * p.P * width * acc_bytes : 0},
+                       q.options().dtype(at::kByte));
     };
-    Tensor dpk_part = partials(p.dpk.data != nullptr);
-    Tensor dpv_part = partials(p.dpv.data != nullptr);
+    Tensor dpk_part = partials(p.dpk.data != nullptr, p.D);
+    Tensor dpv_part = partials(p.dpv.data != nullptr, p.Dv);
     p.dpk_part = dpk_part.numel() > 0 ? dpk_part.data_ptr() : nullptr;
     p.dpv_part = dpv_part.numel() > 0 ? dpv_part.data_ptr() : nullptr;
     const bool avx2 = use_avx2();
-    run_slots(p, p.n_chunks * p.Hkv, [&](int64_t s0, int64_t s1) {
-      if (avx2) avx2::backward_slots(p, s0, s1);
-      else base::backward_slots(p, s0, s1);
-    });
+    if (p.dq.data || p.dk.data || p.dv.data || prefix_grads) {
+      run_slots(p, p.n_chunks * p.Hkv, [&](int64_t s0, int64_t s1) {
+        if (avx2) avx2::backward_slots(p, s0, s1);
+        else base::backward_slots(p, s0, s1);
+      });
+    }
     // Prefixes split over several chunks: sum their partials in chunk order (and zeros for the
     // prefixes no row uses); single-chunk prefixes were written by their task.
-    const std::pair<const void*, MutRef> prefix_out[] = {{p.dpk_part, p.dpk}, {p.dpv_part, p.dpv}};
-    for (const auto& [src, d] : prefix_out) {
+    const std::tuple<const void*, MutRef, int64_t> prefix_out[] = {{p.dpk_part, p.dpk, p.D},
+                                                                   {p.dpv_part, p.dpv, p.Dv}};
+    for (const auto& [src, d, width] : prefix_out) {
       if (d.data == nullptr) continue;
       at::parallel_for(0, p.T * p.Hkv, 1, [&](int64_t i0, int64_t i1) {
-        if (avx2) avx2::reduce_prefix(p, src, d, i0, i1);
-        else base::reduce_prefix(p, src, d, i0, i1);
+        if (avx2) avx2::reduce_prefix(p, src, d, width, i0, i1);
+        else base::reduce_prefix(p, src, d, width, i0, i1);
       });
     }
   } else {
     for (Tensor* t : {&dq, &dk, &dv, &dpk, &dpv}) t->zero_();
   }
-  return {dq, dk, dv, dpk, dpv};
+  std::vector<Tensor> grads = {dq, dk, dv, dpk, dpv};
+  if (output_mask.size() == 6) {
+    // d lse / d sink_h = p_sink = exp(sink_h - lse), and d lse / d out-side terms give
+    // dsinks[h] = -sum over rows b and queries i of p_sink(b, h, i) * (do . out)(b, h, i).
+    Tensor dsinks = none();
+    if (need_dsinks) {
+      const at::ScalarType acc = acc_type(q.scalar_type());
+      const Tensor delta = grad_out.to(acc).mul(out.to(acc)).sum(-1);
+      const Tensor p_sink = prep.sinks.view({1, p.Hq, 1}).sub(lse.to(acc)).exp();
+      dsinks = p_sink.mul(delta).sum(at::IntArrayRef{0, 2}).neg().to(sinks->scalar_type());
+    }
+    grads.push_back(dsinks);
+  }
+  return grads;
 }
 
 }  // namespace
@@ -453,11 +529,13 @@ TORCH_LIBRARY_FRAGMENT(prefix_kernels, m) {
   m.set_python_module("prefix_kernels.cpu");
   m.def(
       "fwd_cpu(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, "
-      "Tensor? key_padding_mask, Tensor? prefix_ids, bool causal, float scale) -> (Tensor, Tensor)");
+      "Tensor? key_padding_mask, Tensor? prefix_ids, bool causal, float scale, "
+      "int? sliding_window=None, float? softcap=None, Tensor? sinks=None) -> (Tensor, Tensor)");
   m.def(
       "bwd_cpu(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, "
       "Tensor out, Tensor lse, Tensor? key_padding_mask, Tensor? prefix_ids, bool causal, "
-      "float scale, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "float scale, bool[] output_mask, int? sliding_window=None, float? softcap=None, "
+      "Tensor? sinks=None) -> Tensor[]");
   m.def("cpu_build_info() -> str", &prefix_kernels_cpu::build_info);
 }
 

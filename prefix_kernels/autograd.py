@@ -102,7 +102,7 @@ def triton_fwd(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tens
 @triton_fwd.register_fake
 def _(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale, deterministic,
       sliding_window=None, softcap=None, sinks=None):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return q.new_empty((*q.shape[:3], v.shape[3])), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("prefix_kernels::triton_bwd", mutates_args=())

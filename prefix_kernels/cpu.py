@@ -14,7 +14,9 @@ it warns once and ``is_available()`` is False, so ``backend="auto"`` falls back 
 The library registers ``torch.ops.prefix_kernels.fwd_cpu`` / ``bwd_cpu`` (see
 csrc/prefix_attention.cpp); this module gives them fake (meta) implementations and an autograd
 formula (the bookkeeping shared with the Triton path, _autograd_common.py), and wraps them in
-:func:`prefix_attention_cpu`.
+:func:`prefix_attention_cpu`. Beyond plain prefix attention the op does sliding windows (key tiles
+outside every query's window are skipped: the cost grows with the window, not the cache), a value
+head dim of its own, softcapping (Gemma 2) and attention sinks (gpt-oss, differentiable).
 
 Kernel selection at run time (no -march=native: the binary runs on any x86-64): AVX2+FMA+F16C
 kernels when the CPU has them, else portable SSE2 ones (``PREFIX_KERNELS_CPU_ISA=base`` forces
@@ -163,15 +165,25 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _fwd_fake(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale):
+def _empty_out(q, dv):
+    """out [B, Hq, N, Dv] laid out like q (the C++ op's empty_out: q's dims ordered by stride)."""
+    if dv == q.shape[-1]:
+        return torch.empty_like(q)
+    order = sorted(range(4), key=lambda d: -q.stride(d))  # stable: ties keep the dims' order
+    out = q.new_empty([dv if d == 3 else q.shape[d] for d in order])
+    return out.permute([order.index(d) for d in range(4)])
+
+
+def _fwd_fake(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale,
+              sliding_window=None, softcap=None, sinks=None):
     lse = q.new_empty(q.shape[:3], dtype=_acc_dtype(q.dtype))
-    return torch.empty_like(q), lse
+    return _empty_out(q, v.shape[-1]), lse
 
 
 def _bwd_fake(grad_out, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_ids,
-              causal, scale, output_mask):
-    like = (q, k, v, prefix_k, prefix_v)
-    return tuple(torch.empty_like(t) if need else q.new_empty((0,)) for t, need in zip(like, output_mask))
+              causal, scale, output_mask, sliding_window=None, softcap=None, sinks=None):
+    like = (q, k, v, prefix_k, prefix_v, sinks)
+    return [torch.empty_like(t) if need else q.new_empty((0,)) for t, need in zip(like, output_mask)]
 
 
 def _backward(ctx, grad_out, _grad_lse):
@@ -193,23 +205,30 @@ class PrefixAttentionCPU(torch.autograd.Function):
     """out, lse = fwd_cpu(...); backward runs bwd_cpu for exactly the needed gradients."""
 
     @staticmethod
-    def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale):
+    def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale,
+                sliding_window, softcap, sinks):
         return torch.ops.prefix_kernels.fwd_cpu(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids,
-                                                causal, scale)
+                                                causal, scale, sliding_window, softcap, sinks)
 
     setup_context = staticmethod(_autograd_common.save)
     backward = staticmethod(_backward)
 
 
-def prefix_attention_cpu(q, k, v, prefix_k, prefix_v, *, causal, scale, key_padding_mask, prefix_ids):
-    """(out [B, Hq, N, D] in q's dtype, lse [B, Hq, N] fp32, detached) from the C++ op.
+def prefix_attention_cpu(q, k, v, prefix_k, prefix_v, *, causal, scale, key_padding_mask, prefix_ids,
+                         sliding_window=None, softcap=None, sinks=None):
+    """(out [B, Hq, N, Dv] in q's dtype, lse [B, Hq, N] fp32 natural log, detached) from the C++ op.
 
-    Inputs are validated by ``functional.validate_inputs``; ``scale`` is a float. Differentiable
-    in q, k, v, prefix_k and prefix_v (only the gradients that are needed are computed).
+    Inputs are validated by ``functional.validate_inputs``; ``scale`` is a float. The semantics of
+    ``sliding_window`` (int >= 1), ``softcap`` (float > 0) and ``sinks`` ([Hq], q's dtype or fp32)
+    are those of :func:`prefix_kernels.reference.prefix_attention_reference`; v / prefix_v may have
+    their own head dim Dv. Differentiable in q, k, v, prefix_k, prefix_v and sinks (only the
+    gradients that are needed are computed).
     """
     if not is_available():
         raise RuntimeError(f"the C++ CPU op is unavailable: {unavailable_reason()}")
     out, lse = PrefixAttentionCPU.apply(
-        q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, bool(causal), float(scale)
+        q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, bool(causal), float(scale),
+        None if sliding_window is None else int(sliding_window),
+        None if softcap is None else float(softcap), sinks,
     )
     return out, lse.detach().float()

@@ -95,8 +95,11 @@ def validate_inputs(q, k, v, prefix_k, prefix_v, *, causal, scale, key_padding_m
         raise ValueError(
             f"k must be [B={batch}, Hkv, M, D={head_dim}] to match q {tuple(q.shape)}, got {_describe(k)}"
         )
-    if v.shape != k.shape:
-        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {_describe(v)}")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(
+            f"v must have k's shape {tuple(k.shape[:3])} in (B, Hkv, M) (its head dim Dv may differ from "
+            f"D), got {_describe(v)}"
+        )
     n_kv_heads, n_keys = k.shape[1], k.shape[2]
     if n_kv_heads == 0 or n_heads % n_kv_heads != 0:
         raise ValueError(
@@ -110,15 +113,19 @@ def validate_inputs(q, k, v, prefix_k, prefix_v, *, causal, scale, key_padding_m
         )
     if not 1 <= head_dim <= 256:
         raise ValueError(f"head dim D must be in 1..256, got D={head_dim} (q {_describe(q)})")
+    if not 1 <= v.shape[3] <= 256:
+        raise ValueError(f"v's head dim Dv must be in 1..256, got Dv={v.shape[3]} (v {_describe(v)})")
 
     pk_shape = prefix_k.shape[-3:]
-    if prefix_k.shape != prefix_v.shape:
-        raise ValueError(
-            f"prefix_v must have prefix_k's shape {tuple(prefix_k.shape)}, got {_describe(prefix_v)}"
-        )
     if pk_shape[0] != n_kv_heads or pk_shape[2] != head_dim:
         want = f"[Hkv={n_kv_heads}, P, D={head_dim}] or [T, Hkv={n_kv_heads}, P, D={head_dim}]"
         raise ValueError(f"prefix_k must be {want}, got {_describe(prefix_k)}")
+    head_dim_v = v.shape[3]
+    if prefix_v.shape != (*prefix_k.shape[:-1], head_dim_v):
+        raise ValueError(
+            f"prefix_v must have prefix_k's shape {tuple(prefix_k.shape[:-1])} with v's head dim "
+            f"Dv={head_dim_v}, got {_describe(prefix_v)}"
+        )
     n_prefixes = prefix_k.shape[0] if prefix_k.dim() == 4 else 1
 
     if prefix_ids is not None:

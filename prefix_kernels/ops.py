@@ -121,6 +121,22 @@ def _sink_args(sinks: torch.Tensor | None) -> dict:
     return {} if sinks is None else dict(SINKS=sinks, HAS_SINKS=True)
 
 
+def _new_out(q: torch.Tensor, head_dim_v: int, contiguous: bool) -> torch.Tensor:
+    """[B, Hq, N, Dv] in q's dtype, laid out like q (HF's transposed views stay cheap), or contiguous."""
+    if head_dim_v == q.shape[3]:
+        return _new_like(q, contiguous)
+    shape = (*q.shape[:3], head_dim_v)
+    if contiguous:
+        return q.new_empty(shape)
+    order = sorted(range(3), key=lambda d: -q.stride(d)) + [3]  # q's dim order, D innermost as in q's views
+    return q.new_empty([shape[d] for d in order]).permute([order.index(d) for d in range(4)])
+
+
+def _dim_args(head_dim: int, head_dim_v: int) -> dict:
+    return dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_padded(head_dim), HEAD_DIM_V=head_dim_v,
+                HEAD_DIM_V_PAD=head_dim_padded(head_dim_v))
+
+
 def prefix_attention_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale,
                              *, contiguous_out: bool = False, sliding_window: int | None = None,
                              softcap: float | None = None, sinks: torch.Tensor | None = None):
@@ -130,7 +146,7 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, pref
     ``softcap`` and ``sinks`` [Hq] as in functional.prefix_attention."""
     batch, n_heads, n_queries, head_dim = q.shape
     n_kv_heads, n_keys = k.shape[1], k.shape[2]
-    out = _new_like(q, contiguous_out)
+    out = _new_out(q, v.shape[3], contiguous_out)
     lse = torch.empty(batch, n_heads, n_queries, device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         lse.fill_(float("-inf"))
@@ -140,7 +156,7 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, pref
         prefix_attention_decode(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale, out, lse,
                                 sliding_window, features)
         return out, lse
-    cfg = kernel_configs(head_dim, q.dtype, _capability(q.device)).forward
+    cfg = kernel_configs(max(head_dim, v.shape[3]), q.dtype, _capability(q.device)).forward
     kpm, stride_mb, stride_mn = _mask_args(key_padding_mask, q)
     grid = (_cdiv(n_queries, cfg.block_m), batch * n_heads)
     prefix_attention_fwd_kernel[grid](
@@ -148,7 +164,7 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, pref
         *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
         stride_mb, stride_mn, *out.stride(), lse.stride(0), lse.stride(1),
         n_heads, n_queries, n_keys, prefix_k.shape[2], n_heads // n_kv_heads, scale * LOG2E,
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_padded(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        **_dim_args(head_dim, v.shape[3]), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         IS_CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_PREFIX_IDS=prefix_ids is not None,
         **_dtype_flags(q.dtype), **_launch_opts(cfg), **features,
     )
@@ -164,7 +180,9 @@ def prefix_attention_decode(q, k, v, prefix_k, prefix_v, key_padding_mask, prefi
     batch, n_heads, n_queries, head_dim = q.shape
     n_kv_heads, n_keys = k.shape[1], k.shape[2]
     n_prefix, group = prefix_k.shape[2], n_heads // n_kv_heads
-    d_pad = head_dim_padded(head_dim)
+    head_dim_v = v.shape[3]
+    d_pad = head_dim_padded(max(head_dim, head_dim_v))
+    dv_pad = head_dim_padded(head_dim_v)
     block_r = decode_block_rows(n_queries * group)
     cfg = decode_config(d_pad, q.element_size(), block_r, _capability(q.device))
     seq_start = 0 if sliding_window is None else max(0, n_keys - n_queries - sliding_window + 1)
@@ -172,7 +190,7 @@ def prefix_attention_decode(q, k, v, prefix_k, prefix_v, key_padding_mask, prefi
                                           cfg)
     kpm, stride_mb, stride_mn = _mask_args(key_padding_mask, q)
     if splits > 1:
-        acc_part = torch.empty(batch, n_heads, n_queries, splits, head_dim, device=q.device, dtype=torch.float32)
+        acc_part = torch.empty(batch, n_heads, n_queries, splits, head_dim_v, device=q.device, dtype=torch.float32)
         ml_part = torch.empty(2, batch, n_heads, n_queries, splits, device=q.device, dtype=torch.float32)
         m_part, l_part = ml_part[0], ml_part[1]
     else:
@@ -183,7 +201,7 @@ def prefix_attention_decode(q, k, v, prefix_k, prefix_v, key_padding_mask, prefi
         *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
         stride_mb, stride_mn, *out.stride(), lse.stride(0), lse.stride(1),
         n_heads, n_kv_heads, n_queries, n_keys, n_prefix, group, splits, per_split, scale * LOG2E,
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad, BLOCK_R=block_r, BLOCK_N=cfg.block_n,
+        **_dim_args(head_dim, head_dim_v), BLOCK_R=block_r, BLOCK_N=cfg.block_n,
         IS_CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_PREFIX_IDS=prefix_ids is not None,
         SPLIT=splits > 1, UPCAST=interpreting() and q.dtype in (torch.float16, torch.bfloat16),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **opts, **(features or {}),
@@ -194,8 +212,8 @@ def prefix_attention_decode(q, k, v, prefix_k, prefix_v, key_padding_mask, prefi
         prefix_attention_decode_combine_kernel[(batch * n_heads * n_queries,)](
             acc_part, m_part, l_part, out, lse, *out.stride(), lse.stride(0), lse.stride(1),
             n_heads, n_queries, splits,
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad, BLOCK_S=block_s,
-            **({} if interpreting() else dict(num_warps=combine_num_warps(block_s, d_pad), num_stages=1)),
+            HEAD_DIM=head_dim_v, HEAD_DIM_PAD=dv_pad, BLOCK_S=block_s,  # the combine only sees values
+            **({} if interpreting() else dict(num_warps=combine_num_warps(block_s, dv_pad), num_stages=1)),
         )
     return out, lse
 
@@ -228,13 +246,14 @@ def prefix_attention_backward(
     if nothing_to_do or not (need_dq or need_dkdv or need_dprefix or need_dsinks):
         return dq, dk, dv, dpk, dpv, dsinks
 
-    configs = kernel_configs(head_dim, q.dtype, _capability(q.device))
+    head_dim_v = v.shape[3]
+    configs = kernel_configs(max(head_dim, head_dim_v), q.dtype, _capability(q.device))
     flags = _dtype_flags(q.dtype)
-    d_pad = head_dim_padded(head_dim)
+    d_pad = head_dim_padded(max(head_dim, head_dim_v))
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     kpm, stride_mb, stride_mn = _mask_args(key_padding_mask, q)
     ids = _prefix_ids_arg(prefix_ids, q)
-    common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad)
+    common = _dim_args(head_dim, head_dim_v)
     cfg, tile = configs.backward, configs.dq
     score_args = _score_args(causal, sliding_window, softcap)
 
@@ -254,10 +273,11 @@ def prefix_attention_backward(
                                     4 * prefix_k.numel() if deterministic else 0)
     dpk_acc = dpv_acc = q  # never read unless need_dprefix
     if need_dprefix:  # fp32 accumulators [C, T, Hkv, P, D] (C = 1 unless deterministic), zeroed by the prologue
-        acc_shape = (chunks if deterministic else 1, *prefix_k.shape)
-        dpk_acc = torch.empty(acc_shape, device=q.device, dtype=acc_dtype)
-        dpv_acc = torch.empty(acc_shape, device=q.device, dtype=acc_dtype)
+        n_acc = chunks if deterministic else 1
+        dpk_acc = torch.empty((n_acc, *prefix_k.shape), device=q.device, dtype=acc_dtype)
+        dpv_acc = torch.empty((n_acc, *prefix_v.shape), device=q.device, dtype=acc_dtype)
     n_zero = dpk_acc.numel() if need_dprefix else 0
+    n_zero_v = dpv_acc.numel() if need_dprefix else 0
 
     delta = torch.empty(batch, n_heads, n_queries, device=q.device, dtype=acc_dtype)
     prologue_grid = (_cdiv(n_queries, tile.block_m), batch * n_heads)
@@ -268,11 +288,11 @@ def prefix_attention_backward(
         dsink_part = torch.empty(batch * n_heads * prologue_grid[0], device=q.device, dtype=torch.float32)
         sink_args = dict(LSE=lse, SINKS=sinks, DSINK_PART=dsink_part, SINK_GRAD=True)
     zero_block = 1024 if n_zero else 0
-    zero_per_program = _cdiv(_cdiv(n_zero, prologue_grid[0] * prologue_grid[1]), 1024) * 1024
+    zero_per_program = _cdiv(_cdiv(max(n_zero, n_zero_v), prologue_grid[0] * prologue_grid[1]), 1024) * 1024
     dqz = dq_acc if dq_atomic else q
     backward_prologue_kernel[prologue_grid](
         out, grad_out, delta, dqz, dpk_acc, dpv_acc, *out.stride(), *grad_out.stride(), *dqz.stride(),
-        n_heads, n_queries, n_zero, zero_per_program,
+        n_heads, n_queries, n_zero, n_zero_v, zero_per_program,
         BLOCK_M=tile.block_m, ZERO_DQ=dq_atomic, ZERO_BLOCK=zero_block, ACC_DTYPE=flags["ACC_DTYPE"], **sink_args,
         **common, **_elementwise_opts(tile.block_m * d_pad),
     )
@@ -292,10 +312,11 @@ def prefix_attention_backward(
         dqa = dq_acc if dq_atomic else q
         dka, dva = (dk, dv) if need_dkdv else (k, v)
         gstride = dpk_acc.stride()[:4] if need_dprefix else (0, 0, 0, 0)  # (chunk, t, kv head, key)
+        gstride_v = dpv_acc.stride()[:4] if need_dprefix else (0, 0, 0, 0)
         backward_kernel[(prefix_programs + seq_programs,)](
             q, k, v, prefix_k, prefix_v, ids, kpm, grad_out, lse, delta, dqa, dka, dva, dpk_acc, dpv_acc,
             *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
-            stride_mb, stride_mn, *grad_out.stride(), *dqa.stride(), *dka.stride(), *dva.stride(), *gstride,
+            stride_mb, stride_mn, *grad_out.stride(), *dqa.stride(), *dka.stride(), *dva.stride(), *gstride, *gstride_v,
             batch, n_heads, n_kv_heads, n_queries, n_keys, n_prefix, group,
             prefix_programs, n_items, _cdiv(n_items, max(chunks, 1)), scale, scale * LOG2E,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_CAUSAL=causal, HAS_KPM=key_padding_mask is not None,
@@ -312,9 +333,9 @@ def prefix_attention_backward(
         dpk, dpv = torch.empty_like(prefix_k), torch.empty_like(prefix_v)  # dense: the epilogue writes flat
     if convert_dq or convert_dprefix or need_dsinks:
         dq_programs = _cdiv(n_queries, tile.block_m) * batch * n_heads if convert_dq else 0
-        n_elems = prefix_k.numel()
+        n_elems, n_elems_v = prefix_k.numel(), prefix_v.numel()
         block_e = 1024
-        dp_programs = _cdiv(n_elems, block_e) if convert_dprefix else 0
+        dp_programs = _cdiv(max(n_elems, n_elems_v), block_e) if convert_dprefix else 0
         dqc = dq_acc if convert_dq else q
         dqo = dq if convert_dq else q
         sink_args = {} if not need_dsinks else dict(n_dp_programs=dp_programs, DSINK_PART=dsink_part, DSINKS=dsinks,
@@ -322,8 +343,8 @@ def prefix_attention_backward(
         backward_epilogue_kernel[(dq_programs + dp_programs + (n_heads if need_dsinks else 0),)](
             dqc, dqo, dpk_acc, dpv_acc, dpk if convert_dprefix else q, dpv if convert_dprefix else q,
             *dqc.stride(), *dqo.stride(),
-            n_heads, n_queries, dq_programs, n_elems, dpk_acc.shape[0] if convert_dprefix else 0, n_elems,
+            n_heads, n_queries, dq_programs, n_elems, dpk_acc.shape[0] if convert_dprefix else 0,
             BLOCK_M=tile.block_m, BLOCK_E=block_e, CONVERT_DQ=convert_dq, CONVERT_DPREFIX=convert_dprefix,
-            **common, **_elementwise_opts(tile.block_m * d_pad), **sink_args,
+            **common, **_elementwise_opts(tile.block_m * d_pad), **sink_args, n_prefix_elems_v=n_elems_v,
         )
     return dq, dk, dv, dpk, dpv, dsinks

@@ -68,6 +68,7 @@ class Case:
     n_keys: int = 16
     n_prefix: int = 4
     head_dim: int = 32
+    head_dim_v: int | None = None  # v / prefix_v's head dim Dv; None: D
     causal: bool = True
     padding: str | None = None
     n_prefixes: int | None = None  # a bank of T prefixes [T, Hkv, P, D]; None: one shared [Hkv, P, D]
@@ -123,12 +124,13 @@ class Case:
         seq_layout = "bshd" if self.strided else None
         prefix_layout = "p_sliced" if self.strided else self.prefix_layout
         b, hkv, d = self.batch, self.kv_heads, self.head_dim
+        dv = self.head_dim if self.head_dim_v is None else self.head_dim_v
         q = self._seq(gen, (b, self.heads, self.n_queries, d), seq_layout or self.q_layout, dtype, dev)
         k = self._seq(gen, (b, hkv, self.n_keys, d), seq_layout or self.kv_layout, dtype, dev)
-        v = self._seq(gen, (b, hkv, self.n_keys, d), seq_layout or self.kv_layout, dtype, dev)
+        v = self._seq(gen, (b, hkv, self.n_keys, dv), seq_layout or self.kv_layout, dtype, dev)
         lead = () if self.n_prefixes is None else (self.n_prefixes,)
         pk = self._prefix(gen, lead, prefix_layout, dtype, dev)
-        pv = self._prefix(gen, lead, prefix_layout, dtype, dev)
+        pv = self._prefix(gen, lead, prefix_layout, dtype, dev, dv)
         mask = self._mask(gen, dev)
         ids = None
         if self.has_ids:
@@ -137,7 +139,7 @@ class Case:
                 wide = torch.zeros(2 * b, dtype=self.ids_dtype, device=dev)
                 wide[::2] = ids
                 ids = wide[::2]
-        go = self._seq(gen, (b, self.heads, self.n_queries, d), self.go_layout, dtype, dev)
+        go = self._seq(gen, (b, self.heads, self.n_queries, dv), self.go_layout, dtype, dev)
         flags = (requires_grad,) * 5 if isinstance(requires_grad, bool) else tuple(requires_grad)
         q, k, v, pk, pv = (t.detach().requires_grad_(f) for t, f in zip((q, k, v, pk, pv), flags))  # keeps strides
         return Inputs(q, k, v, pk, pv, mask, ids, go, self.causal, self.scale)
@@ -153,8 +155,8 @@ class Case:
             return torch.randn(1, h, s, d, generator=gen).to(dev, dtype).expand(b, h, s, d)
         return torch.randn(b, h, s, d, generator=gen).to(dev, dtype)
 
-    def _prefix(self, gen, lead, layout, dtype, dev):
-        hkv, p, d = self.kv_heads, self.n_prefix, self.head_dim
+    def _prefix(self, gen, lead, layout, dtype, dev, d=None):
+        hkv, p, d = self.kv_heads, self.n_prefix, self.head_dim if d is None else d
         if layout == "p_sliced":
             return torch.randn(*lead, hkv, p + 3, d, generator=gen).to(dev, dtype)[..., 3:, :]
         if layout == "phd":

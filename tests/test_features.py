@@ -1,4 +1,5 @@
-"""The op's optional features -- sliding windows, logit softcapping, attention sinks -- against the
+"""The op's optional features -- sliding windows, logit softcapping, attention sinks, a V head dim
+of its own -- against the
 fp64 reference (flash-attention's tolerance rule), alone and combined, through the public
 ``prefix_attention`` on every backend that runs here (Triton under the interpreter on CPU)."""
 
@@ -10,7 +11,7 @@ import torch
 from helpers import DEVICE, ON_GPU, Case, backend_device, check_against_reference, need
 from prefix_kernels import prefix_attention, prefix_attention_reference
 
-BACKENDS = ["triton", "reference"]
+BACKENDS = ["triton", "cpu", "reference"]
 
 # (case, features): windows shorter than, equal to and longer than M; causal and not; a cache (M > N);
 # decode (N = 1, N = 3) over a long cache; gpt-oss (window + sinks) and Gemma 2 (window + softcap).
@@ -40,6 +41,13 @@ CASES = {
                dict(sliding_window=10, softcap=3.0)),
     "all": (Case(batch=2, heads=2, kv_heads=1, n_queries=64, n_keys=100, n_prefix=9, n_prefixes=2),
             dict(sliding_window=16, softcap=4.0, sinks=True)),
+    # a V head dim of its own (MLA: Q/K 192, V 128), with a bank, padding, a cache and decode
+    "dv_smaller": (Case(batch=2, heads=4, kv_heads=2, n_queries=45, n_keys=77, n_prefix=7, head_dim=48,
+                        head_dim_v=32, n_prefixes=2, padding="left"), {}),
+    "dv_larger_strided": (Case(batch=2, heads=2, kv_heads=1, n_queries=30, n_keys=30, n_prefix=5, head_dim=16,
+                               head_dim_v=40, strided=True), dict(sliding_window=8, sinks=True)),
+    "dv_decode": (Case(batch=2, heads=4, kv_heads=2, n_queries=1, n_keys=120, n_prefix=5, head_dim=32,
+                       head_dim_v=24, padding="left"), dict(softcap=2.0)),
 }
 
 
@@ -140,11 +148,15 @@ def test_window_never_reads_keys_outside_every_window(backend, n_queries):
     (dict(sinks=torch.zeros(2, 1)), ValueError, r"sinks must be \[Hq=2\]"),
     (dict(sinks=torch.zeros(2, dtype=torch.float64)), TypeError, "sinks must have q's dtype"),
     (dict(sinks=torch.zeros(2, device="meta")), ValueError, "sinks must be on q's device"),
+    (dict(v=torch.zeros(2, 1, 16, 300)), ValueError, r"v's head dim Dv must be in 1\.\.256"),
+    (dict(prefix_v=torch.zeros(1, 4, 24)), ValueError, r"prefix_v must have prefix_k's shape \(1, 4\) with v's head dim Dv=32"),
 ])
 def test_bad_feature_arguments_are_refused(kwargs, error, match):
     q, k, v, pk, pv, _, _ = Case(heads=2, kv_heads=1).make(torch.float32, "cpu")
+    tensors = dict(v=v, prefix_v=pv)
+    tensors.update((name, kwargs.pop(name)) for name in list(kwargs) if name in tensors)
     with pytest.raises(error, match=match):
-        prefix_attention(q, k, v, pk, pv, backend="reference", **kwargs)
+        prefix_attention(q, k, tensors["v"], pk, tensors["prefix_v"], backend="reference", **kwargs)
 
 
 def test_registered_ops_with_features_pass_opcheck():

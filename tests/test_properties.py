@@ -220,7 +220,7 @@ def _mut_k_dim(a, kw, s, draw):
 
 
 def _mut_v_shape(a, kw, s, draw):
-    dim = draw(st.sampled_from([1, 2, 3]))
+    dim = draw(st.sampled_from([1, 2]))  # a V head dim of its own (dim 3) is allowed
     a["v"] = _resize(a["v"], dim, a["v"].shape[dim] + 1)
 
 

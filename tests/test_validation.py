@@ -31,7 +31,7 @@ BAD = [
     ("k dtype", dict(k=torch.randn(2, 2, 7, 16, dtype=torch.float64)), {}, TypeError, r"k must have q's dtype"),
     ("k batch", dict(k=torch.randn(3, 2, 7, 16)), {}, ValueError, r"k must be \[B=2, Hkv, M, D=16\]"),
     ("k head dim", dict(k=torch.randn(2, 2, 7, 8)), {}, ValueError, r"k must be \[B=2.*D=16"),
-    ("v shape", dict(v=torch.randn(2, 2, 6, 16)), {}, ValueError, r"v must have k's shape \(2, 2, 7, 16\)"),
+    ("v shape", dict(v=torch.randn(2, 2, 6, 16)), {}, ValueError, r"v must have k's shape \(2, 2, 7\) in \(B, Hkv, M\)"),
     ("heads", dict(q=torch.randn(2, 3, 5, 16)), {}, ValueError, r"Hq=3 must be a multiple of.*Hkv=2"),
     ("M < N", dict(k=torch.randn(2, 2, 4, 16), v=torch.randn(2, 2, 4, 16)), {}, ValueError, r"M=4.*N=5"),
     ("prefix heads", dict(prefix_k=torch.randn(3, 3, 16), prefix_v=torch.randn(3, 3, 16)), {}, ValueError,

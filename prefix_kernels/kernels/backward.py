@@ -45,13 +45,13 @@ def backward_prologue_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    n_heads, n_queries, n_zero, zero_per_program,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    n_heads, n_queries, n_zero, n_zero_v, zero_per_program,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
     ZERO_DQ: tl.constexpr, ZERO_BLOCK: tl.constexpr, ACC_DTYPE: tl.constexpr,
     LSE=None, SINKS=None, DSINK_PART=None, SINK_GRAD: tl.constexpr = False,
 ):
     """delta for one query tile; zeroes that tile of the fp32 dq buffer (ZERO_DQ) and this program's
-    share ``zero_per_program`` (a multiple of ZERO_BLOCK) of the flat buffers ZERO_K/ZERO_V[n_zero]
+    share ``zero_per_program`` (a multiple of ZERO_BLOCK) of the flat buffers ZERO_K[n_zero], ZERO_V[n_zero_v]
     (the prefix-gradient accumulators; ZERO_BLOCK > 0). SINK_GRAD: this tile's part of the sink
     gradient, -sum_i p_sink,i * delta_i, into DSINK_PART[row, head, query block] (the epilogue sums it)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -59,10 +59,11 @@ def backward_prologue_kernel(
     b = (bh // n_heads).to(tl.int64)
     h = (bh % n_heads).to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    o = load_tile(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-                  offs_m, n_queries, offs_d, HEAD_DIM, HEAD_DIM_PAD, True, False)
-    do = load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                   offs_m, n_queries, offs_d, HEAD_DIM, HEAD_DIM_PAD, True, False)
+    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
+    o = load_tile(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+                  offs_m, n_queries, offs_dv, HEAD_DIM_V, HEAD_DIM_V_PAD, True, False)
+    do = load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                   offs_m, n_queries, offs_dv, HEAD_DIM_V, HEAD_DIM_V_PAD, True, False)
     delta = tl.sum(o.to(ACC_DTYPE) * do.to(ACC_DTYPE), axis=1)
     tl.store(Delta + bh.to(tl.int64) * n_queries + offs_m, delta, mask=offs_m < n_queries)
     if SINK_GRAD:
@@ -77,19 +78,21 @@ def backward_prologue_kernel(
     if ZERO_BLOCK > 0:
         pid = (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)).to(tl.int64)
         start = pid * zero_per_program
-        end = tl.minimum(start + zero_per_program, n_zero)
+        end = tl.minimum(start + zero_per_program, tl.maximum(n_zero, n_zero_v))
         for off in range(start, end, ZERO_BLOCK):
             offs = off + tl.arange(0, ZERO_BLOCK)
-            tl.store(ZERO_K + offs, tl.zeros([ZERO_BLOCK], dtype=ZERO_K.dtype.element_ty), mask=offs < end)
-            tl.store(ZERO_V + offs, tl.zeros([ZERO_BLOCK], dtype=ZERO_V.dtype.element_ty), mask=offs < end)
+            tl.store(ZERO_K + offs, tl.zeros([ZERO_BLOCK], dtype=ZERO_K.dtype.element_ty),
+                     mask=(offs < end) & (offs < n_zero))
+            tl.store(ZERO_V + offs, tl.zeros([ZERO_BLOCK], dtype=ZERO_V.dtype.element_ty),
+                     mask=(offs < end) & (offs < n_zero_v))
 
 
 @triton.jit
 def _key_tile_grads(
     dk, dv, k, v, key_visible, cols, Q, DO, LSE, Delta, DQ,
     stride_qm, stride_qd, stride_dom, stride_dod, stride_dqm, stride_dqd,
-    lo, hi, n_queries, key_offset, offs_m, offs_d, qk_scale, scale, softcap2, window,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    lo, hi, n_queries, key_offset, offs_m, offs_d, offs_dv, qk_scale, scale, softcap2, window,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
     CHECK_ROWS: tl.constexpr, CAUSAL_MASK: tl.constexpr, MASK_KEYS: tl.constexpr, WINDOW_MASK: tl.constexpr,
     SOFTCAP: tl.constexpr, NEED_DQ: tl.constexpr, NEED_DKDV: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -103,8 +106,8 @@ def _key_tile_grads(
         rows = start_m + offs_m
         q = load_tile(Q + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd, rows, n_queries, offs_d,
                       HEAD_DIM, HEAD_DIM_PAD, CHECK_ROWS, UPCAST)
-        do = load_tile(DO + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod, rows, n_queries, offs_d,
-                       HEAD_DIM, HEAD_DIM_PAD, CHECK_ROWS, UPCAST)
+        do = load_tile(DO + rows[:, None] * stride_dom + offs_dv[None, :] * stride_dod, rows, n_queries, offs_dv,
+                       HEAD_DIM_V, HEAD_DIM_V_PAD, CHECK_ROWS, UPCAST)
         lse2 = load_lse2(LSE, rows, n_queries)  # +inf past n_queries: p = 0 there
         delta = tl.load(Delta + rows, mask=rows < n_queries, other=0.0)
         s_t = scores(k, q, qk_scale, PRECISION)  # [keys, queries]
@@ -128,30 +131,40 @@ def _key_tile_grads(
 
 
 @triton.jit
-def _flush_prefix_grads(dk, dv, DPK, DPV, chunk, t, g, cols, offs_d,
-                        stride_c, stride_t, stride_h, stride_n, n_prefix, scale,
-                        HEAD_DIM: tl.constexpr, DETERMINISTIC: tl.constexpr):
-    """Adds one chunk's fp32 prefix-gradient tile to prefix t: into the chunk's own partial slice
-    (deterministic; only this program writes it, in item order) or with relaxed atomics."""
+def _add_prefix_tile(ACC, x, chunk, t, g, cols, offs_d, stride_c, stride_t, stride_h, stride_n, n_prefix,
+                     HEAD_DIM: tl.constexpr, DETERMINISTIC: tl.constexpr):
+    """Adds a chunk's fp32 [BLOCK_N, D] tile to prefix t's gradient accumulator ACC [C, T, Hkv, P, D]
+    (dense in D): into the chunk's own slice (deterministic; only this program writes it, in item
+    order) or with relaxed atomics into slice 0."""
     offs = t * stride_t + g * stride_h + cols[:, None] * stride_n + offs_d[None, :]
     mask = (cols[:, None] < n_prefix) & (offs_d[None, :] < HEAD_DIM)
     if DETERMINISTIC:
         offs += chunk * stride_c
-        tl.store(DPK + offs, tl.load(DPK + offs, mask=mask) + (dk * scale).to(DPK.dtype.element_ty), mask=mask)
-        tl.store(DPV + offs, tl.load(DPV + offs, mask=mask) + dv.to(DPV.dtype.element_ty), mask=mask)
+        tl.store(ACC + offs, tl.load(ACC + offs, mask=mask) + x.to(ACC.dtype.element_ty), mask=mask)
     else:
-        tl.atomic_add(DPK + offs, (dk * scale).to(DPK.dtype.element_ty), mask=mask, sem="relaxed")
-        tl.atomic_add(DPV + offs, dv.to(DPV.dtype.element_ty), mask=mask, sem="relaxed")
+        tl.atomic_add(ACC + offs, x.to(ACC.dtype.element_ty), mask=mask, sem="relaxed")
 
 
 @triton.jit
-def _load_prefix_tiles(PK, PV, t, g, cols, offs_d, stride_pkt, stride_pkh, stride_pkn, stride_pkd,
+def _flush_prefix_grads(dk, dv, DPK, DPV, chunk, t, g, cols, offs_d, offs_dv, stride_gk, stride_gv, n_prefix, scale,
+                        HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, DETERMINISTIC: tl.constexpr):
+    """Adds one chunk's prefix-gradient tiles (dk unscaled, dv) to prefix t. stride_gk / stride_gv:
+    the (chunk, t, kv head, key) strides of DPK / DPV, as tuples."""
+    _add_prefix_tile(DPK, dk * scale, chunk, t, g, cols, offs_d, stride_gk[0], stride_gk[1], stride_gk[2],
+                     stride_gk[3], n_prefix, HEAD_DIM, DETERMINISTIC)
+    _add_prefix_tile(DPV, dv, chunk, t, g, cols, offs_dv, stride_gv[0], stride_gv[1], stride_gv[2], stride_gv[3],
+                     n_prefix, HEAD_DIM_V, DETERMINISTIC)
+
+
+@triton.jit
+def _load_prefix_tiles(PK, PV, t, g, cols, offs_d, offs_dv, stride_pkt, stride_pkh, stride_pkn, stride_pkd,
                        stride_pvt, stride_pvh, stride_pvn, stride_pvd, n_prefix,
-                       HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, UPCAST: tl.constexpr):
+                       HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                       HEAD_DIM_V_PAD: tl.constexpr, UPCAST: tl.constexpr):
     pk = load_tile(PK + t * stride_pkt + g * stride_pkh + cols[:, None] * stride_pkn + offs_d[None, :] * stride_pkd,
                    cols, n_prefix, offs_d, HEAD_DIM, HEAD_DIM_PAD, True, UPCAST)
-    pv = load_tile(PV + t * stride_pvt + g * stride_pvh + cols[:, None] * stride_pvn + offs_d[None, :] * stride_pvd,
-                   cols, n_prefix, offs_d, HEAD_DIM, HEAD_DIM_PAD, True, UPCAST)
+    pv = load_tile(PV + t * stride_pvt + g * stride_pvh + cols[:, None] * stride_pvn + offs_dv[None, :] * stride_pvd,
+                   cols, n_prefix, offs_dv, HEAD_DIM_V, HEAD_DIM_V_PAD, True, UPCAST)
     return pk, pv
 
 
@@ -169,9 +182,11 @@ def backward_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_gc, stride_gt, stride_gh, stride_gn,
+    stride_gvc, stride_gvt, stride_gvh, stride_gvn,
     batch, n_heads, n_kv_heads, n_queries, n_keys, n_prefix, group,
     n_prefix_programs, n_items, items_per_chunk, scale, qk_scale,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_PREFIX_IDS: tl.constexpr,
     NEED_DQ: tl.constexpr, NEED_DKDV: tl.constexpr, NEED_DPREFIX: tl.constexpr, DETERMINISTIC: tl.constexpr,
     PREFIX_PROGRAMS: tl.constexpr, SEQ_PROGRAMS: tl.constexpr,
@@ -183,7 +198,10 @@ def backward_kernel(
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
     offs_n = tl.arange(0, BLOCK_N)
+    stride_gk = (stride_gc, stride_gt, stride_gh, stride_gn)
+    stride_gv = (stride_gvc, stride_gvt, stride_gvh, stride_gvn)
     if PREFIX_PROGRAMS and (not SEQ_PROGRAMS or pid < n_prefix_programs):
         prefix_blocks = tl.cdiv(n_prefix, BLOCK_N)
         cols = (pid % prefix_blocks) * BLOCK_N + offs_n
@@ -198,11 +216,11 @@ def backward_kernel(
             t = tl.load(PREFIX_IDS + first // items_per_row).to(tl.int64)
         else:
             t = tl.zeros([], dtype=tl.int64)
-        pk, pv = _load_prefix_tiles(PK, PV, t, g, cols, offs_d, stride_pkt, stride_pkh, stride_pkn, stride_pkd,
-                                    stride_pvt, stride_pvh, stride_pvn, stride_pvd, n_prefix,
-                                    HEAD_DIM, HEAD_DIM_PAD, UPCAST)
+        pk, pv = _load_prefix_tiles(PK, PV, t, g, cols, offs_d, offs_dv, stride_pkt, stride_pkh, stride_pkn,
+                                    stride_pkd, stride_pvt, stride_pvh, stride_pvn, stride_pvd, n_prefix,
+                                    HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, UPCAST)
         dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=ACC_DTYPE)
-        dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=ACC_DTYPE)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM_V_PAD], dtype=ACC_DTYPE)
         for item in range(first, last):
             b = (item // items_per_row).to(tl.int64)
             hh = (item % items_per_row) // q_blocks
@@ -211,26 +229,27 @@ def backward_kernel(
                 t_row = tl.load(PREFIX_IDS + b).to(tl.int64)
                 if t_row != t:  # another prefix: hand this one's sums over, start afresh
                     if NEED_DPREFIX:
-                        _flush_prefix_grads(dk, dv, DPK, DPV, chunk, t, g, cols, offs_d, stride_gc, stride_gt,
-                                            stride_gh, stride_gn, n_prefix, scale, HEAD_DIM, DETERMINISTIC)
+                        _flush_prefix_grads(dk, dv, DPK, DPV, chunk, t, g, cols, offs_d, offs_dv, stride_gk,
+                                            stride_gv, n_prefix, scale, HEAD_DIM, HEAD_DIM_V, DETERMINISTIC)
                     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=ACC_DTYPE)
-                    dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=ACC_DTYPE)
+                    dv = tl.zeros([BLOCK_N, HEAD_DIM_V_PAD], dtype=ACC_DTYPE)
                     t = t_row
-                    pk, pv = _load_prefix_tiles(PK, PV, t, g, cols, offs_d, stride_pkt, stride_pkh, stride_pkn,
-                                                stride_pkd, stride_pvt, stride_pvh, stride_pvn, stride_pvd,
-                                                n_prefix, HEAD_DIM, HEAD_DIM_PAD, UPCAST)
+                    pk, pv = _load_prefix_tiles(PK, PV, t, g, cols, offs_d, offs_dv, stride_pkt, stride_pkh,
+                                                stride_pkn, stride_pkd, stride_pvt, stride_pvh, stride_pvn,
+                                                stride_pvd, n_prefix, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V,
+                                                HEAD_DIM_V_PAD, UPCAST)
             h = g * group + hh
             row_base = (b * n_heads + h) * n_queries
             dk, dv = _key_tile_grads(
                 dk, dv, pk, pv, key_visible, cols, Q + b * stride_qb + h * stride_qh,
                 DO + b * stride_dob + h * stride_doh, LSE + row_base, Delta + row_base,
                 DQ + b * stride_dqb + h * stride_dqh, stride_qm, stride_qd, stride_dom, stride_dod,
-                stride_dqm, stride_dqd, start_m, start_m + BLOCK_M, n_queries, 0, offs_m, offs_d, qk_scale, scale,
-                softcap2, window, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, True, False, True, 0, SOFTCAP, NEED_DQ, NEED_DPREFIX,
+                stride_dqm, stride_dqd, start_m, start_m + BLOCK_M, n_queries, 0, offs_m, offs_d, offs_dv, qk_scale,
+                scale, softcap2, window, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, True, False, True, 0, SOFTCAP, NEED_DQ, NEED_DPREFIX,
                 UPCAST, PRECISION)
         if NEED_DPREFIX:
-            _flush_prefix_grads(dk, dv, DPK, DPV, chunk, t, g, cols, offs_d, stride_gc, stride_gt, stride_gh,
-                                stride_gn, n_prefix, scale, HEAD_DIM, DETERMINISTIC)
+            _flush_prefix_grads(dk, dv, DPK, DPV, chunk, t, g, cols, offs_d, offs_dv, stride_gk, stride_gv,
+                                n_prefix, scale, HEAD_DIM, HEAD_DIM_V, DETERMINISTIC)
     elif SEQ_PROGRAMS:
         s = pid - n_prefix_programs
         bg = s % (batch * n_kv_heads)
@@ -240,13 +259,13 @@ def backward_kernel(
         cols = start_n + offs_n
         k = load_tile(K + b * stride_kb + g * stride_kh + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                       cols, n_keys, offs_d, HEAD_DIM, HEAD_DIM_PAD, True, UPCAST)
-        v = load_tile(V + b * stride_vb + g * stride_vh + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                      cols, n_keys, offs_d, HEAD_DIM, HEAD_DIM_PAD, True, UPCAST)
+        v = load_tile(V + b * stride_vb + g * stride_vh + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                      cols, n_keys, offs_dv, HEAD_DIM_V, HEAD_DIM_V_PAD, True, UPCAST)
         key_visible = cols < n_keys
         if HAS_KPM:
             key_visible = key_visible & load_keep(KPM + b * stride_mb, stride_mn, cols, n_keys)
         dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=ACC_DTYPE)
-        dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=ACC_DTYPE)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM_V_PAD], dtype=ACC_DTYPE)
 
         # Query i (position key_offset + i) sees key j iff j <= key_offset + i.
         key_offset = n_keys - n_queries
@@ -264,25 +283,27 @@ def backward_kernel(
             dk, dv = _key_tile_grads(
                 dk, dv, k, v, key_visible, cols, Q_base, DO_base, LSE + row_base, Delta + row_base, DQ_base,
                 stride_qm, stride_qd, stride_dom, stride_dod, stride_dqm, stride_dqd, masked_lo, free_lo, n_queries,
-                key_offset, offs_m, offs_d, qk_scale, scale, softcap2, window, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M,
+                key_offset, offs_m, offs_d, offs_dv, qk_scale, scale, softcap2, window, HEAD_DIM, HEAD_DIM_PAD,
+                HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M,
                 True, IS_CAUSAL, True, WINDOW_MASK, SOFTCAP, NEED_DQ, NEED_DKDV, UPCAST, PRECISION)
             dk, dv = _key_tile_grads(
                 dk, dv, k, v, key_visible, cols, Q_base, DO_base, LSE + row_base, Delta + row_base, DQ_base,
                 stride_qm, stride_qd, stride_dom, stride_dod, stride_dqm, stride_dqd, free_lo, free_hi, n_queries,
-                key_offset, offs_m, offs_d, qk_scale, scale, softcap2, window, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M,
+                key_offset, offs_m, offs_d, offs_dv, qk_scale, scale, softcap2, window, HEAD_DIM, HEAD_DIM_PAD,
+                HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M,
                 False, False, HAS_KPM, 0, SOFTCAP, NEED_DQ, NEED_DKDV, UPCAST, PRECISION)
             dk, dv = _key_tile_grads(
                 dk, dv, k, v, key_visible, cols, Q_base, DO_base, LSE + row_base, Delta + row_base, DQ_base,
                 stride_qm, stride_qd, stride_dom, stride_dod, stride_dqm, stride_dqd, free_hi, masked_hi, n_queries,
-                key_offset, offs_m, offs_d, qk_scale, scale, softcap2, window, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M,
+                key_offset, offs_m, offs_d, offs_dv, qk_scale, scale, softcap2, window, HEAD_DIM, HEAD_DIM_PAD,
+                HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M,
                 True, IS_CAUSAL, True, WINDOW_MASK, SOFTCAP, NEED_DQ, NEED_DKDV, UPCAST, PRECISION)
         if NEED_DKDV:
             key_ok = cols[:, None] < n_keys
-            d_ok = offs_d[None, :] < HEAD_DIM
             dk_ptrs = DK + b * stride_dkb + g * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
-            dv_ptrs = DV + b * stride_dvb + g * stride_dvh + cols[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
-            tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=key_ok & d_ok)
-            tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=key_ok & d_ok)
+            dv_ptrs = DV + b * stride_dvb + g * stride_dvh + cols[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd
+            tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=key_ok & (offs_d[None, :] < HEAD_DIM))
+            tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=key_ok & (offs_dv[None, :] < HEAD_DIM_V))
 
 
 # ---------------------------------------------------------------- deterministic mode: dq in its own pass
@@ -290,8 +311,8 @@ def backward_kernel(
 @triton.jit
 def _dq_blocks(
     dq, q, do, lse2, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
-    lo, hi, n_keys, q_pos, offs_n, offs_d, qk_scale, softcap2, window,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    lo, hi, n_keys, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2, window,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     CHECK_KEYS: tl.constexpr, CAUSAL_MASK: tl.constexpr, HAS_KPM: tl.constexpr, WINDOW_MASK: tl.constexpr,
     SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -299,8 +320,8 @@ def _dq_blocks(
         cols = start_n + offs_n
         k = load_tile(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, cols, n_keys, offs_d,
                       HEAD_DIM, HEAD_DIM_PAD, CHECK_KEYS, UPCAST)
-        v = load_tile(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, cols, n_keys, offs_d,
-                      HEAD_DIM, HEAD_DIM_PAD, CHECK_KEYS, UPCAST)
+        v = load_tile(V + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd, cols, n_keys, offs_dv,
+                      HEAD_DIM_V, HEAD_DIM_V_PAD, CHECK_KEYS, UPCAST)
         keep = cols[None, :] >= 0  # unused unless HAS_KPM
         if HAS_KPM:
             keep = load_keep(KPM, stride_mn, cols, n_keys)[None, :]
@@ -329,8 +350,8 @@ def dq_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     n_heads, n_queries, n_keys, n_prefix, group, scale, qk_scale,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_PREFIX_IDS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_PREFIX_IDS: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     softcap2=1.0, window=0, WINDOW_MASK: tl.constexpr = 0, SOFTCAP: tl.constexpr = False,
 ):
@@ -347,10 +368,11 @@ def dq_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
     q = load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                   offs_m, n_queries, offs_d, HEAD_DIM, HEAD_DIM_PAD, True, UPCAST)
-    do = load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                   offs_m, n_queries, offs_d, HEAD_DIM, HEAD_DIM_PAD, True, UPCAST)
+    do = load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                   offs_m, n_queries, offs_dv, HEAD_DIM_V, HEAD_DIM_V_PAD, True, UPCAST)
     lse2 = load_lse2(LSE + bh.to(tl.int64) * n_queries, offs_m, n_queries)
     delta = tl.load(Delta + bh.to(tl.int64) * n_queries + offs_m, mask=offs_m < n_queries, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=ACC_DTYPE)
@@ -359,11 +381,11 @@ def dq_kernel(
     PV_base = PV + t * stride_pvt + g * stride_pvh
     prefix_full = (n_prefix // BLOCK_N) * BLOCK_N
     dq = _dq_blocks(dq, q, do, lse2, delta, PK_base, PV_base, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
-                    KPM, 0, 0, prefix_full, n_prefix, offs_m, offs_n, offs_d, qk_scale, softcap2, window,
-                    HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False, False, False, 0, SOFTCAP, UPCAST, PRECISION)
+                    KPM, 0, 0, prefix_full, n_prefix, offs_m, offs_n, offs_d, offs_dv, qk_scale, softcap2,
+                    window, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, False, False, False, 0, SOFTCAP, UPCAST, PRECISION)
     dq = _dq_blocks(dq, q, do, lse2, delta, PK_base, PV_base, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
-                    KPM, 0, prefix_full, n_prefix, n_prefix, offs_m, offs_n, offs_d, qk_scale, softcap2, window,
-                    HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, False, False, 0, SOFTCAP, UPCAST, PRECISION)
+                    KPM, 0, prefix_full, n_prefix, n_prefix, offs_m, offs_n, offs_d, offs_dv, qk_scale, softcap2,
+                    window, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, False, False, 0, SOFTCAP, UPCAST, PRECISION)
 
     first_pos = n_keys - n_queries + start_m
     q_pos = first_pos + offs_m - start_m
@@ -374,15 +396,15 @@ def dq_kernel(
     KPM_base = KPM + b * stride_mb
     if WINDOW_MASK != 0:
         dq = _dq_blocks(dq, q, do, lse2, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                        KPM_base, stride_mn, masked_lo, free_lo, n_keys, q_pos, offs_n, offs_d, qk_scale, softcap2,
-                        window, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP,
+                        KPM_base, stride_mn, masked_lo, free_lo, n_keys, q_pos, offs_n, offs_d, offs_dv, qk_scale,
+                        softcap2, window, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP,
                         UPCAST, PRECISION)
     dq = _dq_blocks(dq, q, do, lse2, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                    KPM_base, stride_mn, free_lo, free_hi, n_keys, q_pos, offs_n, offs_d, qk_scale, softcap2, window,
-                    HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False, False, HAS_KPM, 0, SOFTCAP, UPCAST, PRECISION)
+                    KPM_base, stride_mn, free_lo, free_hi, n_keys, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2,
+                    window, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, False, False, HAS_KPM, 0, SOFTCAP, UPCAST, PRECISION)
     dq = _dq_blocks(dq, q, do, lse2, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                    KPM_base, stride_mn, free_hi, masked_hi, n_keys, q_pos, offs_n, offs_d, qk_scale, softcap2,
-                    window, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP,
+                    KPM_base, stride_mn, free_hi, masked_hi, n_keys, q_pos, offs_n, offs_d, offs_dv, qk_scale,
+                    softcap2, window, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP,
                     UPCAST, PRECISION)
 
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
@@ -395,14 +417,16 @@ def backward_epilogue_kernel(
     DQ_ACC, DQ, DPK_ACC, DPV_ACC, DPK, DPV,
     stride_ab, stride_ah, stride_am, stride_ad,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    n_heads, n_queries, n_dq_programs, n_prefix_elems, n_chunks, stride_pc,
+    n_heads, n_queries, n_dq_programs, n_prefix_elems, n_chunks,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
     CONVERT_DQ: tl.constexpr, CONVERT_DPREFIX: tl.constexpr,
     n_dp_programs=0, DSINK_PART=None, DSINKS=None, batch=0, sink_parts=0, SINK_GRAD: tl.constexpr = False,
+    n_prefix_elems_v=0,
 ):
     """Programs [0, n_dq_programs): one dq tile (query block, row x head) fp32 -> DQ's dtype/strides.
-    The next n_dp_programs: BLOCK_E elements of the prefix gradients: DPK_ACC/DPV_ACC are fp32
-    [C, n_prefix_elems] (C chunk partials), summed over C in chunk order into the dense DPK/DPV.
+    The next n_dp_programs: BLOCK_E elements of the prefix gradients: DPK_ACC / DPV_ACC are fp32
+    [C, n_prefix_elems] / [C, n_prefix_elems_v] (C chunk partials, dense), summed over C in chunk
+    order into the dense DPK / DPV.
     The last n_heads (SINK_GRAD): head h's sink gradient, the prologue's DSINK_PART[b, h, :sink_parts]
     summed in a fixed order."""
     pid = tl.program_id(0)
@@ -431,11 +455,12 @@ def backward_epilogue_kernel(
     else:
         if CONVERT_DPREFIX:
             offs = (pid - n_dq_programs).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
-            elem_ok = offs < n_prefix_elems
+            k_ok = offs < n_prefix_elems
+            v_ok = offs < n_prefix_elems_v
             acc_k = tl.zeros([BLOCK_E], dtype=DPK_ACC.dtype.element_ty)
             acc_v = tl.zeros([BLOCK_E], dtype=DPV_ACC.dtype.element_ty)
             for c in range(0, n_chunks):
-                acc_k += tl.load(DPK_ACC + c * stride_pc + offs, mask=elem_ok, other=0.0)
-                acc_v += tl.load(DPV_ACC + c * stride_pc + offs, mask=elem_ok, other=0.0)
-            tl.store(DPK + offs, acc_k.to(DPK.dtype.element_ty), mask=elem_ok)
-            tl.store(DPV + offs, acc_v.to(DPV.dtype.element_ty), mask=elem_ok)
+                acc_k += tl.load(DPK_ACC + c * n_prefix_elems + offs, mask=k_ok, other=0.0)
+                acc_v += tl.load(DPV_ACC + c * n_prefix_elems_v + offs, mask=v_ok, other=0.0)
+            tl.store(DPK + offs, acc_k.to(DPK.dtype.element_ty), mask=k_ok)
+            tl.store(DPV + offs, acc_v.to(DPV.dtype.element_ty), mask=v_ok)

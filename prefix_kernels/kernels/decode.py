@@ -57,7 +57,8 @@ def prefix_attention_decode_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_lb, stride_lh,
     n_heads, n_kv_heads, n_queries, n_keys, n_prefix, group, num_splits, keys_per_split, qk_scale,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_PREFIX_IDS: tl.constexpr, SPLIT: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     softcap2=1.0, window=0, SINKS=None, seq_start=0,
@@ -73,6 +74,7 @@ def prefix_attention_decode_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
     n_rows = n_queries * group
     row_i = offs_r % n_queries
     row_h = g * group + offs_r // n_queries  # int64
@@ -82,7 +84,7 @@ def prefix_attention_decode_kernel(
 
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_R, HEAD_DIM_PAD], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, HEAD_DIM_V_PAD], dtype=tl.float32)
     if HAS_SINKS:  # split 0 carries each row's sink logit (max = sink, sum = 1); the combine is unchanged
         if split == 0:
             m_i = sink_logit2(SINKS, row_h, offs_r < n_rows, tl.float32)
@@ -104,8 +106,8 @@ def prefix_attention_decode_kernel(
         K + b * stride_kb + g * stride_kh, V + b * stride_vb + g * stride_vh, stride_kn, stride_kd, stride_vn,
         stride_vd, KPM + b * stride_mb, stride_mn,
         p_lo, p_hi, s_lo, s_hi, n_keys - n_queries, n_keys - 1, n_keys - n_queries + row_i, offs_n, offs_d,
-        qk_scale, softcap2, window,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP, UPCAST, PRECISION)
+        offs_dv, qk_scale, softcap2, window,
+        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP, UPCAST, PRECISION)
 
     row_ok = offs_r < n_rows
     if SPLIT:
@@ -113,14 +115,14 @@ def prefix_attention_decode_kernel(
         part = ((b * n_heads + row_h) * n_queries + row_i) * num_splits + split
         tl.store(M_PART + part, m_i, mask=row_ok)
         tl.store(L_PART + part, l_i, mask=row_ok)
-        a_ptrs = ACC_PART + part[:, None] * HEAD_DIM + offs_d[None, :]
-        tl.store(a_ptrs, acc, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+        a_ptrs = ACC_PART + part[:, None] * HEAD_DIM_V + offs_dv[None, :]
+        tl.store(a_ptrs, acc, mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
     else:
         out, lse = finish_rows(acc, l_i, m_i)
         tl.store(LSE + b * stride_lb + row_h * stride_lh + row_i, lse, mask=row_ok)
         o_rows = Out + b * stride_ob + row_h * stride_oh + row_i * stride_om
-        tl.store(o_rows[:, None] + offs_d[None, :] * stride_od, out.to(Out.dtype.element_ty),
-                 mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+        tl.store(o_rows[:, None] + offs_dv[None, :] * stride_od, out.to(Out.dtype.element_ty),
+                 mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
 
 
 @triton.jit

@@ -32,7 +32,8 @@ def prefix_attention_fwd_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_lb, stride_lh,
     n_heads, n_queries, n_keys, n_prefix, group, qk_scale,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_PREFIX_IDS: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     softcap2=1.0, window=0, SINKS=None,
@@ -49,6 +50,7 @@ def prefix_attention_fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
     q = load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                   offs_m, n_queries, offs_d, HEAD_DIM, HEAD_DIM_PAD, True, UPCAST)
 
@@ -57,7 +59,7 @@ def prefix_attention_fwd_kernel(
     if HAS_SINKS:  # the head's sink logit starts the softmax: running max = sink, sum = exp2(0) = 1
         m_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE) + sink_logit2(SINKS, h, True, ACC_DTYPE)
         l_i = l_i + 1.0
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=ACC_DTYPE)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_V_PAD], dtype=ACC_DTYPE)
 
     # Query i sits at position n_keys - n_queries + i (bottom-right causal).
     first_pos = n_keys - n_queries + start_m
@@ -67,11 +69,11 @@ def prefix_attention_fwd_kernel(
         K + b * stride_kb + g * stride_kh, V + b * stride_vb + g * stride_vh, stride_kn, stride_kd, stride_vn,
         stride_vd, KPM + b * stride_mb, stride_mn,
         0, n_prefix, 0, n_keys, first_pos, first_pos + BLOCK_M - 1, first_pos + offs_m - start_m, offs_n, offs_d,
-        qk_scale, softcap2, window,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP, UPCAST, PRECISION)
+        offs_dv, qk_scale, softcap2, window,
+        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP, UPCAST, PRECISION)
 
     out, lse = finish_rows(acc, l_i, m_i)
     row_ok = offs_m < n_queries
     tl.store(LSE + b * stride_lb + h * stride_lh + offs_m, lse.to(tl.float32), mask=row_ok)
-    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))

@@ -182,12 +182,13 @@ def query_ranges(start_n, n_queries, key_offset, window, BLOCK_N: tl.constexpr, 
 @triton.jit
 def attend_blocks(
     acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
-    lo, hi, n_keys, q_pos, offs_n, offs_d, qk_scale, softcap2, window,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    CHECK_KEYS: tl.constexpr, CAUSAL_MASK: tl.constexpr, HAS_KPM: tl.constexpr, WINDOW_MASK: tl.constexpr,
-    SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    lo, hi, n_keys, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2, window,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, CHECK_KEYS: tl.constexpr, CAUSAL_MASK: tl.constexpr, HAS_KPM: tl.constexpr,
+    WINDOW_MASK: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Online-softmax update over key blocks [lo, hi) of one key source; the flags choose the masks."""
+    """Online-softmax update over key blocks [lo, hi) of one key source; the flags choose the masks.
+    k has HEAD_DIM columns, v HEAD_DIM_V (offs_d / offs_dv: their padded aranges)."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         k = load_tile(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, cols, n_keys, offs_d,
@@ -200,8 +201,8 @@ def attend_blocks(
             qk, _ = softcap(qk, softcap2)
         qk = mask_scores(qk, cols[None, :], q_pos[:, None], keep, n_keys, float("-inf"), window,
                          CHECK_KEYS, CAUSAL_MASK, HAS_KPM, WINDOW_MASK)
-        v = load_tile(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, cols, n_keys, offs_d,
-                      HEAD_DIM, HEAD_DIM_PAD, CHECK_KEYS, UPCAST)
+        v = load_tile(V + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd, cols, n_keys, offs_dv,
+                      HEAD_DIM_V, HEAD_DIM_V_PAD, CHECK_KEYS, UPCAST)
         acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, PRECISION)
     return acc, l_i, m_i
 
@@ -210,8 +211,9 @@ def attend_blocks(
 def attend_prefix_and_sequence(
     acc, l_i, m_i, q, PK, PV, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
     K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
-    p_lo, p_hi, s_lo, s_hi, first_pos, last_pos, q_pos, offs_n, offs_d, qk_scale, softcap2, window,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    p_lo, p_hi, s_lo, s_hi, first_pos, last_pos, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2, window,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, WINDOW_MASK: tl.constexpr, SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -222,27 +224,27 @@ def attend_prefix_and_sequence(
     p_full = p_lo + (p_hi - p_lo) // BLOCK_N * BLOCK_N
     acc, l_i, m_i = attend_blocks(
         acc, l_i, m_i, q, PK, PV, stride_pkn, stride_pkd, stride_pvn, stride_pvd, KPM, 0,
-        p_lo, p_full, p_hi, q_pos, offs_n, offs_d, qk_scale, softcap2, window,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False, False, False, 0, SOFTCAP, UPCAST, PRECISION)
+        p_lo, p_full, p_hi, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2, window,
+        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, False, False, False, 0, SOFTCAP, UPCAST, PRECISION)
     acc, l_i, m_i = attend_blocks(
         acc, l_i, m_i, q, PK, PV, stride_pkn, stride_pkd, stride_pvn, stride_pvd, KPM, 0,
-        p_full, p_hi, p_hi, q_pos, offs_n, offs_d, qk_scale, softcap2, window,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, False, False, 0, SOFTCAP, UPCAST, PRECISION)
+        p_full, p_hi, p_hi, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2, window,
+        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, False, False, 0, SOFTCAP, UPCAST, PRECISION)
     masked_lo, free_lo, free_hi, masked_hi = key_ranges(s_lo, s_hi, first_pos, last_pos, window, BLOCK_N,
                                                         IS_CAUSAL, WINDOW_MASK != 0)
     if WINDOW_MASK != 0:
         acc, l_i, m_i = attend_blocks(
             acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
-            masked_lo, free_lo, s_hi, q_pos, offs_n, offs_d, qk_scale, softcap2, window,
-            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP, UPCAST, PRECISION)
+            masked_lo, free_lo, s_hi, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2, window,
+            HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP, UPCAST, PRECISION)
     acc, l_i, m_i = attend_blocks(
         acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
-        free_lo, free_hi, s_hi, q_pos, offs_n, offs_d, qk_scale, softcap2, window,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False, False, HAS_KPM, 0, SOFTCAP, UPCAST, PRECISION)
+        free_lo, free_hi, s_hi, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2, window,
+        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, False, False, HAS_KPM, 0, SOFTCAP, UPCAST, PRECISION)
     acc, l_i, m_i = attend_blocks(
         acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
-        free_hi, masked_hi, s_hi, q_pos, offs_n, offs_d, qk_scale, softcap2, window,
-        HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP, UPCAST, PRECISION)
+        free_hi, masked_hi, s_hi, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2, window,
+        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP, UPCAST, PRECISION)
     return acc, l_i, m_i
 
 
