@@ -269,10 +269,12 @@ def _kernel_report(phase: str, grid: tuple, compiled, arch: Arch, workdir: Path)
 
 
 def inspect_launches(shape: str | Shape, dtype: str | torch.dtype = "bfloat16", arch: str = "sm_90", *,
-                     key_padding_mask: bool = False, prefix_bank: int = 0, deterministic: bool = False) -> dict:
+                     key_padding_mask: bool = False, prefix_bank: int = 0, deterministic: bool = False,
+                     sliding_window: int | None = None, softcap: float | None = None, sinks: bool = False) -> dict:
     """Compiles every Triton launch of a forward and a backward of ``shape`` (``BxHqxHkvxNxMxPxD``
     or a :class:`Shape`) for ``arch`` and reports them. Causal, all five gradients; by default a
-    shared prefix and no padding mask, as the benchmark runs it. N = 1: the decode forward only
+    shared prefix and no padding mask, as the benchmark runs it; ``sliding_window``, ``softcap`` and
+    ``sinks`` (per-head sink logits, with their gradient) turn the op's features on. N = 1: the decode forward only
     (phase "decode", no backward: generation does not train).
 
     Returns ``{"arch", "dtype", "shape", "launches": {"forward": int, "backward": int},
@@ -303,12 +305,15 @@ def inspect_launches(shape: str | Shape, dtype: str | torch.dtype = "bfloat16", 
         phases.append(("backward", [], _DeviceWrites()))
     if not prefix_bank:  # the launchers take a bank [T, Hkv, P, D]; a shared prefix is a bank of one (a view)
         pk, pv = pk.unsqueeze(0), pv.unsqueeze(0)
+    sink_logits = torch.empty(shape.Hq, device="meta", dtype=torch.float32) if sinks else None
+    features = dict(sliding_window=sliding_window, softcap=softcap, sinks=sink_logits)
     with _compiling_for(target, phases[0][1]), phases[0][2]:
-        out, lse = ops.prefix_attention_forward(q, k, v, pk, pv, mask, ids, True, scale)
+        out, lse = ops.prefix_attention_forward(q, k, v, pk, pv, mask, ids, True, scale, **features)
     if shape.N > 1:
         with _compiling_for(target, phases[1][1]), phases[1][2]:
             ops.prefix_attention_backward(torch.empty_like(out), q, k, v, pk, pv, out, lse, mask, ids, True, scale,
-                                          need_dq=True, need_dkdv=True, need_dprefix=True, deterministic=deterministic)
+                                          need_dq=True, need_dkdv=True, need_dprefix=True, deterministic=deterministic,
+                                          need_dsinks=sinks, **features)
     report = {"arch": target.name, "dtype": str(dtype).replace("torch.", ""), "shape": shape.name,
               "launches": {"forward": 0, "backward": 0}, "aten_launches": {"forward": [], "backward": []},
               "kernels": []}

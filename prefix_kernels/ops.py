@@ -345,6 +345,7 @@ def prefix_attention_backward(
             *dqc.stride(), *dqo.stride(),
             n_heads, n_queries, dq_programs, n_elems, dpk_acc.shape[0] if convert_dprefix else 0,
             BLOCK_M=tile.block_m, BLOCK_E=block_e, CONVERT_DQ=convert_dq, CONVERT_DPREFIX=convert_dprefix,
-            **common, **_elementwise_opts(tile.block_m * d_pad), **sink_args, n_prefix_elems_v=n_elems_v,
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=common["HEAD_DIM_PAD"], **_elementwise_opts(tile.block_m * d_pad),
+            **sink_args, n_prefix_elems_v=n_elems_v,
         )
     return dq, dk, dv, dpk, dpv, dsinks

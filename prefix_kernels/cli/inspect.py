@@ -17,7 +17,8 @@ def run(args) -> int:
     from prefix_kernels import inspection
 
     request = dict(shape=args.shape, dtype=args.dtype, arch=args.arch, key_padding_mask=args.mask,
-                   prefix_bank=args.bank, deterministic=args.deterministic)
+                   prefix_bank=args.bank, deterministic=args.deterministic, sliding_window=args.window,
+                   softcap=args.softcap, sinks=args.sinks)
     try:
         inspection.resolve_arch(args.arch), inspection.resolve_dtype(args.dtype)
         inspection.Shape.parse(args.shape)
@@ -53,5 +54,8 @@ def add_parser(sub) -> None:
     p.add_argument("--bank", type=int, default=0, metavar="T",
                    help="a bank of T prefixes chosen by prefix_ids (default 0: one shared prefix)")
     p.add_argument("--deterministic", action="store_true", help="the deterministic prefix-gradient reduction")
+    p.add_argument("--window", type=int, default=None, metavar="W", help="with a sliding window of W keys")
+    p.add_argument("--softcap", type=float, default=None, metavar="C", help="with logit softcapping at C")
+    p.add_argument("--sinks", action="store_true", help="with per-head attention sinks (and their gradient)")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     p.set_defaults(run=run)
