@@ -5,6 +5,13 @@ flash-attn and the no-prefix floor, on CUDA or CPU (``prefix-kernels bench``).
                                                   # CPU: the "cpu" preset, fp32
     prefix-kernels bench --preset quick --out DIR --providers ours,cat_sdpa,sdpa_no_prefix
     prefix-kernels bench --shape 4x9x3x512x512x20x64 --shape 16x16x4x1x4096x64x128 --no-plot
+    prefix-kernels bench --preset window-cpu                 # sliding windows: W = 512 vs W = M
+    prefix-kernels bench --shape 1x32x8x8192x8192x128x128w1024   # "wW": a sliding window of W keys
+
+A shape "BxHqxHkvxNxMxPxD" may end in "wW": a sliding window (query at position i sees sequence
+keys i - W < j <= i, the prefix always); every provider then computes that (ours with
+sliding_window=W, the SDPA ones with the window in an explicit mask, FlexAttention in its
+mask_mod; flash-attn, which cannot keep the prefix visible outside its window, is "skipped").
 
 Each provider is checked against the fp32 reference on a cut-down version of each shape before it
 is timed; rows go to ``<out>/<device>/attention_<device>.json/.csv/.png``. The runner and the rows:
@@ -84,8 +91,8 @@ def run_kernel_bench(
     """Runs the kernel benchmark and returns its rows (one per shape, mode and provider).
 
     preset: "auto" (CUDA: "training" + "decode"; CPU: "cpu"), "training", "decode", "quick",
-        "cpu", several joined with ","; ignored when ``shapes`` is given (Shape objects or
-        "BxHqxHkvxNxMxPxD" strings).
+        "cpu", "window", "window-cpu", several joined with ","; ignored when ``shapes`` is given
+        (Shape objects or "BxHqxHkvxNxMxPxD[wW]" strings, wW a sliding window).
     device: "cuda" / "cpu" (default: CUDA when available). dtype: default bf16 on CUDA, fp32 on CPU.
     out_dir: where ``<name>_<device>.json/.csv/.png`` go (``<out_dir>/<device>/`` unless
         ``per_device_dir=False``; no ``_<device>`` with ``device_suffix=False``); default a new
@@ -135,8 +142,9 @@ def build_parser(prog: str = "prefix-kernels bench") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="auto",
                         help=f"auto (CUDA: training+decode, CPU: cpu), {', '.join(PRESETS)}, or several joined by ','")
-    parser.add_argument("--shape", action="append", default=None, metavar="BxHqxHkvxNxMxPxD",
-                        help="a custom shape instead of the preset (repeatable; N=1 < M is a decode shape)")
+    parser.add_argument("--shape", action="append", default=None, metavar="BxHqxHkvxNxMxPxD[wW]",
+                        help="a custom shape instead of the preset (repeatable; N=1 < M is a decode shape; "
+                             "a wW suffix adds a sliding window of W keys, e.g. 1x8x2x2048x2048x64x64w512)")
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
                         help="default: bfloat16 on CUDA, float32 on CPU")

@@ -3,7 +3,7 @@
 The provider's output (and, for training shapes, the gradients of q, k, v, prefix_k, prefix_v) on a
 cut-down version of the shape (B <= 2, N <= 256, at most 512 cached keys; heads, P and D kept;
 :meth:`Shape.cut_down`) is compared with ``prefix_attention_reference`` in fp32 (for the floor: the
-reference with an empty prefix). Error = max |got - want| / max(1, max |want|), per tensor;
+reference with an empty prefix), both with the shape's sliding window (cut down too). Error = max |got - want| / max(1, max |want|), per tensor;
 tolerance ``TOLERANCE[dtype]`` (gradients: twice that). A provider that fails the check gives error
 rows for that shape and is not timed.
 """
@@ -31,8 +31,8 @@ def check_provider(provider: Provider, shape: Shape, dtype: torch.dtype, device:
     if not provider.uses_prefix:  # the floor: no prefix at all
         ref_inputs[3] = ref_inputs[3][:, :0].detach().requires_grad_(train)
         ref_inputs[4] = ref_inputs[4][:, :0].detach().requires_grad_(train)
-    out = provider.fn(*inputs)
-    ref, _ = prefix_attention_reference(*ref_inputs, causal=True)
+    out = provider.call(inputs, small.W)
+    ref, _ = prefix_attention_reference(*ref_inputs, causal=True, sliding_window=small.W)
     tol = TOLERANCE.get(dtype, 3e-2)
 
     def rel(got, want):

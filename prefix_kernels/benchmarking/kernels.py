@@ -3,9 +3,10 @@ the runner, which turns shapes x providers x modes into rows.
 
 The pieces, one module each:
 
-    shapes       :class:`Shape`, the presets, the inputs of a shape and their layout
+    shapes       :class:`Shape` (with an optional sliding window ``W``), the presets, the inputs
+                 of a shape and their layout
     providers    the implementations compared (ours, peft_style, cat_sdpa, sdpa_no_prefix,
-                 flex_attention, flash_attn) and when each can run
+                 flex_attention, flash_attn), when each can run, how each takes a window
     accounting   the FLOP and byte counts behind TFLOPS and GB/s
     correctness  the gate every provider passes on a cut-down shape before it is timed
     timing       the step each mode times, median ms, peak memory
@@ -42,9 +43,11 @@ from prefix_kernels.benchmarking.providers import (
     flex_attention_cat,
     ours,
     peft_style,
+    prefix_mask,
     prefix_mask_mod,
     resolve_providers,
     sdpa_no_prefix,
+    sequence_mask,
 )
 from prefix_kernels.benchmarking.shapes import (
     DECODE_MODES,
@@ -71,10 +74,11 @@ __all__ = ["ALIASES", "COLUMNS", "DECODE_MODES", "ENV_COLUMNS", "FLOOR", "MODES"
            "TOLERANCE", "TRAINING_MODES", "Provider", "Shape", "add_ratios", "bench_shape", "check_provider",
            "concat_sdpa", "cpu_name", "environment", "flash_attn_cat", "flex_attention_cat", "flops",
            "interleaved_median_ms", "kv_bytes", "layout", "make_inputs", "make_step", "ours", "peft_style",
-           "preset_shapes", "prefix_mask_mod", "resolve_providers", "run", "sdpa_no_prefix", "time_ms"]
+           "preset_shapes", "prefix_mask", "prefix_mask_mod", "resolve_providers", "run", "sdpa_no_prefix",
+           "sequence_mask", "time_ms"]
 
 # the columns every row has, in this order (CSV); environment fields follow
-COLUMNS = ("shape", "kind", "B", "Hq", "Hkv", "N", "M", "P", "D", "dtype", "layout", "provider", "mode",
+COLUMNS = ("shape", "kind", "B", "Hq", "Hkv", "N", "M", "P", "D", "W", "dtype", "layout", "provider", "mode",
            "status", "ms", "flops", "tflops", "bytes", "gb_per_s", "peak_mib", "ratio_to_ours",
            "ratio_to_floor", "max_err", "error")
 
@@ -82,7 +86,7 @@ COLUMNS = ("shape", "kind", "B", "Hq", "Hkv", "N", "M", "P", "D", "dtype", "layo
 def _base_row(shape: Shape, dtype: torch.dtype, provider: str, mode: str) -> dict:
     row = dict.fromkeys(COLUMNS)
     row.update(shape=shape.name, kind=shape.kind, B=shape.B, Hq=shape.Hq, Hkv=shape.Hkv, N=shape.N, M=shape.M,
-               P=shape.P, D=shape.D, dtype=str(dtype).replace("torch.", ""), layout=layout(shape),
+               P=shape.P, D=shape.D, W=shape.W, dtype=str(dtype).replace("torch.", ""), layout=layout(shape),
                provider=provider, mode=mode, flops=flops(shape, mode),
                bytes=kv_bytes(shape, dtype) if mode == "decode" else None)
     return row
@@ -117,7 +121,7 @@ def _gate(shape: Shape, providers: Sequence[Provider], dtype: torch.dtype, devic
     rows: list[dict] = []
     runnable: Runnable = {}
     for p in providers:
-        reason = p.why_unavailable(device, dtype)
+        reason = p.why_unavailable(device, dtype, shape.W)
         err = None
         if reason is None:
             try:
@@ -146,7 +150,7 @@ def _time_one_by_one(shape: Shape, runnable: Runnable, mode: str,
         row = _base_row(shape, dtype, name, mode)
         row["max_err"] = max_err
         try:
-            step = make_step(p, mode, inputs)
+            step = make_step(p, mode, inputs, shape.W)
             ms = time_ms(step, warmup=warmup, reps=reps, device=device)
             _finish(row, ms, peak_mib(step, device))
         except Exception as exc:  # noqa: BLE001 -- OOM or a failing baseline: an error row
@@ -164,7 +168,7 @@ def _time_interleaved(shape: Shape, runnable: Runnable, mode: str,
     steps, failed = {}, {}
     for name, (p, _) in runnable.items():
         try:
-            steps[name] = make_step(p, mode, inputs)
+            steps[name] = make_step(p, mode, inputs, shape.W)
         except Exception as exc:  # noqa: BLE001
             failed[name] = short_error(exc)
     results, run_failed = interleaved_times(steps, warmup=warmup, reps=reps)

@@ -20,8 +20,22 @@ prefix_v) -> out [B, Hq, N, D]``:
                     causal since flash-attn 2.1, so the prefix is visible). CUDA, fp16/bf16, when
                     the ``flash_attn`` package is importable.
 
-A provider that is not available (CPU, package missing, dtype) gives rows with status "skipped"
-and the reason in ``error``.
+With a sliding window W (a shape's ``W``; the query at position i sees sequence key j only if
+i - W < j <= i, the prefix always visible) a provider is called ``fn(..., window=W)``:
+
+    ours            sliding_window=W (key blocks outside every window are skipped)
+    peft_style      the window folded into its explicit mask (prefix columns stay True)
+    cat_sdpa        an explicit [N, P + M] bool mask (prefix columns True, the sequence bottom-right
+                    causal and windowed) instead of causal_lower_right
+    sdpa_no_prefix  an explicit [N, M] bool mask, bottom-right causal and windowed
+    flex_attention  the window in its mask_mod (:func:`prefix_mask_mod`)
+    flash_attn      not applicable: window_size=(W - 1, 0) on the concatenated K/V would also hide
+                    the prefix columns from every query more than W positions past them, and
+                    flash_attn_func cannot keep some columns always visible; its rows are
+                    "skipped" with that reason rather than timing a different computation.
+
+A provider that is not available (CPU, package missing, dtype, a window it cannot express) gives
+rows with status "skipped" and the reason in ``error``.
 """
 
 from __future__ import annotations
@@ -38,38 +52,58 @@ def _expand_prefix(prefix, batch):
     return prefix.unsqueeze(0).expand(batch, -1, -1, -1)
 
 
-def ours(q, k, v, prefix_k, prefix_v):
-    return prefix_attention(q, k, v, prefix_k, prefix_v, causal=True, backend="auto")
+def sequence_mask(n_queries: int, n_keys: int, window: int | None, device) -> torch.Tensor:
+    """[N, M] bool, True = visible: bottom-right causal (query i at position M - N + i) and, with a
+    window W, only the keys j with i - W < j."""
+    query_pos = torch.arange(n_keys - n_queries, n_keys, device=device)[:, None]
+    key_pos = torch.arange(n_keys, device=device)[None, :]
+    visible = key_pos <= query_pos
+    return visible if window is None else visible & (key_pos > query_pos - window)
 
 
-def peft_style(q, k, v, prefix_k, prefix_v):
+def prefix_mask(n_queries: int, n_prefix: int, n_keys: int, window: int | None, device) -> torch.Tensor:
+    """[N, P + M] bool: the prefix columns always visible, then :func:`sequence_mask`."""
+    ones = torch.ones(n_queries, n_prefix, dtype=torch.bool, device=device)
+    return torch.cat([ones, sequence_mask(n_queries, n_keys, window, device)], dim=1)
+
+
+def ours(q, k, v, prefix_k, prefix_v, window=None):
+    return prefix_attention(q, k, v, prefix_k, prefix_v, causal=True, sliding_window=window, backend="auto")
+
+
+def peft_style(q, k, v, prefix_k, prefix_v, window=None):
     """expand + cat + repeat_kv + a materialized [B, 1, N, P + M] mask + SDPA."""
     batch, n_heads, n_queries, _ = q.shape
     group = n_heads // k.shape[1]
     keys = torch.cat([_expand_prefix(prefix_k, batch), k], dim=2).repeat_interleave(group, dim=1)
     values = torch.cat([_expand_prefix(prefix_v, batch), v], dim=2).repeat_interleave(group, dim=1)
-    n_keys, n_prefix = k.shape[2], prefix_k.shape[1]
-    query_pos = torch.arange(n_keys - n_queries, n_keys, device=q.device)
-    causal = torch.arange(n_keys, device=q.device)[None, :] <= query_pos[:, None]
-    mask = torch.cat([torch.ones(n_queries, n_prefix, dtype=torch.bool, device=q.device), causal], dim=1)
+    mask = prefix_mask(n_queries, prefix_k.shape[1], k.shape[2], window, q.device)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.expand(batch, 1, -1, -1))
 
 
-def concat_sdpa(q, k, v, prefix_k, prefix_v):
-    """torch.cat of the prefix + SDPA with bottom-right causal (``causal_lower_right``)."""
+def concat_sdpa(q, k, v, prefix_k, prefix_v, window=None):
+    """torch.cat of the prefix + SDPA with bottom-right causal (``causal_lower_right``; with a
+    window, an explicit [N, P + M] mask)."""
     from torch.nn.attention.bias import causal_lower_right
 
     batch = q.shape[0]
     keys = torch.cat([_expand_prefix(prefix_k, batch), k], dim=2)
     values = torch.cat([_expand_prefix(prefix_v, batch), v], dim=2)
-    mask = causal_lower_right(q.shape[2], keys.shape[2])
+    if window is None:
+        mask = causal_lower_right(q.shape[2], keys.shape[2])
+    else:
+        mask = prefix_mask(q.shape[2], prefix_k.shape[1], k.shape[2], window, q.device)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
-def sdpa_no_prefix(q, k, v, prefix_k=None, prefix_v=None):
-    """The floor: bottom-right causal SDPA over the sequence keys only."""
+def sdpa_no_prefix(q, k, v, prefix_k=None, prefix_v=None, window=None):
+    """The floor: bottom-right causal SDPA over the sequence keys only (with a window, an explicit
+    [N, M] mask)."""
     n, m = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
+    if window is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=sequence_mask(n, m, window, q.device),
+                                              enable_gqa=gqa)
     if n == m:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if n == 1:  # one query at the last position sees every key
@@ -82,18 +116,24 @@ def sdpa_no_prefix(q, k, v, prefix_k=None, prefix_v=None):
 _flex_state: dict = {"compiled": None, "masks": {}}
 
 
-def prefix_mask_mod(n_prefix: int, offset: int):
+def prefix_mask_mod(n_prefix: int, offset: int, window: int | None = None):
     """FlexAttention mask_mod over [prefix | sequence] keys: the prefix columns always visible, the
-    sequence bottom-right causal (``offset`` = M - N)."""
+    sequence bottom-right causal (``offset`` = M - N) and, with a window W, only the keys after
+    position - W."""
 
     def mask_mod(b, h, q_idx, kv_idx):
         return (kv_idx < n_prefix) | (kv_idx - n_prefix <= q_idx + offset)
 
-    return mask_mod
+    def windowed_mask_mod(b, h, q_idx, kv_idx):
+        key_pos, query_pos = kv_idx - n_prefix, q_idx + offset
+        return (kv_idx < n_prefix) | ((key_pos <= query_pos) & (key_pos > query_pos - window))
+
+    return mask_mod if window is None else windowed_mask_mod
 
 
-def flex_attention_cat(q, k, v, prefix_k, prefix_v):
-    """torch.cat + compiled FlexAttention with :func:`prefix_mask_mod` (block mask cached per shape)."""
+def flex_attention_cat(q, k, v, prefix_k, prefix_v, window=None):
+    """torch.cat + compiled FlexAttention with :func:`prefix_mask_mod` (block mask cached per shape
+    and window)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     if _flex_state["compiled"] is None:
@@ -103,10 +143,10 @@ def flex_attention_cat(q, k, v, prefix_k, prefix_v):
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
         _flex_state["compiled"] = torch.compile(flex_attention, dynamic=False)
     batch, n_prefix, n, m = q.shape[0], prefix_k.shape[1], q.shape[2], k.shape[2]
-    key = (n, m, n_prefix, str(q.device))
+    key = (n, m, n_prefix, window, str(q.device))
     block_mask = _flex_state["masks"].get(key)
     if block_mask is None:
-        block_mask = create_block_mask(prefix_mask_mod(n_prefix, m - n), None, None, n, n_prefix + m,
+        block_mask = create_block_mask(prefix_mask_mod(n_prefix, m - n, window), None, None, n, n_prefix + m,
                                        device=q.device)
         _flex_state["masks"][key] = block_mask
     keys = torch.cat([_expand_prefix(prefix_k, batch), k], dim=2)
@@ -157,26 +197,44 @@ def _flash_available(device, dtype):
 class Provider:
     """An implementation to time. ``fn(q, k, v, prefix_k, prefix_v) -> out [B, Hq, N, D]``;
     ``uses_prefix`` False: checked against the reference with an empty prefix (the floor);
-    ``unavailable(device, dtype)`` returns why it cannot run there, or None."""
+    ``unavailable(device, dtype)`` returns why it cannot run there, or None. ``windowed``: fn also
+    takes ``window=W`` (a sliding window); without it, shapes with a window are skipped, the
+    reason ``no_window`` (default: it takes no window)."""
 
     name: str
     fn: Callable
     uses_prefix: bool = True
     unavailable: Callable[[torch.device, torch.dtype], str | None] | None = field(default=None, compare=False)
     description: str = ""
+    windowed: bool = False
+    no_window: str = ""
 
-    def why_unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
-        return self.unavailable(device, dtype) if self.unavailable else None
+    def why_unavailable(self, device: torch.device, dtype: torch.dtype, window: int | None = None) -> str | None:
+        """Why this provider cannot run on device/dtype (or with the sliding window), or None."""
+        reason = self.unavailable(device, dtype) if self.unavailable else None
+        if reason is None and window is not None and not self.windowed:
+            reason = f"not applicable with a sliding window: {self.no_window or f'{self.name} takes no window'}"
+        return reason
 
+    def call(self, inputs, window: int | None = None):
+        """fn(q, k, v, prefix_k, prefix_v) -- with ``window=W`` when there is a window."""
+        return self.fn(*inputs) if window is None else self.fn(*inputs, window=window)
+
+
+FLASH_NO_WINDOW = ("flash-attn's window_size=(W-1, 0) on the concatenated K/V would also hide the prefix "
+                   "columns, which must stay visible to every query")
 
 PROVIDERS: dict[str, Provider] = {p.name: p for p in (
-    Provider("ours", ours, description="prefix_attention (Triton on CUDA, C++ op on CPU)"),
-    Provider("peft_style", peft_style, description="expand + cat + repeat_kv + explicit mask + SDPA"),
-    Provider("cat_sdpa", concat_sdpa, description="cat + SDPA with causal_lower_right"),
-    Provider("sdpa_no_prefix", sdpa_no_prefix, uses_prefix=False, description="SDPA without a prefix (floor)"),
-    Provider("flex_attention", flex_attention_cat, unavailable=_flex_available,
+    Provider("ours", ours, description="prefix_attention (Triton on CUDA, C++ op on CPU)", windowed=True),
+    Provider("peft_style", peft_style, description="expand + cat + repeat_kv + explicit mask + SDPA",
+             windowed=True),
+    Provider("cat_sdpa", concat_sdpa, description="cat + SDPA with causal_lower_right (window: explicit mask)",
+             windowed=True),
+    Provider("sdpa_no_prefix", sdpa_no_prefix, uses_prefix=False, windowed=True,
+             description="SDPA without a prefix (floor; window: explicit mask)"),
+    Provider("flex_attention", flex_attention_cat, unavailable=_flex_available, windowed=True,
              description="cat + compiled FlexAttention, prefix-visible mask_mod"),
-    Provider("flash_attn", flash_attn_cat, unavailable=_flash_available,
+    Provider("flash_attn", flash_attn_cat, unavailable=_flash_available, no_window=FLASH_NO_WINDOW,
              description="cat + flash_attn_func(causal=True)"),
 )}
 # names used by the earlier scripts

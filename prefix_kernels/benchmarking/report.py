@@ -96,8 +96,9 @@ def plot(rows: Sequence[dict], path: Path | str, *, log: Callable[[str], None] |
             ax.bar(xs, ys, width, label=p, color=colors[p])
         ax.set_xticks(range(len(modes)), modes)
         ax.set_ylabel("ms")
-        b, hq, hkv, n, m_, p_, d = shape.split("x")
-        ax.set_title(f"{kind} {dtype}: B={b} Hq={hq} Hkv={hkv} N={n} M={m_} P={p_} D={d}", fontsize=9)
+        dims = " ".join(f"{c}={sub[0][c]}" for c in ("B", "Hq", "Hkv", "N", "M", "P", "D", "W")
+                        if sub[0].get(c) is not None)
+        ax.set_title(f"{kind} {dtype}: {dims}", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     fig.legend(handles=[Patch(color=colors[p], label=p) for p in providers], loc="outside lower center",
                ncols=min(len(providers), 6))

@@ -4,7 +4,9 @@ a shape.
 A shape is ``B`` rows, ``Hq`` query heads over ``Hkv`` K/V heads (GQA when they differ), ``N``
 queries against ``M`` sequence keys (query i at position M - N + i) and a shared prefix of ``P``
 keys, head dim ``D``. ``kind`` "training" (N = M; modes fwd, bwd, fwd+bwd) or "decode" (N = 1
-against an M-token KV cache; mode decode).
+against an M-token KV cache; mode decode). ``W`` (default None: no window): a sliding window, the
+query at position i sees sequence key j only if i - W < j <= i; the prefix stays visible to every
+query. W >= M is no effective window (the same keys as W = None), but the window code paths run.
 
 Inputs are laid out as HF hands them over: q (and k/v for training) are transposed views of
 [B, S, H, D] storage; a decode KV cache is contiguous [B, Hkv, M, D]; the prefix is [Hkv, P, D].
@@ -12,6 +14,7 @@ Inputs are laid out as HF hands them over: q (and k/v for training) are transpos
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -22,9 +25,13 @@ DECODE_MODES = ("decode",)
 MODES = TRAINING_MODES + DECODE_MODES
 
 
+_SHAPE_TEXT = re.compile(r"(\d+)x(\d+)x(\d+)x(\d+)x(\d+)x(\d+)x(\d+)(?:w(\d+))?")
+
+
 @dataclass(frozen=True)
 class Shape:
-    """One attention problem. ``kind`` "training" (modes fwd/bwd/fwd+bwd) or "decode" (N = 1)."""
+    """One attention problem. ``kind`` "training" (modes fwd/bwd/fwd+bwd) or "decode" (N = 1);
+    ``W`` a sliding window (None: none)."""
 
     kind: str
     B: int
@@ -34,6 +41,7 @@ class Shape:
     M: int
     P: int
     D: int
+    W: int | None = None
 
     def __post_init__(self):
         if self.kind not in ("training", "decode"):
@@ -42,28 +50,42 @@ class Shape:
             raise ValueError(f"invalid shape {self}")
         if self.kind == "decode" and self.N != 1:
             raise ValueError(f"a decode shape has N = 1, got {self}")
+        if self.W is not None and (isinstance(self.W, bool) or not isinstance(self.W, int) or self.W < 1):
+            raise ValueError(f"the window W must be an int >= 1 (or None), got {self.W!r}")
 
     @classmethod
     def parse(cls, text: str) -> "Shape":
-        """``BxHqxHkvxNxMxPxD`` (decode when N = 1 and M > 1), e.g. ``8x16x4x1024x1024x64x128``."""
-        try:
-            b, hq, hkv, n, m, p, d = (int(x) for x in text.lower().split("x"))
-        except ValueError:
-            raise ValueError(f"a shape is BxHqxHkvxNxMxPxD (7 integers), got {text!r}") from None
-        return cls("decode" if n == 1 and m > 1 else "training", b, hq, hkv, n, m, p, d)
+        """``BxHqxHkvxNxMxPxD[wW]`` (decode when N = 1 and M > 1), e.g. ``8x16x4x1024x1024x64x128``,
+        or ``1x32x8x8192x8192x128x128w1024`` with a sliding window of 1024 keys."""
+        match = _SHAPE_TEXT.fullmatch(text.strip().lower())
+        if not match:
+            raise ValueError(f"a shape is BxHqxHkvxNxMxPxD (7 integers), optionally followed by wW (a sliding "
+                             f"window, e.g. 1x8x2x2048x2048x64x64w512), got {text!r}")
+        b, hq, hkv, n, m, p, d = (int(x) for x in match.groups()[:7])
+        w = match.group(8)
+        return cls("decode" if n == 1 and m > 1 else "training", b, hq, hkv, n, m, p, d,
+                   None if w is None else int(w))
 
     @property
     def name(self) -> str:
-        return "x".join(str(x) for x in (self.B, self.Hq, self.Hkv, self.N, self.M, self.P, self.D))
+        """The text :meth:`parse` reads: ``BxHqxHkvxNxMxPxD``, with ``wW`` when there is a window."""
+        dims = "x".join(str(x) for x in (self.B, self.Hq, self.Hkv, self.N, self.M, self.P, self.D))
+        return dims if self.W is None else f"{dims}w{self.W}"
 
     @property
     def modes(self) -> tuple[str, ...]:
         return DECODE_MODES if self.kind == "decode" else TRAINING_MODES
 
     def cut_down(self) -> "Shape":
-        """The smaller shape the correctness gate runs on."""
+        """The smaller shape the correctness gate runs on: B <= 2, N <= 256, at most 512 cached keys;
+        a window shorter than M shrinks with M (rounded up, and still shorter than the cut-down M,
+        so it still hides keys); one of at least M is kept (it still hides none)."""
         n = min(self.N, 256)
-        return Shape(self.kind, min(self.B, 2), self.Hq, self.Hkv, n, n + min(self.M - self.N, 512), self.P, self.D)
+        m = n + min(self.M - self.N, 512)
+        w = self.W
+        if w is not None and w < self.M:
+            w = max(1, min(m - 1, -(-w * m // self.M)))
+        return Shape(self.kind, min(self.B, 2), self.Hq, self.Hkv, n, m, self.P, self.D, w)
 
 
 def _train(b, hq, hkv, n, p, d):
@@ -72,6 +94,10 @@ def _train(b, hq, hkv, n, p, d):
 
 def _decode(b, hq, hkv, m, p, d):
     return Shape("decode", b, hq, hkv, 1, m, p, d)
+
+
+def _windowed(b, hq, hkv, n, p, d, windows):
+    return [Shape("training", b, hq, hkv, n, n, p, d, w) for w in windows]
 
 
 PRESETS: dict[str, list[Shape]] = {
@@ -86,13 +112,17 @@ PRESETS: dict[str, list[Shape]] = {
     # CPU (seconds on 2 cores)
     "cpu": [_train(2, 8, 2, 256, 16, 64), _train(4, 9, 3, 512, 20, 64), _train(1, 8, 2, 1024, 64, 64),
             _decode(16, 16, 4, 2048, 64, 64), _decode(2, 16, 4, 8192, 64, 128)],
+    # sliding windows, CUDA (benchmarks/gpu_check.sh): W = 1024 against W = M (every key visible)
+    "window": _windowed(1, 32, 8, 8192, 128, 128, (1024, 8192)),
+    # sliding windows, CPU (a minute or two on 2 cores): W = 512 against W = M
+    "window-cpu": _windowed(1, 8, 2, 2048, 64, 64, (512, 2048)),
 }
 
 
 def preset_shapes(preset: str | Sequence[Shape], device: torch.device | str) -> list[Shape]:
-    """Shapes of a preset name ("auto", "training", "decode", "quick", "cpu", or several joined
-    with "," or "+"), or a list of shapes passed through. "auto": training + decode on CUDA, cpu
-    on CPU."""
+    """Shapes of a preset name ("auto", "training", "decode", "quick", "cpu", "window",
+    "window-cpu", or several joined with "," or "+"), or a list of shapes passed through. "auto":
+    training + decode on CUDA, cpu on CPU."""
     if not isinstance(preset, str):
         return list(preset)
     names = [x for part in preset.split(",") for x in part.split("+") if x]

@@ -81,9 +81,14 @@ def peak_mib(step: Callable, device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
-def make_step(provider: Provider, mode: str, inputs: Sequence[torch.Tensor]) -> Callable[[], object]:
-    """The callable that ``mode`` times (the forward of ``bwd`` runs here, once)."""
-    fn = provider.fn
+def make_step(provider: Provider, mode: str, inputs: Sequence[torch.Tensor],
+              window: int | None = None) -> Callable[[], object]:
+    """The callable that ``mode`` times (the forward of ``bwd`` runs here, once); ``window``: the
+    shape's sliding window, passed to the provider."""
+
+    def fn(*args):
+        return provider.call(args, window)
+
     if mode in ("fwd", "decode"):
         def step():
             with torch.no_grad():

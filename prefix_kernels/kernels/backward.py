@@ -35,7 +35,8 @@ import triton
 import triton.language as tl
 
 from prefix_kernels.kernels.tiles import (
-    key_ranges, load_keep, load_lse2, load_tile, mask_scores, mm, prob, query_ranges, scores, sink_logit2, softcap,
+    key_ranges, key_tile_scores, load_keep, load_lse2, load_tile, mask_scores, mm, prob, query_ranges, scores,
+    sink_logit2, softcap,
 )
 
 
@@ -318,18 +319,12 @@ def _dq_blocks(
 ):
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k = load_tile(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, cols, n_keys, offs_d,
-                      HEAD_DIM, HEAD_DIM_PAD, CHECK_KEYS, UPCAST)
+        k, s, dcap = key_tile_scores(q, K, stride_kn, stride_kd, KPM, stride_mn, cols, n_keys, q_pos, offs_d,
+                                     qk_scale, softcap2, window, HEAD_DIM, HEAD_DIM_PAD, CHECK_KEYS, CAUSAL_MASK,
+                                     HAS_KPM, WINDOW_MASK, SOFTCAP, UPCAST, PRECISION)
+        p = prob(s, lse2[:, None])  # 0 where masked (-inf)
         v = load_tile(V + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd, cols, n_keys, offs_dv,
                       HEAD_DIM_V, HEAD_DIM_V_PAD, CHECK_KEYS, UPCAST)
-        keep = cols[None, :] >= 0  # unused unless HAS_KPM
-        if HAS_KPM:
-            keep = load_keep(KPM, stride_mn, cols, n_keys)[None, :]
-        s = scores(q, k, qk_scale, PRECISION)
-        if SOFTCAP:
-            s, dcap = softcap(s, softcap2)
-        p = mask_scores(prob(s, lse2[:, None]), cols[None, :], q_pos[:, None], keep, n_keys, 0.0, window,
-                        CHECK_KEYS, CAUSAL_MASK, HAS_KPM, WINDOW_MASK)
         dp = mm(do, tl.trans(v), PRECISION)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:

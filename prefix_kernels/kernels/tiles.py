@@ -180,6 +180,30 @@ def query_ranges(start_n, n_queries, key_offset, window, BLOCK_N: tl.constexpr, 
 
 
 @triton.jit
+def key_tile_scores(
+    q, K, stride_kn, stride_kd, KPM, stride_mn, cols, n_keys, q_pos, offs_d, qk_scale, softcap2, window,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CHECK_KEYS: tl.constexpr, CAUSAL_MASK: tl.constexpr,
+    HAS_KPM: tl.constexpr, WINDOW_MASK: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Loads keys ``cols`` of one source and scores the query tile against them: (k, the log2-domain
+    scores [queries, keys] with -inf where a query may not see a key, d(softcap)/d(score) -- the
+    scores themselves when SOFTCAP is off, unused then)."""
+    k = load_tile(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, cols, n_keys, offs_d,
+                  HEAD_DIM, HEAD_DIM_PAD, CHECK_KEYS, UPCAST)
+    keep = cols[None, :] >= 0  # unused unless HAS_KPM
+    if HAS_KPM:
+        keep = load_keep(KPM, stride_mn, cols, n_keys)[None, :]
+    s = scores(q, k, qk_scale, PRECISION)
+    dcap = s
+    if SOFTCAP:
+        s, dcap = softcap(s, softcap2)
+    s = mask_scores(s, cols[None, :], q_pos[:, None], keep, n_keys, float("-inf"), window,
+                    CHECK_KEYS, CAUSAL_MASK, HAS_KPM, WINDOW_MASK)
+    return k, s, dcap
+
+
+@triton.jit
 def attend_blocks(
     acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
     lo, hi, n_keys, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2, window,
@@ -191,16 +215,9 @@ def attend_blocks(
     k has HEAD_DIM columns, v HEAD_DIM_V (offs_d / offs_dv: their padded aranges)."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k = load_tile(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, cols, n_keys, offs_d,
-                      HEAD_DIM, HEAD_DIM_PAD, CHECK_KEYS, UPCAST)
-        keep = cols[None, :] >= 0  # unused unless HAS_KPM
-        if HAS_KPM:
-            keep = load_keep(KPM, stride_mn, cols, n_keys)[None, :]
-        qk = scores(q, k, qk_scale, PRECISION)
-        if SOFTCAP:
-            qk, _ = softcap(qk, softcap2)
-        qk = mask_scores(qk, cols[None, :], q_pos[:, None], keep, n_keys, float("-inf"), window,
-                         CHECK_KEYS, CAUSAL_MASK, HAS_KPM, WINDOW_MASK)
+        _, qk, _ = key_tile_scores(q, K, stride_kn, stride_kd, KPM, stride_mn, cols, n_keys, q_pos, offs_d, qk_scale,
+                                   softcap2, window, HEAD_DIM, HEAD_DIM_PAD, CHECK_KEYS, CAUSAL_MASK, HAS_KPM,
+                                   WINDOW_MASK, SOFTCAP, UPCAST, PRECISION)
         v = load_tile(V + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd, cols, n_keys, offs_dv,
                       HEAD_DIM_V, HEAD_DIM_V_PAD, CHECK_KEYS, UPCAST)
         acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, PRECISION)
