@@ -156,7 +156,8 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, pref
         prefix_attention_decode(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale, out, lse,
                                 sliding_window, features)
         return out, lse
-    cfg = kernel_configs(max(head_dim, v.shape[3]), q.dtype, _capability(q.device)).forward
+    cfg = kernel_configs(max(head_dim, v.shape[3]), q.dtype, _capability(q.device),
+                         sliding_window is not None).forward
     kpm, stride_mb, stride_mn = _mask_args(key_padding_mask, q)
     grid = (_cdiv(n_queries, cfg.block_m), batch * n_heads)
     prefix_attention_fwd_kernel[grid](

@@ -48,10 +48,12 @@ _KERNELS = tuple(KernelConfigs.__dataclass_fields__)  # forward, dq, backward
 _OVERRIDES: dict = {}  # kernel name -> config, set by override_configs
 
 
-def kernel_configs(head_dim: int, dtype: torch.dtype, capability: tuple[int, int] | None) -> KernelConfigs:
+def kernel_configs(head_dim: int, dtype: torch.dtype, capability: tuple[int, int] | None,
+                   windowed: bool = False) -> KernelConfigs:
     """Block configs for the forward, the backward and the deterministic dq pass.
-    ``capability=None``: the CPU interpreter. Honours ``override_configs``."""
-    configs = _default_configs(head_dim, dtype, capability)
+    ``capability=None``: the CPU interpreter; ``windowed``: with a sliding window (one more masked
+    loop in the forward). Honours ``override_configs``."""
+    configs = _default_configs(head_dim, dtype, capability, windowed)
     if not _OVERRIDES:
         return configs
     return replace(configs, **{k: v for k, v in _OVERRIDES.items() if k in _KERNELS})
@@ -76,7 +78,8 @@ def override_configs(**fields):
 
 
 @lru_cache(maxsize=None)  # called on every launch: host time matters
-def _default_configs(head_dim: int, dtype: torch.dtype, capability: tuple[int, int] | None) -> KernelConfigs:
+def _default_configs(head_dim: int, dtype: torch.dtype, capability: tuple[int, int] | None,
+                     windowed: bool = False) -> KernelConfigs:
     d = head_dim_padded(head_dim)
     if capability is None:
         big = BlockConfig(64, 64)
@@ -91,10 +94,13 @@ def _default_configs(head_dim: int, dtype: torch.dtype, capability: tuple[int, i
     # 8, 2) needs 251, (32, 128, 8, 3) spills); at D=128 no candidate has both: (16, 64, 8, 2) keeps
     # wgmma with 48 B of spill, (16, 32, 4, 3) spills nothing but runs mma.sync only. Not timed on a
     # GPU yet: tune_blocks.py decides.
+    # A sliding window adds the window-edge loop to the forward: at D=128 (128, 64, 8, 3) then spills
+    # 20 B, (128, 32, 8, 3) needs 204 registers.
     if d <= 64:
         table = (BlockConfig(128, 64, 4, 3), BlockConfig(128, 32, 4, 3), BlockConfig(16, 128, 8, 3))
     elif d <= 128:
-        table = (BlockConfig(128, 64, 8, 3), BlockConfig(128, 32, 8, 2), BlockConfig(16, 64, 8, 2))
+        forward = BlockConfig(128, 32, 8, 3) if windowed else BlockConfig(128, 64, 8, 3)
+        table = (forward, BlockConfig(128, 32, 8, 2), BlockConfig(16, 64, 8, 2))
     else:
         table = (BlockConfig(64, 32, 8, 2), BlockConfig(64, 32, 8, 1), BlockConfig(16, 32, 4, 1))
     if dtype == torch.float32:  # 4-byte tiles: halve the long side to stay within registers/smem
