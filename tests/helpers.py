@@ -59,6 +59,9 @@ class Case:
     "p_sliced" (a slice of a longer prefix: non-contiguous along P), "phd" (a transposed [P, Hkv, D]
     view); the mask "contig", "strided" (stride 2 along M), "transposed" (column-major).
     ``strided=True`` is short for q/k/v "bshd" and prefix "p_sliced".
+
+    ``q_scale`` multiplies q's fp32 draw before the cast (larger scores: softcaps bite, logits
+    saturate); 1.0 leaves every draw as it is.
     """
 
     batch: int = 2
@@ -83,6 +86,7 @@ class Case:
     go_layout: str = "contig"
     scale: float | None = None
     gpu_scale: int = 8
+    q_scale: float = 1.0
 
     def __post_init__(self):
         for name, allowed in (("q_layout", SEQ_LAYOUTS), ("kv_layout", SEQ_LAYOUTS), ("go_layout", SEQ_LAYOUTS),
@@ -125,7 +129,8 @@ class Case:
         prefix_layout = "p_sliced" if self.strided else self.prefix_layout
         b, hkv, d = self.batch, self.kv_heads, self.head_dim
         dv = self.head_dim if self.head_dim_v is None else self.head_dim_v
-        q = self._seq(gen, (b, self.heads, self.n_queries, d), seq_layout or self.q_layout, dtype, dev)
+        q = self._seq(gen, (b, self.heads, self.n_queries, d), seq_layout or self.q_layout, dtype, dev,
+                      self.q_scale)
         k = self._seq(gen, (b, hkv, self.n_keys, d), seq_layout or self.kv_layout, dtype, dev)
         v = self._seq(gen, (b, hkv, self.n_keys, dv), seq_layout or self.kv_layout, dtype, dev)
         lead = () if self.n_prefixes is None else (self.n_prefixes,)
@@ -144,16 +149,25 @@ class Case:
         q, k, v, pk, pv = (t.detach().requires_grad_(f) for t, f in zip((q, k, v, pk, pv), flags))  # keeps strides
         return Inputs(q, k, v, pk, pv, mask, ids, go, self.causal, self.scale)
 
+    def make_sinks(self, dtype: torch.dtype = torch.float32, device=DEVICE, seed: int = 0) -> torch.Tensor:
+        """Per-head sink logits [Hq] for ``seed`` (not a leaf): the ones check_against_reference draws,
+        fp32 ``randn`` from a CPU generator seeded ``seed + 2``, then cast and moved."""
+        return torch.randn(self.heads, generator=torch.Generator().manual_seed(seed + 2)).to(device, dtype)
+
     @staticmethod
-    def _seq(gen, shape, layout, dtype, dev):
+    def _seq(gen, shape, layout, dtype, dev, mul=1.0):
         b, h, s, d = shape
+
+        def draw(*size):  # x * 1.0 == x exactly: mul=1.0 leaves the draw as it is
+            return (torch.randn(*size, generator=gen) * mul).to(dev, dtype)
+
         if layout == "bshd":
-            return torch.randn(b, s, h, d, generator=gen).to(dev, dtype).transpose(1, 2)
+            return draw(b, s, h, d).transpose(1, 2)
         if layout == "d_strided":
-            return torch.randn(b, h, s, 2 * d, generator=gen).to(dev, dtype)[..., ::2]
+            return draw(b, h, s, 2 * d)[..., ::2]
         if layout == "expanded":
-            return torch.randn(1, h, s, d, generator=gen).to(dev, dtype).expand(b, h, s, d)
-        return torch.randn(b, h, s, d, generator=gen).to(dev, dtype)
+            return draw(1, h, s, d).expand(b, h, s, d)
+        return draw(b, h, s, d)
 
     def _prefix(self, gen, lead, layout, dtype, dev, d=None):
         hkv, p, d = self.kv_heads, self.n_prefix, self.head_dim if d is None else d
@@ -259,13 +273,14 @@ def check_against_reference(fn, case: Case, dtype: torch.dtype, seed: int = 0, c
     q, k, v, pk, pv, mask, ids = case.make(dtype, device, seed=seed)
     inputs = [q, k, v, pk, pv]
     if sinks:
-        inputs.append(torch.randn(q.shape[1], generator=torch.Generator().manual_seed(seed + 2))
-                      .to(device, dtype).requires_grad_())
+        inputs.append(case.make_sinks(dtype, device, seed).requires_grad_())
     names = ("dq", "dk", "dv", "dprefix_k", "dprefix_v", "dsinks")[: len(inputs)]
 
     def run(op, tensors, **extra):
         features = dict(sliding_window=sliding_window, softcap=softcap, sinks=tensors[5] if sinks else None)
         features = {key: value for key, value in features.items() if value is not None}
+        if case.scale is not None:
+            features["scale"] = case.scale
         return op(*tensors[:5], causal=causal, key_padding_mask=mask, prefix_ids=ids, **features, **extra)
 
     out, lse = run(fn, inputs, return_lse=True)

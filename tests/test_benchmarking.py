@@ -21,12 +21,14 @@ from prefix_kernels.benchmarking.kernels import (
     PROVIDERS,
     check_provider,
     make_inputs,
+    ours,
     preset_shapes,
     prefix_mask_mod,
     resolve_providers,
     sdpa_no_prefix,
 )
 from prefix_kernels.benchmarking.report import device_slug, write_report
+from prefix_kernels.reference import visibility_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["2x4x2x32x32x4x16", "2x4x2x1x64x4x16"]  # one training shape, one decode shape
@@ -294,3 +296,143 @@ def test_gpu_check_script_parses():
         pytest.skip("no bash")
     proc = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+# ---------------------------------------------------------------- sliding windows
+
+WINDOWED = ["1x4x2x48x48x4x16w8", "1x4x2x48x48x4x16w48", "2x4x2x1x64x4x16w16"]  # W < M, W = M, decode
+CPU_PROVIDERS = ["ours", "peft_style", "cat_sdpa", "sdpa_no_prefix"]
+
+
+def test_shape_with_a_window_parses_names_and_cuts_down():
+    shape = Shape.parse("1x32x8x8192x8192x128x128w1024")
+    assert shape == Shape("training", 1, 32, 8, 8192, 8192, 128, 128, 1024)
+    assert shape.name == "1x32x8x8192x8192x128x128w1024" and Shape.parse(shape.name) == shape
+    assert Shape.parse("8x16x4x1024x1024x64x128").W is None and Shape.parse(" 1X2X1X4X4X0X8W3 ").W == 3
+    assert Shape.parse("2x4x2x1x64x4x16w16").kind == "decode"
+    for bad in ("1x2x1x4x4x0x8w", "1x2x1x4x4x0x8w3w4", "1x2x1x4x4x0x8x3", "1x2x1x4x4x0x8:w3"):
+        with pytest.raises(ValueError, match="optionally followed by wW"):
+            Shape.parse(bad)
+    for bad in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match="window W must be an int >= 1"):
+            Shape("training", 1, 2, 1, 4, 4, 0, 8, bad)
+    # the gate's shape: a window shorter than M stays shorter than the cut-down M, one >= M is kept
+    assert shape.cut_down() == Shape("training", 1, 32, 8, 256, 256, 128, 128, 32)
+    assert Shape.parse("1x4x2x512x512x4x16w511").cut_down().W == 255
+    assert Shape.parse("1x4x2x512x512x4x16w1").cut_down().W == 1
+    assert Shape.parse("1x4x2x8192x8192x4x16w8192").cut_down().W == 8192
+    assert Shape.parse("4x4x2x1x4096x4x16w1024").cut_down() == Shape("decode", 2, 4, 2, 1, 513, 4, 16, 129)
+
+
+def test_window_presets():
+    for name, m, windows in (("window", 8192, [1024, 8192]), ("window-cpu", 2048, [512, 2048])):
+        shapes = preset_shapes(name, "cpu")
+        assert [s.W for s in shapes] == windows and all(s.N == s.M == m and s.kind == "training" for s in shapes)
+        assert len({s.name for s in shapes}) == len(shapes)  # rows of different windows never share a name
+    assert all(s.W is None for s in preset_shapes("auto", "cpu") + preset_shapes("auto", "cuda"))
+
+
+@pytest.mark.parametrize("text", ["1x2x1x7x7x3x4w1", "1x2x1x7x7x3x4w3", "1x2x1x7x7x3x4w7", "1x2x1x7x7x3x4w50",
+                                  "2x3x1x5x9x2x8w4", "2x4x2x1x10x3x8w4", "2x4x2x1x10x3x8w10"])
+def test_flops_count_only_the_keys_the_window_shows(text):
+    """FLOPs and bytes against a count of the reference's visibility mask (prefix included)."""
+    shape = Shape.parse(text)
+    visible = visibility_mask(shape.N, shape.M, shape.P, causal=True, key_padding_mask=None, batch=1,
+                              device=CPU, sliding_window=shape.W)
+    fwd = 4 * shape.B * shape.Hq * shape.D * int(visible.sum())
+    mode = "decode" if shape.kind == "decode" else "fwd"
+    assert flops(shape, mode) == fwd
+    if shape.kind == "decode":
+        cache = int(visible[0, 0, 0, shape.P:].sum())
+        assert kv_bytes(shape, torch.float32) == 2 * (shape.B * shape.Hkv * cache + shape.Hkv * shape.P) * shape.D * 4
+    else:
+        assert flops(shape, "fwd+bwd") == 3.5 * fwd
+    # by hand, N = M = 7, P = 3, W = 3: the queries see 1, 2, 3, 3, 3, 3, 3 sequence keys, 3 prefix keys each
+    assert flops(Shape.parse("1x2x1x7x7x3x4w3"), "fwd") == 4 * 2 * 4 * (18 + 21)
+
+
+@pytest.mark.parametrize("text", WINDOWED + ["1x4x2x512x512x4x16w64"])
+def test_window_reaches_every_providers_gate(text):
+    """Every provider that runs on CPU passes the gate with the window; one that drops it fails."""
+    shape = Shape.parse(text)
+    for name in CPU_PROVIDERS:
+        assert check_provider(PROVIDERS[name], shape, torch.float32, CPU) < 1e-4, name
+    ignores_window = Provider("ignores_window", lambda *args, window: ours(*args), windowed=True)
+    floor_ignores_window = Provider("floor_ignores", lambda *args, window: sdpa_no_prefix(*args), uses_prefix=False,
+                                    windowed=True)
+    if shape.W < shape.M:  # a window that hides keys, on the gate's cut-down shape too
+        for wrong in (ignores_window, floor_ignores_window):
+            with pytest.raises(AssertionError, match="out "):
+                check_provider(wrong, shape, torch.float32, CPU)
+    else:  # W >= M: the same keys as no window
+        assert check_provider(ignores_window, shape, torch.float32, CPU) < 1e-4
+
+
+def test_window_rows(tmp_path):
+    """Rows of window shapes: W in the rows and files, ratios within a window, flash-attn and a
+    provider that takes no window skipped as not applicable, the rest timed."""
+    takes_no_window = Provider("no_window", PROVIDERS["ours"].fn)
+    rows = run_kernel_bench(device="cpu", out_dir=tmp_path, shapes=WINDOWED + [TINY[0]], warmup=0, reps=1,
+                            providers=CPU_PROVIDERS + ["flash_attn", takes_no_window], plot=False,
+                            per_device_dir=False, device_suffix=False, log=None)
+    assert {r["W"] for r in rows} == {8, 48, 16, None}
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert {(r["shape"], r["provider"]) for r in ok} == {
+        (s, p) for s in WINDOWED for p in CPU_PROVIDERS} | {(TINY[0], p) for p in CPU_PROVIDERS + ["no_window"]}
+    for r in ok:
+        same = next(o for o in ok if (o["shape"], o["mode"], o["provider"]) == (r["shape"], r["mode"], "ours"))
+        assert r["ratio_to_ours"] == pytest.approx(r["ms"] / same["ms"]) and r["max_err"] < 1e-4
+        assert r["flops"] == flops(Shape.parse(r["shape"]), r["mode"])
+    skipped = {(r["shape"], r["provider"]): r["error"] for r in rows if r["status"] == "skipped"}
+    assert skipped[(WINDOWED[0], "no_window")] == "not applicable with a sliding window: no_window takes no window"
+    assert "CUDA" in skipped[(WINDOWED[0], "flash_attn")] and (TINY[0], "no_window") not in skipped
+    saved = json.loads((tmp_path / "attention.json").read_text())
+    assert [r["W"] for r in saved] == [r["W"] for r in rows]
+    with open(tmp_path / "attention.csv", newline="") as f:
+        assert {r["W"] for r in csv.DictReader(f)} == {"8", "48", "16", ""}
+
+
+def test_flash_attn_is_not_applicable_with_a_window(monkeypatch):
+    """flash-attn's window would hide the prefix: on CUDA (its import faked here) it is skipped with
+    that reason when the shape has a window, and runs without one."""
+    monkeypatch.setitem(sys.modules, "flash_attn", type(sys)("flash_attn"))
+    cuda = torch.device("cuda")
+    assert PROVIDERS["flash_attn"].why_unavailable(cuda, torch.bfloat16) is None
+    reason = PROVIDERS["flash_attn"].why_unavailable(cuda, torch.bfloat16, window=1024)
+    assert reason.startswith("not applicable with a sliding window") and "prefix" in reason
+    assert all(PROVIDERS[name].why_unavailable(CPU, torch.float32, window=8) is None for name in CPU_PROVIDERS)
+
+
+def test_flex_mask_mod_with_a_window_matches_reference():
+    """FlexAttention (eager, forward: CPU) with the benchmark's windowed mask_mod gives the reference."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    shape = Shape("training", 2, 4, 2, 40, 56, 5, 16, 9)
+    q, k, v, pk, pv = make_inputs(shape, torch.float32, CPU, requires_grad=False)
+    mask = create_block_mask(prefix_mask_mod(shape.P, shape.M - shape.N, shape.W), None, None, shape.N,
+                             shape.P + shape.M, device="cpu")
+    keys, values = (torch.cat([p.expand(shape.B, -1, -1, -1), t], dim=2) for p, t in ((pk, k), (pv, v)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = flex_attention(q, keys, values, block_mask=mask, enable_gqa=True)
+    ref, _ = prefix_attention_reference(q, k, v, pk, pv, sliding_window=shape.W)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    unwindowed, _ = prefix_attention_reference(q, k, v, pk, pv)
+    assert not torch.allclose(out, unwindowed, atol=1e-3)
+
+
+def test_cli_and_bench_cpu_take_a_window(tmp_path):
+    rc = main(["--shape", "1x2x1x16x16x2x8w4", "--providers", "ours,floor", "--no-plot", "--flat", "--out",
+               str(tmp_path / "cli"), "--reps", "1", "--warmup", "0", "--name", "k"])
+    rows = json.loads(next((tmp_path / "cli").glob("k_*.json")).read_text())
+    assert rc == 0 and {(r["provider"], r["W"], r["status"]) for r in rows} == {("ours", 4, "ok"),
+                                                                                ("sdpa_no_prefix", 4, "ok")}
+    with pytest.raises(SystemExit):
+        main(["--shape", "1x2x1x16x16x2x8w0", "--out", str(tmp_path)])
+    need("cpu")
+    bench_cpu = _load(ROOT / "benchmarks" / "bench_cpu.py")
+    assert bench_cpu.main(["--preset", "window-cpu", "--out", str(tmp_path), "--shape", WINDOWED[0], "--reps", "1",
+                           "--warmup", "0"]) == 0
+    rows = json.loads((tmp_path / "window_cpu.json").read_text())
+    assert (tmp_path / "window_cpu.csv").exists() and not (tmp_path / "cpu_bench.json").exists()
+    assert {(r["provider"], r["W"], r["status"]) for r in rows} == {(p, 8, "ok") for p in CPU_PROVIDERS}
