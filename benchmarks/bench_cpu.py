@@ -2,6 +2,7 @@
 ``prefix-kernels bench`` on CPU).
 
     python benchmarks/bench_cpu.py --out benchmarks/results/
+    python benchmarks/bench_cpu.py --preset window-cpu --out benchmarks/results/   # window_cpu.json/.csv
 
 The "cpu" preset (fp32): training shapes in fwd, bwd and fwd+bwd (every input requiring grad --
 prefix and activations), decode shapes (N = 1 against an M-token cache, forward only).
@@ -14,6 +15,9 @@ prefix and activations), decode shapes (N = 1 against an M-token cache, forward 
 interleaved so background load affects them alike. Each implementation is checked against
 prefix_attention_reference (fp32) before it is timed. Results: <out>/cpu_bench.json and
 <out>/cpu_bench.csv, one row per shape, mode and implementation (ratio_to_ours, ratio_to_floor).
+--preset window-cpu: sliding windows instead (N = M = 2048, W = 512 and W = M; every implementation
+computes the window: ours with sliding_window=W, the SDPA ones with it in their explicit mask), to
+<out>/window_cpu.json and .csv.
 """
 
 from __future__ import annotations
@@ -30,29 +34,34 @@ from prefix_kernels import cpu  # noqa: E402
 from prefix_kernels.benchmarking import PRESETS, run_kernel_bench  # noqa: E402
 
 IMPLS = "ours,peft_style,cat_sdpa,sdpa_no_prefix"
+FILE_STEMS = {"cpu": "cpu_bench", "window-cpu": "window_cpu"}  # preset -> <out>/<stem>.json/.csv
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="benchmarks/results/", help="directory for cpu_bench.json/.csv")
+    parser.add_argument("--out", default="benchmarks/results/",
+                        help="directory for cpu_bench.json/.csv (window-cpu: window_cpu.json/.csv)")
+    parser.add_argument("--preset", choices=sorted(FILE_STEMS), default="cpu", help="the shapes (default: cpu)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--impls", default=IMPLS, help="comma-separated subset of " + IMPLS)
-    parser.add_argument("--quick", action="store_true", help="only the first training and decode shape")
-    parser.add_argument("--shape", action="append", default=None, metavar="BxHqxHkvxNxMxPxD",
+    parser.add_argument("--quick", action="store_true", help="only the preset's first training and decode shape")
+    parser.add_argument("--shape", action="append", default=None, metavar="BxHqxHkvxNxMxPxD[wW]",
                         help="custom shapes instead of the preset (repeatable)")
-    parser.add_argument("--plot", action="store_true", help="also write cpu_bench.png (needs matplotlib)")
+    parser.add_argument("--plot", action="store_true", help="also write the .png (needs matplotlib)")
     args = parser.parse_args(argv)
     if not cpu.is_available():
         raise SystemExit(f"the C++ CPU op is unavailable: {cpu.unavailable_reason()}")
     shapes = args.shape
     if shapes is None and args.quick:
-        preset = PRESETS["cpu"]
-        shapes = [next(s for s in preset if s.kind == "training"), next(s for s in preset if s.kind == "decode")]
-    rows = run_kernel_bench("cpu", device="cpu", dtype=torch.float32, out_dir=args.out, providers=args.impls,
+        preset = PRESETS[args.preset]
+        shapes = [next(s for s in preset if s.kind == kind) for kind in ("training", "decode")
+                  if any(s.kind == kind for s in preset)]
+    rows = run_kernel_bench(args.preset, device="cpu", dtype=torch.float32, out_dir=args.out, providers=args.impls,
                             shapes=shapes, warmup=args.warmup, reps=args.reps, threads=args.threads,
-                            plot=args.plot, per_device_dir=False, device_suffix=False, name="cpu_bench")
+                            plot=args.plot, per_device_dir=False, device_suffix=False,
+                            name=FILE_STEMS[args.preset])
     return 1 if any(r["provider"] == "ours" and r["status"] == "error" for r in rows) else 0
 
 

@@ -9,6 +9,9 @@
 #   decode  prefix-kernels bench --preset decode (5 KV-cache shapes), the same providers
 #   flex    FlexAttention (torch.compile; every shape and grad mode compiles) against ours on one
 #           training shape (fwd, fwd+bwd) and one decode shape
+#   window  prefix-kernels bench --preset window (N = M = 8192, sliding windows W = 1024 and W = M), fwd
+#           and fwd+bwd: ours, PEFT-style and cat+SDPA (window in the explicit mask), FlexAttention (window
+#           in the mask_mod), the floor (masked SDPA); flash-attn rows "skipped" (its window hides the prefix)
 #   hf      benchmarks/bench_hf.py: a SmolLM2-135M-shaped model, training step vs PEFT, greedy decode
 # Limits (seconds; a part gets the smaller of its cap and what is left of the total budget, and is
 # skipped when less than its minimum is left):
@@ -17,16 +20,17 @@
 #   quick     75    30  40-60
 #   decode    60    30  30-45
 #   flex      90    45  60-90 (five Inductor compiles)
+#   window   120    60  70-110 (six Inductor compiles of FlexAttention; each finished shape's line is in the log)
 #   hf       150    60  90-120 (prints rows as it goes, so a cut-off run still leaves numbers)
 # Total budget GPU_CHECK_SECONDS (default 360, environment.txt included): with a cold cache hf may not fit and is
 # recorded as skipped; GPU_CHECK_PARTS=hf runs it alone.
 # Everything lands in OUT_DIR: environment.txt, parts.tsv (part, status, seconds, limit), pytest.txt +
-# junit.xml, attention_{quick,decode,flex}_<device>.json/.csv/.png + bench_*.txt logs, hf_<device>.json/.csv
+# junit.xml, attention_{quick,decode,flex,window}_<device>.json/.csv/.png + bench_*.txt logs, hf_<device>.json/.csv
 # + bench_hf.txt. Exit status 0 when every part that ran passed, 1 when one failed or timed out, 2
 # without CUDA.
 # Overrides: GPU_CHECK_TESTS (the pytest selection, e.g. to rerun only what failed),
 # GPU_CHECK_TEST_SECONDS (the tests' cap), GPU_CHECK_SECONDS (the total budget), GPU_CHECK_PARTS (a
-# space-separated subset of "tests quick decode flex hf tune"; tune, the block-size sweep of
+# space-separated subset of "tests quick decode flex window hf tune"; tune, the block-size sweep of
 # benchmarks/tune_blocks.py, runs only when named), GPU_CHECK_DRY_RUN=1 (print what would run
 # and its limit, run nothing), GPU_CHECK_FORCE=1 (run without CUDA too: tests this script on a CPU box),
 # GPU_CHECK_HF_ARGS (extra bench_hf.py arguments, e.g. "--compile reduce-overhead" to time compiled steps
@@ -41,7 +45,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 tests=${GPU_CHECK_TESTS:-"tests/test_prefix_attention.py tests/test_gradients.py tests/test_backward.py tests/test_features.py tests/test_host_overhead.py tests/test_validation.py tests/test_hf_models.py tests/test_hf_generate.py tests/test_hf_training.py tests/test_hf_checkpoint.py tests/test_torch_compile.py tests/test_decode_kernel.py"}
 budget=${GPU_CHECK_SECONDS:-360}
-parts=" ${GPU_CHECK_PARTS:-tests quick decode flex hf} "
+parts=" ${GPU_CHECK_PARTS:-tests quick decode flex window hf} "
 dry=${GPU_CHECK_DRY_RUN:-0}
 providers=ours,peft_style,cat_sdpa,sdpa_no_prefix,flash_attn
 status=0
@@ -122,6 +126,7 @@ bench quick 75 30 --preset quick --providers "$providers"
 bench decode 60 30 --preset decode --providers "$providers"
 bench flex 90 45 --shape 8x16x4x1024x1024x64x128 --shape 64x32x8x1x4096x64x128 \
   --providers ours,flex_attention --modes fwd,fwd+bwd,decode
+bench window 120 60 --preset window --providers "$providers,flex_attention" --modes fwd,fwd+bwd
 # shellcheck disable=SC2086  # GPU_CHECK_HF_ARGS is a list of arguments
 run_part hf "${GPU_CHECK_HF_SECONDS:-150}" 60 "$out/bench_hf.txt" python benchmarks/bench_hf.py --out "$out" ${GPU_CHECK_HF_ARGS:-}
 [ -s "$out/bench_hf.txt" ] && grep -E "^\{|wrote|Error" "$out/bench_hf.txt" | tail -n 8

@@ -1,11 +1,12 @@
 """pytest-benchmark: ours against the baselines per shape and mode (``benchmark.group`` = shape + mode).
 
     pytest benchmarks --benchmark-only [--benchmark-json out.json] [--kernel-preset quick]
+    pytest benchmarks --benchmark-only --kernel-preset window-cpu    # sliding windows (CUDA: window)
 
 Shapes: the device's default preset (CPU: "cpu", CUDA: "training" + "decode"); providers that
 cannot run here are skipped with the reason; a provider that fails the correctness check against
 the fp32 reference fails its tests instead of being timed. ``extra_info`` of each benchmark holds
-the shape, FLOPs (and bytes for decode) and the TFLOPS / GB/s of the median.
+the shape (``W``: its sliding window, None without), FLOPs (and bytes for decode) and the TFLOPS / GB/s of the median.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def pytest_generate_tests(metafunc):
 
 def test_kernel(benchmark, case, bench_device, bench_dtype, correctness_gate):
     shape, mode, provider = case
-    reason = provider.why_unavailable(bench_device, bench_dtype)
+    reason = provider.why_unavailable(bench_device, bench_dtype, shape.W)
     if reason:
         pytest.skip(f"{provider.name}: {reason}")
     failure = correctness_gate(provider, shape)
@@ -47,7 +48,7 @@ def test_kernel(benchmark, case, bench_device, bench_dtype, correctness_gate):
         pytest.fail(f"{provider.name} on {shape.name}: {failure}")
 
     inputs = make_inputs(shape, bench_dtype, bench_device, requires_grad=mode in ("bwd", "fwd+bwd"))
-    step = make_step(provider, mode, inputs)
+    step = make_step(provider, mode, inputs, shape.W)
     if bench_device.type == "cuda":
         inner = step
 
@@ -59,7 +60,7 @@ def test_kernel(benchmark, case, bench_device, bench_dtype, correctness_gate):
     benchmark.group = f"{shape.kind} {shape.name} {mode}"
     benchmark.extra_info.update(
         provider=provider.name, shape=shape.name, kind=shape.kind, mode=mode, B=shape.B, Hq=shape.Hq, Hkv=shape.Hkv,
-        N=shape.N, M=shape.M, P=shape.P, D=shape.D, dtype=str(bench_dtype).replace("torch.", ""),
+        N=shape.N, M=shape.M, P=shape.P, D=shape.D, W=shape.W, dtype=str(bench_dtype).replace("torch.", ""),
         device=torch.cuda.get_device_name() if bench_device.type == "cuda" else cpu_name(), flops=flops(shape, mode),
         bytes=kv_bytes(shape, bench_dtype) if mode == "decode" else None)
     benchmark(step)

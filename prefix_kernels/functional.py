@@ -253,14 +253,15 @@ def prefix_attention(
     r"""Attention over a trainable prefix and the sequence keys/values, fused, without concatenation.
 
     Shapes (B batch, Hq query heads, Hkv key/value heads with Hq % Hkv == 0, N queries,
-    M >= N keys, P prefix tokens (0 allowed), T prefixes in a bank, D head dim in 1..256)::
+    M >= N keys, P prefix tokens (0 allowed), T prefixes in a bank, D and Dv head dims in 1..256)::
 
         q                 [B, Hq,  N, D]   any strides (HF's transposed [B, N, H, D] views work)
-        k, v              [B, Hkv, M, D]   sequence keys/values; the first M - N are cached tokens
-        prefix_k/prefix_v [Hkv, P, D]      one prefix shared by every row, or
+        k, v              [B, Hkv, M, D]   sequence keys/values (v: [.., Dv]); the first M - N are cached
+        prefix_k/prefix_v [Hkv, P, D]      one prefix shared by every row (prefix_v: [.., Dv]), or
                           [T, Hkv, P, D]   a bank, with prefix_ids [B] choosing each row's prefix
         key_padding_mask  [B, M] bool      True = attend (HF attention_mask); left or right padding
-        -> out            [B, Hq, N, D]    q's dtype (and lse [B, Hq, N] fp32, natural log)
+        sinks             [Hq]             optional per-head sink logits (q's dtype or fp32)
+        -> out            [B, Hq, N, Dv]   q's dtype (and lse [B, Hq, N] fp32, natural log)
 
     Query i sits at position M - N + i (bottom-right aligned causal). What query i sees, for
     P = 2, M = 5, N = 3 (``#`` visible, ``.`` masked; prefix columns are always visible)::
@@ -280,6 +281,13 @@ def prefix_attention(
 
     Args:
         scale: softmax scale, default 1/sqrt(D).
+        sliding_window: W >= 1: the query at position i sees sequence key j only if i - W < j (and
+            j <= i; |i - j| < W when not causal), transformers' convention. The prefix stays
+            visible to every query (unlike PEFT, whose cached prefix falls out of the window).
+            Key blocks outside every query's window are never read: the cost grows with W.
+        softcap: c > 0: every score (prefix and sequence, after scaling) becomes c * tanh(s / c).
+        sinks: [Hq] logits that join every softmax denominator of their head with no value
+            (gpt-oss); lse includes them; differentiable.
         prefix_ids_checked: True when the caller has already run
             ``check_prefix_ids(prefix_ids, T)`` on these ids: the range check, the one check that
             reads tensor values (a host sync on CUDA), is skipped; every other check still runs.
@@ -291,7 +299,7 @@ def prefix_attention(
         backend: "auto" (Triton for CUDA tensors; the C++ op for CPU tensors when it is built,
             else the reference), "triton", "cpu" or "reference".
 
-    Gradients flow to q, k, v, prefix_k and prefix_v; only those whose tensors require grad are
+    Gradients flow to q, k, v, prefix_k, prefix_v (and sinks); only those whose tensors require grad are
     computed, and no kernel runs for the rest. fp16/bf16/fp32 (and fp64) inputs accumulate in fp32
     (fp64 for fp64).
     """
