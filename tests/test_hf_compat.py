@@ -104,10 +104,9 @@ def _force_older_api(monkeypatch) -> list[dict]:
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_older_api_path_gives_the_same_results(family, monkeypatch, hf_log):
-    ids = torch.arange(1, P + 1)  # init from token ids: the prefix is read from the KV cache output
+def test_older_api_path_gives_the_same_results(family, monkeypatch):
+    ids = torch.arange(1, P + 1)  # init from token ids
     current = add_prefix_tuning(tiny_model(family), P, init=ids, backend="reference")
-    installed = compat.cache_name(current.base_model)
     calls = _force_older_api(monkeypatch)
     with warnings.catch_warnings():  # the older names warn on a newer transformers: expected here
         warnings.simplefilter("ignore", FutureWarning)
@@ -116,8 +115,6 @@ def test_older_api_path_gives_the_same_results(family, monkeypatch, hf_log):
         torch.testing.assert_close(older.prefix_embedding, current.prefix_embedding, atol=0, rtol=0)
         _exercise(older)
     assert calls == [dict(gradient_checkpointing_kwargs={"use_reentrant": False})]
-    if installed == "cache":  # a newer transformers notes that output.past_key_values was read
-        assert any("past_key_values" in m for m in hf_log.messages), hf_log.messages
 
 
 @pytest.mark.parametrize("name", compat.CACHE_NAMES)

@@ -197,11 +197,16 @@ def test_models_that_cannot_be_routed_are_refused():
     bloom = tf.BloomForCausalLM(tf.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=1, n_head=2))
     with pytest.raises(NotImplementedError, match="bloom"):
         add_prefix_tuning(bloom, P)
-    gemma2 = tf.Gemma2ForCausalLM(tf.Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=32,
-                                                  num_hidden_layers=1, num_attention_heads=2,
-                                                  num_key_value_heads=1, head_dim=16))
-    with pytest.raises(NotImplementedError, match="gemma2.*softcapping"):
-        add_prefix_tuning(gemma2, P)
+    small = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=16)
+    llama4 = tf.Llama4ForCausalLM(tf.Llama4TextConfig(**small, attention_chunk_size=4, layer_types=["chunked_attention"]))
+    with pytest.raises(NotImplementedError, match="llama4_text.*chunked attention"):
+        add_prefix_tuning(llama4, P)
+    assert llama4.config._attn_implementation != "prefix_kernels"  # a refused model is left as it was
+    assert all(p.requires_grad for p in llama4.parameters())
+    diffllama = tf.DiffLlamaForCausalLM(tf.DiffLlamaConfig(**{**small, "num_attention_heads": 4, "num_key_value_heads": 2}))
+    with pytest.raises(NotImplementedError, match="diffllama.*more than once per forward"):
+        add_prefix_tuning(diffllama, P)
     with pytest.raises(TypeError, match="PreTrainedModel"):
         add_prefix_tuning(torch.nn.Linear(2, 2), P)
 

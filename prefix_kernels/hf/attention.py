@@ -4,29 +4,38 @@
 transformers (5.x) routes attention through ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]``
 and builds masks through ``ALL_MASK_ATTENTION_FUNCTIONS`` under the same name. Ours:
 
-- the mask function returns the 2-D padding mask [B, M] (True = attend) and never an [N, M] mask:
-  the kernel applies causality itself;
+- the mask function (:func:`prefix_kernels.hf.masks.padding_mask`) returns only the padding mask
+  and checks that the kernel can express the model's mask (causal, sliding window, ...);
 - the attention function takes this layer's prefix from the ``prefix_kv`` keyword argument (a
   :class:`PrefixKV`, injected by :class:`~prefix_kernels.hf.model.PrefixTuningModel` into every
-  forward call; transformers passes model keyword arguments down to attention) and calls
+  forward call; transformers passes model keyword arguments down to attention -- for the few
+  models whose layers do not, the wrapper hands it over through the attention module) and calls
   :func:`prefix_kernels.prefix_attention` on the sequence/cache keys and the prefix, without a
-  concatenation. The cache therefore holds only real tokens.
+  concatenation, with the layer's causality and window as found when the model was wrapped
+  (:mod:`prefix_kernels.hf.probe`) and its softcap and sinks as the model passes them. The cache
+  therefore holds only real tokens.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 
 from prefix_kernels.functional import prefix_attention
+from prefix_kernels.hf import masks, probe
+from prefix_kernels.hf.probe import LayerAttention
+from prefix_kernels.hf.spec import PrefixSpec
 
 ATTN_IMPLEMENTATION = "prefix_kernels"
+padding_mask = masks.padding_mask
 
 
 @dataclass
 class PrefixKV:
-    """This forward call's prefixes, all layers: ``keys[l]``/``values[l]`` are [T, Hkv, P, D].
+    """This forward call's prefixes, all layers: ``keys[l]``/``values[l]`` are [T, Hkv, P, Dk/Dv];
+    ``attention[l]`` says what layer l sees (causality, window).
 
     Deliberately not a tensor: ``generate()`` expands tensor keyword arguments for beams, and must
     leave these alone (``prefix_ids`` [B], which it must expand, travels as its own argument).
@@ -41,13 +50,22 @@ class PrefixKV:
     prefix_ids: torch.Tensor | None = None
     backend: str = "auto"
     prefix_ids_checked: bool = False
+    attention: Mapping[int, LayerAttention] = field(default_factory=dict)
 
     @classmethod
-    def from_table(cls, table: torch.Tensor, num_layers: int, num_kv_heads: int, head_dim: int, **kw) -> PrefixKV:
-        """``table`` is PEFT's layout [T, P, L * 2 * Hkv * D] (per token: layer, key/value, head, dim)."""
+    def from_table(cls, table: torch.Tensor, spec: PrefixSpec, **kw) -> PrefixKV:
+        """``table`` is [T, P, width] in ``spec``'s layout (PEFT's: per token layer, key/value, head, dim)."""
         t, p = table.shape[:2]
-        layers = table.view(t, p, 2 * num_layers, num_kv_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        return cls(keys=layers[0::2], values=layers[1::2], **kw)
+        if spec.peft_layout:
+            layers = table.view(t, p, 2 * spec.num_layers, spec.num_kv_heads, spec.head_dim).permute(2, 0, 3, 1, 4)
+            layers = layers.unbind(0)
+            return cls(keys=layers[0::2], values=layers[1::2], **kw)
+        keys, values, offset = [], [], 0
+        for hkv, dk, dv in spec.shapes():
+            for out, d in ((keys, dk), (values, dv)):
+                out.append(table[..., offset:offset + hkv * d].unflatten(-1, (hkv, d)).transpose(1, 2))
+                offset += hkv * d
+        return cls(keys=tuple(keys), values=tuple(values), **kw)
 
     def layer(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """[T, Hkv, P, D] each. With T = 1 and no prefix_ids the op shares the prefix across rows
@@ -69,64 +87,43 @@ def prefix_tuned_attention(
     scaling: float | None = None,
     dropout: float = 0.0,
     prefix_kv: PrefixKV | None = None,
-    sliding_window: int | None = None,
     softcap: float | None = None,
     s_aux: torch.Tensor | None = None,
     **kwargs,
 ):
-    """transformers attention interface: query [B, Hq, N, D], key/value [B, Hkv, M, D] (cache
-    included) -> ([B, N, Hq, D], None)."""
+    """transformers attention interface: query [B, Hq, N, Dk], key/value [B, Hkv, M, Dk/Dv] (cache
+    included) -> ([B, N, Hq, Dv], None). ``sliding_window`` / ``is_causal`` keyword arguments are not
+    read: the layer's mask, seen when the model was wrapped, says what it sees (as for SDPA)."""
+    if probe.active is not None:
+        return probe.active.attend(module, query, key, value, attention_mask, scaling, softcap, s_aux, prefix_kv,
+                                   kwargs)
     layer_idx = getattr(module, "layer_idx", None)
+    if prefix_kv is None:  # a layer that does not forward the model's keyword arguments
+        prefix_kv = getattr(module, "prefix_kernels_call", None)
     if prefix_kv is None:
         raise RuntimeError(
             f"{type(module).__name__} (layer {layer_idx}) uses attn_implementation={ATTN_IMPLEMENTATION!r} but "
             "received no prefix: call the PrefixTuningModel that add_prefix_tuning() returned (or its "
-            "base_model, which it hooks), not a copy of the model"
+            "base_model, which it hooks), not a copy of the model; with activation checkpointing, this model's "
+            "layers do not forward keyword arguments, so recomputation cannot find the prefix"
         )
-    if layer_idx is None:
-        raise _unsupported(module, "the attention module has no layer_idx, so its prefix cannot be chosen")
+    layer = prefix_kv.attention.get(layer_idx)
+    if layer is None:
+        raise _unsupported(module, f"attention layer {layer_idx} did not run when the model was wrapped, so its "
+                                   "prefix and mask are unknown")
     if dropout:
         raise _unsupported(
             module, f"attention dropout p={dropout} is not implemented by the fused kernel; load the model with "
             "attention dropout 0 (e.g. attn_pdrop=0.0 / attention_dropout=0.0) or call model.eval()"
         )
-    if softcap is not None:
-        raise _unsupported(module, f"attention logit softcapping ({softcap}) is not implemented")
-    if s_aux is not None:
-        raise _unsupported(module, "attention sinks (s_aux) are not implemented")
-    if sliding_window is not None and key.shape[2] > sliding_window:
-        raise _unsupported(
-            module, f"{key.shape[2]} keys exceed the sliding window of {sliding_window}; sliding-window "
-            "attention is not implemented (sequences within the window are fine)"
-        )
-    if attention_mask is not None and attention_mask.dim() != 2:
-        raise ValueError(
-            f"prefix_kernels attention expects a [B, M] padding mask (from its registered mask function), got "
-            f"attention_mask of shape {tuple(attention_mask.shape)}: pass a 2-D attention_mask to the model"
-        )
     prefix_k, prefix_v = prefix_kv.layer(layer_idx)
     out = prefix_attention(
         query, key, value, prefix_k.to(query.dtype), prefix_v.to(query.dtype),
-        causal=getattr(module, "is_causal", True), scale=scaling,
-        key_padding_mask=attention_mask, prefix_ids=prefix_kv.prefix_ids,
-        prefix_ids_checked=prefix_kv.prefix_ids_checked, backend=prefix_kv.backend,
+        causal=layer.causal, scale=scaling, key_padding_mask=masks.key_padding(attention_mask, key.shape[2], module),
+        prefix_ids=prefix_kv.prefix_ids, prefix_ids_checked=prefix_kv.prefix_ids_checked,
+        sliding_window=layer.sliding_window, softcap=softcap, sinks=s_aux, backend=prefix_kv.backend,
     )
     return out.transpose(1, 2), None
-
-
-def padding_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offset=0, mask_function=None,
-                 attention_mask=None, **kwargs):
-    """transformers mask interface: the 2-D padding mask [B, kv_length] (True = attend), or None."""
-    if attention_mask is None:
-        return None
-    if kv_length is not None:
-        if attention_mask.shape[-1] < kv_length:
-            raise ValueError(
-                f"attention_mask covers {attention_mask.shape[-1]} positions but attention sees {kv_length} keys "
-                "(a static or pre-allocated cache is not supported with prefix_kernels; use the default dynamic cache)"
-            )
-        attention_mask = attention_mask[:, -kv_length:]
-    return attention_mask.to(torch.bool)
 
 
 def register() -> None:

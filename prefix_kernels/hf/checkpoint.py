@@ -109,6 +109,8 @@ def _check_prefix_config(path: Path, config: dict, spec: PrefixSpec) -> None:
     if unknown:
         raise ValueError(f"{path}: unknown fields {unknown} (written by another version of prefix_kernels?)")
     for field, value in ours.items():
+        if field == "layer_shapes" and value is None and field not in config:
+            continue  # written before per-layer shapes existed: PEFT's layout, as here
         if field not in config:
             raise ValueError(f"{path}: field {field!r} is missing (this model has {field}={value!r})")
         _check_field(path, field, config[field], value,
@@ -147,6 +149,7 @@ def save_peft_adapter(wrapper, directory, prefix_index: int = 0) -> None:
         raise ValueError(f"position_offset={spec.position_offset!r} cannot be exported to PEFT: PEFT always places "
                          "the real tokens at positions P..P+N-1 (position_offset='peft'), so the adapter would "
                          "give different outputs")
+    check_peft_layout(spec)
     _check_prefix_index(spec, prefix_index)
     _whole_tensors(wrapper, "save_peft_adapter")
     with torch.no_grad():
@@ -192,7 +195,15 @@ def _read_peft_config(directory) -> tuple[Path, dict]:
     return path, _read_json(path, "a PEFT adapter directory holds it")
 
 
+def check_peft_layout(spec: PrefixSpec) -> None:
+    if not spec.peft_layout:
+        raise ValueError(f"model type {spec.model_type!r} has attention layers of different shapes (per layer "
+                         f"(Hkv, Dk, Dv): {sorted(set(spec.shapes()))}), for which PEFT has no prefix layout: "
+                         "use save_prefix / load_prefix")
+
+
 def _check_peft_config(path: Path, config: dict, spec: PrefixSpec) -> None:
+    check_peft_layout(spec)
     if spec.position_offset != "peft":
         raise ValueError(f"PEFT adapters assume position_offset='peft' (real tokens at P..P+N-1), but this model "
                          f"has position_offset={spec.position_offset!r}")

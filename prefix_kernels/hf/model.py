@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from prefix_kernels.functional import check_prefix_ids
-from prefix_kernels.hf import checkpoint, compat
+from prefix_kernels.hf import checkpoint, compat, probe
 from prefix_kernels.hf.attention import ATTN_IMPLEMENTATION, PrefixKV, register
 from prefix_kernels.hf.spec import POSITION_OFFSETS, PrefixSpec, spec_for
 
@@ -31,6 +31,7 @@ _DROPOUT_FIELDS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_p
 
 
 def _check_routable(model: nn.Module) -> None:
+    """Refusals that the config alone decides (the probe forward decides the rest)."""
     from transformers import PreTrainedModel
 
     if not isinstance(model, PreTrainedModel):
@@ -43,16 +44,63 @@ def _check_routable(model: nn.Module) -> None:
             "AttentionInterface, so prefix_kernels cannot replace its attention"
         )
     text = model.config.get_text_config()
-    for field in ("attn_logit_softcapping", "final_logit_softcapping_attn"):
-        if getattr(text, field, None):
-            raise NotImplementedError(f"model type {model_type!r}: {field}={getattr(text, field)} is not implemented")
-    if getattr(text, "global_head_dim", None):
-        raise NotImplementedError(f"model type {model_type!r}: layers of different KV shapes are not supported")
-    layer_ids = {getattr(m, "layer_idx", None) for m in model.modules() if type(m).__name__.endswith("Attention")}
-    if not layer_ids or None in layer_ids:
+    if getattr(text, "index_topk", None):
         raise NotImplementedError(
-            f"model type {model_type!r}: its attention modules carry no layer_idx, so per-layer prefixes cannot be routed"
+            f"model type {model_type!r}: sparse attention over the top {text.index_topk} keys picked by an indexer "
+            "(DeepSeek sparse attention) is not implemented by the prefix_kernels kernel"
         )
+
+
+def _text_attention_key(model) -> str | None:
+    """The sub-config key of a multimodal wrapper's text model (None: the model is a text model)."""
+    text = model.config.get_text_config()
+    if text is model.config:
+        return None
+    for key in getattr(model.config, "sub_configs", {}):
+        if getattr(model.config, key, None) is text:
+            return key
+    return None
+
+
+def _set_text_attention(model, implementation) -> None:
+    """Routes the text model's attention (only: a vision/audio tower keeps its own) to ``implementation``
+    (a name, or what :func:`_text_attention` returned)."""
+    if isinstance(implementation, dict) or _text_attention_key(model) is None:
+        model.set_attn_implementation(implementation)
+    else:
+        model.set_attn_implementation({"": implementation, _text_attention_key(model): implementation})
+
+
+def _text_attention(model):
+    key = _text_attention_key(model)
+    if key is None:
+        return model.config._attn_implementation
+    return {"": model.config._attn_implementation, key: model.config.get_text_config()._attn_implementation}
+
+
+def _cache_length_position_modules(model) -> list[nn.Module]:
+    """Position embeddings of decoders that count positions from the cache length (BART-like
+    decoders, Whisper, MusicGen, ...: the model takes no position_ids). Our cache holds no prefix,
+    so they get the prefix offset added here."""
+    if "position_ids" in inspect.signature(model.forward).parameters:
+        return []
+    return [m for m in model.modules() if "Positional" in type(m).__name__
+            and "cache_length" in inspect.signature(m.forward).parameters]
+
+
+def _position_shift(offset: int):
+    def shift(module, args, kwargs):
+        if probe.active is not None:  # the probe and text init see the model's own positions
+            return None
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+        arguments = bound.arguments
+        if arguments.get("position_ids") is not None:
+            arguments["position_ids"] = arguments["position_ids"] + offset
+        else:
+            arguments["cache_length"] = arguments.get("cache_length", 0) + offset
+        return bound.args, bound.kwargs
+
+    return shift
 
 
 class PrefixEncoder(nn.Module):
@@ -88,39 +136,59 @@ class PrefixTuningModel(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if projection_hidden is not None and (not isinstance(projection_hidden, int) or projection_hidden < 1):
             raise ValueError(f"projection_hidden must be None or a positive int, got {projection_hidden!r}")
-        self.spec = spec_for(model.config, num_virtual_tokens, num_prefixes, projection_hidden, position_offset)
         self.backend = backend
         self.base_model = model
         text = model.config.get_text_config()
+        model_type = model.config.model_type
         for field in _DROPOUT_FIELDS:
             if getattr(text, field, 0) or 0:
-                warnings.warn(f"{self.spec.model_type} config has {field}={getattr(text, field)}: the fused kernel "
+                warnings.warn(f"{model_type} config has {field}={getattr(text, field)}: the fused kernel "
                               "has no attention dropout, so training mode raises; set it to 0.0", stacklevel=3)
+
+        register()
+        self._previous_attn = _text_attention(model)
+        _set_text_attention(model, ATTN_IMPLEMENTATION)
+        if model.config.get_text_config()._attn_implementation != ATTN_IMPLEMENTATION:
+            raise NotImplementedError(f"model type {model_type!r} refused attn_implementation={ATTN_IMPLEMENTATION!r}")
+        try:
+            self.attention_layers = probe.probe_model(model, backend).layers
+        except BaseException:
+            _set_text_attention(model, self._previous_attn)
+            raise
+        self.spec = spec_for(model.config, num_virtual_tokens, num_prefixes, projection_hidden, position_offset,
+                             layer_shapes={slot: layer.shape for slot, layer in self.attention_layers.items()})
 
         model_dtype = next(model.parameters()).dtype
         dtype = model_dtype if model_dtype in (torch.float32, torch.float64) else torch.float32
         device = next(model.parameters()).device
-        if projection_hidden is None:
-            self.prefix_embedding = nn.Parameter(self._initial_table(init, tokenizer, dtype, device))
-            self.prefix_encoder = None
-        else:
-            if not (isinstance(init, str) and init == "random"):
-                raise ValueError("init from text/token ids needs projection_hidden=None (an MLP output cannot be set)")
-            self.prefix_embedding = None
-            self.prefix_encoder = PrefixEncoder(self.spec, dtype, device)
+        try:
+            if projection_hidden is None:
+                self.prefix_embedding = nn.Parameter(self._initial_table(init, tokenizer, dtype, device))
+                self.prefix_encoder = None
+            else:
+                if not (isinstance(init, str) and init == "random"):
+                    raise ValueError("init from text/token ids needs projection_hidden=None (an MLP output cannot be "
+                                     "set)")
+                self.prefix_embedding = None
+                self.prefix_encoder = PrefixEncoder(self.spec, dtype, device)
+        except BaseException:
+            _set_text_attention(model, self._previous_attn)
+            raise
 
-        register()
-        self._previous_attn = model.config._attn_implementation
-        model.set_attn_implementation(ATTN_IMPLEMENTATION)
-        if model.config._attn_implementation != ATTN_IMPLEMENTATION:
-            raise NotImplementedError(f"model type {self.spec.model_type!r} refused attn_implementation="
-                                      f"{ATTN_IMPLEMENTATION!r}")
         for p in model.parameters():  # frozen only once the model is accepted
             p.requires_grad_(False)
         self._signature = inspect.signature(model.forward)
         self._frozen_table = None
         self._generation_prefix_ids = None
-        self._hook = model.register_forward_pre_hook(self._inject, with_kwargs=True)
+        # layers that do not forward keyword arguments get the call's prefix through their module
+        self._handover = [m for m in model.modules() if getattr(m, "layer_idx", None) in self.attention_layers
+                          and not self.attention_layers[m.layer_idx].forwards_kwargs]
+        self._hooks = [model.register_forward_pre_hook(self._inject, with_kwargs=True)]
+        if self._handover:
+            self._hooks.append(model.register_forward_hook(self._end_call, always_call=True))
+        offset = num_virtual_tokens if position_offset == "peft" else 0
+        for module in _cache_length_position_modules(model) if offset else []:
+            self._hooks.append(module.register_forward_pre_hook(_position_shift(offset), with_kwargs=True))
 
     # ---- the prefixes -------------------------------------------------------------------------
     def _initial_table(self, init, tokenizer, dtype, device) -> torch.Tensor:
@@ -142,17 +210,18 @@ class PrefixTuningModel(nn.Module):
 
     @torch.no_grad()
     def text_table(self, ids: torch.Tensor) -> torch.Tensor:
-        """[1, P, L*2*Hkv*D]: the keys/values of ``ids`` under the base model at positions 0..P-1
-        (its own attention, before any prefix), in the prefix layout."""
-        model = self.base_model
-        device = next(model.parameters()).device
-        cache = compat.output_cache(model, model(input_ids=ids[None].to(device), use_cache=True))
+        """[1, P, width]: the keys/values of ``ids`` under the base model at positions 0..P-1 (its own
+        attention, before any prefix), in the prefix layout; layers without attention get zeros."""
+        captured = probe.probe_model(self.base_model, self.backend, ids=ids[None], capture=True)
         spec = self.spec
-        rows = []
-        for layer in range(spec.num_layers):
-            rows += [cache.layers[layer].keys[0], cache.layers[layer].values[0]]  # [Hkv, P, D]
-        # [2L, Hkv, P, D] -> [P, 2L, Hkv, D] -> [1, P, width]
-        return torch.stack(rows).permute(2, 0, 1, 3).reshape(1, spec.num_virtual_tokens, spec.width).float()
+        table = torch.zeros(1, spec.num_virtual_tokens, spec.width, device=next(self.base_model.parameters()).device)
+        offset = 0
+        for layer, (hkv, dk, dv) in enumerate(spec.shapes()):
+            for tensors, d in ((captured.keys, dk), (captured.values, dv)):
+                if layer in tensors:  # [1, Hkv, P, D] -> [1, P, Hkv * D]
+                    table[..., offset:offset + hkv * d] = tensors[layer].transpose(1, 2).flatten(2).float()
+                offset += hkv * d
+        return table  # for PEFT's layout the same walk: per token layer, key/value, head, dim
 
     def prefix_table(self) -> torch.Tensor:
         """The prefixes as plain values [T, P, L*2*Hkv*D] (through the MLP when reparameterized)."""
@@ -184,8 +253,8 @@ class PrefixTuningModel(nn.Module):
             raise ValueError(f"this model holds a bank of {spec.num_prefixes} prefixes: pass prefix_ids [B]")
         if prefix_ids is not None and not prefix_ids_checked:
             prefix_ids = check_prefix_ids(prefix_ids, table.shape[0])
-        return PrefixKV.from_table(table, spec.num_layers, spec.num_kv_heads, spec.head_dim, prefix_ids=prefix_ids,
-                                   prefix_ids_checked=prefix_ids is not None, backend=self.backend)
+        return PrefixKV.from_table(table, spec, prefix_ids=prefix_ids, prefix_ids_checked=prefix_ids is not None,
+                                   backend=self.backend, attention=self.attention_layers)
 
     # ---- the hook on the wrapped model ------------------------------------------------------
     def _inject(self, module, args, kwargs):
@@ -216,7 +285,13 @@ class PrefixTuningModel(nn.Module):
         model_dtype = embeds.dtype if embeds is not None else self.base_model.dtype
         kwargs["prefix_kv"] = self.prefix_kv(prefix_ids, dtype=model_dtype, prefix_ids_checked=checked)
         kwargs["position_ids"] = self._positions(kwargs, batch, length, ref.device)
+        for module in self._handover:
+            module.prefix_kernels_call = kwargs["prefix_kv"]
         return (), kwargs
+
+    def _end_call(self, module, args, output):
+        for attention in self._handover:
+            attention.prefix_kernels_call = None
 
     def _positions(self, kwargs, batch, length, device) -> torch.Tensor:
         offset = self.spec.num_virtual_tokens if self.spec.position_offset == "peft" else 0
@@ -272,8 +347,11 @@ class PrefixTuningModel(nn.Module):
 
     def unload(self) -> nn.Module:
         """Removes the hook and restores the model's attention implementation; returns the model."""
-        self._hook.remove()
-        self.base_model.set_attn_implementation(self._previous_attn)
+        for hook in self._hooks:
+            hook.remove()
+        for module in self._handover:
+            module.prefix_kernels_call = None
+        _set_text_attention(self.base_model, self._previous_attn)
         return self.base_model
 
     def __getattr__(self, name: str):
@@ -297,7 +375,19 @@ class PrefixTuningModel(nn.Module):
 
     def load_peft_adapter(self, directory, prefix_index: int = 0) -> PrefixTuningModel:
         checkpoint.load_peft_adapter(self, directory, prefix_index=prefix_index)
+        _warn_if_windows_differ_from_peft(self)
         return self
+
+
+def _warn_if_windows_differ_from_peft(wrapper) -> None:
+    windows = sorted({layer.sliding_window for layer in wrapper.attention_layers.values()} - {None})
+    if windows:
+        w, p = windows[0], wrapper.spec.num_virtual_tokens
+        warnings.warn(
+            f"{wrapper.spec.model_type} has sliding-window layers (window {w}): PEFT's prefix sits in the KV cache at "
+            f"positions 0..{p - 1} and leaves the window of the queries from token {w - p} on, while prefix_kernels "
+            f"keeps the prefix visible to every query; outputs equal PEFT's on sequences of at most {max(w - p, 0)} "
+            "tokens", stacklevel=3)
 
 
 def add_prefix_tuning(model: nn.Module, num_virtual_tokens: int, *, num_prefixes: int = 1,
@@ -335,7 +425,16 @@ def from_peft_adapter(model, directory, **add_prefix_tuning_kwargs) -> PrefixTun
         raise ValueError("a PEFT adapter holds the prefix values themselves: projection_hidden must be None")
     spec, table = checkpoint.read_peft_adapter(directory, model.config, num_prefixes=kwargs.get("num_prefixes", 1),
                                                position_offset=kwargs.get("position_offset", "peft"))
+    trainable = [p.requires_grad for p in model.parameters()]
     wrapper = add_prefix_tuning(model, spec.num_virtual_tokens, **kwargs)
+    if wrapper.spec.width != spec.width or not wrapper.spec.peft_layout:
+        wrapper.unload()
+        for p, flag in zip(model.parameters(), trainable):
+            p.requires_grad_(flag)
+        checkpoint.check_peft_layout(wrapper.spec)
+        raise ValueError(f"{directory}: the adapter's prefix width {spec.width} (from the model config) differs from "
+                         f"what the model's attention layers take ({wrapper.spec.width})")
     with torch.no_grad():
         wrapper.prefix_embedding[0].copy_(table.to(wrapper.prefix_embedding.dtype))
+    _warn_if_windows_differ_from_peft(wrapper)
     return wrapper

@@ -1,0 +1,135 @@
+"""One forward of a few tokens, when a model is wrapped, that finds what each attention layer takes.
+
+The model runs with its attention routed to prefix_kernels and an empty prefix (P = 0, so the
+result is the model's own attention computed by the kernel). For every attention call it records,
+by ``layer_idx``: the kv heads and the key/value head dims (so the prefix is sized per layer from
+what the layer really receives, MLA and per-layer geometries included), the mask semantics
+(causal / sliding window, matched by object with the masks :mod:`prefix_kernels.hf.masks` built:
+the mask is the model's own statement of what each layer sees) and whether the layer forwarded
+the model's keyword arguments down to attention. Anything the kernel cannot serve exactly is
+refused here, before the model is changed for good, as a ``NotImplementedError`` naming the model
+type and the feature: a module without ``layer_idx``, a layer that runs attention more than once
+per forward (modules reused across cache slots, attention split into several calls), a mask the
+model built or changed itself, a mask term the kernel lacks. With ``capture=True`` it also keeps
+each layer's keys and values (the text initialization of a prefix).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from prefix_kernels.functional import prefix_attention
+from prefix_kernels.hf import masks
+
+
+@dataclass(frozen=True)
+class LayerAttention:
+    """What one attention layer takes (found by :func:`probe_model`)."""
+
+    num_kv_heads: int
+    head_dim: int
+    head_dim_v: int
+    causal: bool
+    sliding_window: int | None
+    forwards_kwargs: bool
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.num_kv_heads, self.head_dim, self.head_dim_v
+
+
+class Probe:
+    """The attention function's stand-in while a model is probed."""
+
+    def __init__(self, model_type: str, backend: str, capture: bool = False):
+        self.model_type, self.backend, self.capture = model_type, backend, capture
+        self.layers: dict[int, LayerAttention] = {}
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.masks = masks.MaskRegistry()
+
+    def refuse(self, module, what: str) -> NotImplementedError:
+        return NotImplementedError(f"model type {self.model_type!r} ({type(module).__name__}): {what}")
+
+    def attend(self, module, query, key, value, attention_mask, scaling, softcap, s_aux, prefix_kv, kwargs):
+        slot = getattr(module, "layer_idx", None)
+        if slot is None:
+            raise self.refuse(module, "the attention module has no layer_idx, so its prefix cannot be chosen")
+        if slot in self.layers:
+            raise self.refuse(module, f"attention layer {slot} runs more than once per forward (a module reused across "
+                                      "cache slots, or attention split into several calls): one prefix per layer "
+                                      "cannot be placed")
+        if attention_mask is None:  # the model built no mask: its module's flags say what it sees
+            causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
+            window = kwargs.get("sliding_window")
+        else:
+            semantics = self.masks.semantics_of(attention_mask)
+            if semantics is None:
+                masks.key_padding(attention_mask, key.shape[2], module)  # raises for a mask not of ours
+                raise self.refuse(module, "its attention received a mask other than the one built for it (the model "
+                                          "sliced or rebuilt it), so what the layer may see is unknown")
+            causal, window = semantics.kernel_arguments(self.model_type)
+        self.layers[slot] = LayerAttention(key.shape[1], key.shape[-1], value.shape[-1], causal, window,
+                                           forwards_kwargs=prefix_kv is not None)
+        if self.capture:
+            self.keys[slot], self.values[slot] = key.detach(), value.detach()
+        empty_k = key.new_empty(1, key.shape[1], 0, key.shape[-1])
+        empty_v = value.new_empty(1, value.shape[1], 0, value.shape[-1])
+        padding = masks.key_padding(attention_mask, key.shape[2], module)
+        out = prefix_attention(query, key, value, empty_k, empty_v, causal=causal, scale=scaling,
+                               key_padding_mask=padding, sliding_window=window, softcap=softcap, sinks=s_aux,
+                               backend=self.backend)
+        return out.transpose(1, 2), None
+
+
+# the probe in progress (a plain global: the attention function reads it on every call, and
+# torch.compile guards on a global where a ContextVar would break the graph)
+active: Probe | None = None
+
+
+class _Marker:
+    """Stands in for the prefix keyword argument during a probe: seeing it in attention proves the
+    layer forwards the model's keyword arguments."""
+
+
+def _token_ids(config, length: int) -> list[int]:
+    text = config.get_text_config()
+    vocab = getattr(text, "vocab_size", None) or getattr(config, "vocab_size", None) or 100
+    special = {getattr(c, name) for c in (config, text) for name in dir(c)
+               if name.endswith(("token_id", "token_index")) and isinstance(getattr(c, name, None), int)}
+    return [i for i in range(1, vocab) if i not in special][:length]
+
+
+def probe_model(model, backend: str = "auto", ids: torch.Tensor | None = None, capture: bool = False) -> Probe:
+    """Runs the probe forward (``ids`` [B, L], default a few tokens) on ``model``, whose attention
+    implementation must already be prefix_kernels'; returns the :class:`Probe` with its records."""
+    global active
+    config = model.config
+    model_type = config.model_type
+    device = next(model.parameters()).device
+    if ids is None:
+        rows = getattr(config.get_text_config(), "num_codebooks", None) or 1  # musicgen: [B * codebooks, L]
+        ids = torch.tensor([_token_ids(config, 3)] * rows, device=device)
+    probe = Probe(model_type, backend, capture)
+    was_training = model.training
+    active, masks.probed_masks = probe, probe.masks
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=ids.to(device), attention_mask=torch.ones_like(ids, device=device), prefix_kv=_Marker())
+    except NotImplementedError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- any failure here means we cannot serve the model
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise NotImplementedError(f"model type {model_type!r} ({type(model).__name__}): a forward of {tuple(ids.shape)} "
+                                  f"tokens through prefix_kernels' attention failed ({type(exc).__name__}: {first})") \
+            from exc
+    finally:
+        active, masks.probed_masks = None, None
+        model.train(was_training)
+    if not probe.layers:
+        raise NotImplementedError(f"model type {model_type!r} ({type(model).__name__}): no attention layer went through "
+                                  "transformers' AttentionInterface, so there is no attention to add a prefix to")
+    return probe
