@@ -18,6 +18,15 @@ prefix_attention_reference (fp32) before it is timed. Results: <out>/cpu_bench.j
 --preset window-cpu: sliding windows instead (N = M = 2048, W = 512 and W = M; every implementation
 computes the window: ours with sliding_window=W, the SDPA ones with it in their explicit mask), to
 <out>/window_cpu.json and .csv.
+--preset shared-prefix-cpu: shared-prefix decode (issue 16): B = 64 rows, Hq = 32, Hkv = 8, N = 1, a
+64-token cache per row, D = 128, one prefix of P = 1024 or 4096 shared by every row; by default
+    ours                  the C++ op: the prefix part once per kv head for all rows (the cascade)
+    ours_prefix_in_cache  the C++ op with the prefix copied into every row's cache (built outside the
+                          timing) and no prefix: the same FLOPs, 64 x the prefix's bytes
+    ours_no_cascade       the C++ op with PREFIX_KERNELS_CPU_CASCADE=0 (the per-row path)
+    cat_sdpa              torch.cat of the prefix + SDPA
+to <out>/shared_prefix_cpu.json and .csv; it prints ours / ours_prefix_in_cache per shape (the
+issue's target: <= 0.5).
 """
 
 from __future__ import annotations
@@ -34,7 +43,9 @@ from prefix_kernels import cpu  # noqa: E402
 from prefix_kernels.benchmarking import PRESETS, run_kernel_bench  # noqa: E402
 
 IMPLS = "ours,peft_style,cat_sdpa,sdpa_no_prefix"
-FILE_STEMS = {"cpu": "cpu_bench", "window-cpu": "window_cpu"}  # preset -> <out>/<stem>.json/.csv
+# preset -> <out>/<stem>.json/.csv
+FILE_STEMS = {"cpu": "cpu_bench", "window-cpu": "window_cpu", "shared-prefix-cpu": "shared_prefix_cpu"}
+PRESET_IMPLS = {"shared-prefix-cpu": "ours,ours_prefix_in_cache,ours_no_cascade,cat_sdpa"}  # else IMPLS
 
 
 def main(argv=None) -> int:
@@ -45,7 +56,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--impls", default=IMPLS, help="comma-separated subset of " + IMPLS)
+    parser.add_argument("--impls", default=None,
+                        help=f"comma-separated implementations (default {IMPLS}; shared-prefix-cpu: "
+                             f"{PRESET_IMPLS['shared-prefix-cpu']})")
     parser.add_argument("--quick", action="store_true", help="only the preset's first training and decode shape")
     parser.add_argument("--shape", action="append", default=None, metavar="BxHqxHkvxNxMxPxD[wW]",
                         help="custom shapes instead of the preset (repeatable)")
@@ -58,10 +71,14 @@ def main(argv=None) -> int:
         preset = PRESETS[args.preset]
         shapes = [next(s for s in preset if s.kind == kind) for kind in ("training", "decode")
                   if any(s.kind == kind for s in preset)]
-    rows = run_kernel_bench(args.preset, device="cpu", dtype=torch.float32, out_dir=args.out, providers=args.impls,
+    impls = args.impls or PRESET_IMPLS.get(args.preset, IMPLS)
+    rows = run_kernel_bench(args.preset, device="cpu", dtype=torch.float32, out_dir=args.out, providers=impls,
                             shapes=shapes, warmup=args.warmup, reps=args.reps, threads=args.threads,
                             plot=args.plot, per_device_dir=False, device_suffix=False,
                             name=FILE_STEMS[args.preset])
+    for r in rows:  # shared-prefix-cpu: the issue's ratio
+        if r["provider"] == "ours_prefix_in_cache" and r.get("ratio_to_ours"):
+            print(f"{r['shape']}: ours (shared prefix) / ours_prefix_in_cache = {1 / r['ratio_to_ours']:.3f}")
     return 1 if any(r["provider"] == "ours" and r["status"] == "error" for r in rows) else 0
 
 

@@ -83,6 +83,26 @@ struct Params {
   void* dpk_part = nullptr;
   void* dpv_part = nullptr;
 
+  // Cascade forward (shared-prefix decode; prefix_attention.cpp decides, see plan_cascade): the
+  // rows ordered by prefix id, then row (casc_rows [B]), cut into casc_n chunks
+  // casc_rows[casc_off[c] .. casc_off[c+1]) that never span two prefixes. One task per (chunk, kv
+  // head) runs the prefix part of all the chunk's rows at once: their G * N query rows each are
+  // stacked into one matrix, multiplied against the prefix tiles through sgemm / dgemm, with one
+  // online softmax per query row. It leaves each query's softmax state in casc_m / casc_l
+  // ([B, Hq, N]: running max and sum, log2 domain) and casc_o ([B, Hq, N, Dv], unnormalized), in
+  // the accumulation dtype; the per-row forward then starts from that state instead of visiting
+  // the prefix tiles (the log-sum-exp merge of the two parts) and goes on with the row's own keys.
+  // The cut depends on the shape and prefix_ids only: results do not depend on the thread count.
+  bool cascade = false;
+  int64_t casc_n = 0;
+  int64_t casc_max_rows = 0;            // most batch rows in one chunk
+  int64_t casc_block_k = 128;           // prefix keys per tile in the cascade
+  const int64_t* casc_rows = nullptr;
+  const int64_t* casc_off = nullptr;    // [casc_n + 1]
+  void* casc_m = nullptr;
+  void* casc_l = nullptr;
+  void* casc_o = nullptr;
+
   int64_t block_q = 64;              // queries per task (per query head)
   int64_t block_k = 128;             // keys per tile
   int64_t num_slots = 1;             // work is dealt round-robin to this many slots
@@ -96,6 +116,8 @@ struct Params {
   namespace ns {                                                                \
   /* forward for the work slots [slot_begin, slot_end) */                       \
   void forward_slots(const Params& p, int64_t slot_begin, int64_t slot_end);    \
+  /* the cascade's prefix part (Params::casc_*) for the work slots [slot_begin, slot_end) */ \
+  void cascade_prefix_slots(const Params& p, int64_t slot_begin, int64_t slot_end); \
   void backward_slots(const Params& p, int64_t slot_begin, int64_t slot_end);   \
   /* dst[t, hkv] = sum of the partials of prefix t's chunks, in chunk order, for */ \
   /* the pairs t * Hkv + hkv in [pair_begin, pair_end) (single-chunk prefixes are */ \

@@ -14,6 +14,14 @@
 //             are skipped (work ~ N * min(W, M)). Softcap applies to every score tile; the sinks
 //             join each row's denominator at the end (lse includes them).
 //             v / prefix_v / out rows have their own head dim Dv.
+//   cascade : shared-prefix decode (Params::cascade; prefix_attention.cpp's cost model decides).
+//             First one task per (chunk of rows sharing a prefix, g): the chunk's rows x G heads
+//             x N queries stacked into one matrix against the prefix tiles (GEMMs through
+//             Params::sgemm / dgemm, one online softmax per query row), leaving each query's
+//             state (max, sum, unnormalized output) in Params::casc_*. Then the forward tasks
+//             above start from that state and visit only the row's own keys: the online softmax
+//             merges the two parts (their log-sum-exp), the sinks join once at the end, and out /
+//             lse are the ones the backward expects (it never knows which path ran).
 //   backward: one task per (chunk of rows, g); for each row of the chunk (ascending), loops over
 //             query blocks, then key tiles, recomputing P = min(exp(S - lse), 1) (the clamp
 //             bounds P where the fp32 lse is coarse: logits ~1e9). dK/dV of the row's sequence
@@ -562,6 +570,26 @@ struct Attention {
     int32_t* hidden;
   };
 
+  // A forward workspace for up to R stacked query rows and key tiles of up to bk keys.
+  struct FwdBuf {
+    Scratch<acc_t> buf;
+    Scratch<int32_t> hidden;
+    FwdWs w;
+    FwdBuf(int64_t R, int64_t bk, int64_t D, int64_t Dv)
+        : buf(round_up16(R * D) + round_up16(R * Dv) + round_up16(R * bk) + 2 * round_up16(R) +
+              round_up16(bk * D) + round_up16(bk * Dv)),
+          hidden(bk) {
+      w.Qs = buf.ptr;
+      w.O = w.Qs + round_up16(R * D);
+      w.S = w.O + round_up16(R * Dv);
+      w.m = w.S + round_up16(R * bk);
+      w.l = w.m + round_up16(R);
+      w.Kb = w.l + round_up16(R);
+      w.Vb = w.Kb + round_up16(bk * D);
+      w.hidden = hidden.ptr;
+    }
+  };
+
   void forward_block(FwdWs& w, int64_t nq, const acc_t* Kp, int64_t ldk, const acc_t* Vp,
                      int64_t ldv, int64_t nk, int64_t j0, int64_t qpos0, bool bounded,
                      int64_t n_hidden) const {
@@ -590,11 +618,15 @@ struct Attention {
   void forward_task(FwdWs& w, int64_t b, int64_t hkv, int64_t qb) const {
     const int64_t i0 = qb * BQ, nq = std::min(BQ, p.N - i0), R = G * nq;
     pack_rows(p.q, b, hkv, i0, nq, D, w.Qs, qscale);
-    fill(w.O, R * Dv, acc_t(0));
-    fill(w.m, R, ninf);
-    fill(w.l, R, acc_t(0));
     int64_t ldk = 0, ldv = 0;
-    if (p.P > 0) {
+    if (p.cascade) {
+      load_cascade_state(w, b, hkv, i0, nq);  // the prefix part, done by cascade_task
+    } else {
+      fill(w.O, R * Dv, acc_t(0));
+      fill(w.m, R, ninf);
+      fill(w.l, R, acc_t(0));
+    }
+    if (p.P > 0 && !p.cascade) {
       const int64_t t = prefix_of(b);
       for (int64_t p0 = 0; p0 < p.P; p0 += BK) {
         const int64_t np = std::min(BK, p.P - p0);
@@ -642,27 +674,76 @@ struct Attention {
   void forward(int64_t slot_begin, int64_t slot_end) const {
     const int64_t n_bh = p.B * p.Hkv, n_tasks = n_bh * nqb;
     if (n_tasks == 0) return;
-    const int64_t RD = round_up16(R_max * D), RDv = round_up16(R_max * Dv), RK = round_up16(R_max * BK),
-                  KD = round_up16(BK * D), KDv = round_up16(BK * Dv), Rr = round_up16(R_max);
-    Scratch<acc_t> buf(RD + RDv + RK + 2 * Rr + KD + KDv);
-    Scratch<int32_t> hidden(BK);
-    FwdWs w;
-    w.Qs = buf.ptr;
-    w.O = w.Qs + RD;
-    w.S = w.O + RDv;
-    w.m = w.S + RK;
-    w.l = w.m + Rr;
-    w.Kb = w.l + Rr;
-    w.Vb = w.Kb + KD;
-    w.hidden = hidden.ptr;
+    FwdBuf fb(R_max, BK, D, Dv);
     for (int64_t slot = slot_begin; slot < slot_end; ++slot) {
       // Round-robin over tasks ordered by decreasing query block (the causal work grows with
       // the block index), so every slot gets a similar share of heavy and light blocks.
       for (int64_t t = slot; t < n_tasks; t += p.num_slots) {
         const int64_t qb = nqb - 1 - t / n_bh, bh = t % n_bh;
-        forward_task(w, bh / p.Hkv, bh % p.Hkv, qb);
+        forward_task(fb.w, bh / p.Hkv, bh % p.Hkv, qb);
       }
     }
+  }
+
+  // ------------------------------------------------------------------ cascade (shared prefix)
+  // Index of query i of head h, row b, in the cascade state (casc_m / casc_l; casc_o rows).
+  int64_t state_index(int64_t b, int64_t h, int64_t i) const { return (b * p.Hq + h) * p.N + i; }
+
+  // The prefix part of chunk c's rows, kv head hkv (see Params::cascade): the rows' G * N query
+  // rows each stacked (row r of the chunk, head hh, query i at r * G * N + hh * N + i: pack_rows'
+  // order per row), one online softmax over the prefix tiles, the state stored per query.
+  void cascade_task(FwdWs& w, int64_t c, int64_t hkv) const {
+    const int64_t r0 = p.casc_off[c], nrows = p.casc_off[c + 1] - r0, GN = G * p.N, R = nrows * GN;
+    if (nrows == 0) return;
+    for (int64_t r = 0; r < nrows; ++r) pack_rows(p.q, p.casc_rows[r0 + r], hkv, 0, p.N, D, w.Qs + r * GN * D, qscale);
+    fill(w.O, R * Dv, acc_t(0));
+    fill(w.m, R, ninf);
+    fill(w.l, R, acc_t(0));
+    const int64_t t = prefix_of(p.casc_rows[r0]), bk = p.casc_block_k;
+    int64_t ldk = 0, ldv = 0;
+    for (int64_t p0 = 0; p0 < p.P; p0 += bk) {
+      const int64_t np = std::min(bk, p.P - p0);
+      const acc_t* Kp = tile(p.pk, t, hkv, p0, np, D, w.Kb, &ldk);
+      const acc_t* Vp = tile(p.pv, t, hkv, p0, np, Dv, w.Vb, &ldv);
+      forward_block(w, nrows * p.N, Kp, ldk, Vp, ldv, np, 0, 0, false, 0);  // G * (nrows * N) rows
+    }
+    acc_t* m = static_cast<acc_t*>(p.casc_m);
+    acc_t* l = static_cast<acc_t*>(p.casc_l);
+    acc_t* o = static_cast<acc_t*>(p.casc_o);
+    for (int64_t r = 0; r < nrows; ++r) {
+      const int64_t b = p.casc_rows[r0 + r];
+      for (int64_t hh = 0; hh < G; ++hh) {
+        for (int64_t i = 0; i < p.N; ++i) {
+          const int64_t src = r * GN + hh * p.N + i, dst = state_index(b, hkv * G + hh, i);
+          m[dst] = w.m[src];
+          l[dst] = w.l[src];
+          std::memcpy(o + dst * Dv, w.O + src * Dv, sizeof(acc_t) * Dv);
+        }
+      }
+    }
+  }
+
+  // The softmax state of queries [i0, i0 + nq) of (b, hkv) after the prefix, from cascade_task.
+  void load_cascade_state(FwdWs& w, int64_t b, int64_t hkv, int64_t i0, int64_t nq) const {
+    const acc_t* m = static_cast<const acc_t*>(p.casc_m);
+    const acc_t* l = static_cast<const acc_t*>(p.casc_l);
+    const acc_t* o = static_cast<const acc_t*>(p.casc_o);
+    for (int64_t hh = 0; hh < G; ++hh) {
+      for (int64_t i = 0; i < nq; ++i) {
+        const int64_t r = hh * nq + i, src = state_index(b, hkv * G + hh, i0 + i);
+        w.m[r] = m[src];
+        w.l[r] = l[src];
+        std::memcpy(w.O + r * Dv, o + src * Dv, sizeof(acc_t) * Dv);
+      }
+    }
+  }
+
+  void cascade_prefix(int64_t slot_begin, int64_t slot_end) const {
+    const int64_t n_tasks = p.casc_n * p.Hkv;
+    if (n_tasks == 0) return;
+    FwdBuf fb(p.casc_max_rows * G * p.N, p.casc_block_k, D, Dv);
+    for (int64_t slot = slot_begin; slot < slot_end; ++slot)
+      for (int64_t t = slot; t < n_tasks; t += p.num_slots) cascade_task(fb.w, t / p.Hkv, t % p.Hkv);
   }
 
   // ------------------------------------------------------------------ backward
@@ -885,6 +966,10 @@ void dispatch(const Params& p, F&& f) {
 
 void forward_slots(const Params& p, int64_t slot_begin, int64_t slot_end) {
   dispatch(p, [&](const auto& a) { a.forward(slot_begin, slot_end); });
+}
+
+void cascade_prefix_slots(const Params& p, int64_t slot_begin, int64_t slot_end) {
+  dispatch(p, [&](const auto& a) { a.cascade_prefix(slot_begin, slot_end); });
 }
 
 void backward_slots(const Params& p, int64_t slot_begin, int64_t slot_end) {

@@ -8,11 +8,13 @@
 //       -> [dq, dk, dv, dprefix_k, dprefix_v] (output_mask of 5) or [..., dsinks] (of 6: sinks given)
 //       (a gradient not asked for in output_mask comes back as an empty [0] tensor)
 //   prefix_kernels::cpu_build_info() -> str
+//   prefix_kernels::cpu_cascade_calls() -> int   (forwards that took the shared-prefix cascade)
 // The kernels themselves live in kernel_impl.h (built as kernel_base.cpp and kernel_avx2.cpp).
 
 #include <dlfcn.h>
 
 #include <array>
+#include <atomic>
 #include <cstdlib>
 #include <string>
 #include <tuple>
@@ -383,6 +385,85 @@ Chunks make_chunks(const Params& p, bool prefix_grads, int64_t acc_bytes) {
   return c;
 }
 
+// ---------------------------------------------------------------- cascade dispatch
+// Shared-prefix decode (Hydragen; FlashInfer's cascade), see Params::cascade. The per-row forward
+// reads a row's prefix once per (row, kv head) -- B * Hkv * P * (D + Dv) elements -- through
+// products of only G * N stacked query rows: memory bound, so sharing one prefix buys nothing. The
+// cascade reads it once per (chunk of rows sharing the prefix, kv head) and does the same FLOPs as
+// GEMMs of up to kCascadeRows stacked query rows (compute bound), then the per-row forward goes on
+// from the prefix's softmax state with each row's own keys. Its price: the state (B * Hq * N *
+// (Dv + 2) values) written and read back, and a second parallel region.
+// Cost model (PREFIX_KERNELS_CPU_CASCADE unset or "auto"), with r = B / (the number of distinct
+// prefixes the rows use) the rows sharing a prefix and M_seen the sequence keys one query sees
+// (M, or about the window when that is shorter):
+//   - N <= kCascadeMaxN: decode-like. With more queries per row the per-row path already stacks
+//     G * N rows per prefix tile and is no longer memory bound on the prefix.
+//   - r >= 2: the cascade reads the prefix r times less (a bank with one row per prefix gains
+//     nothing).
+//   - P * (1 - 1/r) >= M_seen / kCascadeMinGain: the prefix reads saved are a fair share of what a
+//     row reads anyway, else the gain does not pay for the extra pass.
+// PREFIX_KERNELS_CPU_CASCADE=1 takes the cascade whenever P > 0 (any N; for tests), =0 never.
+// Measured (benchmarks/bench_cpu.py --preset shared-prefix-cpu, 2 threads): B=64, Hq=32, Hkv=8,
+// N=1, M=64, D=128, P=4096, fp32: see the README's shared-prefix table.
+constexpr int64_t kCascadeMaxN = 4;
+constexpr int64_t kCascadeMinGain = 8;
+constexpr int64_t kCascadeBlockK = 256;  // prefix keys per cascade tile (PREFIX_KERNELS_CPU_CASCADE_BLOCK_K)
+constexpr int64_t kCascadeRows = 256;  // stacked query rows per cascade task (PREFIX_KERNELS_CPU_CASCADE_ROWS)
+
+std::atomic<int64_t> cascade_calls{0};  // forwards that took the cascade (cpu_cascade_calls, tests)
+
+struct Cascade {
+  std::vector<int64_t> rows, off;
+  int64_t max_rows = 0;
+};
+
+// "auto" (-1), "0" or "1" from PREFIX_KERNELS_CPU_CASCADE.
+int cascade_mode() {
+  const char* env = std::getenv("PREFIX_KERNELS_CPU_CASCADE");
+  if (env == nullptr || *env == '\0' || std::string(env) == "auto") return -1;
+  TORCH_CHECK(std::string(env) == "0" || std::string(env) == "1",
+              "prefix_kernels cpu: PREFIX_KERNELS_CPU_CASCADE must be 0, 1 or auto, got '", env, "'");
+  return env[0] - '0';
+}
+
+bool use_cascade(const Params& p, const std::vector<int64_t>& count) {
+  if (p.P == 0 || p.B == 0) return false;
+  const int mode = cascade_mode();
+  if (mode >= 0) return mode == 1;
+  int64_t used = 0;
+  for (int64_t t = 0; t < p.T; ++t) used += count[t + 1] > 0;
+  const double r = double(p.B) / double(used);
+  const int64_t span = p.causal ? p.window : 2 * p.window;
+  const int64_t m_seen = p.window > 0 ? std::min(p.M, span + p.N) : p.M;
+  return p.N <= kCascadeMaxN && r >= 2 && double(p.P) * (1 - 1 / r) * kCascadeMinGain >= double(m_seen);
+}
+
+// The rows ordered by prefix id, then row (a counting sort), and each prefix's rows cut into
+// balanced chunks of consecutive rows of at most kCascadeRows stacked query rows (at least one
+// row): from the shape and prefix_ids only. Empty when the cascade is not taken.
+Cascade plan_cascade(const Params& p) {
+  Cascade c;
+  std::vector<int64_t> count(p.T + 1, 0);
+  auto id = [&](int64_t b) { return p.ids != nullptr ? p.ids[b] : int64_t(0); };
+  for (int64_t b = 0; b < p.B; ++b) ++count[id(b) + 1];
+  if (!use_cascade(p, count)) return c;
+  for (int64_t t = 0; t < p.T; ++t) count[t + 1] += count[t];
+  c.rows.resize(p.B);
+  std::vector<int64_t> first(count.begin(), count.end() - 1);
+  for (int64_t b = 0; b < p.B; ++b) c.rows[first[id(b)]++] = b;
+  const int64_t per_row = std::max<int64_t>(1, p.G * p.N);
+  const int64_t chunk = std::max<int64_t>(1, env_int("PREFIX_KERNELS_CPU_CASCADE_ROWS", kCascadeRows) / per_row);
+  c.off.push_back(0);
+  for (int64_t t = 0; t < p.T; ++t) {
+    const int64_t r0 = count[t], n = count[t + 1] - r0, k = (n + chunk - 1) / chunk;
+    for (int64_t i = 0; i < k; ++i) {
+      c.off.push_back(r0 + (i + 1) * n / k);
+      c.max_rows = std::max(c.max_rows, c.off.back() - c.off[c.off.size() - 2]);
+    }
+  }
+  return c;
+}
+
 // out [B, Hq, N, Dv] with q's dimension order in memory (HF's [B, N, H, D] storage stays free to
 // reshape): empty_like(q) when Dv = D, else dims ordered by q's strides, largest first (ties
 // keep the dims' order). The fake impl in cpu.py follows the same rule.
@@ -414,6 +495,27 @@ std::tuple<Tensor, Tensor> fwd_cpu(const Tensor& q, const Tensor& k, const Tenso
   p.lse = lse.data_ptr();
   const int64_t n_tasks = p.B * p.Hkv * ((p.N + p.block_q - 1) / p.block_q);
   const bool avx2 = use_avx2();
+  const Cascade cascade = plan_cascade(p);
+  Tensor state;  // the cascade's softmax state after the prefix: m, l [B, Hq, N], o [B, Hq, N, Dv]
+  if (!cascade.rows.empty()) {
+    const int64_t n = p.B * p.Hq * p.N;
+    state = at::empty({n * (p.Dv + 2)}, q.options().dtype(acc_type(q.scalar_type())));
+    const int64_t elt = int64_t(state.element_size());
+    p.cascade = true;
+    p.casc_block_k = env_int("PREFIX_KERNELS_CPU_CASCADE_BLOCK_K", kCascadeBlockK);
+    p.casc_n = int64_t(cascade.off.size()) - 1;
+    p.casc_max_rows = cascade.max_rows;
+    p.casc_rows = cascade.rows.data();
+    p.casc_off = cascade.off.data();
+    p.casc_m = state.data_ptr();
+    p.casc_l = static_cast<char*>(state.data_ptr()) + n * elt;
+    p.casc_o = static_cast<char*>(state.data_ptr()) + 2 * n * elt;
+    cascade_calls.fetch_add(1, std::memory_order_relaxed);
+    run_slots(p, p.casc_n * p.Hkv, [&](int64_t s0, int64_t s1) {
+      if (avx2) avx2::cascade_prefix_slots(p, s0, s1);
+      else base::cascade_prefix_slots(p, s0, s1);
+    });
+  }
   run_slots(p, n_tasks, [&](int64_t s0, int64_t s1) {
     if (avx2) avx2::forward_slots(p, s0, s1);
     else base::forward_slots(p, s0, s1);
@@ -537,6 +639,8 @@ TORCH_LIBRARY_FRAGMENT(prefix_kernels, m) {
       "float scale, bool[] output_mask, int? sliding_window=None, float? softcap=None, "
       "Tensor? sinks=None) -> Tensor[]");
   m.def("cpu_build_info() -> str", &prefix_kernels_cpu::build_info);
+  // forwards so far that took the cascade (shared-prefix decode), for tests
+  m.def("cpu_cascade_calls() -> int", [] { return prefix_kernels_cpu::cascade_calls.load(); });
 }
 
 TORCH_LIBRARY_IMPL(prefix_kernels, CPU, m) {

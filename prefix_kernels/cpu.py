@@ -24,6 +24,13 @@ those); tile products use torch's own MKL when libtorch exports it, else ATen
 (``PREFIX_KERNELS_CPU_GEMM=aten`` forces ATen). Tuning knobs: ``PREFIX_KERNELS_CPU_ROWS`` (stacked
 query rows per task, default 128) and ``PREFIX_KERNELS_CPU_BLOCK_K`` (keys per tile, default 128,
 or 512 for few-row decode tiles). :func:`build_info` says which flavour runs.
+
+Shared-prefix decode (the cascade, after Hydragen / FlashInfer): for decode-like calls (N <= 4)
+whose rows share prefixes (one prefix, or a bank with several rows per prefix) the prefix part is
+computed once per (prefix, kv head) as a matrix product of all those rows' queries, then each row's
+own keys, merged through the softmax state; a cost model in csrc/prefix_attention.cpp decides
+(``PREFIX_KERNELS_CPU_CASCADE=0/1`` forces it off/on, ``PREFIX_KERNELS_CPU_CASCADE_ROWS``: stacked
+query rows per cascade task, default 256); :func:`cascade_calls` counts the forwards that took it.
 """
 
 from __future__ import annotations
@@ -154,6 +161,20 @@ def build_info() -> str:
     if not is_available():
         return f"unavailable: {unavailable_reason()}"
     return torch.ops.prefix_kernels.cpu_build_info()
+
+
+def cascade_calls() -> int:
+    """How many forwards of the C++ op so far took the shared-prefix cascade (0 when unavailable).
+
+    The cascade (csrc/prefix_attention.cpp, ``plan_cascade``) computes the prefix part of decode-like
+    calls once per (prefix, kv head, chunk of up to 256 stacked query rows) as one matrix product of
+    all the rows that share the prefix, then each row's own keys, merged through the softmax state.
+    ``PREFIX_KERNELS_CPU_CASCADE=1`` forces it whenever P > 0, ``=0`` turns it off, unset or ``auto``
+    leaves it to the cost model.
+    """
+    if not is_available():
+        return 0
+    return int(torch.ops.prefix_kernels.cpu_cascade_calls())
 
 
 # ---------------------------------------------------------------- fake impls and autograd

@@ -91,15 +91,17 @@ def run_kernel_bench(
     """Runs the kernel benchmark and returns its rows (one per shape, mode and provider).
 
     preset: "auto" (CUDA: "training" + "decode"; CPU: "cpu"), "training", "decode", "quick",
-        "cpu", "window", "window-cpu", several joined with ","; ignored when ``shapes`` is given
+        "cpu", "window", "window-cpu", "shared-prefix-cpu", several joined with ","; ignored when
+        ``shapes`` is given
         (Shape objects or "BxHqxHkvxNxMxPxD[wW]" strings, wW a sliding window).
     device: "cuda" / "cpu" (default: CUDA when available). dtype: default bf16 on CUDA, fp32 on CPU.
     out_dir: where ``<name>_<device>.json/.csv/.png`` go (``<out_dir>/<device>/`` unless
         ``per_device_dir=False``; no ``_<device>`` with ``device_suffix=False``); default a new
         ``runs/bench-<date>-<time>/`` under the current directory, as ``prefix-kernels bench``;
         None writes nothing.
-    providers: names (see ``PROVIDERS``; comma-separated string or list) or Provider objects;
-        default all (those that cannot run here give "skipped" rows).
+    providers: names (see ``PROVIDERS`` and ``EXTRA_PROVIDERS``; comma-separated string or list)
+        or Provider objects; default all of ``PROVIDERS`` (those that cannot run here give
+        "skipped" rows).
     modes: subset of fwd, bwd, fwd+bwd, decode. warmup/reps: CPU timing (CUDA uses do_bench).
     threads: torch.set_num_threads for the run (CPU).
     """

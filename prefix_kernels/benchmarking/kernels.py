@@ -35,6 +35,7 @@ from prefix_kernels.benchmarking.correctness import TOLERANCE, check_provider
 from prefix_kernels.benchmarking.metadata import ENV_COLUMNS, cpu_name, environment
 from prefix_kernels.benchmarking.providers import (
     ALIASES,
+    EXTRA_PROVIDERS,
     FLOOR,
     PROVIDERS,
     Provider,
@@ -70,8 +71,8 @@ from prefix_kernels.benchmarking.timing import (
 )
 from prefix_kernels.functional import resolve_backend
 
-__all__ = ["ALIASES", "COLUMNS", "DECODE_MODES", "ENV_COLUMNS", "FLOOR", "MODES", "PRESETS", "PROVIDERS",
-           "TOLERANCE", "TRAINING_MODES", "Provider", "Shape", "add_ratios", "bench_shape", "check_provider",
+__all__ = ["ALIASES", "COLUMNS", "DECODE_MODES", "ENV_COLUMNS", "EXTRA_PROVIDERS", "FLOOR", "MODES", "PRESETS",
+           "PROVIDERS", "TOLERANCE", "TRAINING_MODES", "Provider", "Shape", "add_ratios", "bench_shape", "check_provider",
            "concat_sdpa", "cpu_name", "environment", "flash_attn_cat", "flex_attention_cat", "flops",
            "interleaved_median_ms", "kv_bytes", "layout", "make_inputs", "make_step", "ours", "peft_style",
            "preset_shapes", "prefix_mask", "prefix_mask_mod", "resolve_providers", "run", "sdpa_no_prefix",

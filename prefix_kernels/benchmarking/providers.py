@@ -36,10 +36,21 @@ i - W < j <= i, the prefix always visible) a provider is called ``fn(..., window
 
 A provider that is not available (CPU, package missing, dtype, a window it cannot express) gives
 rows with status "skipped" and the reason in ``error``.
+
+Two more, for the shared-prefix decode comparison (issue 16; by name only, not among the default
+"all" providers, :data:`EXTRA_PROVIDERS`):
+
+    ours_prefix_in_cache  ours with the prefix copied into every row's KV cache (torch.cat once per
+                          input tensors, outside the timing; on every call when gradients are
+                          needed) and no prefix: the same FLOPs as ours, with B x the prefix's bytes
+    ours_no_cascade       ours with PREFIX_KERNELS_CPU_CASCADE=0 (the C++ op's per-row path; on CUDA
+                          the same as ours)
 """
 
 from __future__ import annotations
 
+import os
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -111,6 +122,43 @@ def sdpa_no_prefix(q, k, v, prefix_k=None, prefix_v=None, window=None):
     from torch.nn.attention.bias import causal_lower_right
 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(n, m), enable_gqa=gqa)
+
+
+_in_cache_state: dict = {"key": None, "cache": None}
+
+
+def ours_prefix_in_cache(q, k, v, prefix_k, prefix_v):
+    """ours with no prefix, over caches that hold the prefix in front of every row's keys: built once
+    per set of input tensors, outside the timing (the KV cache a model would keep), or on every call
+    when gradients are needed (training modes: the copy is part of the step)."""
+    inputs = (k, v, prefix_k, prefix_v)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        batch = k.shape[0]
+        keys = torch.cat([_expand_prefix(prefix_k, batch), k], dim=2)
+        values = torch.cat([_expand_prefix(prefix_v, batch), v], dim=2)
+        return prefix_attention(q, keys, values, prefix_k[:, :0], prefix_v[:, :0], causal=True, backend="auto")
+    seen = _in_cache_state["key"]  # weak references (a dead one never matches) and versions
+    if seen is None or any(ref() is not t or version != t._version for (ref, version), t in zip(seen, inputs)):
+        _in_cache_state["key"], _in_cache_state["cache"] = None, None  # free the previous copy first
+        batch = k.shape[0]
+        _in_cache_state["cache"] = (torch.cat([_expand_prefix(prefix_k, batch), k], dim=2).detach(),
+                                    torch.cat([_expand_prefix(prefix_v, batch), v], dim=2).detach())
+        _in_cache_state["key"] = [(weakref.ref(t), t._version) for t in inputs]
+    keys, values = _in_cache_state["cache"]
+    return prefix_attention(q, keys, values, prefix_k[:, :0], prefix_v[:, :0], causal=True, backend="auto")
+
+
+def ours_no_cascade(q, k, v, prefix_k, prefix_v, window=None):
+    """ours with the C++ op's shared-prefix cascade turned off (PREFIX_KERNELS_CPU_CASCADE=0)."""
+    previous = os.environ.get("PREFIX_KERNELS_CPU_CASCADE")
+    os.environ["PREFIX_KERNELS_CPU_CASCADE"] = "0"
+    try:
+        return ours(q, k, v, prefix_k, prefix_v, window)
+    finally:
+        if previous is None:
+            del os.environ["PREFIX_KERNELS_CPU_CASCADE"]
+        else:
+            os.environ["PREFIX_KERNELS_CPU_CASCADE"] = previous
 
 
 _flex_state: dict = {"compiled": None, "masks": {}}
@@ -237,6 +285,14 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
     Provider("flash_attn", flash_attn_cat, unavailable=_flash_available, no_window=FLASH_NO_WINDOW,
              description="cat + flash_attn_func(causal=True)"),
 )}
+# by name only (not in the default "all"): the shared-prefix decode comparison
+EXTRA_PROVIDERS: dict[str, Provider] = {p.name: p for p in (
+    Provider("ours_prefix_in_cache", ours_prefix_in_cache,
+             description="ours, the prefix copied into every row's KV cache (same FLOPs, B x the prefix bytes)",
+             no_window="the prefix in the cache would fall under the window"),
+    Provider("ours_no_cascade", ours_no_cascade, windowed=True,
+             description="ours with PREFIX_KERNELS_CPU_CASCADE=0 (the C++ op's per-row path)"),
+)}
 # names used by the earlier scripts
 ALIASES = {"peft": "peft_style", "concat": "cat_sdpa", "cat+sdpa(lower_right)": "cat_sdpa", "floor": "sdpa_no_prefix",
            "sdpa_no_prefix(floor)": "sdpa_no_prefix", "flex": "flex_attention", "fa2": "flash_attn",
@@ -245,8 +301,8 @@ FLOOR = "sdpa_no_prefix"
 
 
 def resolve_providers(providers: Iterable[str | Provider] | str | None) -> list[Provider]:
-    """Provider objects from names (comma-separated string or list; aliases accepted) or Provider
-    instances; None: all of :data:`PROVIDERS`."""
+    """Provider objects from names (comma-separated string or list; aliases and the names of
+    :data:`EXTRA_PROVIDERS` accepted) or Provider instances; None: all of :data:`PROVIDERS`."""
     if providers is None:
         return list(PROVIDERS.values())
     if isinstance(providers, str):
@@ -255,9 +311,10 @@ def resolve_providers(providers: Iterable[str | Provider] | str | None) -> list[
     for p in providers:
         if isinstance(p, str):
             name = ALIASES.get(p, p)
-            if name not in PROVIDERS:
-                raise ValueError(f"unknown provider {p!r}; choose from {', '.join(PROVIDERS)}")
-            p = PROVIDERS[name]
+            known = {**PROVIDERS, **EXTRA_PROVIDERS}
+            if name not in known:
+                raise ValueError(f"unknown provider {p!r}; choose from {', '.join(known)}")
+            p = known[name]
         if p.name in [x.name for x in out]:
             continue
         out.append(p)

@@ -116,12 +116,17 @@ PRESETS: dict[str, list[Shape]] = {
     "window": _windowed(1, 32, 8, 8192, 128, 128, (1024, 8192)),
     # sliding windows, CPU (a minute or two on 2 cores): W = 512 against W = M
     "window-cpu": _windowed(1, 8, 2, 2048, 64, 64, (512, 2048)),
+    # shared-prefix decode, CPU (issue 16): 64 rows sharing one long prefix, a 64-token cache each
+    # (benchmarks/bench_cpu.py --preset shared-prefix-cpu: ours against ours with the prefix
+    # copied into every row's cache, the same FLOPs)
+    "shared-prefix-cpu": [_decode(64, 32, 8, 64, 1024, 128), _decode(64, 32, 8, 64, 4096, 128)],
 }
 
 
 def preset_shapes(preset: str | Sequence[Shape], device: torch.device | str) -> list[Shape]:
     """Shapes of a preset name ("auto", "training", "decode", "quick", "cpu", "window",
-    "window-cpu", or several joined with "," or "+"), or a list of shapes passed through. "auto":
+    "window-cpu", "shared-prefix-cpu", or several joined with "," or "+"), or a list of shapes
+    passed through. "auto":
     training + decode on CUDA, cpu on CPU."""
     if not isinstance(preset, str):
         return list(preset)

@@ -187,7 +187,10 @@ class PrefixTuningModel(nn.Module):
         if self._handover:
             self._hooks.append(model.register_forward_hook(self._end_call, always_call=True))
         offset = num_virtual_tokens if position_offset == "peft" else 0
-        for module in _cache_length_position_modules(model) if offset else []:
+        # a decoder that counts positions from its cache gets the offset at its position embedding,
+        # and no position_ids from us (it may pass them on to that embedding: no double shift)
+        self._position_modules = _cache_length_position_modules(model)
+        for module in self._position_modules if offset else []:
             self._hooks.append(module.register_forward_pre_hook(_position_shift(offset), with_kwargs=True))
 
     # ---- the prefixes -------------------------------------------------------------------------
@@ -284,7 +287,8 @@ class PrefixTuningModel(nn.Module):
                 raise ValueError(f"prefix_ids must be [B={batch}], got shape {tuple(prefix_ids.shape)}")
         model_dtype = embeds.dtype if embeds is not None else self.base_model.dtype
         kwargs["prefix_kv"] = self.prefix_kv(prefix_ids, dtype=model_dtype, prefix_ids_checked=checked)
-        kwargs["position_ids"] = self._positions(kwargs, batch, length, ref.device)
+        if not self._position_modules:
+            kwargs["position_ids"] = self._positions(kwargs, batch, length, ref.device)
         for module in self._handover:
             module.prefix_kernels_call = kwargs["prefix_kv"]
         return (), kwargs
