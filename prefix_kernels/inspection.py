@@ -293,6 +293,10 @@ def inspect_launches(shape: str | Shape, dtype: str | torch.dtype = "bfloat16", 
         raise RuntimeError("inspect compiles the real Triton kernels: run it in a process without TRITON_INTERPRET=1 "
                            "(prefix-kernels inspect re-runs itself without it)")
     shape = Shape.parse(shape) if isinstance(shape, str) else shape
+    if shape.W is not None:  # "...wW": the shape's own window
+        if sliding_window is not None and sliding_window != shape.W:
+            raise ValueError(f"the shape's window w{shape.W} and sliding_window={sliding_window} disagree")
+        sliding_window = shape.W
     target, dtype = resolve_arch(arch), resolve_dtype(dtype)
     if prefix_bank < 0:
         raise ValueError(f"prefix_bank must be >= 0 (0: one shared prefix), got {prefix_bank}")

@@ -41,8 +41,13 @@ def reports():
     shapes = TRAINING + [DECODE]
     requests = [dict(shape=s, dtype="bfloat16", arch="sm_90") for s in shapes]
     requests += [dict(shape=s, dtype="bfloat16", arch="sm_90", **FEATURES) for s in FEATURE_SHAPES]
+    # the window written into the shape ("...wW") instead of passed; and the two disagreeing
+    windowed = f"{FEATURE_SHAPES[0]}w{FEATURES['sliding_window']}"
+    requests += [dict(shape=windowed, dtype="bfloat16", arch="sm_90", softcap=FEATURES["softcap"], sinks=True),
+                 dict(shape=windowed, dtype="bfloat16", arch="sm_90", sliding_window=7)]
     got = inspection.inspect_in_subprocess(requests, timeout=900)
-    keys = shapes + [("features", s) for s in FEATURE_SHAPES]
+    keys = shapes + [("features", s) for s in FEATURE_SHAPES] + [("window in shape", FEATURE_SHAPES[0]),
+                                                                 ("window disagrees", FEATURE_SHAPES[0])]
     return dict(zip(keys, got))
 
 
@@ -55,6 +60,15 @@ def test_features_compile_without_spills_or_extra_launches(reports, shape):
     assert report["launches"]["backward"] <= 3
     spilled = [(k["name"], k["registers"], k["spill_bytes"]) for k in report["kernels"] if k["spill_bytes"]]
     assert not spilled, spilled
+
+
+def test_window_in_the_shape_is_the_window_argument(reports):
+    by_argument = _report(reports, ("features", FEATURE_SHAPES[0]))
+    in_shape = _report(reports, ("window in shape", FEATURE_SHAPES[0]))
+    assert in_shape["kernels"] == by_argument["kernels"]
+    assert in_shape["launches"] == by_argument["launches"]
+    disagrees = reports[("window disagrees", FEATURE_SHAPES[0])]
+    assert disagrees.get("error_type") == "ValueError" and "disagree" in disagrees["error"], disagrees
 
 
 def _report(reports, shape):

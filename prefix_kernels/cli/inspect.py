@@ -47,7 +47,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("inspect", help="static report of the Triton launches of a shape, compiled for a GPU target "
                                        "(no GPU needed)",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", required=True, help="BxHqxHkvxNxMxPxD, e.g. 8x16x4x1024x1024x64x128 (N=1: decode)")
+    p.add_argument("--shape", required=True, help="BxHqxHkvxNxMxPxD[wW], e.g. 8x16x4x1024x1024x64x128 (N=1: decode; "
+                                                  "wW: a sliding window of W keys, as --window W)")
     p.add_argument("--arch", default="sm_90", help="sm_80 or sm_90 (default sm_90)")
     p.add_argument("--dtype", default="bfloat16", help="float16, bfloat16, float32 or float64 (default bfloat16)")
     p.add_argument("--mask", action="store_true", help="with a key padding mask (default: none, as the benchmark)")
