@@ -87,6 +87,29 @@ def test_train_tiny_end_to_end_into_runs(tmp_path, monkeypatch, capsys):
     assert (out / "prefix_tuning.safetensors").is_file() and (out / "prefix_tuning_config.json").is_file()
 
 
+def test_train_cartridge_from_a_corpus_file(tmp_path, capsys):
+    """--init-file: the first P tokens of a file (read in chunks), the first k of them frozen through
+    training and saved as such (a CARTRIDGE adapter for PEFT)."""
+    from safetensors.torch import load_file
+
+    data, out, corpus = _data(tmp_path), tmp_path / "run", tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    args = ["train", "--model", "tiny", "--data", str(data), "--out", str(out), *TRAIN_FAST, "--prefix-length", "40",
+            "--init-file", str(corpus), "--num-frozen-tokens", "1"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "P=40 (1 frozen)" in text and f"the first 40 tokens of {corpus}" in text
+    config = json.loads((out / "prefix_tuning_config.json").read_text())
+    assert config["num_frozen_tokens"] == 1 and config["num_virtual_tokens"] == 40
+    tensors = load_file(out / "prefix_tuning.safetensors")
+    assert tensors["frozen_prefix"].shape[1] == 1 and tensors["prefix_embedding"].shape[1] == 39
+    assert json.loads((out / "peft_adapter" / "adapter_config.json").read_text())["peft_type"] == "CARTRIDGE"
+    _user_error(capsys, args[:-4] + ["--init-file", str(tmp_path / "none.txt")], "no such file")
+    short = tmp_path / "short.txt"
+    short.write_text("a few words")
+    _user_error(capsys, args[:-4] + ["--init-file", str(short)], "fewer than --prefix-length 40")
+
+
 def _user_error(capsys, argv, needle):
     """argv fails at once with status 2 and exactly one line on stderr, containing ``needle``."""
     start = time.perf_counter()

@@ -342,7 +342,7 @@ PEFT_FAILURES = {
     "num_attention_heads": ({}, _edit_json(PEFT_CONFIG, lambda c: c.update(num_attention_heads=4)), ValueError,
                             r"num_attention_heads is 4 .* but 2"),
     "peft_type": ({}, _edit_json(PEFT_CONFIG, lambda c: c.update(peft_type="PROMPT_TUNING")), ValueError,
-                  r"peft_type is 'PROMPT_TUNING' .* but 'PREFIX_TUNING'"),
+                  r"peft_type is 'PROMPT_TUNING' .* only \('PREFIX_TUNING', 'CARTRIDGE'\)"),
     "missing_field": ({}, _edit_json(PEFT_CONFIG, lambda c: c.pop("token_dim")), ValueError,
                       r"field 'token_dim' is missing"),
     "projection_wrapper": ({"projection_hidden": 16}, None, ValueError, r"call merge\(\) first"),

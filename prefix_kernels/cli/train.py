@@ -43,6 +43,11 @@ def add_parser(sub) -> None:
                    help="data: the keys/values of the last P tokens of the first training examples (default); "
                         "random: N(0, 1) as PEFT (the default with --projection-hidden)")
     p.add_argument("--init-text", default=None, help="start from this text's keys/values (P = its token count)")
+    p.add_argument("--init-file", type=Path, default=None,
+                   help="start from the keys/values of the first --prefix-length tokens of this text file (a corpus: "
+                        "Cartridges; read in chunks, so P may be thousands)")
+    p.add_argument("--num-frozen-tokens", type=int, default=0,
+                   help="keep the first k prefix tokens out of training (Cartridges freeze 1: an attention sink)")
     p.add_argument("--max-length", type=int, default=256, help="tokens per example (prompt cut from the left)")
     p.add_argument("--eval-every", type=int, default=50, help="held-out loss every N steps (0: start and end only)")
     p.add_argument("--examples", type=int, default=3, help="held-out prompts to generate for, before and after")
@@ -63,8 +68,14 @@ def _check_args(args) -> None:
     require(args.projection_hidden is None or args.projection_hidden >= 1,
             f"--projection-hidden must be >= 1, got {args.projection_hidden}")
     require(not (args.init == "random" and args.init_text), "--init random and --init-text exclude each other")
-    require(args.projection_hidden is None or (args.init != "data" and not args.init_text),
+    require(not (args.init_text and args.init_file), "--init-text and --init-file exclude each other")
+    require(not (args.init == "random" and args.init_file), "--init random and --init-file exclude each other")
+    require(args.projection_hidden is None or (args.init != "data" and not args.init_text and not args.init_file),
             "--projection-hidden trains an MLP whose output cannot be set from text: use --init random")
+    require(args.init_file is None or args.init_file.is_file(), f"--init-file {args.init_file}: no such file")
+    require(args.num_frozen_tokens >= 0, f"--num-frozen-tokens must be >= 0, got {args.num_frozen_tokens}")
+    require(args.num_frozen_tokens == 0 or args.projection_hidden is None,
+            "--num-frozen-tokens keeps prefix values fixed, which --projection-hidden's MLP does not have")
     require(not args.resume or args.out is not None, "--resume needs --out, the folder of the run to continue")
 
 
@@ -146,13 +157,21 @@ def run(args) -> int:
         init = tokenizer(args.init_text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
         require(init.numel() > 0, "--init-text has no tokens")
         init_name = f"text ({init.numel()} tokens of --init-text)"
+    elif args.init_file:
+        text = args.init_file.read_text(encoding="utf-8", errors="replace")
+        init = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0][:prefix_length]
+        require(init.numel() == prefix_length, f"--init-file {args.init_file} has {init.numel()} tokens, fewer than "
+                                               f"--prefix-length {prefix_length}")
+        init_name = f"the first {prefix_length} tokens of {args.init_file}"
     elif args.init == "random" or projection_hidden is not None:
         init, init_name = "random", "random N(0, 1), as PEFT"
     else:
         init = _init_from_data(tokenizer, train_set, prefix_length)
         init_name = f"data (the keys/values of {prefix_length} tokens of training text)"
-    wrapped = add_prefix_tuning(model, len(init) if torch.is_tensor(init) else prefix_length,
-                                projection_hidden=projection_hidden, init=init)
+    frozen = saved.get("num_frozen_tokens", 0) if saved is not None else args.num_frozen_tokens
+    p = len(init) if torch.is_tensor(init) else prefix_length
+    require(frozen <= p, f"--num-frozen-tokens {frozen} exceeds the prefix length {p}")
+    wrapped = add_prefix_tuning(model, p, projection_hidden=projection_hidden, init=init, num_frozen_tokens=frozen)
     history = {"steps": 0, "train_loss": [], "eval_loss": []}
     if args.resume:
         try:
@@ -163,7 +182,8 @@ def run(args) -> int:
             history.update({k: v for k, v in json.loads((out / "metrics.json").read_text()).items() if k in history})
         init_name = f"resumed from {out} after {history['steps']} steps"
     done = history["steps"]
-    print(f"prefix: P={wrapped.spec.num_virtual_tokens}, init {init_name}; {len(train_set)} training / "
+    frozen_note = f" ({wrapped.spec.num_frozen_tokens} frozen)" if wrapped.spec.num_frozen_tokens else ""
+    print(f"prefix: P={wrapped.spec.num_virtual_tokens}{frozen_note}, init {init_name}; {len(train_set)} training / "
           f"{len(eval_set)} held-out examples")
     start_loss = mean_loss(wrapped, held_out, device)
     print(f"held-out loss: base model {base_loss:.4f}, initial prefix {start_loss:.4f}")

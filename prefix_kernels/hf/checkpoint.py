@@ -9,8 +9,9 @@ Two formats, both safetensors (never pickle) plus a JSON config:
 - PEFT's, :func:`save_peft_adapter` / :func:`load_peft_adapter` / :func:`read_peft_adapter` (which
   :func:`~prefix_kernels.hf.model.from_peft_adapter` builds a wrapper from): a directory
   that ``peft.PeftModel.from_pretrained`` loads (``adapter_config.json`` and ``adapter_model.safetensors``
-  with ``prompt_embeddings`` [P, L * 2 * Hkv * D]), one row of the prefix bank. PEFT is not needed
-  to write or read it.
+  with ``prompt_embeddings`` [P, L * 2 * Hkv * D]), one row of the prefix bank; a prefix-tuning
+  (``PREFIX_TUNING``) or a Cartridges (``CARTRIDGE``, whose first ``num_frozen_tokens`` tokens are
+  not trained) adapter. PEFT is not needed to write or read it.
 
 Loading validates everything (config fields, tensor names, shapes, dtypes) before it copies
 anything, so a failed load leaves the model unchanged. Mismatches raise ValueError naming the file,
@@ -45,20 +46,29 @@ PEFT_PICKLE_WEIGHTS = "adapter_model.bin"
 PEFT_CONFIG = "adapter_config.json"
 PEFT_KEY = "prompt_embeddings"  # the only tensor PEFT 0.21 saves for prefix tuning (BasePromptEncoder)
 PEFT_TYPE = "PREFIX_TUNING"
+CARTRIDGE_TYPE = "CARTRIDGE"
+PEFT_TYPES = (PEFT_TYPE, CARTRIDGE_TYPE)
 
 
 # ---- our format -----------------------------------------------------------------------------------
-def trainable_tensors(wrapper) -> dict[str, torch.nn.Parameter]:
-    """The wrapper's own trainable parameters by state_dict name (what :func:`save_prefix` writes)."""
+def prefix_tensors(wrapper) -> dict[str, torch.nn.Parameter]:
+    """The wrapper's own parameters by state_dict name (what :func:`save_prefix` writes): the
+    trainable ones and the frozen prefix tokens, never the base model's."""
     if wrapper.prefix_encoder is not None:
         return {f"prefix_encoder.{name}": p for name, p in wrapper.prefix_encoder.named_parameters()}
+    if wrapper.frozen_prefix is not None:
+        return {"frozen_prefix": wrapper.frozen_prefix, "prefix_embedding": wrapper.prefix_embedding}
     return {"prefix_embedding": wrapper.prefix_embedding}
 
 
 def expected_shapes(spec: PrefixSpec) -> dict[str, tuple[int, ...]]:
-    """The shape of each of :func:`trainable_tensors` for a wrapper of ``spec`` (whole, not sharded)."""
+    """The shape of each of :func:`prefix_tensors` for a wrapper of ``spec`` (whole, not sharded)."""
     table = (spec.num_prefixes, spec.num_virtual_tokens)
     if spec.projection_hidden is None:
+        k = spec.num_frozen_tokens
+        if k:
+            return {"frozen_prefix": (spec.num_prefixes, k, spec.width),
+                    "prefix_embedding": (spec.num_prefixes, spec.num_virtual_tokens - k, spec.width)}
         return {"prefix_embedding": (*table, spec.width)}
     token_dim, hidden = spec.num_kv_heads * spec.head_dim, spec.projection_hidden
     return {"prefix_encoder.embedding": (*table, token_dim),
@@ -99,6 +109,9 @@ def load_prefix(wrapper, directory) -> None:
             p.copy_(tensors[name].to(p.dtype))
 
 
+_ADDED_FIELDS = {"layer_shapes": None, "num_frozen_tokens": 0}  # spec fields added after format_version 1
+
+
 def _check_prefix_config(path: Path, config: dict, spec: PrefixSpec) -> None:
     version = config.get("format_version")
     if version != FORMAT_VERSION:
@@ -109,8 +122,8 @@ def _check_prefix_config(path: Path, config: dict, spec: PrefixSpec) -> None:
     if unknown:
         raise ValueError(f"{path}: unknown fields {unknown} (written by another version of prefix_kernels?)")
     for field, value in ours.items():
-        if field == "layer_shapes" and value is None and field not in config:
-            continue  # written before per-layer shapes existed: PEFT's layout, as here
+        if field in _ADDED_FIELDS and value == _ADDED_FIELDS[field] and field not in config:
+            continue  # written before the field existed, with the meaning of its default
         if field not in config:
             raise ValueError(f"{path}: field {field!r} is missing (this model has {field}={value!r})")
         _check_field(path, field, config[field], value,
@@ -118,10 +131,30 @@ def _check_prefix_config(path: Path, config: dict, spec: PrefixSpec) -> None:
 
 
 # ---- PEFT's format --------------------------------------------------------------------------------
-def peft_adapter_config(spec: PrefixSpec, base_model_name_or_path: str | None = None) -> dict:
-    """The ``adapter_config.json`` of a PEFT 0.21 ``PrefixTuningConfig`` for a model of ``spec``
-    (inference mode, no projection: the exported table is already merged)."""
+def peft_adapter_config(spec: PrefixSpec, base_model_name_or_path: str | None = None,
+                        peft_type: str = PEFT_TYPE) -> dict:
+    """The ``adapter_config.json`` of a PEFT 0.21 ``PrefixTuningConfig`` (or, ``peft_type="CARTRIDGE"``,
+    ``CartridgeConfig`` with the spec's ``num_frozen_tokens``) for a model of ``spec`` (inference mode,
+    no projection: the exported table is already merged)."""
     token_dim = spec.num_kv_heads * spec.head_dim
+    if peft_type == CARTRIDGE_TYPE:
+        return {
+            "auto_mapping": None,
+            "base_model_name_or_path": base_model_name_or_path,
+            "inference_mode": True,
+            "modules_to_save": None,
+            "num_attention_heads": spec.num_kv_heads,
+            "num_frozen_tokens": spec.num_frozen_tokens,
+            "num_layers": spec.num_layers,
+            "num_transformer_submodules": 1,
+            "num_virtual_tokens": spec.num_virtual_tokens,
+            "peft_type": CARTRIDGE_TYPE,
+            "revision": None,
+            "task_type": "CAUSAL_LM",
+            "token_dim": token_dim,
+        }
+    if peft_type != PEFT_TYPE:
+        raise ValueError(f"peft_type must be one of {PEFT_TYPES}, got {peft_type!r}")
     return {
         "auto_mapping": None,
         "base_model_name_or_path": base_model_name_or_path,
@@ -141,10 +174,14 @@ def peft_adapter_config(spec: PrefixSpec, base_model_name_or_path: str | None = 
     }
 
 
-def save_peft_adapter(wrapper, directory, prefix_index: int = 0) -> None:
+def save_peft_adapter(wrapper, directory, prefix_index: int = 0, peft_type: str | None = None) -> None:
     """Writes row ``prefix_index`` of the prefix table (through the MLP when reparameterized) as a PEFT
-    prefix-tuning adapter that ``peft.PeftModel.from_pretrained(base_model, directory)`` loads."""
+    adapter that ``peft.PeftModel.from_pretrained(base_model, directory)`` loads: ``peft_type``
+    "PREFIX_TUNING" or "CARTRIDGE" (default: CARTRIDGE when the wrapper has frozen tokens)."""
     spec = wrapper.spec
+    if peft_type is None:
+        peft_type = CARTRIDGE_TYPE if spec.num_frozen_tokens else PEFT_TYPE
+    peft_adapter_config(spec, None, peft_type)  # a bad peft_type fails before anything is written
     if spec.position_offset != "peft":
         raise ValueError(f"position_offset={spec.position_offset!r} cannot be exported to PEFT: PEFT always places "
                          "the real tokens at positions P..P+N-1 (position_offset='peft'), so the adapter would "
@@ -158,7 +195,7 @@ def save_peft_adapter(wrapper, directory, prefix_index: int = 0) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     _write_safetensors(directory / PEFT_WEIGHTS, {PEFT_KEY: table})
-    _write_json(directory / PEFT_CONFIG, peft_adapter_config(spec, name_or_path))
+    _write_json(directory / PEFT_CONFIG, peft_adapter_config(spec, name_or_path, peft_type))
 
 
 def load_peft_adapter(wrapper, directory, prefix_index: int = 0) -> None:
@@ -173,19 +210,26 @@ def load_peft_adapter(wrapper, directory, prefix_index: int = 0) -> None:
     config_path, config = _read_peft_config(directory)
     _check_peft_config(config_path, config, spec)
     table = _read_peft_table(directory, spec)
-    with torch.no_grad():
-        wrapper.prefix_embedding[prefix_index].copy_(table.to(wrapper.prefix_embedding.dtype))
+    wrapper.set_prefix(prefix_index, table)
 
 
-def read_peft_adapter(directory, config, num_prefixes: int = 1,
-                      position_offset: str = "peft") -> tuple[PrefixSpec, torch.Tensor]:
-    """The PEFT prefix-tuning adapter in ``directory``, checked against a model with transformers
-    ``config``: (the spec of a wrapper with P from the adapter, its prompt_embeddings [P, width])."""
+def read_peft_adapter(directory, config, num_prefixes: int = 1, position_offset: str = "peft",
+                      num_frozen_tokens: int | None = None) -> tuple[PrefixSpec, torch.Tensor]:
+    """The PEFT adapter (prefix tuning or Cartridges) in ``directory``, checked against a model with
+    transformers ``config``: (the spec of a wrapper with P -- and a cartridge's frozen tokens -- from
+    the adapter, its prompt_embeddings [P, width])."""
     config_path, adapter = _read_peft_config(directory)
     num_virtual_tokens = adapter.get("num_virtual_tokens")
     if isinstance(num_virtual_tokens, bool) or not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
         raise ValueError(f"{config_path}: num_virtual_tokens is {num_virtual_tokens!r}, not a positive int")
-    spec = spec_for(config, num_virtual_tokens, num_prefixes, None, position_offset)
+    saved_frozen = adapter.get("num_frozen_tokens", 0) if adapter.get("peft_type") == CARTRIDGE_TYPE else 0
+    if num_frozen_tokens is not None and adapter.get("peft_type") == CARTRIDGE_TYPE:
+        _check_field(config_path, "num_frozen_tokens", saved_frozen, num_frozen_tokens,
+                     hint="a cartridge keeps its own frozen tokens: leave num_frozen_tokens out")
+    frozen = saved_frozen if num_frozen_tokens is None else num_frozen_tokens
+    if isinstance(frozen, bool) or not isinstance(frozen, int) or not 0 <= frozen <= num_virtual_tokens:
+        raise ValueError(f"{config_path}: num_frozen_tokens is {frozen!r}, not an int in [0, {num_virtual_tokens}]")
+    spec = spec_for(config, num_virtual_tokens, num_prefixes, None, position_offset, num_frozen_tokens=frozen)
     _check_peft_config(config_path, adapter, spec)
     return spec, _read_peft_table(directory, spec)
 
@@ -213,7 +257,12 @@ def _check_peft_config(path: Path, config: dict, spec: PrefixSpec) -> None:
     for field, value in required.items():
         if config.get(field) is None:
             raise ValueError(f"{path}: field {field!r} is missing (this model needs {field}={value!r})")
-    _check_field(path, "peft_type", config["peft_type"], PEFT_TYPE, hint="only prefix-tuning adapters can be loaded")
+    if config["peft_type"] not in PEFT_TYPES:
+        raise ValueError(f"{path}: peft_type is {config['peft_type']!r} in the file; only {PEFT_TYPES} adapters "
+                         "(prefix tuning, Cartridges) can be loaded")
+    if config["peft_type"] == CARTRIDGE_TYPE:
+        _check_field(path, "num_frozen_tokens", config.get("num_frozen_tokens", 0), spec.num_frozen_tokens,
+                     hint="build the wrapper with the cartridge's num_frozen_tokens (or use from_peft_adapter)")
     _check_field(path, "num_virtual_tokens", config["num_virtual_tokens"], spec.num_virtual_tokens,
                  hint="build the wrapper with the adapter's num_virtual_tokens (or use from_peft_adapter)")
     _check_field(path, "num_layers", config["num_layers"], spec.num_layers, hint="the adapter is for another model")
@@ -267,8 +316,8 @@ _LOAD_HINT = ("load the prefix before fully_shard() / FullyShardedDataParallel w
 
 
 def _whole_tensors(wrapper, what: str) -> dict[str, torch.nn.Parameter]:
-    """:func:`trainable_tensors`, checked to be whole (not FSDP shards) before ``what`` touches any file."""
-    params = trainable_tensors(wrapper)
+    """:func:`prefix_tensors`, checked to be whole (not FSDP shards) before ``what`` touches any file."""
+    params = prefix_tensors(wrapper)
     shapes = expected_shapes(wrapper.spec)
     hint = _LOAD_HINT if what.startswith("load") else _SAVE_HINT
     if set(params) != set(shapes):

@@ -126,7 +126,7 @@ class PrefixTuningModel(nn.Module):
 
     def __init__(self, model: nn.Module, num_virtual_tokens: int, *, num_prefixes: int = 1,
                  projection_hidden: int | None = None, init="random", position_offset: str = "peft",
-                 backend: str = "auto", tokenizer=None):
+                 backend: str = "auto", tokenizer=None, num_frozen_tokens: int = 0):
         super().__init__()
         _check_routable(model)
         if position_offset not in POSITION_OFFSETS:
@@ -136,6 +136,13 @@ class PrefixTuningModel(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if projection_hidden is not None and (not isinstance(projection_hidden, int) or projection_hidden < 1):
             raise ValueError(f"projection_hidden must be None or a positive int, got {projection_hidden!r}")
+        if isinstance(num_frozen_tokens, bool) or not isinstance(num_frozen_tokens, int) or \
+                not 0 <= num_frozen_tokens <= num_virtual_tokens:
+            raise ValueError(f"num_frozen_tokens must be an int in [0, num_virtual_tokens={num_virtual_tokens}], got "
+                             f"{num_frozen_tokens!r}")
+        if num_frozen_tokens and projection_hidden is not None:
+            raise ValueError("num_frozen_tokens keeps prefix values fixed, which an MLP reparameterization does not "
+                             "have: use projection_hidden=None")
         self.backend = backend
         self.base_model = model
         text = model.config.get_text_config()
@@ -156,14 +163,21 @@ class PrefixTuningModel(nn.Module):
             _set_text_attention(model, self._previous_attn)
             raise
         self.spec = spec_for(model.config, num_virtual_tokens, num_prefixes, projection_hidden, position_offset,
-                             layer_shapes={slot: layer.shape for slot, layer in self.attention_layers.items()})
+                             layer_shapes={slot: layer.shape for slot, layer in self.attention_layers.items()},
+                             num_frozen_tokens=num_frozen_tokens)
 
         model_dtype = next(model.parameters()).dtype
         dtype = model_dtype if model_dtype in (torch.float32, torch.float64) else torch.float32
         device = next(model.parameters()).device
+        self.frozen_prefix = None
         try:
             if projection_hidden is None:
-                self.prefix_embedding = nn.Parameter(self._initial_table(init, tokenizer, dtype, device))
+                table = self._initial_table(init, tokenizer, dtype, device)
+                # frozen tokens are a parameter without gradient (saved and moved with the model, never
+                # touched by an optimizer -- not even by weight decay), the rest the trainable one
+                self.prefix_embedding = nn.Parameter(table[:, num_frozen_tokens:].clone())
+                if num_frozen_tokens:
+                    self.frozen_prefix = nn.Parameter(table[:, :num_frozen_tokens].clone(), requires_grad=False)
                 self.prefix_encoder = None
             else:
                 if not (isinstance(init, str) and init == "random"):
@@ -212,10 +226,12 @@ class PrefixTuningModel(nn.Module):
         return self.text_table(ids).to(dtype).expand(shape).clone()
 
     @torch.no_grad()
-    def text_table(self, ids: torch.Tensor) -> torch.Tensor:
+    def text_table(self, ids: torch.Tensor, chunk_tokens: int = 512) -> torch.Tensor:
         """[1, P, width]: the keys/values of ``ids`` under the base model at positions 0..P-1 (its own
-        attention, before any prefix), in the prefix layout; layers without attention get zeros."""
-        captured = probe.probe_model(self.base_model, self.backend, ids=ids[None], capture=True)
+        attention, before any prefix), in the prefix layout; layers without attention get zeros.
+        Read ``chunk_tokens`` at a time through a KV cache, so a corpus of thousands of tokens (a
+        cartridge) needs activation memory of one chunk only."""
+        captured = probe.capture_keys_values(self.base_model, ids, self.backend, chunk_tokens)
         spec = self.spec
         table = torch.zeros(1, spec.num_virtual_tokens, spec.width, device=next(self.base_model.parameters()).device)
         offset = 0
@@ -227,12 +243,28 @@ class PrefixTuningModel(nn.Module):
         return table  # for PEFT's layout the same walk: per token layer, key/value, head, dim
 
     def prefix_table(self) -> torch.Tensor:
-        """The prefixes as plain values [T, P, L*2*Hkv*D] (through the MLP when reparameterized)."""
+        """The prefixes as plain values [T, P, L*2*Hkv*D] (through the MLP when reparameterized; the
+        frozen tokens first when there are any: one [T, P, width] copy per forward, not per layer)."""
         if self._frozen_table is not None:
             return self._frozen_table
         if self.prefix_encoder is not None:
             return self.prefix_encoder()
+        if self.frozen_prefix is not None:
+            return torch.cat([self.frozen_prefix, self.prefix_embedding], 1)
         return self.prefix_embedding
+
+    @torch.no_grad()
+    def set_prefix(self, index: int, table: torch.Tensor) -> None:
+        """Sets prefix ``index`` of the bank to ``table`` [P, width] (frozen tokens included)."""
+        spec = self.spec
+        if self.prefix_encoder is not None:
+            raise ValueError("a reparameterized prefix is the output of its MLP and cannot be set: call merge() first")
+        if tuple(table.shape) != (spec.num_virtual_tokens, spec.width):
+            raise ValueError(f"table must be [P={spec.num_virtual_tokens}, width={spec.width}], got {tuple(table.shape)}")
+        k = spec.num_frozen_tokens
+        if self.frozen_prefix is not None:
+            self.frozen_prefix[index].copy_(table[:k].to(self.frozen_prefix.dtype))
+        self.prefix_embedding[index].copy_(table[k:].to(self.prefix_embedding.dtype))
 
     @torch.no_grad()
     def merge(self) -> PrefixTuningModel:
@@ -374,8 +406,8 @@ class PrefixTuningModel(nn.Module):
         checkpoint.load_prefix(self, directory)
         return self
 
-    def save_peft_adapter(self, directory, prefix_index: int = 0) -> None:
-        checkpoint.save_peft_adapter(self, directory, prefix_index=prefix_index)
+    def save_peft_adapter(self, directory, prefix_index: int = 0, peft_type: str | None = None) -> None:
+        checkpoint.save_peft_adapter(self, directory, prefix_index=prefix_index, peft_type=peft_type)
 
     def load_peft_adapter(self, directory, prefix_index: int = 0) -> PrefixTuningModel:
         checkpoint.load_peft_adapter(self, directory, prefix_index=prefix_index)
@@ -396,7 +428,7 @@ def _warn_if_windows_differ_from_peft(wrapper) -> None:
 
 def add_prefix_tuning(model: nn.Module, num_virtual_tokens: int, *, num_prefixes: int = 1,
                       projection_hidden: int | None = None, init="random", position_offset: str = "peft",
-                      backend: str = "auto", tokenizer=None) -> PrefixTuningModel:
+                      backend: str = "auto", tokenizer=None, num_frozen_tokens: int = 0) -> PrefixTuningModel:
     """Wraps a transformers causal LM for prefix tuning with the fused kernel.
 
     Args:
@@ -412,10 +444,12 @@ def add_prefix_tuning(model: nn.Module, num_virtual_tokens: int, *, num_prefixes
             starts as the keys/values of that text under the model.
         position_offset: "peft" (real tokens at P..P+N-1, as PEFT) or "none" (0..N-1).
         backend: passed to :func:`prefix_kernels.prefix_attention` ("auto", "triton", "cpu", "reference").
+        num_frozen_tokens: k, the first k virtual tokens are not trained (``frozen_prefix``, no
+            gradient, saved): Cartridges' attention sink (PEFT's ``CartridgeConfig``).
     """
     return PrefixTuningModel(model, num_virtual_tokens, num_prefixes=num_prefixes,
                              projection_hidden=projection_hidden, init=init, position_offset=position_offset,
-                             backend=backend, tokenizer=tokenizer)
+                             backend=backend, tokenizer=tokenizer, num_frozen_tokens=num_frozen_tokens)
 
 
 def from_peft_adapter(model, directory, **add_prefix_tuning_kwargs) -> PrefixTuningModel:
@@ -428,7 +462,9 @@ def from_peft_adapter(model, directory, **add_prefix_tuning_kwargs) -> PrefixTun
     if kwargs.get("projection_hidden") is not None:
         raise ValueError("a PEFT adapter holds the prefix values themselves: projection_hidden must be None")
     spec, table = checkpoint.read_peft_adapter(directory, model.config, num_prefixes=kwargs.get("num_prefixes", 1),
-                                               position_offset=kwargs.get("position_offset", "peft"))
+                                               position_offset=kwargs.get("position_offset", "peft"),
+                                               num_frozen_tokens=kwargs.get("num_frozen_tokens"))
+    kwargs = {**kwargs, "num_frozen_tokens": spec.num_frozen_tokens}
     trainable = [p.requires_grad for p in model.parameters()]
     wrapper = add_prefix_tuning(model, spec.num_virtual_tokens, **kwargs)
     if wrapper.spec.width != spec.width or not wrapper.spec.peft_layout:
@@ -438,7 +474,6 @@ def from_peft_adapter(model, directory, **add_prefix_tuning_kwargs) -> PrefixTun
         checkpoint.check_peft_layout(wrapper.spec)
         raise ValueError(f"{directory}: the adapter's prefix width {spec.width} (from the model config) differs from "
                          f"what the model's attention layers take ({wrapper.spec.width})")
-    with torch.no_grad():
-        wrapper.prefix_embedding[0].copy_(table.to(wrapper.prefix_embedding.dtype))
+    wrapper.set_prefix(0, table)
     _warn_if_windows_differ_from_peft(wrapper)
     return wrapper

@@ -89,6 +89,25 @@ class Probe:
 active: Probe | None = None
 
 
+def capture_keys_values(model, ids: torch.Tensor, backend: str = "auto", chunk_tokens: int = 512) -> Probe:
+    """Every attention layer's keys and values ([1, Hkv, L, D] each) of token ids ``ids`` [L] read at
+    positions 0..L-1, ``chunk_tokens`` at a time through a plain (never sliding) KV cache: the keys
+    of the last chunk's attention are those of the whole text."""
+    from transformers import DynamicCache
+
+    from prefix_kernels.hf import compat
+
+    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
+    ids = ids.reshape(1, -1)
+    cache = DynamicCache()
+    captured = None
+    for start in range(0, ids.shape[1], chunk_tokens):
+        captured = probe_model(model, backend, ids=ids[:, start:start + chunk_tokens], capture=True,
+                               extra={compat.cache_name(model): cache, "use_cache": True})
+    return captured
+
+
 class _Marker:
     """Stands in for the prefix keyword argument during a probe: seeing it in attention proves the
     layer forwards the model's keyword arguments."""
@@ -102,9 +121,11 @@ def _token_ids(config, length: int) -> list[int]:
     return [i for i in range(1, vocab) if i not in special][:length]
 
 
-def probe_model(model, backend: str = "auto", ids: torch.Tensor | None = None, capture: bool = False) -> Probe:
-    """Runs the probe forward (``ids`` [B, L], default a few tokens) on ``model``, whose attention
-    implementation must already be prefix_kernels'; returns the :class:`Probe` with its records."""
+def probe_model(model, backend: str = "auto", ids: torch.Tensor | None = None, capture: bool = False,
+                extra: dict | None = None) -> Probe:
+    """Runs the probe forward (``ids`` [B, L], default a few tokens; ``extra`` more forward arguments)
+    on ``model``, whose attention implementation must already be prefix_kernels'; returns the
+    :class:`Probe` with its records."""
     global active
     config = model.config
     model_type = config.model_type
@@ -118,7 +139,11 @@ def probe_model(model, backend: str = "auto", ids: torch.Tensor | None = None, c
     try:
         model.eval()
         with torch.no_grad():
-            model(input_ids=ids.to(device), attention_mask=torch.ones_like(ids, device=device), prefix_kv=_Marker())
+            if extra:  # a cache: the mask covers cache and chunk, so let the model build it
+                model(input_ids=ids.to(device), prefix_kv=_Marker(), **extra)
+            else:
+                model(input_ids=ids.to(device), attention_mask=torch.ones_like(ids, device=device),
+                      prefix_kv=_Marker())
     except NotImplementedError:
         raise
     except Exception as exc:  # noqa: BLE001 -- any failure here means we cannot serve the model
