@@ -556,6 +556,51 @@ def test_hf_peft_exceeds_the_bounds(hf_measurements):
     assert peft_p.peak > hf_measurements["ours", HF_P].peak
 
 
+LONG_P = 4096  # a cartridge
+
+
+def test_hf_cartridge_training_peak_grows_by_at_most_two_tables():
+    """P = 4096 with a frozen first token (a cartridge), B = 4: the training step's peak grows over
+    P = 1 by at most two copies of the prefix table (the frozen/trainable concatenation and the
+    gradient), never by the batch-expanded copy PEFT's CARTRIDGE makes (B tables per layer pass)."""
+    pytest.importorskip("transformers")
+    need("cpu")
+    from tiny_models import VOCAB, tiny_model
+
+    from prefix_kernels import add_prefix_tuning
+
+    base = tiny_model("llama", max_position_embeddings=4 * HF_N)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, VOCAB, (HF_B, HF_N), generator=g)
+    mask = torch.ones_like(ids)
+    mask[: HF_B // 2, : HF_N // 8] = 0
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+
+    def peak(model, **extra):
+        def fn():
+            model(**inputs, **extra).loss.backward()
+        fn()
+        model.zero_grad(set_to_none=True)
+        return trace_memory(fn)[1].peak
+
+    def ours(p, k):
+        return add_prefix_tuning(copy.deepcopy(base), p, backend="cpu", num_frozen_tokens=k)
+
+    long = ours(LONG_P, 1)
+    table = LONG_P * long.spec.width * 4
+    grown = peak(long) - peak(ours(1, 0))
+    print(f"\n[memory] cartridge P={LONG_P}: peak grew {grown / MiB:.3f} MiB, table {table / MiB:.3f} MiB")
+    assert grown <= 2 * table + SLACK, f"peak grew by {grown} bytes from P=1 to P={LONG_P}"
+    peft = pytest.importorskip("peft")
+    if hasattr(peft, "CartridgeConfig"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs = peft.get_peft_model(copy.deepcopy(base), peft.CartridgeConfig(
+                task_type="CAUSAL_LM", num_virtual_tokens=LONG_P, num_frozen_tokens=1))
+            grown_peft = peak(theirs, position_ids=(mask.cumsum(-1) - 1).clamp_min(0))
+        assert grown_peft - peak(ours(1, 0)) > HF_B * table  # the bound is not loose: PEFT breaks it
+
+
 # ------------------------------------------------------------------------------------- Triton
 
 def test_triton_peak_memory():
