@@ -107,6 +107,8 @@ def prefix_tuned_attention(
             "base_model, which it hooks), not a copy of the model; with activation checkpointing, this model's "
             "layers do not forward keyword arguments, so recomputation cannot find the prefix"
         )
+    if kwargs:
+        masks.check_attention_kwargs(kwargs, module)
     layer = prefix_kv.attention.get(layer_idx)
     if layer is None:
         raise _unsupported(module, f"attention layer {layer_idx} did not run when the model was wrapped, so its "

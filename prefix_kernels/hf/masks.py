@@ -194,3 +194,21 @@ def key_padding(attention_mask, num_keys: int, module) -> torch.Tensor | None:
         f"{tuple(attention_mask.shape)} and dtype {attention_mask.dtype}, not the [B, 1, 1, {num_keys}] padding mask "
         "prefix_kernels builds: the model changes the mask itself (a bias or a custom mask), which the kernel cannot "
         "apply")
+
+
+# keyword arguments that change attention scores or probabilities, whatever their shape
+_SCORE_TERMS = frozenset({"position_bias", "attention_bias", "attn_bias", "alibi", "head_mask", "layer_head_mask"})
+
+
+def check_attention_kwargs(kwargs: dict, module) -> None:
+    """Refuses a tensor the model hands attention that the kernel would ignore (a relative position
+    bias as T5's ``position_bias``, a ``head_mask``, any tensor of 3 or more dims, shaped like scores):
+    ignoring it would be a silent wrong answer. Position ids, cache positions and loss counts
+    (Trainer's ``num_items_in_batch``) pass."""
+    for name, value in kwargs.items():
+        if isinstance(value, torch.Tensor) and (value.dim() >= 3 or name in _SCORE_TERMS):
+            model_type = getattr(getattr(module, "config", None), "model_type", "?")
+            raise NotImplementedError(
+                f"model type {model_type!r} ({type(module).__name__}): its attention receives {name!r} (a tensor of "
+                f"shape {tuple(value.shape)}, e.g. a position bias added to the scores), which the prefix_kernels "
+                "kernel does not apply")

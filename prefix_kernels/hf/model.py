@@ -43,6 +43,11 @@ def _check_routable(model: nn.Module) -> None:
             f"model type {model_type!r} ({type(model).__name__}) does not route attention through transformers' "
             "AttentionInterface, so prefix_kernels cannot replace its attention"
         )
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise NotImplementedError(
+            f"model type {model_type!r} ({type(model).__name__}) is an encoder-decoder model, which prefix_kernels does "
+            "not prefix-tune yet (decoder-only causal LMs and encoder models are supported)"
+        )
     text = model.config.get_text_config()
     if getattr(text, "index_topk", None):
         raise NotImplementedError(

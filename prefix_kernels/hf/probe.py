@@ -57,6 +57,7 @@ class Probe:
         slot = getattr(module, "layer_idx", None)
         if slot is None:
             raise self.refuse(module, "the attention module has no layer_idx, so its prefix cannot be chosen")
+        masks.check_attention_kwargs(kwargs, module)
         if slot in self.layers:
             raise self.refuse(module, f"attention layer {slot} runs more than once per forward (a module reused across "
                                       "cache slots, or attention split into several calls): one prefix per layer "
