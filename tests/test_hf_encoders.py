@@ -150,14 +150,6 @@ def test_encoder_prefix_round_trips_and_trains_with_trainer(tmp_path):
                                    wrapped(input_ids=ids, attention_mask=mask).logits, atol=0, rtol=0)
 
 
-def test_encoder_decoder_models_are_refused_with_the_model_type():
-    tf = transformers
-    config = tf.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-                           decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32)
-    with pytest.raises(NotImplementedError, match="'bart'.*encoder-decoder"):
-        add_prefix_tuning(tf.BartForConditionalGeneration(config), P)
-
-
 def test_t5_encoder_relative_position_bias_is_refused():
     tf = transformers
     config = tf.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=4, dropout_rate=0.0)

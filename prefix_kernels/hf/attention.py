@@ -68,8 +68,9 @@ class PrefixKV:
         return cls(keys=tuple(keys), values=tuple(values), **kw)
 
     def layer(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """[T, Hkv, P, D] each. With T = 1 and no prefix_ids the op shares the prefix across rows
-        as it is (no [Hkv, P, D] select, whose backward would cost a zero fill and a copy per layer)."""
+        """Layer ``idx`` of the table, [T, Hkv, P, D] each. With T = 1 and no prefix_ids the op shares
+        the prefix across rows as it is (no [Hkv, P, D] select, whose backward would cost a zero fill
+        and a copy per layer)."""
         return self.keys[idx], self.values[idx]
 
 
@@ -97,32 +98,38 @@ def prefix_tuned_attention(
     if probe.active is not None:
         return probe.active.attend(module, query, key, value, attention_mask, scaling, softcap, s_aux, prefix_kv,
                                    kwargs)
-    layer_idx = getattr(module, "layer_idx", None)
+    slot = getattr(module, "prefix_kernels_slot", None)
     if prefix_kv is None:  # a layer that does not forward the model's keyword arguments
         prefix_kv = getattr(module, "prefix_kernels_call", None)
     if prefix_kv is None:
         raise RuntimeError(
-            f"{type(module).__name__} (layer {layer_idx}) uses attn_implementation={ATTN_IMPLEMENTATION!r} but "
+            f"{type(module).__name__} (layer {slot}) uses attn_implementation={ATTN_IMPLEMENTATION!r} but "
             "received no prefix: call the PrefixTuningModel that add_prefix_tuning() returned (or its "
             "base_model, which it hooks), not a copy of the model; with activation checkpointing, this model's "
             "layers do not forward keyword arguments, so recomputation cannot find the prefix"
         )
     if kwargs:
         masks.check_attention_kwargs(kwargs, module)
-    layer = prefix_kv.attention.get(layer_idx)
+    layer = prefix_kv.attention.get(slot)
     if layer is None:
-        raise _unsupported(module, f"attention layer {layer_idx} did not run when the model was wrapped, so its "
-                                   "prefix and mask are unknown")
+        raise _unsupported(module, "this attention module did not run when the model was wrapped, so its prefix and "
+                                   "mask are unknown")
     if dropout:
         raise _unsupported(
             module, f"attention dropout p={dropout} is not implemented by the fused kernel; load the model with "
             "attention dropout 0 (e.g. attn_pdrop=0.0 / attention_dropout=0.0) or call model.eval()"
         )
-    prefix_k, prefix_v = prefix_kv.layer(layer_idx)
+    if layer.table_layer is None:  # an encoder-decoder's attention without a prefix in this placement
+        prefix_k, prefix_v = key.new_empty(1, key.shape[1], 0, key.shape[3]), value.new_empty(1, key.shape[1], 0,
+                                                                                               value.shape[3])
+        prefix_ids = None
+    else:
+        prefix_k, prefix_v = prefix_kv.layer(layer.table_layer)
+        prefix_ids = prefix_kv.prefix_ids
     out = prefix_attention(
         query, key, value, prefix_k.to(query.dtype), prefix_v.to(query.dtype),
         causal=layer.causal, scale=scaling, key_padding_mask=masks.key_padding(attention_mask, key.shape[2], module),
-        prefix_ids=prefix_kv.prefix_ids, prefix_ids_checked=prefix_kv.prefix_ids_checked,
+        prefix_ids=prefix_ids, prefix_ids_checked=prefix_kv.prefix_ids_checked,
         sliding_window=layer.sliding_window, softcap=softcap, sinks=s_aux, backend=prefix_kv.backend,
     )
     return out.transpose(1, 2), None

@@ -109,7 +109,7 @@ def load_prefix(wrapper, directory) -> None:
             p.copy_(tensors[name].to(p.dtype))
 
 
-_ADDED_FIELDS = {"layer_shapes": None, "num_frozen_tokens": 0}  # spec fields added after format_version 1
+_ADDED_FIELDS = {"layer_shapes": None, "num_frozen_tokens": 0, "placement": None}  # spec fields added after format_version 1
 
 
 def _check_prefix_config(path: Path, config: dict, spec: PrefixSpec) -> None:
@@ -131,12 +131,28 @@ def _check_prefix_config(path: Path, config: dict, spec: PrefixSpec) -> None:
 
 
 # ---- PEFT's format --------------------------------------------------------------------------------
+def peft_task(spec: PrefixSpec, head: str = "") -> tuple[str, int]:
+    """(PEFT task_type, num_transformer_submodules) of an adapter for a wrapper of ``spec`` around a
+    model class named ``head``; a ValueError where PEFT has no adapter for the placement."""
+    if spec.placement == "paper":
+        raise ValueError("placement='paper' (a prefix in the encoder, the decoder and the cross-attention) has no "
+                         "PEFT adapter: PEFT's SEQ_2_SEQ_LM prefix tuning is placement='peft'; use save_prefix")
+    if spec.placement == "peft":
+        return "SEQ_2_SEQ_LM", 2
+    for suffix, task in (("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
+                         ("ForQuestionAnswering", "QUESTION_ANS")):
+        if head.endswith(suffix):
+            return task, 1
+    return "CAUSAL_LM", 1
+
+
 def peft_adapter_config(spec: PrefixSpec, base_model_name_or_path: str | None = None,
-                        peft_type: str = PEFT_TYPE) -> dict:
+                        peft_type: str = PEFT_TYPE, head: str = "") -> dict:
     """The ``adapter_config.json`` of a PEFT 0.21 ``PrefixTuningConfig`` (or, ``peft_type="CARTRIDGE"``,
     ``CartridgeConfig`` with the spec's ``num_frozen_tokens``) for a model of ``spec`` (inference mode,
     no projection: the exported table is already merged)."""
     token_dim = spec.num_kv_heads * spec.head_dim
+    task_type, submodules = peft_task(spec, head)
     if peft_type == CARTRIDGE_TYPE:
         return {
             "auto_mapping": None,
@@ -146,11 +162,11 @@ def peft_adapter_config(spec: PrefixSpec, base_model_name_or_path: str | None = 
             "num_attention_heads": spec.num_kv_heads,
             "num_frozen_tokens": spec.num_frozen_tokens,
             "num_layers": spec.num_layers,
-            "num_transformer_submodules": 1,
+            "num_transformer_submodules": submodules,
             "num_virtual_tokens": spec.num_virtual_tokens,
             "peft_type": CARTRIDGE_TYPE,
             "revision": None,
-            "task_type": "CAUSAL_LM",
+            "task_type": task_type,
             "token_dim": token_dim,
         }
     if peft_type != PEFT_TYPE:
@@ -164,12 +180,12 @@ def peft_adapter_config(spec: PrefixSpec, base_model_name_or_path: str | None = 
         "modules_to_save": None,
         "num_attention_heads": spec.num_kv_heads,  # PEFT's num_attention_heads is the KV head count (GQA)
         "num_layers": spec.num_layers,
-        "num_transformer_submodules": 1,
+        "num_transformer_submodules": submodules,
         "num_virtual_tokens": spec.num_virtual_tokens,
         "peft_type": PEFT_TYPE,
         "prefix_projection": False,
         "revision": None,
-        "task_type": "CAUSAL_LM",
+        "task_type": task_type,
         "token_dim": token_dim,
     }
 
@@ -181,7 +197,8 @@ def save_peft_adapter(wrapper, directory, prefix_index: int = 0, peft_type: str 
     spec = wrapper.spec
     if peft_type is None:
         peft_type = CARTRIDGE_TYPE if spec.num_frozen_tokens else PEFT_TYPE
-    peft_adapter_config(spec, None, peft_type)  # a bad peft_type fails before anything is written
+    head = type(wrapper.base_model).__name__
+    peft_adapter_config(spec, None, peft_type, head)  # a bad peft_type or placement fails before anything is written
     if spec.position_offset != "peft":
         raise ValueError(f"position_offset={spec.position_offset!r} cannot be exported to PEFT: PEFT always places "
                          "the real tokens at positions P..P+N-1 (position_offset='peft'), so the adapter would "
@@ -195,7 +212,7 @@ def save_peft_adapter(wrapper, directory, prefix_index: int = 0, peft_type: str 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     _write_safetensors(directory / PEFT_WEIGHTS, {PEFT_KEY: table})
-    _write_json(directory / PEFT_CONFIG, peft_adapter_config(spec, name_or_path, peft_type))
+    _write_json(directory / PEFT_CONFIG, peft_adapter_config(spec, name_or_path, peft_type, head))
 
 
 def load_peft_adapter(wrapper, directory, prefix_index: int = 0) -> None:
@@ -214,7 +231,8 @@ def load_peft_adapter(wrapper, directory, prefix_index: int = 0) -> None:
 
 
 def read_peft_adapter(directory, config, num_prefixes: int = 1, position_offset: str = "peft",
-                      num_frozen_tokens: int | None = None) -> tuple[PrefixSpec, torch.Tensor]:
+                      num_frozen_tokens: int | None = None,
+                      placement: str | None = None) -> tuple[PrefixSpec, torch.Tensor]:
     """The PEFT adapter (prefix tuning or Cartridges) in ``directory``, checked against a model with
     transformers ``config``: (the spec of a wrapper with P -- and a cartridge's frozen tokens -- from
     the adapter, its prompt_embeddings [P, width])."""
@@ -229,7 +247,8 @@ def read_peft_adapter(directory, config, num_prefixes: int = 1, position_offset:
     frozen = saved_frozen if num_frozen_tokens is None else num_frozen_tokens
     if isinstance(frozen, bool) or not isinstance(frozen, int) or not 0 <= frozen <= num_virtual_tokens:
         raise ValueError(f"{config_path}: num_frozen_tokens is {frozen!r}, not an int in [0, {num_virtual_tokens}]")
-    spec = spec_for(config, num_virtual_tokens, num_prefixes, None, position_offset, num_frozen_tokens=frozen)
+    spec = spec_for(config, num_virtual_tokens, num_prefixes, None, position_offset, num_frozen_tokens=frozen,
+                    placement=placement)
     _check_peft_config(config_path, adapter, spec)
     return spec, _read_peft_table(directory, spec)
 
@@ -251,6 +270,11 @@ def _check_peft_config(path: Path, config: dict, spec: PrefixSpec) -> None:
     if spec.position_offset != "peft":
         raise ValueError(f"PEFT adapters assume position_offset='peft' (real tokens at P..P+N-1), but this model "
                          f"has position_offset={spec.position_offset!r}")
+    task_type, submodules = peft_task(spec)
+    saved_task = config.get("task_type")
+    if saved_task is not None and (saved_task == "SEQ_2_SEQ_LM") != (task_type == "SEQ_2_SEQ_LM"):
+        raise ValueError(f"{path}: task_type is {saved_task!r} in the file, but this model ({spec.model_type}) takes "
+                         f"{task_type!r} adapters" + (" (placement='peft')" if spec.placement else ""))
     token_dim = spec.num_kv_heads * spec.head_dim
     required = {"peft_type": PEFT_TYPE, "num_virtual_tokens": spec.num_virtual_tokens,
                 "num_layers": spec.num_layers, "token_dim": token_dim}
@@ -272,7 +296,7 @@ def _check_peft_config(path: Path, config: dict, spec: PrefixSpec) -> None:
                  hint=f"token_dim is Hkv * head_dim: the adapter's prompt_embeddings width L * 2 * token_dim = "
                       f"{saved_width} differs from this model's {spec.width} (Hkv={spec.num_kv_heads}, "
                       f"head_dim={spec.head_dim}); the adapter is for another model")
-    optional = {"num_attention_heads": spec.num_kv_heads, "num_transformer_submodules": 1}
+    optional = {"num_attention_heads": spec.num_kv_heads, "num_transformer_submodules": submodules}
     for field, value in optional.items():
         if config.get(field) is not None:
             _check_field(path, field, config[field], value, hint="the adapter is for another model")

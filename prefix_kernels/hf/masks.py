@@ -156,8 +156,8 @@ def padding_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offse
         semantics = mask_semantics(mask_function, model_type)
     else:
         semantics = CAUSAL
-    if all(isinstance(x, int) for x in (q_length, kv_length, q_offset, kv_offset)) and \
-            q_offset - kv_offset != kv_length - q_length:
+    if semantics != BIDIRECTIONAL and all(isinstance(x, int) for x in (q_length, kv_length, q_offset, kv_offset)) \
+            and q_offset - kv_offset != kv_length - q_length:
         raise NotImplementedError(
             f"model type {model_type!r}: queries at {q_offset}.. and {kv_length} keys from {kv_offset} are not aligned "
             "at the end (a static or pre-allocated cache?): prefix_kernels needs the default dynamic cache")

@@ -16,6 +16,7 @@ would have unpadded; explicit ``position_ids`` are taken as positions in the rea
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import warnings
 
@@ -25,7 +26,7 @@ from torch import nn
 from prefix_kernels.functional import check_prefix_ids
 from prefix_kernels.hf import checkpoint, compat, probe
 from prefix_kernels.hf.attention import ATTN_IMPLEMENTATION, PrefixKV, register
-from prefix_kernels.hf.spec import POSITION_OFFSETS, PrefixSpec, spec_for
+from prefix_kernels.hf.spec import POSITION_OFFSETS, PrefixSpec, model_geometry, spec_for
 
 _DROPOUT_FIELDS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
 
@@ -43,17 +44,40 @@ def _check_routable(model: nn.Module) -> None:
             f"model type {model_type!r} ({type(model).__name__}) does not route attention through transformers' "
             "AttentionInterface, so prefix_kernels cannot replace its attention"
         )
-    if getattr(model.config, "is_encoder_decoder", False):
-        raise NotImplementedError(
-            f"model type {model_type!r} ({type(model).__name__}) is an encoder-decoder model, which prefix_kernels does "
-            "not prefix-tune yet (decoder-only causal LMs and encoder models are supported)"
-        )
     text = model.config.get_text_config()
     if getattr(text, "index_topk", None):
         raise NotImplementedError(
             f"model type {model_type!r}: sparse attention over the top {text.index_topk} keys picked by an indexer "
             "(DeepSeek sparse attention) is not implemented by the prefix_kernels kernel"
         )
+
+
+PLACEMENTS = ("paper", "peft")
+
+
+def _place_prefixes(layers: dict, placement: str | None, table_layers: int) -> dict:
+    """Which table layer each attention slot reads. Decoder-only and encoder models: its layer_idx
+    (PEFT's layout). Encoder-decoder models, slots in call order (encoder self-attention, then per
+    decoder layer self- and cross-attention): ``"paper"`` (Li & Liang) gives every one its own
+    prefix; ``"peft"`` only the decoder's self-attention, exactly as PEFT 0.21's SEQ_2_SEQ_LM prefix
+    tuning: its table has the config's ``table_layers`` layers, and decoder layer d reads layer
+    2d mod ``table_layers`` (PEFT concatenates the table with itself and splits it in groups of four
+    key/value tensors, self then cross, and then empties the cross-attention cache: half of a PEFT
+    seq2seq table is never read)."""
+    if placement is None:
+        return {slot: dataclasses.replace(layer, table_layer=slot) for slot, layer in layers.items()}
+    placed, count = {}, 0
+    for slot in sorted(layers):
+        layer = layers[slot]
+        if placement == "paper":
+            placed[slot] = dataclasses.replace(layer, table_layer=count)
+            count += 1
+        elif layer.role == "decoder":
+            placed[slot] = dataclasses.replace(layer, table_layer=(2 * count) % table_layers)
+            count += 1
+        else:
+            placed[slot] = layer
+    return placed
 
 
 def _text_attention_key(model) -> str | None:
@@ -131,9 +155,17 @@ class PrefixTuningModel(nn.Module):
 
     def __init__(self, model: nn.Module, num_virtual_tokens: int, *, num_prefixes: int = 1,
                  projection_hidden: int | None = None, init="random", position_offset: str = "peft",
-                 backend: str = "auto", tokenizer=None, num_frozen_tokens: int = 0):
+                 backend: str = "auto", tokenizer=None, num_frozen_tokens: int = 0, placement: str | None = None):
         super().__init__()
         _check_routable(model)
+        seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+        if seq2seq:
+            placement = "paper" if placement is None else placement
+            if placement not in PLACEMENTS:
+                raise ValueError(f"placement must be one of {PLACEMENTS} for an encoder-decoder model, got {placement!r}")
+        elif placement is not None:
+            raise ValueError(f"placement={placement!r} is for encoder-decoder models; model type "
+                             f"{model.config.model_type!r} ({type(model).__name__}) has one kind of attention")
         if position_offset not in POSITION_OFFSETS:
             raise ValueError(f"position_offset must be one of {POSITION_OFFSETS}, got {position_offset!r}")
         for name, value in (("num_virtual_tokens", num_virtual_tokens), ("num_prefixes", num_prefixes)):
@@ -163,13 +195,18 @@ class PrefixTuningModel(nn.Module):
         if model.config.get_text_config()._attn_implementation != ATTN_IMPLEMENTATION:
             raise NotImplementedError(f"model type {model_type!r} refused attn_implementation={ATTN_IMPLEMENTATION!r}")
         try:
-            self.attention_layers = probe.probe_model(model, backend).layers
+            probed = probe.probe_model(model, backend)
         except BaseException:
             _set_text_attention(model, self._previous_attn)
             raise
+        self.attention_layers = _place_prefixes(probed.layers, placement, model_geometry(model.config)[0])
+        self._slot_modules = probed.modules
+        for slot, module in self._slot_modules.items():
+            module.prefix_kernels_slot = slot
         self.spec = spec_for(model.config, num_virtual_tokens, num_prefixes, projection_hidden, position_offset,
-                             layer_shapes={slot: layer.shape for slot, layer in self.attention_layers.items()},
-                             num_frozen_tokens=num_frozen_tokens)
+                             layer_shapes={layer.table_layer: layer.shape for layer in self.attention_layers.values()
+                                           if layer.table_layer is not None},
+                             num_frozen_tokens=num_frozen_tokens, placement=placement)
 
         model_dtype = next(model.parameters()).dtype
         dtype = model_dtype if model_dtype in (torch.float32, torch.float64) else torch.float32
@@ -192,6 +229,8 @@ class PrefixTuningModel(nn.Module):
                 self.prefix_encoder = PrefixEncoder(self.spec, dtype, device)
         except BaseException:
             _set_text_attention(model, self._previous_attn)
+            for module in self._slot_modules.values():
+                del module.prefix_kernels_slot
             raise
 
         for p in model.parameters():  # frozen only once the model is accepted
@@ -200,17 +239,27 @@ class PrefixTuningModel(nn.Module):
         self._frozen_table = None
         self._generation_prefix_ids = None
         # layers that do not forward keyword arguments get the call's prefix through their module
-        self._handover = [m for m in model.modules() if getattr(m, "layer_idx", None) in self.attention_layers
-                          and not self.attention_layers[m.layer_idx].forwards_kwargs]
+        self._handover = [self._slot_modules[slot] for slot, layer in self.attention_layers.items()
+                          if not layer.forwards_kwargs]
         self._hooks = [model.register_forward_pre_hook(self._inject, with_kwargs=True)]
         if self._handover:
             self._hooks.append(model.register_forward_hook(self._end_call, always_call=True))
+        if seq2seq:  # generate() runs the encoder on its own: it gets the prefix through its modules
+            self._encoder_modules = [self._slot_modules[slot] for slot, layer in self.attention_layers.items()
+                                     if layer.role == "encoder"]
+            encoder = model.get_encoder()
+            self._hooks.append(encoder.register_forward_pre_hook(self._inject_encoder, with_kwargs=True))
+            self._hooks.append(encoder.register_forward_hook(self._end_encoder, always_call=True))
         offset = num_virtual_tokens if position_offset == "peft" else 0
         # a decoder that counts positions from its cache gets the offset at its position embedding,
-        # and no position_ids from us (it may pass them on to that embedding: no double shift)
+        # and no position_ids from us (it may pass them on to that embedding: no double shift);
+        # an encoder's positions move only where its self-attention has a prefix
         self._position_modules = _cache_length_position_modules(model)
+        roles = probe.attention_roles(model) or {}
+        prefixed_roles = {layer.role for layer in self.attention_layers.values() if layer.table_layer is not None}
         for module in self._position_modules if offset else []:
-            self._hooks.append(module.register_forward_pre_hook(_position_shift(offset), with_kwargs=True))
+            if roles.get(id(module), "self") in prefixed_roles | {"self", "decoder"}:
+                self._hooks.append(module.register_forward_pre_hook(_position_shift(offset), with_kwargs=True))
 
     # ---- the prefixes -------------------------------------------------------------------------
     def _initial_table(self, init, tokenizer, dtype, device) -> torch.Tensor:
@@ -306,7 +355,8 @@ class PrefixTuningModel(nn.Module):
         prefix_ids = kwargs.pop("prefix_ids", None)
         ids = kwargs.get("input_ids")
         embeds = kwargs.get("inputs_embeds")
-        ref = ids if ids is not None else embeds
+        ref = next((kwargs[k] for k in ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds")
+                    if kwargs.get(k) is not None), None)
         if ref is None:
             raise ValueError("pass input_ids or inputs_embeds")
         batch, length = ref.shape[:2]
@@ -332,6 +382,23 @@ class PrefixTuningModel(nn.Module):
 
     def _end_call(self, module, args, output):
         for attention in self._handover:
+            attention.prefix_kernels_call = None
+
+    def _inject_encoder(self, module, args, kwargs):
+        if "prefix_kv" in kwargs or any(getattr(m, "prefix_kernels_call", None) is not None
+                                        for m in self._encoder_modules):
+            return None  # inside the model's forward: the prefix arrives with it
+        ref = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+        prefix_ids = self._generation_prefix_ids
+        if prefix_ids is not None and ref is not None and prefix_ids.numel() not in (1, ref.shape[0]):
+            raise ValueError(f"prefix_ids must be [B={ref.shape[0]}], got shape {tuple(prefix_ids.shape)}")
+        call = self.prefix_kv(prefix_ids, dtype=self.base_model.dtype, prefix_ids_checked=prefix_ids is not None)
+        for attention in self._encoder_modules:
+            attention.prefix_kernels_call = call
+        return None
+
+    def _end_encoder(self, module, args, output):
+        for attention in self._encoder_modules:  # the encoder is done with them
             attention.prefix_kernels_call = None
 
     def _positions(self, kwargs, batch, length, device) -> torch.Tensor:
@@ -390,8 +457,9 @@ class PrefixTuningModel(nn.Module):
         """Removes the hook and restores the model's attention implementation; returns the model."""
         for hook in self._hooks:
             hook.remove()
-        for module in self._handover:
-            module.prefix_kernels_call = None
+        for module in self._slot_modules.values():
+            module.__dict__.pop("prefix_kernels_call", None)
+            module.__dict__.pop("prefix_kernels_slot", None)
         _set_text_attention(self.base_model, self._previous_attn)
         return self.base_model
 
@@ -433,7 +501,8 @@ def _warn_if_windows_differ_from_peft(wrapper) -> None:
 
 def add_prefix_tuning(model: nn.Module, num_virtual_tokens: int, *, num_prefixes: int = 1,
                       projection_hidden: int | None = None, init="random", position_offset: str = "peft",
-                      backend: str = "auto", tokenizer=None, num_frozen_tokens: int = 0) -> PrefixTuningModel:
+                      backend: str = "auto", tokenizer=None, num_frozen_tokens: int = 0,
+                      placement: str | None = None) -> PrefixTuningModel:
     """Wraps a transformers causal LM for prefix tuning with the fused kernel.
 
     Args:
@@ -451,10 +520,14 @@ def add_prefix_tuning(model: nn.Module, num_virtual_tokens: int, *, num_prefixes
         backend: passed to :func:`prefix_kernels.prefix_attention` ("auto", "triton", "cpu", "reference").
         num_frozen_tokens: k, the first k virtual tokens are not trained (``frozen_prefix``, no
             gradient, saved): Cartridges' attention sink (PEFT's ``CartridgeConfig``).
+        placement: encoder-decoder models only: ``"paper"`` (default; Li & Liang: a prefix of its own
+            in every encoder self-attention, decoder self-attention and cross-attention layer) or
+            ``"peft"`` (the decoder's self-attention only, as PEFT's SEQ_2_SEQ_LM prefix tuning).
     """
     return PrefixTuningModel(model, num_virtual_tokens, num_prefixes=num_prefixes,
                              projection_hidden=projection_hidden, init=init, position_offset=position_offset,
-                             backend=backend, tokenizer=tokenizer, num_frozen_tokens=num_frozen_tokens)
+                             backend=backend, tokenizer=tokenizer, num_frozen_tokens=num_frozen_tokens,
+                             placement=placement)
 
 
 def from_peft_adapter(model, directory, **add_prefix_tuning_kwargs) -> PrefixTuningModel:
@@ -466,10 +539,13 @@ def from_peft_adapter(model, directory, **add_prefix_tuning_kwargs) -> PrefixTun
         raise ValueError(f"num_virtual_tokens comes from the adapter's {checkpoint.PEFT_CONFIG}; do not pass it")
     if kwargs.get("projection_hidden") is not None:
         raise ValueError("a PEFT adapter holds the prefix values themselves: projection_hidden must be None")
+    placement = kwargs.get("placement")
+    if getattr(model.config, "is_encoder_decoder", False) and placement is None:
+        placement = "peft"  # PEFT's only placement for encoder-decoder models
     spec, table = checkpoint.read_peft_adapter(directory, model.config, num_prefixes=kwargs.get("num_prefixes", 1),
                                                position_offset=kwargs.get("position_offset", "peft"),
-                                               num_frozen_tokens=kwargs.get("num_frozen_tokens"))
-    kwargs = {**kwargs, "num_frozen_tokens": spec.num_frozen_tokens}
+                                               num_frozen_tokens=kwargs.get("num_frozen_tokens"), placement=placement)
+    kwargs = {**kwargs, "num_frozen_tokens": spec.num_frozen_tokens, "placement": placement}
     trainable = [p.requires_grad for p in model.parameters()]
     wrapper = add_prefix_tuning(model, spec.num_virtual_tokens, **kwargs)
     if wrapper.spec.width != spec.width or not wrapper.spec.peft_layout:

@@ -26,7 +26,9 @@ from prefix_kernels.hf import masks
 
 @dataclass(frozen=True)
 class LayerAttention:
-    """What one attention layer takes (found by :func:`probe_model`)."""
+    """What one attention layer takes (found by :func:`probe_model`). ``role``: "self" (a decoder-only
+    or encoder model), or in an encoder-decoder "encoder", "decoder" (self-attention) or "cross";
+    ``table_layer``: which layer of the prefix table it reads (None: no prefix here)."""
 
     num_kv_heads: int
     head_dim: int
@@ -34,6 +36,8 @@ class LayerAttention:
     causal: bool
     sliding_window: int | None
     forwards_kwargs: bool
+    role: str = "self"
+    table_layer: int | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -43,8 +47,13 @@ class LayerAttention:
 class Probe:
     """The attention function's stand-in while a model is probed."""
 
-    def __init__(self, model_type: str, backend: str, capture: bool = False):
+    def __init__(self, model_type: str, backend: str, capture: bool = False, roles: dict | None = None):
         self.model_type, self.backend, self.capture = model_type, backend, capture
+        # encoder-decoder models: id(module) -> role; their layers are numbered in call order
+        # (their layer_idx restarts in each stack), the others by layer_idx
+        self.roles = roles
+        self.slots: dict[int, int] = {}  # id(module) -> slot
+        self.modules: dict[int, torch.nn.Module] = {}  # slot -> module
         self.layers: dict[int, LayerAttention] = {}
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
@@ -54,11 +63,11 @@ class Probe:
         return NotImplementedError(f"model type {self.model_type!r} ({type(module).__name__}): {what}")
 
     def attend(self, module, query, key, value, attention_mask, scaling, softcap, s_aux, prefix_kv, kwargs):
-        slot = getattr(module, "layer_idx", None)
-        if slot is None:
+        slot = getattr(module, "layer_idx", None) if self.roles is None else len(self.slots)
+        if self.roles is None and slot is None:
             raise self.refuse(module, "the attention module has no layer_idx, so its prefix cannot be chosen")
         masks.check_attention_kwargs(kwargs, module)
-        if slot in self.layers:
+        if id(module) in self.slots or slot in self.layers:
             raise self.refuse(module, f"attention layer {slot} runs more than once per forward (a module reused across "
                                       "cache slots, or attention split into several calls): one prefix per layer "
                                       "cannot be placed")
@@ -72,8 +81,10 @@ class Probe:
                 raise self.refuse(module, "its attention received a mask other than the one built for it (the model "
                                           "sliced or rebuilt it), so what the layer may see is unknown")
             causal, window = semantics.kernel_arguments(self.model_type)
+        self.slots[id(module)], self.modules[slot] = slot, module
+        role = "self" if self.roles is None else self.roles.get(id(module), "decoder")
         self.layers[slot] = LayerAttention(key.shape[1], key.shape[-1], value.shape[-1], causal, window,
-                                           forwards_kwargs=prefix_kv is not None)
+                                           forwards_kwargs=prefix_kv is not None, role=role)
         if self.capture:
             self.keys[slot], self.values[slot] = key.detach(), value.detach()
         empty_k = key.new_empty(1, key.shape[1], 0, key.shape[-1])
@@ -122,6 +133,24 @@ def _token_ids(config, length: int) -> list[int]:
     return [i for i in range(1, vocab) if i not in special][:length]
 
 
+def attention_roles(model) -> dict[int, str] | None:
+    """For an encoder-decoder model, id(module) -> "encoder" / "decoder" / "cross" for every module,
+    from where it sits (cross-attention modules are named encoder_attn, crossattention, ...); None
+    for any other model."""
+    if not getattr(model.config, "is_encoder_decoder", False):
+        return None
+    roles = {}
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if any(p in ("encoder_attn", "crossattention", "cross_attn", "EncDecAttention") for p in parts):
+            roles[id(module)] = "cross"
+        elif "encoder" in parts and "decoder" not in parts:
+            roles[id(module)] = "encoder"
+        else:
+            roles[id(module)] = "decoder"
+    return roles
+
+
 def probe_model(model, backend: str = "auto", ids: torch.Tensor | None = None, capture: bool = False,
                 extra: dict | None = None) -> Probe:
     """Runs the probe forward (``ids`` [B, L], default a few tokens; ``extra`` more forward arguments)
@@ -134,17 +163,20 @@ def probe_model(model, backend: str = "auto", ids: torch.Tensor | None = None, c
     if ids is None:
         rows = getattr(config.get_text_config(), "num_codebooks", None) or 1  # musicgen: [B * codebooks, L]
         ids = torch.tensor([_token_ids(config, 3)] * rows, device=device)
-    probe = Probe(model_type, backend, capture)
+    probe = Probe(model_type, backend, capture, attention_roles(model))
+    if probe.roles is not None and not extra:  # an encoder-decoder: a decoder input too
+        extra = {"decoder_input_ids": ids[:, :2]}
     was_training = model.training
     active, masks.probed_masks = probe, probe.masks
     try:
         model.eval()
         with torch.no_grad():
-            if extra:  # a cache: the mask covers cache and chunk, so let the model build it
+            if extra and "decoder_input_ids" not in extra:  # a cache: the mask covers cache and chunk
                 model(input_ids=ids.to(device), prefix_kv=_Marker(), **extra)
             else:
+                extra = {k: v.to(device) for k, v in (extra or {}).items()}
                 model(input_ids=ids.to(device), attention_mask=torch.ones_like(ids, device=device),
-                      prefix_kv=_Marker())
+                      prefix_kv=_Marker(), **extra)
     except NotImplementedError:
         raise
     except Exception as exc:  # noqa: BLE001 -- any failure here means we cannot serve the model

@@ -33,6 +33,7 @@ class PrefixSpec:
     position_offset: str = "peft"
     layer_shapes: tuple[tuple[int, int, int], ...] | None = None
     num_frozen_tokens: int = 0  # the first k virtual tokens get no gradient (Cartridges' attention sink)
+    placement: str | None = None  # encoder-decoder models: "paper" or "peft" (prefix_kernels.hf.model)
 
     def __post_init__(self):
         if self.layer_shapes is not None:  # from JSON: lists
@@ -84,7 +85,8 @@ def model_geometry(config) -> tuple[int, int, int]:
 
 
 def spec_for(config, num_virtual_tokens: int, num_prefixes: int = 1, projection_hidden: int | None = None,
-             position_offset: str = "peft", layer_shapes=None, num_frozen_tokens: int = 0) -> PrefixSpec:
+             position_offset: str = "peft", layer_shapes=None, num_frozen_tokens: int = 0,
+             placement: str | None = None) -> PrefixSpec:
     """The :class:`PrefixSpec` of prefixes for a model with transformers ``config``. ``layer_shapes``:
     what each attention layer was seen to take, {layer: (Hkv, Dk, Dv)} (:mod:`prefix_kernels.hf.probe`);
     PEFT's layout when they all agree with the config, else the per-layer layout."""
@@ -100,4 +102,4 @@ def spec_for(config, num_virtual_tokens: int, num_prefixes: int = 1, projection_
         if any(shape != (kv_heads, head_dim, head_dim) for shape in layer_shapes.values()):
             per_layer = tuple(layer_shapes.get(layer, (0, 0, 0)) for layer in range(layers))
     return PrefixSpec(config.model_type, layers, kv_heads, head_dim, num_virtual_tokens, num_prefixes,
-                      projection_hidden, position_offset, per_layer, num_frozen_tokens)
+                      projection_hidden, position_offset, per_layer, num_frozen_tokens, placement)
