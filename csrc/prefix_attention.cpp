@@ -403,8 +403,12 @@ Chunks make_chunks(const Params& p, bool prefix_grads, int64_t acc_bytes) {
 //   - P * (1 - 1/r) >= M_seen / kCascadeMinGain: the prefix reads saved are a fair share of what a
 //     row reads anyway, else the gain does not pay for the extra pass.
 // PREFIX_KERNELS_CPU_CASCADE=1 takes the cascade whenever P > 0 (any N; for tests), =0 never.
-// Measured (benchmarks/bench_cpu.py --preset shared-prefix-cpu, 2 threads): B=64, Hq=32, Hkv=8,
-// N=1, M=64, D=128, P=4096, fp32: see the README's shared-prefix table.
+// PREFIX_KERNELS_CPU_CASCADE_ROWS / _BLOCK_K tune the chunks and tiles (kCascadeRows, kCascadeBlockK).
+// Measured on the 2-core dev box (benchmarks/bench_cpu.py --preset shared-prefix-cpu, fp32, 2
+// threads; B=64, Hq=32, Hkv=8, N=1, M=64, D=128, one prefix for all rows): P=4096 ~25 ms against
+// ~60 ms with the prefix copied into every row's cache (~0.42; the per-row path on the shared
+// prefix ~55 ms), P=1024 ~9 against ~18 ms (~0.5), when the box is quiet. The cascade is then
+// compute bound (its GEMMs at ~85% of what MKL reaches on 2 cores), the copy memory bound.
 constexpr int64_t kCascadeMaxN = 4;
 constexpr int64_t kCascadeMinGain = 8;
 constexpr int64_t kCascadeBlockK = 256;  // prefix keys per cascade tile (PREFIX_KERNELS_CPU_CASCADE_BLOCK_K)
