@@ -7,6 +7,8 @@
 #   quick   prefix-kernels bench --preset quick (2 training shapes: fwd/bwd/fwd+bwd, 1 decode shape):
 #           ours, PEFT-style, cat+SDPA, flash-attn (rows "skipped" when not importable), the floor
 #   decode  prefix-kernels bench --preset decode (5 KV-cache shapes), the same providers
+#   shared  prefix-kernels bench --preset shared-prefix (64 rows sharing a 4096/8192-token prefix, 64-token
+#           caches): the Triton decode cascade against its per-row path, the prefix copied per row, cat+SDPA
 #   flex    FlexAttention (torch.compile; every shape and grad mode compiles) against ours on one
 #           training shape (fwd, fwd+bwd) and one decode shape
 #   window  prefix-kernels bench --preset window (N = M = 8192, sliding windows W = 1024 and W = M), fwd
@@ -19,13 +21,14 @@
 #   tests    150    60  100-150 (GPU_CHECK_TEST_SECONDS)
 #   quick     75    30  40-60
 #   decode    60    30  30-45
+#   shared    45    20  15-30
 #   flex      90    45  60-90 (five Inductor compiles)
 #   window   120    60  70-110 (six Inductor compiles of FlexAttention; each finished shape's line is in the log)
 #   hf       150    60  90-120 (prints rows as it goes, so a cut-off run still leaves numbers)
 # Total budget GPU_CHECK_SECONDS (default 360, environment.txt included): with a cold cache hf may not fit and is
 # recorded as skipped; GPU_CHECK_PARTS=hf runs it alone.
 # Everything lands in OUT_DIR: environment.txt, parts.tsv (part, status, seconds, limit), pytest.txt +
-# junit.xml, attention_{quick,decode,flex,window}_<device>.json/.csv/.png + bench_*.txt logs, hf_<device>.json/.csv
+# junit.xml, attention_{quick,decode,shared,flex,window}_<device>.json/.csv/.png + bench_*.txt logs, hf_<device>.json/.csv
 # + bench_hf.txt. Exit status 0 when every part that ran passed, 1 when one failed or timed out, 2
 # without CUDA.
 # Overrides: GPU_CHECK_TESTS (the pytest selection, e.g. to rerun only what failed),
@@ -43,9 +46,9 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-tests=${GPU_CHECK_TESTS:-"tests/test_prefix_attention.py tests/test_gradients.py tests/test_backward.py tests/test_features.py tests/test_host_overhead.py tests/test_validation.py tests/test_hf_models.py tests/test_hf_generate.py tests/test_hf_training.py tests/test_hf_checkpoint.py tests/test_torch_compile.py tests/test_decode_kernel.py"}
+tests=${GPU_CHECK_TESTS:-"tests/test_prefix_attention.py tests/test_gradients.py tests/test_backward.py tests/test_features.py tests/test_host_overhead.py tests/test_validation.py tests/test_hf_models.py tests/test_hf_generate.py tests/test_hf_training.py tests/test_hf_checkpoint.py tests/test_torch_compile.py tests/test_decode_kernel.py tests/test_decode_cascade.py tests/test_hf_features.py tests/test_hf_seq2seq.py"}
 budget=${GPU_CHECK_SECONDS:-360}
-parts=" ${GPU_CHECK_PARTS:-tests quick decode flex window hf} "
+parts=" ${GPU_CHECK_PARTS:-tests quick decode shared flex window hf} "
 dry=${GPU_CHECK_DRY_RUN:-0}
 providers=ours,peft_style,cat_sdpa,sdpa_no_prefix,flash_attn
 status=0
@@ -124,6 +127,7 @@ if [ -f "$out/pytest_full.txt" ]; then
 fi
 bench quick 75 30 --preset quick --providers "$providers"
 bench decode 60 30 --preset decode --providers "$providers"
+bench shared 45 20 --preset shared-prefix --providers "ours,ours_no_cascade,ours_prefix_in_cache,cat_sdpa"
 bench flex 90 45 --shape 8x16x4x1024x1024x64x128 --shape 64x32x8x1x4096x64x128 \
   --providers ours,flex_attention --modes fwd,fwd+bwd,decode
 bench window 120 60 --preset window --providers "$providers,flex_attention" --modes fwd,fwd+bwd

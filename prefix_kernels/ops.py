@@ -18,9 +18,12 @@ from prefix_kernels.kernels.backward import (
 )
 from prefix_kernels.kernels.configs import (
     BlockConfig, combine_num_warps, decode_block_rows, decode_config, decode_num_splits, head_dim_padded,
-    kernel_configs, prefix_grad_chunks, use_decode_kernel,
+    kernel_configs, prefix_grad_chunks, shared_prefix_block_rows, shared_prefix_config, use_decode_kernel,
+    use_shared_prefix_decode,
 )
-from prefix_kernels.kernels.decode import prefix_attention_decode_combine_kernel, prefix_attention_decode_kernel
+from prefix_kernels.kernels.decode import (
+    prefix_attention_decode_combine_kernel, prefix_attention_decode_kernel, prefix_attention_shared_prefix_kernel,
+)
 from prefix_kernels.kernels.forward import prefix_attention_fwd_kernel
 
 LOG2E = 1.4426950408889634
@@ -187,26 +190,52 @@ def prefix_attention_decode(q, k, v, prefix_k, prefix_v, key_padding_mask, prefi
     block_r = decode_block_rows(n_queries * group)
     cfg = decode_config(d_pad, q.element_size(), block_r, _capability(q.device))
     seq_start = 0 if sliding_window is None else max(0, n_keys - n_queries - sliding_window + 1)
-    splits, per_split = decode_num_splits(n_prefix + n_keys - seq_start, batch * n_kv_heads, _num_sms(q.device),
-                                          cfg)
     kpm, stride_mb, stride_mn = _mask_args(key_padding_mask, q)
+    features = dict(features or {})
+    upcast = interpreting() and q.dtype in (torch.float16, torch.bfloat16)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    opts = {} if interpreting() else dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    # the cascade: the shared prefix once per kv head for all rows, then the rows' own keys
+    shared = False
+    if prefix_ids is None and n_prefix > 0:
+        prefix_rows = shared_prefix_block_rows(_capability(q.device))
+        prefix_tiles = _cdiv(batch * n_queries * group, prefix_rows)
+        prefix_splits, prefix_per_split = decode_num_splits(
+            n_prefix, n_kv_heads * prefix_tiles, _num_sms(q.device), shared_prefix_config(cfg, _capability(q.device)))
+        shared = use_shared_prefix_decode(batch, n_queries * group, n_prefix, n_keys - seq_start, head_dim,
+                                          head_dim_v, q.element_size(), prefix_splits, prefix_rows, False)
+    if shared:
+        seq_splits, per_split = decode_num_splits(n_keys - seq_start, batch * n_kv_heads, _num_sms(q.device), cfg)
+        splits, base = prefix_splits + seq_splits, prefix_splits
+    else:
+        splits, per_split = decode_num_splits(n_prefix + n_keys - seq_start, batch * n_kv_heads, _num_sms(q.device),
+                                              cfg)
+        seq_splits, base = splits, 0
     if splits > 1:
         acc_part = torch.empty(batch, n_heads, n_queries, splits, head_dim_v, device=q.device, dtype=torch.float32)
         ml_part = torch.empty(2, batch, n_heads, n_queries, splits, device=q.device, dtype=torch.float32)
         m_part, l_part = ml_part[0], ml_part[1]
     else:
         acc_part = m_part = l_part = lse  # never read: SPLIT is False
-    opts = {} if interpreting() else dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    prefix_attention_decode_kernel[(batch * n_kv_heads, splits)](
+    row_features = features
+    if shared:
+        sink_features = {k: features[k] for k in ("SINKS", "HAS_SINKS") if k in features}
+        prefix_attention_shared_prefix_kernel[(n_kv_heads, prefix_splits, prefix_tiles)](
+            q, prefix_k, prefix_v, acc_part, m_part, l_part, *q.stride(), *prefix_k.stride()[1:],
+            *prefix_v.stride()[1:], n_heads, n_queries, batch * n_queries * group, n_prefix, group, splits,
+            prefix_per_split, scale * LOG2E, **_dim_args(head_dim, head_dim_v), BLOCK_R=prefix_rows,
+            BLOCK_N=cfg.block_n, UPCAST=upcast, PRECISION=precision,
+            **{k: features[k] for k in ("softcap2", "SOFTCAP") if k in features}, **sink_features, **opts)
+        row_features = {k: v for k, v in features.items() if k not in sink_features}  # split 0 carries the sink
+    prefix_attention_decode_kernel[(batch * n_kv_heads, seq_splits)](
         q, k, v, prefix_k, prefix_v, _prefix_ids_arg(prefix_ids, q), kpm, out, lse, acc_part, m_part, l_part,
         *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
         stride_mb, stride_mn, *out.stride(), lse.stride(0), lse.stride(1),
-        n_heads, n_kv_heads, n_queries, n_keys, n_prefix, group, splits, per_split, scale * LOG2E,
+        n_heads, n_kv_heads, n_queries, n_keys, 0 if shared else n_prefix, group, splits, per_split, scale * LOG2E,
         **_dim_args(head_dim, head_dim_v), BLOCK_R=block_r, BLOCK_N=cfg.block_n,
         IS_CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_PREFIX_IDS=prefix_ids is not None,
-        SPLIT=splits > 1, UPCAST=interpreting() and q.dtype in (torch.float16, torch.bfloat16),
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **opts, **(features or {}),
-        **({"seq_start": seq_start} if seq_start else {}),
+        SPLIT=splits > 1, UPCAST=upcast, PRECISION=precision, **opts, **row_features,
+        **({"seq_start": seq_start} if seq_start else {}), **({"split_base": base} if base else {}),
     )
     if splits > 1:
         block_s = triton.next_power_of_2(splits)

@@ -27,6 +27,7 @@ H100 = inspection.ARCHS["sm_90"]
 TRAINING = ["4x32x8x2048x2048x128x128", "8x16x4x1024x1024x64x128", "4x32x8x2048x2048x128x64",
             "8x9x3x1024x1024x64x64"]
 DECODE = "64x32x8x1x4096x64x128"
+CASCADE = "64x32x8x1x64x4096x128"  # 64 rows sharing a 4096-token prefix over 64-token caches (issue 16)
 KERNEL_FIELDS = {"phase": str, "name": str, "grid": list, "programs": int, "num_warps": int, "num_stages": int,
                  "registers": int, "spill_bytes": int, "shared_bytes": int, "wgmma": int, "mma_sync": int,
                  "cp_async": int, "tma": int, "atomics": int, "blocks_per_sm": int}
@@ -45,9 +46,12 @@ def reports():
     windowed = f"{FEATURE_SHAPES[0]}w{FEATURES['sliding_window']}"
     requests += [dict(shape=windowed, dtype="bfloat16", arch="sm_90", softcap=FEATURES["softcap"], sinks=True),
                  dict(shape=windowed, dtype="bfloat16", arch="sm_90", sliding_window=7)]
+    requests += [dict(shape=CASCADE, dtype="bfloat16", arch="sm_90"),
+                 dict(shape=CASCADE, dtype="bfloat16", arch="sm_90", **FEATURES)]
     got = inspection.inspect_in_subprocess(requests, timeout=900)
     keys = shapes + [("features", s) for s in FEATURE_SHAPES] + [("window in shape", FEATURE_SHAPES[0]),
                                                                  ("window disagrees", FEATURE_SHAPES[0])]
+    keys += [CASCADE, ("features", CASCADE)]
     return dict(zip(keys, got))
 
 
@@ -60,6 +64,21 @@ def test_features_compile_without_spills_or_extra_launches(reports, shape):
     assert report["launches"]["backward"] <= 3
     spilled = [(k["name"], k["registers"], k["spill_bytes"]) for k in report["kernels"] if k["spill_bytes"]]
     assert not spilled, spilled
+
+
+@pytest.mark.parametrize("key", [CASCADE, ("features", CASCADE)])
+def test_shared_prefix_decode_takes_the_cascade_without_spills(reports, key):
+    """The cost model picks the cascade at issue 16's shape: its prefix kernel multiplies with wgmma,
+    nothing spills, the grid fills about one wave, 3 launches (prefix part, rows' part, combine)."""
+    report = _report(reports, key)
+    names = [k["name"] for k in report["kernels"]]
+    assert names == ["prefix_attention_shared_prefix_kernel", "prefix_attention_decode_kernel",
+                     "prefix_attention_decode_combine_kernel"], names
+    cascade = report["kernels"][0]
+    assert cascade["wgmma"] > 0 and cascade["spill_bytes"] == 0
+    assert all(k["spill_bytes"] == 0 for k in report["kernels"])
+    assert 0.9 <= cascade["programs"] / (H100.sms * cascade["blocks_per_sm"]) <= 1.0
+    assert report["launches"]["forward"] == 3  # the decode is the forward of N = 1
 
 
 def test_window_in_the_shape_is_the_window_argument(reports):

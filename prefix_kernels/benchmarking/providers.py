@@ -43,8 +43,8 @@ Two more, for the shared-prefix decode comparison (issue 16; by name only, not a
     ours_prefix_in_cache  ours with the prefix copied into every row's KV cache (torch.cat once per
                           input tensors, outside the timing; on every call when gradients are
                           needed) and no prefix: the same FLOPs as ours, with B x the prefix's bytes
-    ours_no_cascade       ours with PREFIX_KERNELS_CPU_CASCADE=0 (the C++ op's per-row path; on CUDA
-                          the same as ours)
+    ours_no_cascade       ours with the shared-prefix cascade off (the C++ op's and the Triton
+                          decode's per-row path)
 """
 
 from __future__ import annotations
@@ -149,11 +149,15 @@ def ours_prefix_in_cache(q, k, v, prefix_k, prefix_v):
 
 
 def ours_no_cascade(q, k, v, prefix_k, prefix_v, window=None):
-    """ours with the C++ op's shared-prefix cascade turned off (PREFIX_KERNELS_CPU_CASCADE=0)."""
+    """ours with the shared-prefix cascade turned off: the C++ op's (PREFIX_KERNELS_CPU_CASCADE=0)
+    and the Triton decode's (override_configs(shared_prefix_decode=False))."""
+    from prefix_kernels.kernels.configs import override_configs
+
     previous = os.environ.get("PREFIX_KERNELS_CPU_CASCADE")
     os.environ["PREFIX_KERNELS_CPU_CASCADE"] = "0"
     try:
-        return ours(q, k, v, prefix_k, prefix_v, window)
+        with override_configs(shared_prefix_decode=False):
+            return ours(q, k, v, prefix_k, prefix_v, window)
     finally:
         if previous is None:
             del os.environ["PREFIX_KERNELS_CPU_CASCADE"]
@@ -291,7 +295,7 @@ EXTRA_PROVIDERS: dict[str, Provider] = {p.name: p for p in (
              description="ours, the prefix copied into every row's KV cache (same FLOPs, B x the prefix bytes)",
              no_window="the prefix in the cache would fall under the window"),
     Provider("ours_no_cascade", ours_no_cascade, windowed=True,
-             description="ours with PREFIX_KERNELS_CPU_CASCADE=0 (the C++ op's per-row path)"),
+             description="ours with the shared-prefix cascade off (the per-row path)"),
 )}
 # names used by the earlier scripts
 ALIASES = {"peft": "peft_style", "concat": "cat_sdpa", "cat+sdpa(lower_right)": "cat_sdpa", "floor": "sdpa_no_prefix",

@@ -120,6 +120,8 @@ PRESETS: dict[str, list[Shape]] = {
     # (benchmarks/bench_cpu.py --preset shared-prefix-cpu: ours against ours with the prefix
     # copied into every row's cache, the same FLOPs)
     "shared-prefix-cpu": [_decode(64, 32, 8, 64, 1024, 128), _decode(64, 32, 8, 64, 4096, 128)],
+    # the same on CUDA (benchmarks/gpu_check.sh), the Triton decode cascade: P 4096 and 8192
+    "shared-prefix": [_decode(64, 32, 8, 64, 4096, 128), _decode(64, 32, 8, 64, 8192, 128)],
 }
 
 

@@ -63,8 +63,9 @@ def kernel_configs(head_dim: int, dtype: torch.dtype, capability: tuple[int, int
 def override_configs(**fields):
     """``with override_configs(backward=BlockConfig(32, 128, 8, 3)): ...`` -- every launch inside
     uses these configs for the named kernels (``forward``, ``dq``, ``backward``: a BlockConfig;
-    ``decode``: a DecodeConfig), whatever the shape."""
-    known = (*_KERNELS, "decode")
+    ``decode``: a DecodeConfig), whatever the shape; ``shared_prefix_decode=True/False`` forces the
+    decode cascade on or off (``use_shared_prefix_decode``)."""
+    known = (*_KERNELS, "decode", "shared_prefix_decode")
     unknown = set(fields) - set(known)
     if unknown:
         raise ValueError(f"override_configs: unknown kernel(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -223,6 +224,49 @@ def decode_num_splits(n_keys_total: int, n_programs: int, n_sms: int, cfg: Decod
 
     choices = [split(wanted) for wanted in range(1, most + 1)]
     return next((c for c in choices if fill(c) >= 0.9), None) or max(choices, key=fill)
+
+
+# The decode cascade (kernels/decode.py, kernel 3): with one prefix shared by every row, the prefix
+# part runs once per kv head as a product of ALL rows' queries (tiles of SHARED_PREFIX_BLOCK_ROWS
+# stacked (row, head, query) rows) against the prefix, instead of once per row. Cost model, in keys
+# read per kv head (K and V of one key cost the same on both paths):
+#   per row:  B * (P + M)
+#   cascade:  ceil(B * G * N / BLOCK_ROWS) * P + B * M, plus the prefix splits' partials, written once
+#             and read once by the combine: B * G * N * S_p * (Dv + 2) fp32, about
+#             B * G * N * S_p * 2 * (Dv + 2) * 4 / (2 * D * itemsize) key-equivalents.
+# The cascade is taken when it reads at most CASCADE_MAX_FRACTION of the per-row path's bytes; a bank
+# with prefix_ids (rows may differ in prefix) keeps the per-row path. Not timed on a GPU yet.
+SHARED_PREFIX_BLOCK_ROWS = 64
+CASCADE_MAX_FRACTION = 0.75
+# sm_90 bf16 D=128, 64 rows, 4 warps, 3 stages: 212 registers, 112 KB of shared memory -> 2 programs
+# per SM (prefix-kernels inspect, Triton 3.9); the prefix split count fills waves of that many.
+SHARED_PREFIX_RESIDENT_PER_SM = 2
+
+
+def shared_prefix_block_rows(capability: tuple[int, int] | None) -> int:
+    return 16 if capability is None else SHARED_PREFIX_BLOCK_ROWS
+
+
+def shared_prefix_config(cfg: DecodeConfig, capability: tuple[int, int] | None) -> DecodeConfig:
+    """The decode config with the cascade kernel's occupancy (for its split count)."""
+    return cfg if capability is None else replace(cfg, resident_per_sm=SHARED_PREFIX_RESIDENT_PER_SM)
+
+
+def use_shared_prefix_decode(batch: int, rows_per_batch_row: int, n_prefix: int, n_keys: int, head_dim: int,
+                             head_dim_v: int, itemsize: int, prefix_splits: int, block_rows: int,
+                             has_prefix_ids: bool) -> bool:
+    """Whether a decode call reads its shared prefix through the cascade (the cost model above);
+    ``override_configs(shared_prefix_decode=...)`` decides instead when set."""
+    forced = _OVERRIDES.get("shared_prefix_decode")
+    if forced is not None:
+        return bool(forced) and not has_prefix_ids and n_prefix > 0
+    if has_prefix_ids or n_prefix == 0 or batch < 2:
+        return False
+    rows = batch * rows_per_batch_row
+    per_row = batch * (n_prefix + n_keys)
+    partials = rows * prefix_splits * 2 * (head_dim_v + 2) * 4 / (2 * head_dim * itemsize)
+    cascade = math.ceil(rows / block_rows) * n_prefix + batch * n_keys + partials
+    return cascade <= CASCADE_MAX_FRACTION * per_row
 
 
 def combine_num_warps(block_s: int, head_dim_pad: int) -> int:

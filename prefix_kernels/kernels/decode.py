@@ -31,8 +31,14 @@ no key has m_s = -inf, l_s = 0, acc_s = 0, so w_s = 0; a row whose splits all sa
 out = 0, lse = -inf. NaN propagates: a NaN score makes its split's l_s (and acc_s) NaN, hence l,
 out and lse NaN, as in the general kernel.
 
-Block configs (``decode_config``), the split count (``decode_num_splits``) and when a call takes
-this path (``use_decode_kernel``) are the launch policy in kernels/configs.py.
+Kernel 3, ``prefix_attention_shared_prefix_kernel`` (the cascade of Hydragen / FlashInfer, for one
+prefix shared by every row): the prefix part as one product of all rows' queries against the prefix,
+per kv head and prefix split, written as the first splits of the partials; kernel 1 then walks only
+the sequence keys (``split_base`` past the prefix's splits) and the combine merges both.
+
+Block configs (``decode_config``), the split count (``decode_num_splits``), when a call takes
+this path (``use_decode_kernel``) and when the cascade (``use_shared_prefix_decode``) are the
+launch policy in kernels/configs.py.
 
 Written for sm_80/sm_90 (compile-checked for both in the tests) and the CPU interpreter.
 """
@@ -42,7 +48,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from prefix_kernels.kernels.tiles import attend_prefix_and_sequence, finish_rows, load_tile, sink_logit2
+from prefix_kernels.kernels.tiles import (attend_blocks, attend_prefix_and_sequence, finish_rows, load_tile,
+                                          sink_logit2)
 
 
 @triton.jit
@@ -61,7 +68,7 @@ def prefix_attention_decode_kernel(
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_PREFIX_IDS: tl.constexpr, SPLIT: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    softcap2=1.0, window=0, SINKS=None, seq_start=0,
+    softcap2=1.0, window=0, SINKS=None, seq_start=0, split_base=0,
     WINDOW_MASK: tl.constexpr = 0, SOFTCAP: tl.constexpr = False, HAS_SINKS: tl.constexpr = False,
 ):
     bg = tl.program_id(0)
@@ -112,7 +119,7 @@ def prefix_attention_decode_kernel(
     row_ok = offs_r < n_rows
     if SPLIT:
         # Partials [B, Hq, N, num_splits, (D)], contiguous: row (b, h, i) then split.
-        part = ((b * n_heads + row_h) * n_queries + row_i) * num_splits + split
+        part = ((b * n_heads + row_h) * n_queries + row_i) * num_splits + split_base + split
         tl.store(M_PART + part, m_i, mask=row_ok)
         tl.store(L_PART + part, l_i, mask=row_ok)
         a_ptrs = ACC_PART + part[:, None] * HEAD_DIM_V + offs_dv[None, :]
@@ -123,6 +130,64 @@ def prefix_attention_decode_kernel(
         o_rows = Out + b * stride_ob + row_h * stride_oh + row_i * stride_om
         tl.store(o_rows[:, None] + offs_dv[None, :] * stride_od, out.to(Out.dtype.element_ty),
                  mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+
+
+@triton.jit
+def prefix_attention_shared_prefix_kernel(
+    Q, PK, PV, ACC_PART, M_PART, L_PART,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_pkh, stride_pkn, stride_pkd,
+    stride_pvh, stride_pvn, stride_pvd,
+    n_heads, n_queries, n_rows_total, n_prefix, group, num_splits, keys_per_split, qk_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    softcap2=1.0, SINKS=None, SOFTCAP: tl.constexpr = False, HAS_SINKS: tl.constexpr = False,
+):
+    """The cascade's prefix part (one prefix shared by every row): program (kv head g, prefix split
+    s, row tile). Its BLOCK_R tile rows are taken from ALL rows' (query head, query) pairs of kv head
+    g -- stacked row r is batch row r // (G * N), head g * G + (r % (G * N)) // N, query r % N -- so
+    each prefix K/V block is read once per row tile instead of once per batch row. The prefix is
+    visible to every query (no mask). Writes each row's partials (m, l, acc) at split s; the
+    per-row kernel writes the sequence part at splits num_prefix_splits.., and the combine merges
+    them all (split 0 here carries the sink logit)."""
+    g = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    tile = tl.program_id(2).to(tl.int64)
+    offs_r = tile * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
+    per_row = n_queries * group
+    row_b = offs_r // per_row
+    row_h = g * group + (offs_r % per_row) // n_queries
+    row_i = offs_r % n_queries
+    row_ok = offs_r < n_rows_total
+    q_rows = Q + row_b * stride_qb + row_h * stride_qh + row_i * stride_qm
+    q = load_tile(q_rows[:, None] + offs_d[None, :] * stride_qd, offs_r, n_rows_total, offs_d,
+                  HEAD_DIM, HEAD_DIM_PAD, True, UPCAST)
+    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, HEAD_DIM_V_PAD], dtype=tl.float32)
+    if HAS_SINKS:
+        if split == 0:
+            m_i = sink_logit2(SINKS, row_h, row_ok, tl.float32)
+            l_i = l_i + 1.0
+    lo = split * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, n_prefix)
+    full = lo + (hi - lo) // BLOCK_N * BLOCK_N
+    acc, l_i, m_i = attend_blocks(
+        acc, l_i, m_i, q, PK + g * stride_pkh, PV + g * stride_pvh, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
+        PK, 0, lo, full, hi, offs_r, offs_n, offs_d, offs_dv, qk_scale, softcap2, 0,
+        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, False, False, False, 0, SOFTCAP, UPCAST, PRECISION)
+    acc, l_i, m_i = attend_blocks(
+        acc, l_i, m_i, q, PK + g * stride_pkh, PV + g * stride_pvh, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
+        PK, 0, full, hi, hi, offs_r, offs_n, offs_d, offs_dv, qk_scale, softcap2, 0,
+        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, False, False, 0, SOFTCAP, UPCAST, PRECISION)
+    part = ((row_b * n_heads + row_h) * n_queries + row_i) * num_splits + split
+    tl.store(M_PART + part, m_i, mask=row_ok)
+    tl.store(L_PART + part, l_i, mask=row_ok)
+    a_ptrs = ACC_PART + part[:, None] * HEAD_DIM_V + offs_dv[None, :]
+    tl.store(a_ptrs, acc, mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
 
 
 @triton.jit
