@@ -6,8 +6,8 @@ Two formats, both safetensors (never pickle) plus a JSON config:
   trainable tensors under their state_dict names (``prefix_embedding``, or ``prefix_encoder.embedding``
   and ``prefix_encoder.transform.{0,2}.{weight,bias}``), never the frozen base weights;
   ``prefix_tuning_config.json`` holds ``spec.to_dict()`` and a ``format_version``.
-- PEFT's, :func:`save_peft_adapter` / :func:`load_peft_adapter` / :func:`read_peft_adapter` (which
-  :func:`~prefix_kernels.hf.model.from_peft_adapter` builds a wrapper from): a directory
+- PEFT's, :func:`save_peft_adapter` / :func:`load_peft_adapter` / :func:`peft_adapter_size` (which
+  :func:`~prefix_kernels.hf.model.from_peft_adapter` sizes a wrapper from): a directory
   that ``peft.PeftModel.from_pretrained`` loads (``adapter_config.json`` and ``adapter_model.safetensors``
   with ``prompt_embeddings`` [P, L * 2 * Hkv * D]), one row of the prefix bank; a prefix-tuning
   (``PREFIX_TUNING``) or a Cartridges (``CARTRIDGE``, whose first ``num_frozen_tokens`` tokens are
@@ -35,7 +35,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from prefix_kernels.hf.spec import PrefixSpec, spec_for
+from prefix_kernels.hf.spec import PrefixSpec
 
 PREFIX_WEIGHTS = "prefix_tuning.safetensors"
 PREFIX_CONFIG = "prefix_tuning_config.json"
@@ -230,12 +230,10 @@ def load_peft_adapter(wrapper, directory, prefix_index: int = 0) -> None:
     wrapper.set_prefix(prefix_index, table)
 
 
-def read_peft_adapter(directory, config, num_prefixes: int = 1, position_offset: str = "peft",
-                      num_frozen_tokens: int | None = None,
-                      placement: str | None = None) -> tuple[PrefixSpec, torch.Tensor]:
-    """The PEFT adapter (prefix tuning or Cartridges) in ``directory``, checked against a model with
-    transformers ``config``: (the spec of a wrapper with P -- and a cartridge's frozen tokens -- from
-    the adapter, its prompt_embeddings [P, width])."""
+def peft_adapter_size(directory, num_frozen_tokens: int | None = None) -> tuple[int, int]:
+    """(num_virtual_tokens, num_frozen_tokens) of the PEFT adapter (prefix tuning or Cartridges) in
+    ``directory``; ``num_frozen_tokens`` given must agree with a cartridge's (a prefix-tuning adapter
+    takes any)."""
     config_path, adapter = _read_peft_config(directory)
     num_virtual_tokens = adapter.get("num_virtual_tokens")
     if isinstance(num_virtual_tokens, bool) or not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
@@ -247,10 +245,7 @@ def read_peft_adapter(directory, config, num_prefixes: int = 1, position_offset:
     frozen = saved_frozen if num_frozen_tokens is None else num_frozen_tokens
     if isinstance(frozen, bool) or not isinstance(frozen, int) or not 0 <= frozen <= num_virtual_tokens:
         raise ValueError(f"{config_path}: num_frozen_tokens is {frozen!r}, not an int in [0, {num_virtual_tokens}]")
-    spec = spec_for(config, num_virtual_tokens, num_prefixes, None, position_offset, num_frozen_tokens=frozen,
-                    placement=placement)
-    _check_peft_config(config_path, adapter, spec)
-    return spec, _read_peft_table(directory, spec)
+    return num_virtual_tokens, frozen
 
 
 def _read_peft_config(directory) -> tuple[Path, dict]:
@@ -295,7 +290,9 @@ def _check_peft_config(path: Path, config: dict, spec: PrefixSpec) -> None:
     _check_field(path, "token_dim", saved_dim, token_dim,
                  hint=f"token_dim is Hkv * head_dim: the adapter's prompt_embeddings width L * 2 * token_dim = "
                       f"{saved_width} differs from this model's {spec.width} (Hkv={spec.num_kv_heads}, "
-                      f"head_dim={spec.head_dim}); the adapter is for another model")
+                      f"head_dim={spec.head_dim}, what model type {spec.model_type!r}'s attention layers take); the "
+                      "adapter is for another model, or PEFT sized it from the config where the layers take another "
+                      "shape")
     optional = {"num_attention_heads": spec.num_kv_heads, "num_transformer_submodules": submodules}
     for field, value in optional.items():
         if config.get(field) is not None:

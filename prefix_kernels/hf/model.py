@@ -285,14 +285,16 @@ class PrefixTuningModel(nn.Module):
         attention, before any prefix), in the prefix layout; layers without attention get zeros.
         Read ``chunk_tokens`` at a time through a KV cache, so a corpus of thousands of tokens (a
         cartridge) needs activation memory of one chunk only."""
-        captured = probe.capture_keys_values(self.base_model, ids, self.backend, chunk_tokens)
+        keys, values = probe.capture_keys_values(self.base_model, ids, self.backend, chunk_tokens)
         spec = self.spec
         table = torch.zeros(1, spec.num_virtual_tokens, spec.width, device=next(self.base_model.parameters()).device)
         offset = 0
+        table_layers = {layer.table_layer: slot for slot, layer in self.attention_layers.items()}
         for layer, (hkv, dk, dv) in enumerate(spec.shapes()):
-            for tensors, d in ((captured.keys, dk), (captured.values, dv)):
-                if layer in tensors:  # [1, Hkv, P, D] -> [1, P, Hkv * D]
-                    table[..., offset:offset + hkv * d] = tensors[layer].transpose(1, 2).flatten(2).float()
+            for tensors, d in ((keys, dk), (values, dv)):
+                layer_slot = table_layers.get(layer)
+                if layer_slot in tensors:  # [1, Hkv, P, D] -> [1, P, Hkv * D]
+                    table[..., offset:offset + hkv * d] = tensors[layer_slot].transpose(1, 2).flatten(2).float()
                 offset += hkv * d
         return table  # for PEFT's layout the same walk: per token layer, key/value, head, dim
 
@@ -531,9 +533,10 @@ def add_prefix_tuning(model: nn.Module, num_virtual_tokens: int, *, num_prefixes
 
 
 def from_peft_adapter(model, directory, **add_prefix_tuning_kwargs) -> PrefixTuningModel:
-    """``add_prefix_tuning(model, P, **kwargs)`` with P from the adapter's config, then the adapter
-    loaded into prefix 0. The adapter is checked against ``model`` before the model is wrapped (which
-    freezes it and re-routes its attention in place), so a mismatch leaves ``model`` untouched."""
+    """``add_prefix_tuning(model, P, **kwargs)`` with P (and a cartridge's frozen tokens) from the
+    adapter's config, then the adapter loaded into prefix 0. The adapter's files are read first; its
+    sizes are checked against what the model's attention layers take, found when it is wrapped: on
+    a mismatch the model is unwrapped again (attention implementation and trainable flags restored)."""
     kwargs = add_prefix_tuning_kwargs
     if "num_virtual_tokens" in kwargs:
         raise ValueError(f"num_virtual_tokens comes from the adapter's {checkpoint.PEFT_CONFIG}; do not pass it")
@@ -542,19 +545,16 @@ def from_peft_adapter(model, directory, **add_prefix_tuning_kwargs) -> PrefixTun
     placement = kwargs.get("placement")
     if getattr(model.config, "is_encoder_decoder", False) and placement is None:
         placement = "peft"  # PEFT's only placement for encoder-decoder models
-    spec, table = checkpoint.read_peft_adapter(directory, model.config, num_prefixes=kwargs.get("num_prefixes", 1),
-                                               position_offset=kwargs.get("position_offset", "peft"),
-                                               num_frozen_tokens=kwargs.get("num_frozen_tokens"), placement=placement)
-    kwargs = {**kwargs, "num_frozen_tokens": spec.num_frozen_tokens, "placement": placement}
+    num_virtual_tokens, frozen = checkpoint.peft_adapter_size(directory, kwargs.get("num_frozen_tokens"))
+    kwargs = {**kwargs, "num_frozen_tokens": frozen, "placement": placement}
     trainable = [p.requires_grad for p in model.parameters()]
-    wrapper = add_prefix_tuning(model, spec.num_virtual_tokens, **kwargs)
-    if wrapper.spec.width != spec.width or not wrapper.spec.peft_layout:
+    wrapper = add_prefix_tuning(model, num_virtual_tokens, **kwargs)
+    try:
+        checkpoint.load_peft_adapter(wrapper, directory)
+    except BaseException:
         wrapper.unload()
         for p, flag in zip(model.parameters(), trainable):
             p.requires_grad_(flag)
-        checkpoint.check_peft_layout(wrapper.spec)
-        raise ValueError(f"{directory}: the adapter's prefix width {spec.width} (from the model config) differs from "
-                         f"what the model's attention layers take ({wrapper.spec.width})")
-    wrapper.set_prefix(0, table)
+        raise
     _warn_if_windows_differ_from_peft(wrapper)
     return wrapper

@@ -58,6 +58,7 @@ class Probe:
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         self.masks = masks.MaskRegistry()
+        self.output = None  # the probe forward's output
 
     def refuse(self, module, what: str) -> NotImplementedError:
         return NotImplementedError(f"model type {self.model_type!r} ({type(module).__name__}): {what}")
@@ -101,23 +102,36 @@ class Probe:
 active: Probe | None = None
 
 
-def capture_keys_values(model, ids: torch.Tensor, backend: str = "auto", chunk_tokens: int = 512) -> Probe:
-    """Every attention layer's keys and values ([1, Hkv, L, D] each) of token ids ``ids`` [L] read at
-    positions 0..L-1, ``chunk_tokens`` at a time through a plain (never sliding) KV cache: the keys
-    of the last chunk's attention are those of the whole text."""
-    from transformers import DynamicCache
-
+def capture_keys_values(model, ids: torch.Tensor, backend: str = "auto",
+                        chunk_tokens: int = 512) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Every attention layer's keys and values ({slot: [1, Hkv, L, D]}) of token ids ``ids`` [L] read
+    at positions 0..L-1, ``chunk_tokens`` at a time through the model's own KV cache (hybrid and
+    sliding-window caches included): each chunk's attention call contributes the keys of its new
+    tokens, the last ``chunk`` of the keys it sees."""
     from prefix_kernels.hf import compat
 
     if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise NotImplementedError(f"model type {model.config.model_type!r}: a prefix initialized from text is for "
+                                  "decoder-only and encoder models; an encoder-decoder model starts from init='random'")
     ids = ids.reshape(1, -1)
-    cache = DynamicCache()
-    captured = None
+    keys: dict[int, list] = {}
+    values: dict[int, list] = {}
+    cache = None
     for start in range(0, ids.shape[1], chunk_tokens):
-        captured = probe_model(model, backend, ids=ids[:, start:start + chunk_tokens], capture=True,
-                               extra={compat.cache_name(model): cache, "use_cache": True})
-    return captured
+        chunk = ids[:, start:start + chunk_tokens]
+        extra = {"use_cache": True} if cache is None else {compat.cache_name(model): cache, "use_cache": True}
+        probe = probe_model(model, backend, ids=chunk, capture=True, extra=extra)
+        cache = compat.output_cache(model, probe.output)
+        if cache is None and start + chunk_tokens < ids.shape[1]:
+            raise NotImplementedError(f"model type {model.config.model_type!r}: it returns no KV cache, so a text "
+                                      f"longer than chunk_tokens={chunk_tokens} cannot be read in chunks")
+        for slot in probe.keys:
+            keys.setdefault(slot, []).append(probe.keys[slot][:, :, -chunk.shape[1]:])
+            values.setdefault(slot, []).append(probe.values[slot][:, :, -chunk.shape[1]:])
+    return ({slot: torch.cat(parts, 2) for slot, parts in keys.items()},
+            {slot: torch.cat(parts, 2) for slot, parts in values.items()})
 
 
 class _Marker:
@@ -171,19 +185,20 @@ def probe_model(model, backend: str = "auto", ids: torch.Tensor | None = None, c
     try:
         model.eval()
         with torch.no_grad():
-            if extra and "decoder_input_ids" not in extra:  # a cache: the mask covers cache and chunk
-                model(input_ids=ids.to(device), prefix_kv=_Marker(), **extra)
+            if extra and "decoder_input_ids" not in extra:  # text init: the model builds the mask over its cache
+                probe.output = model(input_ids=ids.to(device), prefix_kv=_Marker(), **extra)
             else:
                 extra = {k: v.to(device) for k, v in (extra or {}).items()}
-                model(input_ids=ids.to(device), attention_mask=torch.ones_like(ids, device=device),
-                      prefix_kv=_Marker(), **extra)
+                probe.output = model(input_ids=ids.to(device), attention_mask=torch.ones_like(ids, device=device),
+                                     prefix_kv=_Marker(), **extra)
     except NotImplementedError:
         raise
     except Exception as exc:  # noqa: BLE001 -- any failure here means we cannot serve the model
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise NotImplementedError(f"model type {model_type!r} ({type(model).__name__}): a forward of {tuple(ids.shape)} "
-                                  f"tokens through prefix_kernels' attention failed ({type(exc).__name__}: {first})") \
-            from exc
+                                  f"tokens through prefix_kernels' attention failed ({type(exc).__name__}: {first}); "
+                                  "the model may read the attention mask itself (prefix_kernels hands it only the "
+                                  "padding) or need inputs other than token ids") from exc
     finally:
         active, masks.probed_masks = None, None
         model.train(was_training)

@@ -89,7 +89,8 @@ def spec_for(config, num_virtual_tokens: int, num_prefixes: int = 1, projection_
              placement: str | None = None) -> PrefixSpec:
     """The :class:`PrefixSpec` of prefixes for a model with transformers ``config``. ``layer_shapes``:
     what each attention layer was seen to take, {layer: (Hkv, Dk, Dv)} (:mod:`prefix_kernels.hf.probe`);
-    PEFT's layout when they all agree with the config, else the per-layer layout."""
+    PEFT's layout when they are all one (Hkv, D, D) -- sized by them, not by the config, where the
+    two differ -- else the per-layer layout."""
     try:
         layers, kv_heads, head_dim = model_geometry(config)
     except ValueError:
@@ -98,6 +99,10 @@ def spec_for(config, num_virtual_tokens: int, num_prefixes: int = 1, projection_
         layers, kv_heads, head_dim = 0, *next(iter(layer_shapes.values()))[:2]
     per_layer = None
     if layer_shapes:
+        shapes = set(layer_shapes.values())
+        kv, dk, dv = next(iter(shapes))
+        if len(shapes) == 1 and dk == dv:  # one shape: PEFT's layout, sized by what the layers take
+            kv_heads, head_dim = kv, dk
         layers = max(layers, max(layer_shapes) + 1)
         if any(shape != (kv_heads, head_dim, head_dim) for shape in layer_shapes.values()):
             per_layer = tuple(layer_shapes.get(layer, (0, 0, 0)) for layer in range(layers))
