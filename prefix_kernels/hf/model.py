@@ -1,11 +1,15 @@
-"""``add_prefix_tuning``: a frozen transformers causal LM with one trainable prefix per layer, its
-attention routed through the fused kernel.
+"""``add_prefix_tuning``: a frozen transformers model (decoder-only causal LM, encoder with its head,
+or encoder-decoder) with one trainable prefix per attention layer, its attention routed through
+the fused kernel.
 
-The prefixes are stored in PEFT's layout, ``[T, P, L * 2 * Hkv * D]`` (T prefixes in a bank, P
-virtual tokens; per token: layer, key/value, kv head, head dim), so a PEFT adapter's
-``prompt_embeddings`` is one row of the bank. A forward pre-hook on the wrapped model puts this
-call's prefixes (a :class:`~prefix_kernels.hf.attention.PrefixKV`) into its keyword arguments and
-shifts the positions; the hook also serves ``generate()``, which calls the wrapped model directly.
+Wrapping runs one probe forward (:mod:`prefix_kernels.hf.probe`) that finds each attention layer's
+shapes and mask and refuses what the kernel cannot serve exactly. The prefixes are stored in PEFT's
+layout, ``[T, P, L * 2 * Hkv * D]`` (T prefixes in a bank, P virtual tokens; per token: layer,
+key/value, kv head, head dim), so a PEFT adapter's ``prompt_embeddings`` is one row of the bank;
+models whose layers differ in shape use the per-layer layout of :mod:`prefix_kernels.hf.spec`. A
+forward pre-hook on the wrapped model puts this call's prefixes (a
+:class:`~prefix_kernels.hf.attention.PrefixKV`) into its keyword arguments and shifts the
+positions; the hook also serves ``generate()``, which calls the wrapped model directly.
 
 Positions. ``position_offset="peft"`` (default) places the real tokens at P..P+N-1 with unrotated
 prefix keys, as PEFT does (its prefix sits in the KV cache), so PEFT checkpoints give the same
@@ -16,7 +20,6 @@ would have unpadded; explicit ``position_ids`` are taken as positions in the rea
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import warnings
 
@@ -24,7 +27,7 @@ import torch
 from torch import nn
 
 from prefix_kernels.functional import check_prefix_ids
-from prefix_kernels.hf import checkpoint, compat, probe
+from prefix_kernels.hf import checkpoint, compat, probe, routing
 from prefix_kernels.hf.attention import ATTN_IMPLEMENTATION, PrefixKV, register
 from prefix_kernels.hf.spec import POSITION_OFFSETS, PrefixSpec, model_geometry, spec_for
 
@@ -50,86 +53,6 @@ def _check_routable(model: nn.Module) -> None:
             f"model type {model_type!r}: sparse attention over the top {text.index_topk} keys picked by an indexer "
             "(DeepSeek sparse attention) is not implemented by the prefix_kernels kernel"
         )
-
-
-PLACEMENTS = ("paper", "peft")
-
-
-def _place_prefixes(layers: dict, placement: str | None, table_layers: int) -> dict:
-    """Which table layer each attention slot reads. Decoder-only and encoder models: its layer_idx
-    (PEFT's layout). Encoder-decoder models, slots in call order (encoder self-attention, then per
-    decoder layer self- and cross-attention): ``"paper"`` (Li & Liang) gives every one its own
-    prefix; ``"peft"`` only the decoder's self-attention, exactly as PEFT 0.21's SEQ_2_SEQ_LM prefix
-    tuning: its table has the config's ``table_layers`` layers, and decoder layer d reads layer
-    2d mod ``table_layers`` (PEFT concatenates the table with itself and splits it in groups of four
-    key/value tensors, self then cross, and then empties the cross-attention cache: half of a PEFT
-    seq2seq table is never read)."""
-    if placement is None:
-        return {slot: dataclasses.replace(layer, table_layer=slot) for slot, layer in layers.items()}
-    placed, count = {}, 0
-    for slot in sorted(layers):
-        layer = layers[slot]
-        if placement == "paper":
-            placed[slot] = dataclasses.replace(layer, table_layer=count)
-            count += 1
-        elif layer.role == "decoder":
-            placed[slot] = dataclasses.replace(layer, table_layer=(2 * count) % table_layers)
-            count += 1
-        else:
-            placed[slot] = layer
-    return placed
-
-
-def _text_attention_key(model) -> str | None:
-    """The sub-config key of a multimodal wrapper's text model (None: the model is a text model)."""
-    text = model.config.get_text_config()
-    if text is model.config:
-        return None
-    for key in getattr(model.config, "sub_configs", {}):
-        if getattr(model.config, key, None) is text:
-            return key
-    return None
-
-
-def _set_text_attention(model, implementation) -> None:
-    """Routes the text model's attention (only: a vision/audio tower keeps its own) to ``implementation``
-    (a name, or what :func:`_text_attention` returned)."""
-    if isinstance(implementation, dict) or _text_attention_key(model) is None:
-        model.set_attn_implementation(implementation)
-    else:
-        model.set_attn_implementation({"": implementation, _text_attention_key(model): implementation})
-
-
-def _text_attention(model):
-    key = _text_attention_key(model)
-    if key is None:
-        return model.config._attn_implementation
-    return {"": model.config._attn_implementation, key: model.config.get_text_config()._attn_implementation}
-
-
-def _cache_length_position_modules(model) -> list[nn.Module]:
-    """Position embeddings of decoders that count positions from the cache length (BART-like
-    decoders, Whisper, MusicGen, ...: the model takes no position_ids). Our cache holds no prefix,
-    so they get the prefix offset added here."""
-    if "position_ids" in inspect.signature(model.forward).parameters:
-        return []
-    return [m for m in model.modules() if "Positional" in type(m).__name__
-            and "cache_length" in inspect.signature(m.forward).parameters]
-
-
-def _position_shift(offset: int):
-    def shift(module, args, kwargs):
-        if probe.active is not None:  # the probe and text init see the model's own positions
-            return None
-        bound = inspect.signature(module.forward).bind(*args, **kwargs)
-        arguments = bound.arguments
-        if arguments.get("position_ids") is not None:
-            arguments["position_ids"] = arguments["position_ids"] + offset
-        else:
-            arguments["cache_length"] = arguments.get("cache_length", 0) + offset
-        return bound.args, bound.kwargs
-
-    return shift
 
 
 class PrefixEncoder(nn.Module):
@@ -161,8 +84,9 @@ class PrefixTuningModel(nn.Module):
         seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
         if seq2seq:
             placement = "paper" if placement is None else placement
-            if placement not in PLACEMENTS:
-                raise ValueError(f"placement must be one of {PLACEMENTS} for an encoder-decoder model, got {placement!r}")
+            if placement not in routing.PLACEMENTS:
+                raise ValueError(f"placement must be one of {routing.PLACEMENTS} for an encoder-decoder model, got "
+                                 f"{placement!r}")
         elif placement is not None:
             raise ValueError(f"placement={placement!r} is for encoder-decoder models; model type "
                              f"{model.config.model_type!r} ({type(model).__name__}) has one kind of attention")
@@ -190,16 +114,16 @@ class PrefixTuningModel(nn.Module):
                               "has no attention dropout, so training mode raises; set it to 0.0", stacklevel=3)
 
         register()
-        self._previous_attn = _text_attention(model)
-        _set_text_attention(model, ATTN_IMPLEMENTATION)
+        self._previous_attn = routing.text_attention(model)
+        routing.set_text_attention(model, ATTN_IMPLEMENTATION)
         if model.config.get_text_config()._attn_implementation != ATTN_IMPLEMENTATION:
             raise NotImplementedError(f"model type {model_type!r} refused attn_implementation={ATTN_IMPLEMENTATION!r}")
         try:
             probed = probe.probe_model(model, backend)
         except BaseException:
-            _set_text_attention(model, self._previous_attn)
+            routing.set_text_attention(model, self._previous_attn)
             raise
-        self.attention_layers = _place_prefixes(probed.layers, placement, model_geometry(model.config)[0])
+        self.attention_layers = routing.place_prefixes(probed.layers, placement, model_geometry(model.config)[0])
         self._slot_modules = probed.modules
         for slot, module in self._slot_modules.items():
             module.prefix_kernels_slot = slot
@@ -228,7 +152,7 @@ class PrefixTuningModel(nn.Module):
                 self.prefix_embedding = None
                 self.prefix_encoder = PrefixEncoder(self.spec, dtype, device)
         except BaseException:
-            _set_text_attention(model, self._previous_attn)
+            routing.set_text_attention(model, self._previous_attn)
             for module in self._slot_modules.values():
                 del module.prefix_kernels_slot
             raise
@@ -254,12 +178,12 @@ class PrefixTuningModel(nn.Module):
         # a decoder that counts positions from its cache gets the offset at its position embedding,
         # and no position_ids from us (it may pass them on to that embedding: no double shift);
         # an encoder's positions move only where its self-attention has a prefix
-        self._position_modules = _cache_length_position_modules(model)
+        self._position_modules = routing.cache_length_position_modules(model)
         roles = probe.attention_roles(model) or {}
         prefixed_roles = {layer.role for layer in self.attention_layers.values() if layer.table_layer is not None}
         for module in self._position_modules if offset else []:
             if roles.get(id(module), "self") in prefixed_roles | {"self", "decoder"}:
-                self._hooks.append(module.register_forward_pre_hook(_position_shift(offset), with_kwargs=True))
+                self._hooks.append(module.register_forward_pre_hook(routing.position_shift(offset), with_kwargs=True))
 
     # ---- the prefixes -------------------------------------------------------------------------
     def _initial_table(self, init, tokenizer, dtype, device) -> torch.Tensor:
@@ -355,7 +279,6 @@ class PrefixTuningModel(nn.Module):
         extra = bound.pop("kwargs", {})
         kwargs = {**bound, **extra}
         prefix_ids = kwargs.pop("prefix_ids", None)
-        ids = kwargs.get("input_ids")
         embeds = kwargs.get("inputs_embeds")
         ref = next((kwargs[k] for k in ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds")
                     if kwargs.get(k) is not None), None)
@@ -462,7 +385,7 @@ class PrefixTuningModel(nn.Module):
         for module in self._slot_modules.values():
             module.__dict__.pop("prefix_kernels_call", None)
             module.__dict__.pop("prefix_kernels_slot", None)
-        _set_text_attention(self.base_model, self._previous_attn)
+        routing.set_text_attention(self.base_model, self._previous_attn)
         return self.base_model
 
     def __getattr__(self, name: str):

@@ -1,0 +1,93 @@
+"""Where a wrapped model's prefixes go: which table layer each attention slot reads (decoder-only,
+encoder, encoder-decoder placements), which sub-model's attention is routed (a multimodal
+wrapper's text model only), and the position offset for decoders that count positions from their
+cache. Used by :class:`~prefix_kernels.hf.model.PrefixTuningModel` when it wraps a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+from torch import nn
+
+from prefix_kernels.hf import probe
+
+PLACEMENTS = ("paper", "peft")
+
+
+def place_prefixes(layers: dict, placement: str | None, table_layers: int) -> dict:
+    """Which table layer each attention slot reads. Decoder-only and encoder models: its layer_idx
+    (PEFT's layout). Encoder-decoder models, slots in call order (encoder self-attention, then per
+    decoder layer self- and cross-attention): ``"paper"`` (Li & Liang) gives every one its own
+    prefix; ``"peft"`` only the decoder's self-attention, exactly as PEFT 0.21's SEQ_2_SEQ_LM prefix
+    tuning: its table has the config's ``table_layers`` layers, and decoder layer d reads layer
+    2d mod ``table_layers`` (PEFT concatenates the table with itself and splits it in groups of four
+    key/value tensors, self then cross, and then empties the cross-attention cache: half of a PEFT
+    seq2seq table is never read)."""
+    if placement is None:
+        return {slot: dataclasses.replace(layer, table_layer=slot) for slot, layer in layers.items()}
+    placed, count = {}, 0
+    for slot in sorted(layers):
+        layer = layers[slot]
+        if placement == "paper":
+            placed[slot] = dataclasses.replace(layer, table_layer=count)
+            count += 1
+        elif layer.role == "decoder":
+            placed[slot] = dataclasses.replace(layer, table_layer=(2 * count) % table_layers)
+            count += 1
+        else:
+            placed[slot] = layer
+    return placed
+
+
+def text_attention_key(model) -> str | None:
+    """The sub-config key of a multimodal wrapper's text model (None: the model is a text model)."""
+    text = model.config.get_text_config()
+    if text is model.config:
+        return None
+    for key in getattr(model.config, "sub_configs", {}):
+        if getattr(model.config, key, None) is text:
+            return key
+    return None
+
+
+def set_text_attention(model, implementation) -> None:
+    """Routes the text model's attention (only: a vision/audio tower keeps its own) to ``implementation``
+    (a name, or what :func:`_text_attention` returned)."""
+    if isinstance(implementation, dict) or text_attention_key(model) is None:
+        model.set_attn_implementation(implementation)
+    else:
+        model.set_attn_implementation({"": implementation, text_attention_key(model): implementation})
+
+
+def text_attention(model):
+    key = text_attention_key(model)
+    if key is None:
+        return model.config._attn_implementation
+    return {"": model.config._attn_implementation, key: model.config.get_text_config()._attn_implementation}
+
+
+def cache_length_position_modules(model) -> list[nn.Module]:
+    """Position embeddings of decoders that count positions from the cache length (BART-like
+    decoders, Whisper, MusicGen, ...: the model takes no position_ids). Our cache holds no prefix,
+    so they get the prefix offset added here."""
+    if "position_ids" in inspect.signature(model.forward).parameters:
+        return []
+    return [m for m in model.modules() if "Positional" in type(m).__name__
+            and "cache_length" in inspect.signature(m.forward).parameters]
+
+
+def position_shift(offset: int):
+    def shift(module, args, kwargs):
+        if probe.active is not None:  # the probe and text init see the model's own positions
+            return None
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+        arguments = bound.arguments
+        if arguments.get("position_ids") is not None:
+            arguments["position_ids"] = arguments["position_ids"] + offset
+        else:
+            arguments["cache_length"] = arguments.get("cache_length", 0) + offset
+        return bound.args, bound.kwargs
+
+    return shift
