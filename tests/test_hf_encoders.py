@@ -6,7 +6,8 @@ PEFT cannot prefix-tune these under transformers 5 ("Model does not support past
 the reference is built here, independently of prefix_kernels: an attention function registered
 with transformers that concatenates each layer's prefix in front of its keys/values and runs plain
 softmax attention with transformers' own SDPA mask (the prefix columns visible to every query), on
-a copy of the model, with the real tokens at positions P..P+N-1 as ours.
+a copy of the model, whose embeddings count positions after P cached tokens (each model by its own
+rule), as PEFT's prefix in the cache would make them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from tiny_models import DEVICE, VOCAB, positions  # noqa: E402
+from tiny_models import DEVICE, VOCAB  # noqa: E402
 
 from prefix_kernels import add_prefix_tuning  # noqa: E402
 
@@ -106,10 +107,15 @@ def test_encoder_logits_and_gradients_equal_the_concatenating_reference(family):
     layers = table.view(P, 2 * spec.num_layers, spec.num_kv_heads, spec.head_dim).permute(1, 2, 0, 3)
     modules = [m for m in reference.modules() if hasattr(m, "query") and hasattr(m, "key")]
     assert len(modules) == spec.num_layers
+    # positions as PEFT's prefix in a cache would give them: the model's own rule (RoBERTa-likes start
+    # past the padding index and skip padding) after P cached tokens
+    reference.base_model.embeddings.register_forward_pre_hook(
+        lambda module, args, kwargs: (args, {**kwargs, "cache_length": kwargs.get("cache_length", 0) + P}),
+        with_kwargs=True)
     for layer, module in enumerate(modules):
         _PREFIXES[id(module)] = layers[2 * layer], layers[2 * layer + 1]
     try:
-        ref = reference(input_ids=ids, attention_mask=mask, labels=labels, position_ids=positions(mask) + P)
+        ref = reference(input_ids=ids, attention_mask=mask, labels=labels)
     finally:
         _PREFIXES.clear()
     if out.logits.dim() == 3:

@@ -69,13 +69,19 @@ def text_attention(model):
 
 
 def cache_length_position_modules(model) -> list[nn.Module]:
-    """Position embeddings of decoders that count positions from the cache length (BART-like
-    decoders, Whisper, MusicGen, ...: the model takes no position_ids). Our cache holds no prefix,
-    so they get the prefix offset added here."""
-    if "position_ids" in inspect.signature(model.forward).parameters:
-        return []
-    return [m for m in model.modules() if "Positional" in type(m).__name__
-            and "cache_length" in inspect.signature(m.forward).parameters]
+    """Embeddings that count positions from the cache length themselves: BART-like decoders,
+    Whisper, MusicGen (their models take no position_ids), OPT, BioGPT, XGLM (over the attention
+    mask), BERT, and RoBERTa-likes, whose positions start past the padding index and skip padding.
+    Our cache holds no prefix, so they get the prefix offset added to the cache length here (and to
+    position_ids a caller passes) -- positions as PEFT's prefix in the cache gives them, each model
+    by its own rule -- and the wrapper passes no position_ids of its own."""
+    found = []
+    for module in model.modules():
+        name = type(module).__name__
+        if "Positional" in name or name.endswith("Embeddings"):
+            if "cache_length" in inspect.signature(module.forward).parameters:
+                found.append(module)
+    return found
 
 
 def position_shift(offset: int):
