@@ -41,31 +41,33 @@ def place_prefixes(layers: dict, placement: str | None, table_layers: int) -> di
     return placed
 
 
-def text_attention_key(model) -> str | None:
-    """The sub-config key of a multimodal wrapper's text model (None: the model is a text model)."""
-    text = model.config.get_text_config()
-    if text is model.config:
-        return None
-    for key in getattr(model.config, "sub_configs", {}):
-        if getattr(model.config, key, None) is text:
-            return key
-    return None
+def _sub_configs(model) -> dict:
+    return {key: sub for key in getattr(model.config, "sub_configs", {})
+            if (sub := getattr(model.config, key, None)) is not None}
 
 
 def set_text_attention(model, implementation) -> None:
-    """Routes the text model's attention (only: a vision/audio tower keeps its own) to ``implementation``
-    (a name, or what :func:`_text_attention` returned)."""
-    if isinstance(implementation, dict) or text_attention_key(model) is None:
+    """Routes the text model's attention to ``implementation`` (a name, or what :func:`text_attention`
+    returned): the top-level model's and the text sub-model's only -- a vision/audio tower, a depth
+    decoder keeps its own."""
+    if isinstance(implementation, dict):
         model.set_attn_implementation(implementation)
-    else:
-        model.set_attn_implementation({"": implementation, text_attention_key(model): implementation})
+        return
+    subs = _sub_configs(model)
+    if not subs:
+        model.set_attn_implementation(implementation)
+        return
+    text = model.config.get_text_config()
+    model.set_attn_implementation({"": implementation, **{key: implementation if sub is text else
+                                                           sub._attn_implementation for key, sub in subs.items()}})
 
 
 def text_attention(model):
-    key = text_attention_key(model)
-    if key is None:
+    """The model's attention implementations, as :func:`set_text_attention` takes them back."""
+    subs = _sub_configs(model)
+    if not subs:
         return model.config._attn_implementation
-    return {"": model.config._attn_implementation, key: model.config.get_text_config()._attn_implementation}
+    return {"": model.config._attn_implementation, **{key: sub._attn_implementation for key, sub in subs.items()}}
 
 
 def cache_length_position_modules(model) -> list[nn.Module]:
