@@ -66,6 +66,20 @@ def test_mask_semantics_equal_transformers_masks(n, m):
         assert torch.equal(_kernel_grid(causal, window, n, m), _grid(fn, n, m)), (fn, causal, window)
 
 
+def test_a_block_overlay_over_text_only_adds_nothing():
+    """Multimodal masks OR a bidirectional-block overlay (image tokens) onto the causal mask: with no
+    block (text only, every id -1) it is the causal mask; with a block the kernel cannot express it."""
+    mu = pytest.importorskip("transformers.masking_utils")
+    if not hasattr(mu, "blockwise_overlay"):
+        pytest.skip("this transformers has no blockwise_overlay")
+    text = mu.or_masks(mu.causal_mask_function, mu.blockwise_overlay(torch.full((1, 6), -1)))
+    assert masks.mask_semantics(text, "toy") == masks.CAUSAL
+    assert torch.equal(_grid(text, 6, 6), _kernel_grid(True, None, 6, 6))
+    image = mu.or_masks(mu.causal_mask_function, mu.blockwise_overlay(torch.tensor([[-1, 0, 0, 0, -1, -1]])))
+    with pytest.raises(NotImplementedError, match="'toy'.*bidirectional blocks"):
+        masks.mask_semantics(image, "toy")
+
+
 def test_mask_terms_the_kernel_lacks_are_refused():
     mu = pytest.importorskip("transformers.masking_utils")
     with pytest.raises(NotImplementedError, match="'toy'.*chunked attention"):

@@ -108,7 +108,10 @@ def mask_semantics(mask_function, model_type: str) -> MaskSemantics:
         w = int(cells["sliding_window"])
         return MaskSemantics(lower=w, upper=w)
     if kind in ("and", "or"):
-        parts = [mask_semantics(f, model_type) for f in cells["mask_functions"]]
+        functions = cells["mask_functions"]
+        if kind == "or":  # a bidirectional-block overlay over text only (every block id -1) adds nothing
+            functions = [f for f in functions if not _empty_block_overlay(f)]
+        parts = [mask_semantics(f, model_type) for f in functions]
         if kind == "and":
             out = BIDIRECTIONAL
             for part in parts:
@@ -124,6 +127,15 @@ def mask_semantics(mask_function, model_type: str) -> MaskSemantics:
         kind = f"chunked attention (chunk size {cells.get('chunk_size')})"
     raise NotImplementedError(f"model type {model_type!r}: its attention mask uses {kind}, which the prefix_kernels "
                               "kernel does not implement")
+
+
+def _empty_block_overlay(mask_function) -> bool:
+    """Whether ``mask_function`` is transformers' ``blockwise_overlay`` with no block (all ids < 0: text
+    only), which unmasks nothing. Reads the ids (one host sync; only multimodal models build it)."""
+    if _BLOCKS.get(getattr(mask_function, "__code__", None), "").startswith("bidirectional blocks"):
+        ids = inspect.getclosurevars(mask_function).nonlocals.get("block_sequence_ids")
+        return isinstance(ids, torch.Tensor) and not bool((ids >= 0).any())
+    return False
 
 
 class MaskRegistry:
