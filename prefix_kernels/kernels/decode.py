@@ -53,6 +53,30 @@ from prefix_kernels.kernels.tiles import (attend_blocks, attend_prefix_and_seque
 
 
 @triton.jit
+def start_rows(SINKS, row_h, row_ok, split, BLOCK_R: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
+               HAS_SINKS: tl.constexpr):
+    """The online-softmax state (m, l, acc) a split starts from: empty, or on split 0 each row's sink
+    logit (max = sink, sum = 1), so the combine counts every sink once."""
+    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, HEAD_DIM_V_PAD], dtype=tl.float32)
+    if HAS_SINKS:
+        if split == 0:
+            m_i = sink_logit2(SINKS, row_h, row_ok, tl.float32)
+            l_i = l_i + 1.0
+    return m_i, l_i, acc
+
+
+@triton.jit
+def store_partials(M_PART, L_PART, ACC_PART, part, m_i, l_i, acc, row_ok, offs_dv, HEAD_DIM_V: tl.constexpr):
+    """A split's unnormalized partials of its rows at ``part`` (row * num_splits + split), for the combine."""
+    tl.store(M_PART + part, m_i, mask=row_ok)
+    tl.store(L_PART + part, l_i, mask=row_ok)
+    a_ptrs = ACC_PART + part[:, None] * HEAD_DIM_V + offs_dv[None, :]
+    tl.store(a_ptrs, acc, mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+
+
+@triton.jit
 def prefix_attention_decode_kernel(
     Q, K, V, PK, PV, PREFIX_IDS, KPM, Out, LSE, ACC_PART, M_PART, L_PART,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -89,13 +113,7 @@ def prefix_attention_decode_kernel(
     q = load_tile(q_rows[:, None] + offs_d[None, :] * stride_qd, offs_r, n_rows, offs_d,
                   HEAD_DIM, HEAD_DIM_PAD, True, UPCAST)
 
-    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_R, HEAD_DIM_V_PAD], dtype=tl.float32)
-    if HAS_SINKS:  # split 0 carries each row's sink logit (max = sink, sum = 1); the combine is unchanged
-        if split == 0:
-            m_i = sink_logit2(SINKS, row_h, offs_r < n_rows, tl.float32)
-            l_i = l_i + 1.0
+    m_i, l_i, acc = start_rows(SINKS, row_h, offs_r < n_rows, split, BLOCK_R, HEAD_DIM_V_PAD, HAS_SINKS)
 
     # This split's range of the concatenated [prefix | sequence] key axis.
     lo = split * keys_per_split
@@ -120,10 +138,7 @@ def prefix_attention_decode_kernel(
     if SPLIT:
         # Partials [B, Hq, N, num_splits, (D)], contiguous: row (b, h, i) then split.
         part = ((b * n_heads + row_h) * n_queries + row_i) * num_splits + split_base + split
-        tl.store(M_PART + part, m_i, mask=row_ok)
-        tl.store(L_PART + part, l_i, mask=row_ok)
-        a_ptrs = ACC_PART + part[:, None] * HEAD_DIM_V + offs_dv[None, :]
-        tl.store(a_ptrs, acc, mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+        store_partials(M_PART, L_PART, ACC_PART, part, m_i, l_i, acc, row_ok, offs_dv, HEAD_DIM_V)
     else:
         out, lse = finish_rows(acc, l_i, m_i)
         tl.store(LSE + b * stride_lb + row_h * stride_lh + row_i, lse, mask=row_ok)
@@ -165,13 +180,7 @@ def prefix_attention_shared_prefix_kernel(
     q_rows = Q + row_b * stride_qb + row_h * stride_qh + row_i * stride_qm
     q = load_tile(q_rows[:, None] + offs_d[None, :] * stride_qd, offs_r, n_rows_total, offs_d,
                   HEAD_DIM, HEAD_DIM_PAD, True, UPCAST)
-    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_R, HEAD_DIM_V_PAD], dtype=tl.float32)
-    if HAS_SINKS:
-        if split == 0:
-            m_i = sink_logit2(SINKS, row_h, row_ok, tl.float32)
-            l_i = l_i + 1.0
+    m_i, l_i, acc = start_rows(SINKS, row_h, row_ok, split, BLOCK_R, HEAD_DIM_V_PAD, HAS_SINKS)
     lo = split * keys_per_split
     hi = tl.minimum(lo + keys_per_split, n_prefix)
     full = lo + (hi - lo) // BLOCK_N * BLOCK_N
@@ -184,10 +193,7 @@ def prefix_attention_shared_prefix_kernel(
         PK, 0, full, hi, hi, offs_r, offs_n, offs_d, offs_dv, qk_scale, softcap2, 0,
         HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, False, False, 0, SOFTCAP, UPCAST, PRECISION)
     part = ((row_b * n_heads + row_h) * n_queries + row_i) * num_splits + split
-    tl.store(M_PART + part, m_i, mask=row_ok)
-    tl.store(L_PART + part, l_i, mask=row_ok)
-    a_ptrs = ACC_PART + part[:, None] * HEAD_DIM_V + offs_dv[None, :]
-    tl.store(a_ptrs, acc, mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    store_partials(M_PART, L_PART, ACC_PART, part, m_i, l_i, acc, row_ok, offs_dv, HEAD_DIM_V)
 
 
 @triton.jit
