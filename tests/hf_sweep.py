@@ -141,6 +141,7 @@ OVERRIDES: dict[str, dict] = {
     "dory": {"layer_types": ["sliding_attention", "mlp", "full_attention", "mlp"], "num_hidden_layers": 4,
              "n_input_layers": 2, "n_recurrent_layers": 2, "n_output_layers": 0},
     "reformer": {"is_decoder": True, "axial_pos_embds": False},
+    "big_bird": {"attention_type": "original_full"},  # its block-sparse attention is refused (tested apart)
     "xlstm": {"qk_dim_factor": 1.0},  # its native recurrent step assumes q/k and v heads of one size
 }
 

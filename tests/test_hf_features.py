@@ -264,3 +264,40 @@ def test_multimodal_wrapper_routes_only_the_text_model():
     assert config.vision_config._attn_implementation == before
     wrapped.unload()
     assert config.get_text_config()._attn_implementation != "prefix_kernels"
+
+
+def test_musicgen_codebook_decoder_matches_the_cache_reference():
+    """MusicGen's decoder reads [B * codebooks, N] ids (its attention batch is B) and counts positions from
+    its cache: against the prefix written by hand into its own DynamicCache, logits and prefix gradients."""
+    from transformers import DynamicCache
+
+    tf = transformers
+    torch.manual_seed(0)
+    b, k, n = 2, 2, 6
+    config = tf.MusicgenDecoderConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      ffn_dim=96, num_codebooks=k, max_position_embeddings=64, dropout=0.0,
+                                      attention_dropout=0.0, activation_dropout=0.0, pad_token_id=0, bos_token_id=1)
+    model = tf.MusicgenForCausalLM(config).to(DEVICE).eval()
+    wrapped = add_prefix_tuning(copy.deepcopy(model), P)
+    with torch.no_grad():
+        wrapped.prefix_embedding.normal_(generator=torch.Generator(DEVICE).manual_seed(2))
+    ids = torch.randint(3, VOCAB, (b * k, n), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    mask = torch.ones(b, n, dtype=torch.long, device=DEVICE)
+    mask[1, n - 2:] = 0
+    weights = torch.randn(b * k, n, VOCAB, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    valid = mask.bool().repeat_interleave(k, 0)  # rows are (batch, codebook)
+    ours = wrapped(input_ids=ids, attention_mask=mask).logits
+    (ours[valid] * weights[valid]).sum().backward()
+
+    table = wrapped.prefix_embedding.detach()[0].clone().requires_grad_(True)  # [P, L * 2 * H * D]
+    layers = table.view(P, 2 * config.num_hidden_layers, 4, 16).permute(1, 2, 0, 3)
+    cache = DynamicCache()
+    for layer in range(config.num_hidden_layers):
+        cache.update(layers[2 * layer].expand(b, -1, -1, -1), layers[2 * layer + 1].expand(b, -1, -1, -1), layer)
+    full_mask = torch.cat([torch.ones(b, P, dtype=torch.long, device=DEVICE), mask], 1)
+    ref_model = copy.deepcopy(model)
+    ref_model.set_attn_implementation("eager")
+    ref = ref_model(input_ids=ids, attention_mask=full_mask, cache=cache).logits
+    (ref[valid] * weights[valid]).sum().backward()
+    torch.testing.assert_close(ours[valid], ref[valid], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(wrapped.prefix_embedding.grad[0], table.grad, rtol=1e-4, atol=1e-5)

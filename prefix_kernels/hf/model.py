@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from prefix_kernels.functional import check_prefix_ids
-from prefix_kernels.hf import checkpoint, compat, probe, routing
+from prefix_kernels.hf import checkpoint, compat, legacy, probe, routing
 from prefix_kernels.hf.attention import ATTN_IMPLEMENTATION, PrefixKV, register
 from prefix_kernels.hf.spec import POSITION_OFFSETS, PrefixSpec, model_geometry, spec_for
 
@@ -41,8 +41,7 @@ def _check_routable(model: nn.Module) -> None:
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"add_prefix_tuning needs a transformers PreTrainedModel, got {type(model).__name__}")
     model_type = model.config.model_type
-    can_set = getattr(model, "_can_set_attn_implementation", lambda: True)()
-    if not can_set:
+    if not _text_model_can_route(model) and not legacy.supported(model):
         raise NotImplementedError(
             f"model type {model_type!r} ({type(model).__name__}) does not route attention through transformers' "
             "AttentionInterface, so prefix_kernels cannot replace its attention"
@@ -53,6 +52,21 @@ def _check_routable(model: nn.Module) -> None:
             f"model type {model_type!r}: sparse attention over the top {text.index_topk} keys picked by an indexer "
             "(DeepSeek sparse attention) is not implemented by the prefix_kernels kernel"
         )
+
+
+def _text_model_can_route(model: nn.Module) -> bool:
+    """Whether the text model routes attention through the AttentionInterface (transformers' own test:
+    the source of its modeling module). In a multimodal wrapper that is the language model's class, not
+    the wrapper's: a vision tower that computes attention by hand keeps it (only text attention is ours)."""
+    from transformers import PreTrainedModel
+
+    if getattr(model, "_can_set_attn_implementation", lambda: True)():
+        return True
+    text = model.config.get_text_config()
+    if text is model.config:
+        return False
+    return any(isinstance(m, PreTrainedModel) and m.config is text and m._can_set_attn_implementation()
+               for m in model.modules())
 
 
 class PrefixEncoder(nn.Module):

@@ -82,6 +82,9 @@ class Probe:
                 raise self.refuse(module, "its attention received a mask other than the one built for it (the model "
                                           "sliced or rebuilt it), so what the layer may see is unknown")
             causal, window = semantics.kernel_arguments(self.model_type)
+        own_window = getattr(module, "prefix_kernels_window", None)  # a window the module applies itself (legacy)
+        if own_window is not None:
+            window = own_window if window is None else min(window, own_window)
         self.slots[id(module)], self.modules[slot] = slot, module
         role = "self" if self.roles is None else self.roles.get(id(module), "decoder")
         self.layers[slot] = LayerAttention(key.shape[1], key.shape[-1], value.shape[-1], causal, window,
@@ -174,9 +177,9 @@ def probe_model(model, backend: str = "auto", ids: torch.Tensor | None = None, c
     config = model.config
     model_type = config.model_type
     device = next(model.parameters()).device
+    codebooks = getattr(config.get_text_config(), "num_codebooks", None) or 1  # musicgen: [B * codebooks, L]
     if ids is None:
-        rows = getattr(config.get_text_config(), "num_codebooks", None) or 1  # musicgen: [B * codebooks, L]
-        ids = torch.tensor([_token_ids(config, 3)] * rows, device=device)
+        ids = torch.tensor([_token_ids(config, 3)] * codebooks, device=device)
     probe = Probe(model_type, backend, capture, attention_roles(model))
     if probe.roles is not None and not extra:  # an encoder-decoder: a decoder input too
         extra = {"decoder_input_ids": ids[:, :2]}
@@ -189,7 +192,8 @@ def probe_model(model, backend: str = "auto", ids: torch.Tensor | None = None, c
                 probe.output = model(input_ids=ids.to(device), prefix_kv=_Marker(), **extra)
             else:
                 extra = {k: v.to(device) for k, v in (extra or {}).items()}
-                probe.output = model(input_ids=ids.to(device), attention_mask=torch.ones_like(ids, device=device),
+                mask = torch.ones(ids.shape[0] // codebooks, ids.shape[1], dtype=torch.long, device=device)
+                probe.output = model(input_ids=ids.to(device), attention_mask=mask,
                                      prefix_kv=_Marker(), **extra)
     except NotImplementedError:
         raise

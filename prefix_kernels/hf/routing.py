@@ -11,7 +11,7 @@ import inspect
 
 from torch import nn
 
-from prefix_kernels.hf import probe
+from prefix_kernels.hf import legacy, probe
 
 PLACEMENTS = ("paper", "peft")
 
@@ -49,7 +49,11 @@ def _sub_configs(model) -> dict:
 def set_text_attention(model, implementation) -> None:
     """Routes the text model's attention to ``implementation`` (a name, or what :func:`text_attention`
     returned): the top-level model's and the text sub-model's only -- a vision/audio tower, a depth
-    decoder keeps its own."""
+    decoder keeps its own. A family of :mod:`prefix_kernels.hf.legacy` gets its attention modules'
+    forward replaced (or given back)."""
+    if legacy.supported(model):
+        legacy.install(model, implementation)
+        return
     if isinstance(implementation, dict):
         model.set_attn_implementation(implementation)
         return
