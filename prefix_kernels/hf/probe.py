@@ -150,6 +150,9 @@ def _token_ids(config, length: int) -> list[int]:
     return [i for i in range(1, vocab) if i not in special][:length]
 
 
+_CODEBOOK_ROWS = ("musicgen_decoder", "musicgen_melody_decoder")
+
+
 def attention_roles(model) -> dict[int, str] | None:
     """For an encoder-decoder model, id(module) -> "encoder" / "decoder" / "cross" for every module,
     from where it sits (cross-attention modules are named encoder_attn, crossattention, ...); None
@@ -177,7 +180,8 @@ def probe_model(model, backend: str = "auto", ids: torch.Tensor | None = None, c
     config = model.config
     model_type = config.model_type
     device = next(model.parameters()).device
-    codebooks = getattr(config.get_text_config(), "num_codebooks", None) or 1  # musicgen: [B * codebooks, L]
+    text = config.get_text_config()  # MusicGen's decoders read [B * codebooks, L] ids (a Moshi config has codebooks too)
+    codebooks = text.num_codebooks if text.model_type in _CODEBOOK_ROWS else 1
     if ids is None:
         ids = torch.tensor([_token_ids(config, 3)] * codebooks, device=device)
     probe = Probe(model_type, backend, capture, attention_roles(model))
