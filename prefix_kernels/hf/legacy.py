@@ -50,15 +50,15 @@ FAMILIES: dict[str, dict[str, str]] = {
 }
 
 
-# families that compute attention by hand with a term the kernel lacks: refused naming it
+# families that compute attention by hand with a term the kernel lacks (or have none): refused naming it
 REFUSED = {
-    "bloom": "ALiBi (a linear position bias added to the attention scores)",
-    "mpt": "its hand-written attention (ALiBi, a linear position bias on the scores, by default)",
-    "cpmant": "a learned relative position bias added to the attention scores",
-    "xlnet": "two-stream relative attention with segment terms",
-    "reformer": "LSH / chunked local attention",
-    "prophetnet": "n-stream self-attention with relative position buckets",
-    "rwkv": "no attention (a recurrent time mix)",
+    "bloom": "ALiBi (a linear position bias added to the attention scores) is not implemented by the kernel",
+    "mpt": "its hand-written attention (ALiBi, a linear position bias on the scores, by default) is not served",
+    "cpmant": "a learned relative position bias added to the attention scores is not implemented by the kernel",
+    "xlnet": "two-stream relative attention with segment terms is not implemented by the kernel",
+    "reformer": "LSH / chunked local attention is not implemented by the kernel",
+    "prophetnet": "n-stream self-attention with relative position buckets is not implemented by the kernel",
+    "rwkv": "it has no attention (a recurrent time mix), so there is no attention to add a prefix to",
 }
 
 
@@ -67,8 +67,7 @@ def supported(model: nn.Module) -> bool:
     ``NotImplementedError`` for a listed family in a configuration the adapter does not cover."""
     model_type = model.config.model_type
     if model_type in REFUSED:
-        raise NotImplementedError(f"model type {model_type!r} ({type(model).__name__}): {REFUSED[model_type]} is not "
-                                  "implemented by the prefix_kernels kernel")
+        raise NotImplementedError(f"model type {model_type!r} ({type(model).__name__}): {REFUSED[model_type]}")
     if model_type not in FAMILIES:
         return False
     attention_type = getattr(model.config, "attention_type", None)
