@@ -1,4 +1,4 @@
-"""Encoder-decoder models (BART, Marian, mBART, M2M100): both placements of the prefixes.
+"""Encoder-decoder models (BART, Marian, mBART, M2M100; Whisper): both placements of the prefixes.
 
 - ``placement="peft"``: against PEFT 0.21's SEQ_2_SEQ_LM prefix tuning itself -- an adapter PEFT wrote,
   loaded with ``from_peft_adapter``: logits, prefix gradients and greedy generation equal PEFT's.
@@ -7,6 +7,8 @@
   attention function registered here that puts each module's prefix in front of its keys/values,
   with transformers' own SDPA masks and the positions shifted by P by a hook of its own); greedy
   generation equals a full-forward argmax loop; beam scores equal full-forward log-likelihoods.
+- Whisper (audio features into the encoder): PEFT's prefix tuning cannot run it (it needs input_ids), so
+  both placements go against the concatenating reference, the peft placement with a table PEFT wrote.
 """
 
 from __future__ import annotations
@@ -106,18 +108,18 @@ def test_peft_placement_matches_peft(family, tmp_path):
 
 
 def _concat_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    prefix_k, prefix_v = _PREFIXES[id(module)]
-    b = key.shape[0]
+    prefix_k, prefix_v = _PREFIXES[id(module)]  # [H, p, D] (p = 0: a module without a prefix)
+    p, b = prefix_k.shape[1], key.shape[0]
     key = torch.cat([prefix_k.expand(b, -1, -1, -1), key], 2)
     value = torch.cat([prefix_v.expand(b, -1, -1, -1), value], 2)
     scores = query @ key.transpose(-1, -2) * scaling
-    n, m = query.shape[2], key.shape[2] - P
+    n, m = query.shape[2], key.shape[2] - p
     if attention_mask is None:  # SDPA's mask skips a plain causal / full mask: rebuild it
         seen = torch.ones(n, m, dtype=torch.bool, device=query.device)
         if module.is_causal and n > 1:
             seen = torch.ones(n, m, dtype=torch.bool, device=query.device).tril(m - n)
         attention_mask = seen[None, None]
-    visible = torch.ones(*attention_mask.shape[:-1], P, dtype=torch.bool, device=query.device)
+    visible = torch.ones(*attention_mask.shape[:-1], p, dtype=torch.bool, device=query.device)
     scores = scores.masked_fill(~torch.cat([visible, attention_mask], -1), float("-inf"))
     return (scores.softmax(-1) @ value).transpose(1, 2), None
 
@@ -219,3 +221,95 @@ def test_placement_errors_name_the_model_and_the_placement(tmp_path):
     causal.save_pretrained(tmp_path / "causal")
     with pytest.raises(ValueError, match="task_type is 'CAUSAL_LM' in the file.*'SEQ_2_SEQ_LM'"):
         add_prefix_tuning(_model("bart"), P, placement="peft").load_peft_adapter(tmp_path / "causal")
+
+
+# ---- Whisper: audio features into the encoder; PEFT's prefix tuning cannot run it -------------------
+def _whisper(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.WhisperConfig(
+        vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96, num_mel_bins=8, max_source_positions=16,
+        max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, begin_suppress_tokens=None, suppress_tokens=None)
+    return transformers.WhisperForConditionalGeneration(config).to(DEVICE).eval()
+
+
+def _whisper_reference(model, table, placement):
+    """The concatenating reference for Whisper: each prefixed module reads its table layer (paper: every
+    module in call order; peft: decoder self-attention d reads layer 2d mod L, PEFT's rule); only the
+    decoder's positions shift by P (Whisper's encoder adds fixed position embeddings to its frames)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(REFERENCE, _concat_attention)
+    AttentionMaskInterface.register(REFERENCE, AttentionMaskInterface._global_mapping["sdpa"])
+    model = copy.deepcopy(model)
+    model.set_attn_implementation(REFERENCE)
+    heads, d = 4, 16
+    encoder, decoder = model.model.encoder.layers, model.model.decoder.layers
+    order = [layer.self_attn for layer in encoder]
+    for layer in decoder:
+        order += [layer.self_attn, layer.encoder_attn]
+    layers = table.shape[-1] // (2 * heads * d)
+    kv = table.view(P, 2 * layers, heads, d).permute(1, 2, 0, 3)
+    empty = kv.new_zeros(heads, 0, d)
+    for slot, module in enumerate(order):
+        if placement == "paper":
+            _PREFIXES[id(module)] = kv[2 * slot], kv[2 * slot + 1]
+        else:
+            _PREFIXES[id(module)] = (empty, empty)
+    if placement == "peft":
+        for i, layer in enumerate(decoder):
+            t = (2 * i) % layers
+            _PREFIXES[id(layer.self_attn)] = kv[2 * t], kv[2 * t + 1]
+
+    def shift(module, args, kwargs):
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+        bound.apply_defaults()
+        if bound.arguments.get("position_ids") is not None:  # Whisper's decoder passes them, counted from its cache
+            bound.arguments["position_ids"] = bound.arguments["position_ids"] + P
+        else:
+            bound.arguments["cache_length"] += P
+        return bound.args, bound.kwargs
+
+    model.model.decoder.embed_positions.register_forward_pre_hook(shift, with_kwargs=True)
+    return model
+
+
+@pytest.mark.parametrize("placement", ["paper", "peft"])
+def test_whisper_matches_the_concatenating_reference(placement, tmp_path):
+    model = _whisper()
+    if placement == "peft":  # the table as PEFT writes it (PEFT's forward itself needs input_ids)
+        theirs = _peft_seq2seq(copy.deepcopy(model))
+        theirs.save_pretrained(tmp_path)
+        wrapped = from_peft_adapter(copy.deepcopy(model), tmp_path)
+        assert wrapped.spec.placement == "peft"
+    else:
+        wrapped = add_prefix_tuning(copy.deepcopy(model), P)
+        with torch.no_grad():
+            wrapped.prefix_embedding.normal_()
+    table = wrapped.prefix_embedding[0].detach().clone().requires_grad_(True)
+    reference = _whisper_reference(model, table, placement)
+    g = torch.Generator().manual_seed(3)
+    feats = torch.randn(2, 8, 32, generator=g).to(DEVICE)
+    tgt = torch.randint(3, VOCAB, (2, 5), generator=g).to(DEVICE)
+    out = wrapped(input_features=feats, labels=tgt)
+    try:
+        ref = reference(input_features=feats, labels=tgt)
+        torch.testing.assert_close(out.logits, ref.logits, atol=2e-5, rtol=1e-5)
+        out.loss.backward()
+        ref.loss.backward()
+    finally:
+        _PREFIXES.clear()
+    assert table.grad.abs().max() > 0
+    torch.testing.assert_close(wrapped.prefix_embedding.grad[0], table.grad, atol=2e-5, rtol=1e-4)
+    # greedy generation (the encoder runs once, on its own) equals argmax over full forwards
+    seqs = torch.full((2, 1), 1, device=DEVICE)
+    for _ in range(4):
+        with torch.no_grad():
+            logits = wrapped(input_features=feats, decoder_input_ids=seqs).logits[:, -1]
+        logits[:, 2] = float("-inf")
+        seqs = torch.cat([seqs, logits.argmax(-1, keepdim=True)], 1)
+    generated = wrapped.generate(input_features=feats, max_new_tokens=4, do_sample=False, suppress_tokens=[2],
+                                 decoder_input_ids=torch.full((2, 1), 1, device=DEVICE))
+    assert torch.equal(generated[:, -4:], seqs[:, -4:])

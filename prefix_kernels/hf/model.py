@@ -290,14 +290,15 @@ class PrefixTuningModel(nn.Module):
         if "prefix_kv" in kwargs:
             return None
         bound = self._signature.bind_partial(*args, **kwargs).arguments
-        extra = bound.pop("kwargs", {})
+        # a None the forward does not name (input_ids=None to Whisper, which takes input_features) is not passed on
+        extra = {k: v for k, v in bound.pop("kwargs", {}).items() if v is not None}
         kwargs = {**bound, **extra}
         prefix_ids = kwargs.pop("prefix_ids", None)
         embeds = kwargs.get("inputs_embeds")
-        ref = next((kwargs[k] for k in ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds")
-                    if kwargs.get(k) is not None), None)
+        ref = next((kwargs[k] for k in ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds",
+                                        "labels", "input_features") if kwargs.get(k) is not None), None)
         if ref is None:
-            raise ValueError("pass input_ids or inputs_embeds")
+            raise ValueError("pass input_ids or inputs_embeds (or input_features to an audio encoder-decoder)")
         batch, length = ref.shape[:2]
         checked = False
         if prefix_ids is None and self._generation_prefix_ids is not None:

@@ -150,6 +150,15 @@ def _token_ids(config, length: int) -> list[int]:
     return [i for i in range(1, vocab) if i not in special][:length]
 
 
+def _silence(model) -> torch.Tensor:
+    """Zero input features [1, mel bins, frames] of the length the encoder requires (Whisper: twice its
+    positions, for its two convolutions)."""
+    config = model.config
+    frames = 2 * config.max_source_positions
+    p = next(model.parameters())
+    return torch.zeros(1, config.num_mel_bins, frames, dtype=p.dtype, device=p.device)
+
+
 _CODEBOOK_ROWS = ("musicgen_decoder", "musicgen_melody_decoder")
 
 
@@ -194,6 +203,9 @@ def probe_model(model, backend: str = "auto", ids: torch.Tensor | None = None, c
         with torch.no_grad():
             if extra and "decoder_input_ids" not in extra:  # text init: the model builds the mask over its cache
                 probe.output = model(input_ids=ids.to(device), prefix_kv=_Marker(), **extra)
+            elif getattr(model, "main_input_name", "input_ids") == "input_features":  # Whisper: audio features in
+                probe.output = model(input_features=_silence(model), prefix_kv=_Marker(),
+                                     **{k: v.to(device) for k, v in extra.items()})
             else:
                 extra = {k: v.to(device) for k, v in (extra or {}).items()}
                 mask = torch.ones(ids.shape[0] // codebooks, ids.shape[1], dtype=torch.long, device=device)
