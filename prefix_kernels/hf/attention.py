@@ -125,6 +125,8 @@ def prefix_tuned_attention(
         prefix_ids = None
     else:
         prefix_k, prefix_v = prefix_kv.layer(layer.table_layer)
+        if layer.kv_repeat > 1:  # the layer repeats its cache's heads (JetMoE): so does its prefix
+            prefix_k, prefix_v = prefix_k.repeat(1, layer.kv_repeat, 1, 1), prefix_v.repeat(1, layer.kv_repeat, 1, 1)
         prefix_ids = prefix_kv.prefix_ids
     out = prefix_attention(
         query, key, value, prefix_k.to(query.dtype), prefix_v.to(query.dtype),

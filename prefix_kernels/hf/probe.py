@@ -16,6 +16,7 @@ each layer's keys and values (the text initialization of a prefix).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +29,10 @@ from prefix_kernels.hf import masks
 class LayerAttention:
     """What one attention layer takes (found by :func:`probe_model`). ``role``: "self" (a decoder-only
     or encoder model), or in an encoder-decoder "encoder", "decoder" (self-attention) or "cross";
-    ``table_layer``: which layer of the prefix table it reads (None: no prefix here)."""
+    ``table_layer``: which layer of the prefix table it reads (None: no prefix here); ``kv_repeat``:
+    the layer attends over its cache's kv heads repeated that many times (JetMoE's
+    ``keys.repeat(1, top_k, 1, 1)``), so its prefix has the cache's heads (PEFT's layout) and is
+    repeated alike."""
 
     num_kv_heads: int
     head_dim: int
@@ -38,6 +42,7 @@ class LayerAttention:
     forwards_kwargs: bool
     role: str = "self"
     table_layer: int | None = None
+    kv_repeat: int = 1
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -58,6 +63,7 @@ class Probe:
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         self.masks = masks.MaskRegistry()
+        self.seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> the keys/values attention got
         self.output = None  # the probe forward's output
 
     def refuse(self, module, what: str) -> NotImplementedError:
@@ -89,6 +95,7 @@ class Probe:
         role = "self" if self.roles is None else self.roles.get(id(module), "decoder")
         self.layers[slot] = LayerAttention(key.shape[1], key.shape[-1], value.shape[-1], causal, window,
                                            forwards_kwargs=prefix_kv is not None, role=role)
+        self.seen[slot] = key.detach(), value.detach()
         if self.capture:
             self.keys[slot], self.values[slot] = key.detach(), value.detach()
         empty_k = key.new_empty(1, key.shape[1], 0, key.shape[-1])
@@ -225,4 +232,31 @@ def probe_model(model, backend: str = "auto", ids: torch.Tensor | None = None, c
     if not probe.layers:
         raise NotImplementedError(f"model type {model_type!r} ({type(model).__name__}): no attention layer went through "
                                   "transformers' AttentionInterface, so there is no attention to add a prefix to")
+    _fold_repeated_heads(probe, model)
     return probe
+
+
+def _fold_repeated_heads(probe: Probe, model) -> None:
+    """Layers whose attention heads are their cache's kv heads repeated (``keys.repeat(1, r, 1, 1)``
+    after the cache update, JetMoE's mixture of attention heads) get the cache's heads and
+    ``kv_repeat=r``: the prefix then has PEFT's layout (the cache's shape) and is repeated alike."""
+    from prefix_kernels.hf import compat
+
+    if probe.roles is not None:
+        return
+    cache = compat.output_cache(model, probe.output)
+    layers = getattr(cache, "layers", None) or []
+    for slot, layer in list(probe.layers.items()):
+        cached = layers[slot] if slot < len(layers) else None
+        keys, values = getattr(cached, "keys", None), getattr(cached, "values", None)
+        if not (isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor) and keys.dim() == 4):
+            continue
+        heads = keys.shape[1]
+        seen_k, seen_v = probe.seen[slot]
+        if heads >= layer.num_kv_heads or layer.num_kv_heads % heads or seen_k.shape[2] != keys.shape[2]:
+            continue
+        repeat = layer.num_kv_heads // heads
+        if torch.equal(seen_k, keys.repeat(1, repeat, 1, 1)) and torch.equal(seen_v, values.repeat(1, repeat, 1, 1)):
+            probe.layers[slot] = dataclasses.replace(layer, num_kv_heads=heads, kv_repeat=repeat)
+            if slot in probe.keys:
+                probe.keys[slot], probe.values[slot] = probe.keys[slot][:, :heads], probe.values[slot][:, :heads]
