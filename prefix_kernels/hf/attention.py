@@ -98,7 +98,9 @@ def prefix_tuned_attention(
     if probe.active is not None:
         return probe.active.attend(module, query, key, value, attention_mask, scaling, softcap, s_aux, prefix_kv,
                                    kwargs)
-    slot = getattr(module, "prefix_kernels_slot", None)
+    slot = getattr(module, "prefix_kernels_cache_slot", None)  # a module serving several cache slots (HRM)
+    if slot is None:
+        slot = getattr(module, "prefix_kernels_slot", None)
     if prefix_kv is None:  # a layer that does not forward the model's keyword arguments
         prefix_kv = getattr(module, "prefix_kernels_call", None)
     if prefix_kv is None:

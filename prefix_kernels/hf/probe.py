@@ -70,11 +70,14 @@ class Probe:
         return NotImplementedError(f"model type {self.model_type!r} ({type(module).__name__}): {what}")
 
     def attend(self, module, query, key, value, attention_mask, scaling, softcap, s_aux, prefix_kv, kwargs):
+        cache_slot = getattr(module, "prefix_kernels_cache_slot", None)  # a module serving several slots (HRM)
         slot = getattr(module, "layer_idx", None) if self.roles is None else len(self.slots)
+        if cache_slot is not None:
+            slot = cache_slot
         if self.roles is None and slot is None:
             raise self.refuse(module, "the attention module has no layer_idx, so its prefix cannot be chosen")
         masks.check_attention_kwargs(kwargs, module)
-        if id(module) in self.slots or slot in self.layers:
+        if (id(module) in self.slots and cache_slot is None) or slot in self.layers:
             raise self.refuse(module, f"attention layer {slot} runs more than once per forward (a module reused across "
                                       "cache slots, or attention split into several calls): one prefix per layer "
                                       "cannot be placed")

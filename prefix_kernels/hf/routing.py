@@ -50,7 +50,8 @@ def set_text_attention(model, implementation) -> None:
     """Routes the text model's attention to ``implementation`` (a name, or what :func:`text_attention`
     returned): the top-level model's and the text sub-model's only -- a vision/audio tower, a depth
     decoder keeps its own. A family of :mod:`prefix_kernels.hf.legacy` gets its attention modules'
-    forward replaced (or given back)."""
+    forward replaced (or given back); modules reused across cache slots get :func:`cache_slot_hooks`."""
+    cache_slot_hooks(model, implementation == "prefix_kernels")
     if legacy.supported(model):
         legacy.install(model, implementation)
         return
@@ -64,6 +65,34 @@ def set_text_attention(model, implementation) -> None:
     text = model.config.get_text_config()
     model.set_attn_implementation({"": implementation, **{key: implementation if sub is text else
                                                            sub._attn_implementation for key, sub in subs.items()}})
+
+
+def cache_slot_hooks(model, on: bool) -> None:
+    """Attention modules that serve several cache slots (HRM: one stack of layers run in cycles, the
+    slot ``layer_idx + cycle_offset``) name this call's slot in ``module.prefix_kernels_cache_slot``,
+    set by a forward pre-hook from the ``cycle_offset`` argument; the probe and the attention
+    function key the prefix by it, so each slot has its own (PEFT's layout: one per cache layer)."""
+    for module in model.modules():
+        if "cycle_offset" not in _parameters(module) or getattr(module, "layer_idx", None) is None:
+            continue
+        handle = module.__dict__.pop("prefix_kernels_slot_hook", None)
+        if handle is not None:
+            handle.remove()
+        module.__dict__.pop("prefix_kernels_cache_slot", None)
+        if on:
+            module.prefix_kernels_slot_hook = module.register_forward_pre_hook(_name_cache_slot, with_kwargs=True)
+
+
+def _parameters(module) -> tuple[str, ...]:
+    try:
+        return tuple(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return ()
+
+
+def _name_cache_slot(module, args, kwargs):
+    offset = kwargs.get("cycle_offset", 0)
+    module.prefix_kernels_cache_slot = module.layer_idx + int(offset)
 
 
 def text_attention(model):
