@@ -694,8 +694,23 @@ def _tiny_model(model_type, window, record):
         with torch.no_grad():
             base(input_ids=ids, attention_mask=mask)
     except Exception as exc:  # noqa: BLE001
+        if isinstance(exc, ValueError):  # a model that refuses to run alone (an assistant): may be refused clearly
+            _refused_anyway(base)
         raise HarnessError(f"the tiny base model itself fails: {first_line(exc)}") from exc
     return base, text_cfg
+
+
+def _refused_anyway(base) -> None:
+    """Raises the Refusal where add_prefix_tuning refuses ``base`` with NotImplementedError (classified
+    like any refusal: it must name the model type); returns where it does not."""
+    import prefix_kernels
+
+    try:
+        prefix_kernels.add_prefix_tuning(copy.deepcopy(base), P)
+    except NotImplementedError as exc:
+        raise Refusal("wrap", exc) from exc
+    except Exception:  # noqa: BLE001 -- not a refusal: the harness error stands
+        return
 
 
 def _wrap(base, adapter_dir, peft_works, notes):

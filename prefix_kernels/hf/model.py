@@ -41,6 +41,11 @@ def _check_routable(model: nn.Module) -> None:
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"add_prefix_tuning needs a transformers PreTrainedModel, got {type(model).__name__}")
     model_type = model.config.model_type
+    if "shared_kv_states" in inspect.signature(model.forward).parameters:
+        raise NotImplementedError(
+            f"model type {model_type!r} ({type(model).__name__}): an assistant (draft) model attends over its target "
+            "model's keys/values (shared_kv_states), so there is no attention of its own to prefix: prefix-tune the "
+            "target model")
     if not _text_model_can_route(model) and not legacy.supported(model):
         raise NotImplementedError(
             f"model type {model_type!r} ({type(model).__name__}) does not route attention through transformers' "
