@@ -26,6 +26,8 @@ Per architecture (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``): a tiny config (2 layer
   are compared against the same references with the model's own mask functions (causal, window,
   chunks, padding, per layer kind) or'ed with "the first P slots are visible to later queries"
   (``prefix_always_visible``).
+- MusicGen's decoders (``[B * codebooks, N]`` ids, attention batch B) take their own route: the
+  ``cache`` reference with codebook batches, logits and prefix gradients (``codebook_route``).
 - Also, wherever a route matched: ``init=<P token ids>`` against the text read first (the ``text``
   reference). PEFT counts as working only where its prefix changes the logits and two identical
   calls agree; the tiny base model must run the padded batch itself (else ``harness_error``).
@@ -625,6 +627,8 @@ class HarnessError(Exception):
 
 def _run_arch(model_type, window, record):
     base, text_cfg = _tiny_model(model_type, window, record)
+    if model_type in CODEBOOK_MODELS:
+        return codebook_route(record, base, text_cfg)
     windowed = record["windowed"] = window and WINDOW in (getattr(text_cfg, "sliding_window", None),
                                                           getattr(text_cfg, "attention_chunk_size", None))
     ids, mask, with_positions, note = inputs(base, window)
@@ -687,8 +691,7 @@ def _tiny_model(model_type, window, record):
     record["_names"] = [model_type, config.model_type, text_cfg.model_type]
     record["arch"] = type(base).__name__
     if model_type in CODEBOOK_MODELS:
-        raise HarnessError(f"{model_type} reads [B * num_codebooks={text_cfg.num_codebooks}, N] audio codebook ids: "
-                           "the sweep builds text batches only")
+        return base, text_cfg  # its batches are built by codebook_route
     ids, mask, _, _ = inputs(base, window)
     try:
         with torch.no_grad():
@@ -832,6 +835,47 @@ def _finish(record, good, diffs, bad, notes):
     record["class"] = "mismatch" if bad else "crash" if record.pop("_init_crash", False) else good
     record["detail"] = "; ".join(bad + notes)
     return record
+
+
+def codebook_route(record, base, text_cfg):
+    """MusicGen's decoders read [B * codebooks, N] ids (attention batch B) and count positions from their
+    cache. PEFT sizes its cache from the id rows (B * codebooks), so it cannot run them; the reference is
+    the prefix written by hand into the model's own cache (batch B, P ones in front of the mask), eager
+    attention: logits and prefix gradients of a weighted sum (no greedy check: MusicGen's generate
+    applies a codebook delay pattern that full forwards do not)."""
+    import prefix_kernels
+    from transformers import DynamicCache
+
+    record["peft"] = "not run: PEFT's cache has B * codebooks rows, MusicGen's attention B"
+    k, (b, n) = text_cfg.num_codebooks, (3, LENGTH)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, VOCAB, (b * k, n), generator=g)
+    mask = torch.ones(b, n, dtype=torch.long)
+    mask[1, n - 3:] = 0
+    valid = mask.bool().repeat_interleave(k, 0)  # id rows are (batch row, codebook)
+    weights = torch.randn(b * k, n, text_cfg.vocab_size, generator=g)
+    wrapped = _ours_call("wrap", lambda: prefix_kernels.add_prefix_tuning(copy.deepcopy(base), P))
+    with torch.no_grad():
+        wrapped.prefix_embedding.copy_(torch.randn(wrapped.prefix_embedding.shape,
+                                                   generator=torch.Generator().manual_seed(7)))
+    ours = _ours_call("forward", lambda: wrapped(input_ids=ids, attention_mask=mask).logits)
+    _ours_call("backward", lambda: (ours[valid] * weights[valid]).sum().backward())
+    leaf = wrapped.prefix_embedding.detach()[0].clone().requires_grad_(True)
+    heads = text_cfg.num_attention_heads
+    kv = leaf.view(P, 2 * text_cfg.num_hidden_layers, heads, -1).permute(1, 2, 0, 3)
+    cache = DynamicCache()
+    for layer in range(text_cfg.num_hidden_layers):
+        cache.update(kv[2 * layer].expand(b, -1, -1, -1), kv[2 * layer + 1].expand(b, -1, -1, -1), layer)
+    ref = base(input_ids=ids, attention_mask=torch.cat([torch.ones(b, P, dtype=mask.dtype), mask], 1),
+               **{cache_argument(base): cache}).logits
+    (ref[valid] * weights[valid]).sum().backward()
+    record["reference"] = "cache"
+    diffs = {"logits": rel(ours, ref, valid), "grad": rel(wrapped.prefix_embedding.grad[0], leaf.grad)}
+    bad = [f"{key} rel {value:.2e}" for key, value in diffs.items()
+           if not value <= (LOGITS_RTOL if key == "logits" else GRAD_RTOL)]
+    notes = ["[B * codebooks, N] ids; reference: prefix written into the model's DynamicCache; generate not "
+             "compared (codebook delay pattern)"]
+    return _finish(record, "match_reference", diffs, bad, notes)
 
 
 # ---- isolation and the sweep -------------------------------------------------------------------
