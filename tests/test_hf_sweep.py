@@ -21,7 +21,7 @@ SUBSET = ["llama", "gpt2", "mistral", "gemma2", "gpt_oss", "phimoe", "bart", "ne
           "diffllama", "hrm_text", "gemma3_text", "llama4_text", "qwen3_next", "bigbird_pegasus", "doge",
           "zamba2", "minicpm3", "gemma4_text", "roberta", "falcon_h1", "recurrent_gemma",
           # families served by prefix_kernels.hf.legacy (attention computed by hand), a vision tower left as is
-          "gpt_neo", "roformer", "xglm", "falcon", "megatron-bert", "got_ocr2", "bloom", "moshi", "jetmoe", "gemma4_assistant", "musicgen"]
+          "gpt_neo", "roformer", "xglm", "falcon", "megatron-bert", "got_ocr2", "bloom", "moshi", "jetmoe", "gemma4_assistant", "musicgen", "dory"]
 WINDOWED_SUBSET = ["mistral", "gemma2", "gpt_oss", "phimoe", "cohere2"]
 FULL = os.environ.get("PREFIX_KERNELS_SWEEP") == "full"
 

@@ -69,11 +69,12 @@ def set_text_attention(model, implementation) -> None:
 
 def cache_slot_hooks(model, on: bool) -> None:
     """Attention modules that serve several cache slots (HRM: one stack of layers run in cycles, the
-    slot ``layer_idx + cycle_offset``) name this call's slot in ``module.prefix_kernels_cache_slot``,
-    set by a forward pre-hook from the ``cycle_offset`` argument; the probe and the attention
-    function key the prefix by it, so each slot has its own (PEFT's layout: one per cache layer)."""
+    slot ``layer_idx + cycle_offset``; Dory's loops, ``layer_idx + cache_offset``) name this call's slot
+    in ``module.prefix_kernels_cache_slot``, set by a forward pre-hook from that argument; the probe
+    and the attention function key the prefix by it, so each slot has its own (PEFT's layout: one per
+    cache layer). Two calls on one slot (Dory's loops sharing the last loop's cache) stay refused."""
     for module in model.modules():
-        if "cycle_offset" not in _parameters(module) or getattr(module, "layer_idx", None) is None:
+        if not set(_SLOT_OFFSETS) & set(_parameters(module)) or getattr(module, "layer_idx", None) is None:
             continue
         handle = module.__dict__.pop("prefix_kernels_slot_hook", None)
         if handle is not None:
@@ -90,8 +91,11 @@ def _parameters(module) -> tuple[str, ...]:
         return ()
 
 
+_SLOT_OFFSETS = ("cycle_offset", "cache_offset")
+
+
 def _name_cache_slot(module, args, kwargs):
-    offset = kwargs.get("cycle_offset", 0)
+    offset = next((kwargs[name] for name in _SLOT_OFFSETS if kwargs.get(name) is not None), 0)
     module.prefix_kernels_cache_slot = module.layer_idx + int(offset)
 
 
