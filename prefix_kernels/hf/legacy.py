@@ -27,6 +27,7 @@ models are served as causal LMs.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 import types
@@ -119,9 +120,14 @@ def installed(model: nn.Module) -> bool:
 
 # ---- the forwards ------------------------------------------------------------------------------
 
+@functools.cache
+def _signature(cls) -> inspect.Signature:
+    return inspect.signature(cls.forward)
+
+
 def _arguments(module, args, kwargs) -> tuple[dict, dict]:
     """The original forward's named arguments and its ``**kwargs``, bound as the original would."""
-    bound = inspect.signature(type(module).forward).bind(module, *args, **kwargs).arguments
+    bound = _signature(type(module)).bind(module, *args, **kwargs).arguments
     extra = dict(bound.pop("kwargs", {}))
     bound.pop("self", None)
     if "cache" not in bound and "past_key_values" in extra:  # the deprecated name
