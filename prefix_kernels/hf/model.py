@@ -52,6 +52,11 @@ def _check_routable(model: nn.Module) -> None:
             "AttentionInterface, so prefix_kernels cannot replace its attention"
         )
     text = model.config.get_text_config()
+    if getattr(text, "indexer_n_heads", None):
+        raise NotImplementedError(
+            f"model type {model_type!r}: query-sparse attention over the keys a token indexer picks (indexer_n_heads="
+            f"{text.indexer_n_heads}, budget {getattr(text, 'indexer_budget', None)}) is not implemented by the "
+            "prefix_kernels kernel")
     if getattr(text, "index_topk", None):
         raise NotImplementedError(
             f"model type {model_type!r}: sparse attention over the top {text.index_topk} keys picked by an indexer "
