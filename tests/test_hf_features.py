@@ -301,3 +301,26 @@ def test_musicgen_codebook_decoder_matches_the_cache_reference():
     (ref[valid] * weights[valid]).sum().backward()
     torch.testing.assert_close(ours[valid], ref[valid], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(wrapped.prefix_embedding.grad[0], table.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_musicgen_bank_takes_one_prefix_id_per_batch_row():
+    """prefix_ids [B] pick each batch row's prefix (its B * codebooks id rows share it): row b of a bank
+    of 2 equals that prefix alone."""
+    tf = transformers
+    torch.manual_seed(0)
+    k = 2
+    config = tf.MusicgenDecoderConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      ffn_dim=96, num_codebooks=k, max_position_embeddings=64, dropout=0.0,
+                                      attention_dropout=0.0, activation_dropout=0.0, pad_token_id=0, bos_token_id=1)
+    model = tf.MusicgenForCausalLM(config).to(DEVICE).eval()
+    bank = add_prefix_tuning(copy.deepcopy(model), P, num_prefixes=2)
+    with torch.no_grad():
+        bank.prefix_embedding.normal_(generator=torch.Generator(DEVICE).manual_seed(5))
+    ids = torch.randint(3, VOCAB, (2 * k, 6), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    with torch.no_grad():
+        both = bank(input_ids=ids, prefix_ids=torch.tensor([1, 0], device=DEVICE)).logits
+        for row, t in ((0, 1), (1, 0)):
+            single = add_prefix_tuning(copy.deepcopy(model), P)
+            single.prefix_embedding.copy_(bank.prefix_embedding[t:t + 1])
+            alone = single(input_ids=ids[row * k:(row + 1) * k]).logits
+            torch.testing.assert_close(both[row * k:(row + 1) * k], alone, rtol=1e-5, atol=1e-5)

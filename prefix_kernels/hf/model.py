@@ -310,6 +310,7 @@ class PrefixTuningModel(nn.Module):
         if ref is None:
             raise ValueError("pass input_ids or inputs_embeds (or input_features to an audio encoder-decoder)")
         batch, length = ref.shape[:2]
+        batch //= probe.codebook_rows(self.base_model.config)  # MusicGen: [B * codebooks, L] ids, B rows attend
         checked = False
         if prefix_ids is None and self._generation_prefix_ids is not None:
             prefix_ids, checked = self._generation_prefix_ids, True  # checked once by generate()

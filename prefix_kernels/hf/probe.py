@@ -172,6 +172,13 @@ def _silence(model) -> torch.Tensor:
 _CODEBOOK_ROWS = ("musicgen_decoder", "musicgen_melody_decoder")
 
 
+def codebook_rows(config) -> int:
+    """Id rows per attention batch row: MusicGen's decoders read [B * codebooks, L] ids (a Moshi config
+    has codebooks too, but reads [B, L] text ids); 1 for every other model."""
+    text = config.get_text_config()
+    return text.num_codebooks if text.model_type in _CODEBOOK_ROWS else 1
+
+
 def attention_roles(model) -> dict[int, str] | None:
     """For an encoder-decoder model, id(module) -> "encoder" / "decoder" / "cross" for every module,
     from where it sits (cross-attention modules are named encoder_attn, crossattention, ...); None
@@ -199,8 +206,7 @@ def probe_model(model, backend: str = "auto", ids: torch.Tensor | None = None, c
     config = model.config
     model_type = config.model_type
     device = next(model.parameters()).device
-    text = config.get_text_config()  # MusicGen's decoders read [B * codebooks, L] ids (a Moshi config has codebooks too)
-    codebooks = text.num_codebooks if text.model_type in _CODEBOOK_ROWS else 1
+    codebooks = codebook_rows(config)
     if ids is None:
         ids = torch.tensor([_token_ids(config, 3)] * codebooks, device=device)
     probe = Probe(model_type, backend, capture, attention_roles(model))
