@@ -124,9 +124,11 @@ def _concat_attention(module, query, key, value, attention_mask, scaling=None, d
     return (scores.softmax(-1) @ value).transpose(1, 2), None
 
 
-def _reference(model, table):
-    """A copy of ``model`` reading the per-slot prefixes of ``table`` [P, slots * 2 * H * D] by
-    concatenation; its position embeddings shifted by P."""
+def _reference(model, table, placement="paper", shifted=("encoder", "decoder")):
+    """A copy of ``model`` reading the per-slot prefixes of ``table`` [P, layers * 2 * H * D] by
+    concatenation: ``"paper"``, every module in call order reads its own table layer; ``"peft"``, only
+    decoder self-attention d, table layer 2d mod L (PEFT's rule). The position embeddings of the
+    ``shifted`` stacks move by P (Whisper's encoder adds fixed ones to its frames: not shifted)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
@@ -136,26 +138,47 @@ def _reference(model, table):
     model.set_attn_implementation(REFERENCE)
     config = model.config
     heads, d = config.encoder_attention_heads, config.d_model // config.encoder_attention_heads
+    encoder, decoder = model.model.encoder, model.model.decoder
     # slots in call order: encoder layers, then per decoder layer self- and cross-attention
-    order = [layer.self_attn for layer in model.model.encoder.layers]
-    for layer in model.model.decoder.layers:
+    order = [layer.self_attn for layer in encoder.layers]
+    for layer in decoder.layers:
         order += [layer.self_attn, layer.encoder_attn]
-    kv = table.view(P, 2 * len(order), heads, d).permute(1, 2, 0, 3)
+    layers = table.shape[-1] // (2 * heads * d)
+    kv = table.view(P, 2 * layers, heads, d).permute(1, 2, 0, 3)
+    empty = kv.new_zeros(heads, 0, d)
     for slot, module in enumerate(order):
-        _PREFIXES[id(module)] = kv[2 * slot], kv[2 * slot + 1]
+        _PREFIXES[id(module)] = (kv[2 * slot], kv[2 * slot + 1]) if placement == "paper" else (empty, empty)
+    if placement == "peft":
+        for i, layer in enumerate(decoder.layers):
+            t = (2 * i) % layers
+            _PREFIXES[id(layer.self_attn)] = kv[2 * t], kv[2 * t + 1]
 
     def shift(module, args, kwargs):
         bound = inspect.signature(module.forward).bind(*args, **kwargs)
         bound.apply_defaults()
-        if bound.arguments.get("position_ids") is not None:
+        if bound.arguments.get("position_ids") is not None:  # Whisper's decoder passes them
             bound.arguments["position_ids"] = bound.arguments["position_ids"] + P
         else:
             bound.arguments["cache_length"] += P
         return bound.args, bound.kwargs
 
-    for module in (model.model.encoder.embed_positions, model.model.decoder.embed_positions):
-        module.register_forward_pre_hook(shift, with_kwargs=True)
+    for stack in shifted:
+        getattr(model.model, stack).embed_positions.register_forward_pre_hook(shift, with_kwargs=True)
     return model
+
+
+def _check_against(wrapped, reference, table, **inputs):
+    """Logits and prefix gradients of ``wrapped`` equal ``reference``'s (reading ``table``) on ``inputs``."""
+    out = wrapped(**inputs)
+    try:
+        ref = reference(**inputs)
+        torch.testing.assert_close(out.logits, ref.logits, atol=2e-5, rtol=1e-5)
+        out.loss.backward()
+        ref.loss.backward()
+    finally:
+        _PREFIXES.clear()
+    assert table.grad.abs().max() > 0
+    torch.testing.assert_close(wrapped.prefix_embedding.grad[0], table.grad, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -168,18 +191,8 @@ def test_paper_placement_matches_the_concatenating_reference(family):
     with torch.no_grad():
         wrapped.prefix_embedding.normal_()
     table = wrapped.prefix_embedding[0].detach().clone().requires_grad_(True)
-    reference = _reference(model, table)
     src, mask, tgt = _batch()
-    out = wrapped(input_ids=src, attention_mask=mask, labels=tgt)
-    try:
-        ref = reference(input_ids=src, attention_mask=mask, labels=tgt)
-        torch.testing.assert_close(out.logits, ref.logits, atol=2e-5, rtol=1e-5)
-        out.loss.backward()
-        ref.loss.backward()
-    finally:
-        _PREFIXES.clear()
-    assert table.grad.abs().max() > 0
-    torch.testing.assert_close(wrapped.prefix_embedding.grad[0], table.grad, atol=2e-5, rtol=1e-4)
+    _check_against(wrapped, _reference(model, table), table, input_ids=src, attention_mask=mask, labels=tgt)
 
 
 def _full_forward_log_likelihood(wrapped, src, mask, seqs, rows):
@@ -234,48 +247,6 @@ def _whisper(seed=0):
     return transformers.WhisperForConditionalGeneration(config).to(DEVICE).eval()
 
 
-def _whisper_reference(model, table, placement):
-    """The concatenating reference for Whisper: each prefixed module reads its table layer (paper: every
-    module in call order; peft: decoder self-attention d reads layer 2d mod L, PEFT's rule); only the
-    decoder's positions shift by P (Whisper's encoder adds fixed position embeddings to its frames)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(REFERENCE, _concat_attention)
-    AttentionMaskInterface.register(REFERENCE, AttentionMaskInterface._global_mapping["sdpa"])
-    model = copy.deepcopy(model)
-    model.set_attn_implementation(REFERENCE)
-    heads, d = 4, 16
-    encoder, decoder = model.model.encoder.layers, model.model.decoder.layers
-    order = [layer.self_attn for layer in encoder]
-    for layer in decoder:
-        order += [layer.self_attn, layer.encoder_attn]
-    layers = table.shape[-1] // (2 * heads * d)
-    kv = table.view(P, 2 * layers, heads, d).permute(1, 2, 0, 3)
-    empty = kv.new_zeros(heads, 0, d)
-    for slot, module in enumerate(order):
-        if placement == "paper":
-            _PREFIXES[id(module)] = kv[2 * slot], kv[2 * slot + 1]
-        else:
-            _PREFIXES[id(module)] = (empty, empty)
-    if placement == "peft":
-        for i, layer in enumerate(decoder):
-            t = (2 * i) % layers
-            _PREFIXES[id(layer.self_attn)] = kv[2 * t], kv[2 * t + 1]
-
-    def shift(module, args, kwargs):
-        bound = inspect.signature(module.forward).bind(*args, **kwargs)
-        bound.apply_defaults()
-        if bound.arguments.get("position_ids") is not None:  # Whisper's decoder passes them, counted from its cache
-            bound.arguments["position_ids"] = bound.arguments["position_ids"] + P
-        else:
-            bound.arguments["cache_length"] += P
-        return bound.args, bound.kwargs
-
-    model.model.decoder.embed_positions.register_forward_pre_hook(shift, with_kwargs=True)
-    return model
-
-
 @pytest.mark.parametrize("placement", ["paper", "peft"])
 def test_whisper_matches_the_concatenating_reference(placement, tmp_path):
     model = _whisper()
@@ -289,20 +260,11 @@ def test_whisper_matches_the_concatenating_reference(placement, tmp_path):
         with torch.no_grad():
             wrapped.prefix_embedding.normal_()
     table = wrapped.prefix_embedding[0].detach().clone().requires_grad_(True)
-    reference = _whisper_reference(model, table, placement)
+    reference = _reference(model, table, placement, shifted=("decoder",))  # Whisper's encoder: fixed positions
     g = torch.Generator().manual_seed(3)
     feats = torch.randn(2, 8, 32, generator=g).to(DEVICE)
     tgt = torch.randint(3, VOCAB, (2, 5), generator=g).to(DEVICE)
-    out = wrapped(input_features=feats, labels=tgt)
-    try:
-        ref = reference(input_features=feats, labels=tgt)
-        torch.testing.assert_close(out.logits, ref.logits, atol=2e-5, rtol=1e-5)
-        out.loss.backward()
-        ref.loss.backward()
-    finally:
-        _PREFIXES.clear()
-    assert table.grad.abs().max() > 0
-    torch.testing.assert_close(wrapped.prefix_embedding.grad[0], table.grad, atol=2e-5, rtol=1e-4)
+    _check_against(wrapped, reference, table, input_features=feats, labels=tgt)
     # greedy generation (the encoder runs once, on its own) equals argmax over full forwards
     seqs = torch.full((2, 1), 1, device=DEVICE)
     for _ in range(4):
