@@ -13,9 +13,10 @@ sorts, copies; not allocations or views) are counted by a dispatch mode.
 Per compiled kernel: registers and stack from ``cuobjdump -res-usage`` of the cubin Triton
 built; spill stores/loads from ``ptxas -v`` on its PTX (the ptxas Triton uses, with its flags);
 shared memory from the compiled metadata; static instruction counts in the PTX (wgmma,
-mma.sync, cp.async and its widths, TMA bulk copies, atomics); occupancy (blocks per SM, from
-registers, shared memory, warps and the block limit, as the CUDA occupancy calculator does) and
-waves = programs / (blocks per SM x SMs). Counts in the PTX are static (a loop body counts once).
+mma.sync, cp.async and its widths, TMA bulk copies, atomics) and of the cubin's SASS (``cuobjdump
+-sass``, NOPs left out); occupancy (blocks per SM, from registers, shared memory, warps and the
+block limit, as the CUDA occupancy calculator does) and waves = programs / (blocks per SM x SMs).
+The counts are static (a loop body counts once).
 
 The kernels must be real JIT functions: under ``TRITON_INTERPRET=1`` they are interpreted and
 cannot be compiled (``prefix-kernels inspect`` re-runs itself without it).
@@ -207,7 +208,8 @@ def _ptxas(arch_number: int) -> tuple[str, list[str]]:
 
 
 def _resources(compiled, arch: Arch, workdir: Path) -> dict:
-    """Registers and stack of the cubin; spill stores/loads of a ptxas -v run on its PTX."""
+    """Registers and stack of the cubin; spill stores/loads of a ptxas -v run on its PTX; the static
+    number of SASS instructions in the cubin (cuobjdump -sass, NOPs left out: a loop body counts once)."""
     cubin = workdir / f"{compiled.name}.cubin"
     cubin.write_bytes(compiled.asm["cubin"])
     usage = subprocess.run([_tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True,
@@ -221,7 +223,10 @@ def _resources(compiled, arch: Arch, workdir: Path) -> dict:
                          capture_output=True, text=True, check=True).stderr
     stores, loads = (int(x) for x in re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log).groups())
     rerun_regs = int(re.search(r"Used (\d+) registers", log).group(1))
-    out = dict(registers=regs, stack_bytes=stack, spill_bytes=stores, spill_load_bytes=loads)
+    sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    instructions = len(re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?!NOP\b)[A-Z@]", sass))  # static, without the NOP padding
+    out = dict(registers=regs, stack_bytes=stack, spill_bytes=stores, spill_load_bytes=loads,
+               sass_instructions=instructions)
     if rerun_regs != regs:  # the re-run's spills would then not be the cubin's: say so
         out["ptxas_rerun_registers"] = rerun_regs
     return out
@@ -281,7 +286,7 @@ def inspect_launches(shape: str | Shape, dtype: str | torch.dtype = "bfloat16", 
     "aten_launches": {"forward": [op names], "backward": [...]}, "kernels": [{"phase", "name",
     "grid", "programs", "num_warps", "num_stages", "registers", "stack_bytes", "spill_bytes",
     "spill_load_bytes", "shared_bytes", "wgmma", "mma_sync", "cp_async", "cp_async_widths",
-    "tma", "atomics", "blocks_per_sm", "occupancy_limit", "waves"}]}``; ``launches`` counts the
+    "tma", "atomics", "sass_instructions", "blocks_per_sm", "occupancy_limit", "waves"}]}``; ``launches`` counts the
     Triton kernels and the ATen ops that launch a device kernel.
     """
     from triton.runtime.jit import JITFunction
@@ -336,7 +341,7 @@ def format_report(report: dict) -> str:
     cols = [("phase", "phase"), ("kernel", "name"), ("grid", "grid"), ("progs", "programs"), ("warps", "num_warps"),
             ("stages", "num_stages"), ("regs", "registers"), ("spill", "spill_bytes"), ("smem KB", "shared_bytes"),
             ("blk/SM", "blocks_per_sm"), ("waves", "waves"), ("wgmma", "wgmma"), ("mma.sync", "mma_sync"),
-            ("cp.async", "cp_async"), ("tma", "tma"), ("atomics", "atomics")]
+            ("cp.async", "cp_async"), ("tma", "tma"), ("atomics", "atomics"), ("sass", "sass_instructions")]
 
     def cell(kernel, key):
         value = kernel[key]

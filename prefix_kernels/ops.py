@@ -18,8 +18,8 @@ from prefix_kernels.kernels.backward import (
 )
 from prefix_kernels.kernels.configs import (
     BlockConfig, combine_num_warps, decode_block_rows, decode_config, decode_num_splits, head_dim_padded,
-    kernel_configs, prefix_grad_chunks, shared_prefix_block_rows, shared_prefix_config, use_decode_kernel,
-    use_shared_prefix_decode,
+    kernel_configs, prefix_grad_chunks, shared_prefix_block_rows, shared_prefix_config, shared_prefix_tiles,
+    use_decode_kernel, use_shared_prefix_decode,
 )
 from prefix_kernels.kernels.decode import (
     prefix_attention_decode_combine_kernel, prefix_attention_decode_kernel, prefix_attention_shared_prefix_kernel,
@@ -195,15 +195,18 @@ def prefix_attention_decode(q, k, v, prefix_k, prefix_v, key_padding_mask, prefi
     upcast = interpreting() and q.dtype in (torch.float16, torch.bfloat16)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     opts = {} if interpreting() else dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    # the cascade: the shared prefix once per kv head for all rows, then the rows' own keys
+    # the cascade: the prefix once per kv head for all rows that use it (a bank: per prefix, rows found
+    # on the device), then the rows' own keys. A bank of one is one shared prefix.
+    n_bank = prefix_k.shape[0] if prefix_ids is not None else 1
+    ids = _prefix_ids_arg(prefix_ids, q)
     shared = False
-    if prefix_ids is None and n_prefix > 0:
+    if n_prefix > 0:
         prefix_rows = shared_prefix_block_rows(_capability(q.device))
-        prefix_tiles = _cdiv(batch * n_queries * group, prefix_rows)
+        prefix_tiles, work_tiles = shared_prefix_tiles(batch, n_queries * group, prefix_rows, n_bank)
         prefix_splits, prefix_per_split = decode_num_splits(
-            n_prefix, n_kv_heads * prefix_tiles, _num_sms(q.device), shared_prefix_config(cfg, _capability(q.device)))
+            n_prefix, n_kv_heads * work_tiles, _num_sms(q.device), shared_prefix_config(cfg, _capability(q.device)))
         shared = use_shared_prefix_decode(batch, n_queries * group, n_prefix, n_keys - seq_start, head_dim,
-                                          head_dim_v, q.element_size(), prefix_splits, prefix_rows, False)
+                                          head_dim_v, q.element_size(), prefix_splits, prefix_rows, n_bank)
     if shared:
         seq_splits, per_split = decode_num_splits(n_keys - seq_start, batch * n_kv_heads, _num_sms(q.device), cfg)
         splits, base = prefix_splits + seq_splits, prefix_splits
@@ -220,15 +223,18 @@ def prefix_attention_decode(q, k, v, prefix_k, prefix_v, key_padding_mask, prefi
     row_features = features
     if shared:
         sink_features = {k: features[k] for k in ("SINKS", "HAS_SINKS") if k in features}
-        prefix_attention_shared_prefix_kernel[(n_kv_heads, prefix_splits, prefix_tiles)](
+        bank_args = {} if n_bank == 1 else dict(  # (prefix, tile) pairs on grid axis 2; ids read on the device
+            PREFIX_IDS=ids, stride_pkt=prefix_k.stride(0), stride_pvt=prefix_v.stride(0), n_batch=batch,
+            tiles_per_prefix=prefix_tiles, HAS_PREFIX_IDS=True, BLOCK_B=min(64, max(16, 1 << (batch - 1).bit_length())))
+        prefix_attention_shared_prefix_kernel[(n_kv_heads, prefix_splits, n_bank * prefix_tiles)](
             q, prefix_k, prefix_v, acc_part, m_part, l_part, *q.stride(), *prefix_k.stride()[1:],
             *prefix_v.stride()[1:], n_heads, n_queries, batch * n_queries * group, n_prefix, group, splits,
             prefix_per_split, scale * LOG2E, **_dim_args(head_dim, head_dim_v), BLOCK_R=prefix_rows,
             BLOCK_N=cfg.block_n, UPCAST=upcast, PRECISION=precision,
-            **{k: features[k] for k in ("softcap2", "SOFTCAP") if k in features}, **sink_features, **opts)
+            **{k: features[k] for k in ("softcap2", "SOFTCAP") if k in features}, **sink_features, **bank_args, **opts)
         row_features = {k: v for k, v in features.items() if k not in sink_features}  # split 0 carries the sink
     prefix_attention_decode_kernel[(batch * n_kv_heads, seq_splits)](
-        q, k, v, prefix_k, prefix_v, _prefix_ids_arg(prefix_ids, q), kpm, out, lse, acc_part, m_part, l_part,
+        q, k, v, prefix_k, prefix_v, ids, kpm, out, lse, acc_part, m_part, l_part,
         *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
         stride_mb, stride_mn, *out.stride(), lse.stride(0), lse.stride(1),
         n_heads, n_kv_heads, n_queries, n_keys, 0 if shared else n_prefix, group, splits, per_split, scale * LOG2E,
@@ -360,7 +366,8 @@ def prefix_attention_backward(
     if need_dprefix and not convert_dprefix:
         dpk, dpv = dpk_acc[0], dpv_acc[0]  # the fp32/fp64 accumulators are the gradients
     elif need_dprefix:
-        dpk, dpv = torch.empty_like(prefix_k), torch.empty_like(prefix_v)  # dense: the epilogue writes flat
+        # contiguous (not empty_like, which keeps a permuted prefix's strides): the epilogue writes flat offsets
+        dpk, dpv = (torch.empty(p.shape, device=p.device, dtype=p.dtype) for p in (prefix_k, prefix_v))
     if convert_dq or convert_dprefix or need_dsinks:
         dq_programs = _cdiv(n_queries, tile.block_m) * batch * n_heads if convert_dq else 0
         n_elems, n_elems_v = prefix_k.numel(), prefix_v.numel()

@@ -203,3 +203,52 @@ def test_atomic_and_deterministic_agree():
         runs.append(torch.autograd.grad(out, leaves, grad))
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# Small tiles under the interpreter for the walks of issue 12: the forward's merged loop over the whole
+# prefix blocks and the unmasked sequence blocks (D <= 64: each block picks its base pointer, strides
+# and padding mask), the backward's one masked loop per key block and its transposed dq, and a bank's
+# segments of rows per prefix. Layouts where prefix and sequence strides differ (inner stride 2 on one
+# side only), GQA / MQA, caches, padding, non-causal, D = 80 (the separate loops), the features.
+SMALL_TILE_CASES = {
+    "bank_d_strided_left": (Case(batch=3, heads=4, kv_heads=2, n_queries=40, n_keys=56, n_prefix=37, n_prefixes=2,
+                                 padding="left", kv_layout="d_strided", prefix_layout="p_sliced"), {}),
+    "mqa_cache_random_pad": (Case(batch=2, heads=4, kv_heads=1, n_queries=19, n_keys=64, n_prefix=33,
+                                  padding="random", q_layout="bshd", prefix_layout="p_sliced"), {}),
+    "noncausal_right_p16": (Case(batch=2, heads=2, kv_heads=2, n_queries=33, n_keys=48, n_prefix=16, causal=False,
+                                 padding="right"), {}),
+    "no_prefix_dead_rows": (Case(batch=2, heads=2, kv_heads=1, n_queries=24, n_keys=24, n_prefix=0,
+                                 padding="dead_rows"), {}),
+    "features": (Case(batch=2, heads=4, kv_heads=2, n_queries=45, n_keys=77, n_prefix=35, padding="left",
+                      kv_layout="bshd"), dict(sliding_window=20, softcap=3.0, sinks=True)),
+    "d80_bank": (Case(batch=2, heads=2, kv_heads=1, n_queries=30, n_keys=30, n_prefix=20, n_prefixes=3,
+                      head_dim=80), {}),
+}
+
+
+@requires_triton
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("name", list(SMALL_TILE_CASES))
+def test_small_tile_walks_match_reference(name, deterministic):
+    if ON_GPU:
+        pytest.skip("config override is an interpreter check; CUDA runs the real configs")
+    case, features = SMALL_TILE_CASES[name]
+
+    def op(*args, **kwargs):
+        return prefix_attention(*args, backend="triton", deterministic=deterministic, **kwargs)
+
+    with override_configs(forward=BlockConfig(16, 16), backward=BlockConfig(16, 16), dq=BlockConfig(16, 16)):
+        check_against_reference(op, case, torch.float32, **features)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_prefix_gradient_of_a_permuted_prefix(dtype, deterministic):
+    """A dense but permuted prefix (a transposed [P, Hkv, D] view): its gradient buffers are contiguous
+    whatever the prefix's strides (they were allocated with the prefix's strides while the epilogue
+    writes flat offsets: dprefix was wrong in 16-bit and deterministic runs)."""
+    def op(*args, **kwargs):
+        return prefix_attention(*args, backend="triton", deterministic=deterministic, **kwargs)
+
+    case = Case(batch=2, heads=4, kv_heads=2, n_queries=24, n_keys=24, n_prefix=8, prefix_layout="phd")
+    check_against_reference(op, case, dtype)

@@ -14,11 +14,15 @@ interpreter:
      prefix changes and at the end (relaxed fp32 atomics; deterministic: its own partial slice);
    - sequence programs, one per (key block, row, kv head), early key blocks (which the most causal
      query blocks see) first: dk/dv of the block stay in registers while the program walks the query
-     heads of its group and the query blocks that see the block (across the diagonal with the causal
-     mask, then unmasked, then the ragged last block).
+     heads of its group and the query blocks that see the block, in one loop with every mask on (the
+     masks cost a few selects per thread on a [BLOCK_N, BLOCK_M] tile; separate masked and unmasked
+     loops kept three loops' state live and spilled at D = 128).
    Every (query tile, key tile) costs 5 matmuls, as in flash attention: S^T = K Q^T, dV += P^T dO,
-   dP^T = V dO^T, dK += dS^T Q and dQ_tile = dS K, which goes into an fp32 dq buffer with relaxed
-   atomics (``NEED_DQ``). Without dk/dv (or dprefix) the programs skip those two matmuls.
+   dP^T = V dO^T, dK += dS^T Q and dQ_tile^T = K^T dS^T ([D, BLOCK_M]: a D-row matmul, wgmma on sm_90
+   even for 16-query tiles), which goes into an fp32 dq buffer with relaxed atomics (``NEED_DQ``).
+   Without dk/dv (or dprefix) the programs skip those two matmuls. With a bank, a prefix program
+   walks its chunk in runs of consecutive rows that share a prefix, each run with its own dprefix
+   tile, flushed after the run.
 3. ``backward_epilogue_kernel``: dq fp32 -> q's dtype and layout, and the prefix gradients fp32 ->
    the prefix dtype (summing the chunk partials in a fixed order when deterministic). It does not
    run when there is nothing to convert (fp32/fp64 inputs, atomic mode).
@@ -124,10 +128,10 @@ def _key_tile_grads(
             ds_t = ds_t * dcap_t  # through c * tanh(s / c)
         if NEED_DKDV:
             dk += mm(ds_t.to(q.dtype), q, PRECISION)
-        if NEED_DQ:
-            dq = mm(tl.trans(ds_t).to(k.dtype), k, PRECISION) * scale
-            tl.atomic_add(DQ + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dq,
-                          mask=(rows[:, None] < n_queries) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
+        if NEED_DQ:  # dq^T = K^T dS^T: [D, BLOCK_M], so the matmul is D rows tall (wgmma) even for short query tiles
+            dq_t = mm(tl.trans(k), ds_t.to(k.dtype), PRECISION) * scale
+            tl.atomic_add(DQ + rows[None, :] * stride_dqm + offs_d[:, None] * stride_dqd, dq_t,
+                          mask=(rows[None, :] < n_queries) & (offs_d[:, None] < HEAD_DIM), sem="relaxed")
     return dk, dv
 
 
@@ -167,6 +171,44 @@ def _load_prefix_tiles(PK, PV, t, g, cols, offs_d, offs_dv, stride_pkt, stride_p
     pv = load_tile(PV + t * stride_pvt + g * stride_pvh + cols[:, None] * stride_pvn + offs_dv[None, :] * stride_pvd,
                    cols, n_prefix, offs_dv, HEAD_DIM_V, HEAD_DIM_V_PAD, True, UPCAST)
     return pk, pv
+
+
+@triton.jit
+def _prefix_items(
+    lo, hi, t, g, cols, key_visible, PK, PV, Q, DO, LSE, Delta, DQ, DPK, DPV, chunk,
+    stride_qb, stride_qh, stride_qm, stride_qd, stride_pkt, stride_pkh, stride_pkn, stride_pkd,
+    stride_pvt, stride_pvh, stride_pvn, stride_pvd, stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd, stride_gk, stride_gv,
+    n_heads, n_queries, n_prefix, group, q_blocks, items_per_row, scale, qk_scale, softcap2, window,
+    offs_m, offs_d, offs_dv,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, NEED_DQ: tl.constexpr,
+    NEED_DPREFIX: tl.constexpr, DETERMINISTIC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    """Work items [lo, hi) (row, query head of kv head g, query block) of one prefix program, all of rows
+    that use prefix t: their gradients for prefix block ``cols``, added into DPK/DPV at the end, and
+    their dq (atomically)."""
+    pk, pv = _load_prefix_tiles(PK, PV, t, g, cols, offs_d, offs_dv, stride_pkt, stride_pkh, stride_pkn,
+                                stride_pkd, stride_pvt, stride_pvh, stride_pvn, stride_pvd, n_prefix,
+                                HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, UPCAST)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=ACC_DTYPE)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM_V_PAD], dtype=ACC_DTYPE)
+    for item in range(lo, hi):
+        b = (item // items_per_row).to(tl.int64)
+        h = g * group + (item % items_per_row) // q_blocks
+        start_m = (item % q_blocks) * BLOCK_M
+        row_base = (b * n_heads + h) * n_queries
+        dk, dv = _key_tile_grads(
+            dk, dv, pk, pv, key_visible, cols, Q + b * stride_qb + h * stride_qh,
+            DO + b * stride_dob + h * stride_doh, LSE + row_base, Delta + row_base,
+            DQ + b * stride_dqb + h * stride_dqh, stride_qm, stride_qd, stride_dom, stride_dod,
+            stride_dqm, stride_dqd, start_m, start_m + BLOCK_M, n_queries, 0, offs_m, offs_d, offs_dv, qk_scale,
+            scale, softcap2, window, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, True, False, True,
+            0, SOFTCAP, NEED_DQ, NEED_DPREFIX, UPCAST, PRECISION)
+    if NEED_DPREFIX:
+        _flush_prefix_grads(dk, dv, DPK, DPV, chunk, t, g, cols, offs_d, offs_dv, stride_gk, stride_gv,
+                            n_prefix, scale, HEAD_DIM, HEAD_DIM_V, DETERMINISTIC)
 
 
 @triton.jit
@@ -214,43 +256,40 @@ def backward_kernel(
         first = chunk * items_per_chunk
         last = tl.minimum(first + items_per_chunk, n_items)
         if HAS_PREFIX_IDS:
-            t = tl.load(PREFIX_IDS + first // items_per_row).to(tl.int64)
+            # A bank: the chunk's items in segments of consecutive rows that use the same prefix, each
+            # segment with its own dprefix tile, flushed after the segment's loop (a flush inside the item
+            # loop kept its [BLOCK_N, D] addresses live through the loop and spilled).
+            last_row = tl.cdiv(last, items_per_row)
+            seg_lo = first
+            while seg_lo < last:
+                row = seg_lo // items_per_row
+                t = tl.load(PREFIX_IDS + row).to(tl.int64)
+                row += 1
+                while (row < last_row) & (tl.load(PREFIX_IDS + tl.minimum(row, last_row - 1)).to(tl.int64) == t):
+                    row += 1
+                seg_hi = tl.minimum(row * items_per_row, last)
+                # cols + 0, but the compiler cannot tell: the segment's [BLOCK_N, D] load and flush addresses
+                # are formed in the segment, not hoisted out of this loop and kept live through it (spills)
+                seg_cols = cols + tl.minimum(seg_lo, 0)
+                _prefix_items(
+                    seg_lo, seg_hi, t, g, seg_cols, seg_cols < n_prefix, PK, PV, Q, DO, LSE, Delta, DQ, DPK, DPV, chunk,
+                    stride_qb, stride_qh, stride_qm, stride_qd, stride_pkt, stride_pkh, stride_pkn, stride_pkd,
+                    stride_pvt, stride_pvh, stride_pvn, stride_pvd, stride_dob, stride_doh, stride_dom, stride_dod,
+                    stride_dqb, stride_dqh, stride_dqm, stride_dqd, stride_gk, stride_gv,
+                    n_heads, n_queries, n_prefix, group, q_blocks, items_per_row, scale, qk_scale, softcap2, window,
+                    offs_m, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N,
+                    SOFTCAP, NEED_DQ, NEED_DPREFIX, DETERMINISTIC, UPCAST, PRECISION, ACC_DTYPE)
+                seg_lo = seg_hi
         else:
-            t = tl.zeros([], dtype=tl.int64)
-        pk, pv = _load_prefix_tiles(PK, PV, t, g, cols, offs_d, offs_dv, stride_pkt, stride_pkh, stride_pkn,
-                                    stride_pkd, stride_pvt, stride_pvh, stride_pvn, stride_pvd, n_prefix,
-                                    HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, UPCAST)
-        dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=ACC_DTYPE)
-        dv = tl.zeros([BLOCK_N, HEAD_DIM_V_PAD], dtype=ACC_DTYPE)
-        for item in range(first, last):
-            b = (item // items_per_row).to(tl.int64)
-            hh = (item % items_per_row) // q_blocks
-            start_m = (item % q_blocks) * BLOCK_M
-            if HAS_PREFIX_IDS:
-                t_row = tl.load(PREFIX_IDS + b).to(tl.int64)
-                if t_row != t:  # another prefix: hand this one's sums over, start afresh
-                    if NEED_DPREFIX:
-                        _flush_prefix_grads(dk, dv, DPK, DPV, chunk, t, g, cols, offs_d, offs_dv, stride_gk,
-                                            stride_gv, n_prefix, scale, HEAD_DIM, HEAD_DIM_V, DETERMINISTIC)
-                    dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=ACC_DTYPE)
-                    dv = tl.zeros([BLOCK_N, HEAD_DIM_V_PAD], dtype=ACC_DTYPE)
-                    t = t_row
-                    pk, pv = _load_prefix_tiles(PK, PV, t, g, cols, offs_d, offs_dv, stride_pkt, stride_pkh,
-                                                stride_pkn, stride_pkd, stride_pvt, stride_pvh, stride_pvn,
-                                                stride_pvd, n_prefix, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V,
-                                                HEAD_DIM_V_PAD, UPCAST)
-            h = g * group + hh
-            row_base = (b * n_heads + h) * n_queries
-            dk, dv = _key_tile_grads(
-                dk, dv, pk, pv, key_visible, cols, Q + b * stride_qb + h * stride_qh,
-                DO + b * stride_dob + h * stride_doh, LSE + row_base, Delta + row_base,
-                DQ + b * stride_dqb + h * stride_dqh, stride_qm, stride_qd, stride_dom, stride_dod,
-                stride_dqm, stride_dqd, start_m, start_m + BLOCK_M, n_queries, 0, offs_m, offs_d, offs_dv, qk_scale,
-                scale, softcap2, window, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, True, False, True, 0, SOFTCAP, NEED_DQ, NEED_DPREFIX,
-                UPCAST, PRECISION)
-        if NEED_DPREFIX:
-            _flush_prefix_grads(dk, dv, DPK, DPV, chunk, t, g, cols, offs_d, offs_dv, stride_gk, stride_gv,
-                                n_prefix, scale, HEAD_DIM, HEAD_DIM_V, DETERMINISTIC)
+            _prefix_items(
+                first, last, tl.zeros([], dtype=tl.int64), g, cols, key_visible, PK, PV, Q, DO, LSE, Delta, DQ,
+                DPK, DPV, chunk,
+                stride_qb, stride_qh, stride_qm, stride_qd, stride_pkt, stride_pkh, stride_pkn, stride_pkd,
+                stride_pvt, stride_pvh, stride_pvn, stride_pvd, stride_dob, stride_doh, stride_dom, stride_dod,
+                stride_dqb, stride_dqh, stride_dqm, stride_dqd, stride_gk, stride_gv,
+                n_heads, n_queries, n_prefix, group, q_blocks, items_per_row, scale, qk_scale, softcap2, window,
+                offs_m, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N,
+                SOFTCAP, NEED_DQ, NEED_DPREFIX, DETERMINISTIC, UPCAST, PRECISION, ACC_DTYPE)
     elif SEQ_PROGRAMS:
         s = pid - n_prefix_programs
         bg = s % (batch * n_kv_heads)
@@ -270,34 +309,22 @@ def backward_kernel(
 
         # Query i (position key_offset + i) sees key j iff j <= key_offset + i.
         key_offset = n_keys - n_queries
-        masked_lo, free_lo, free_hi, masked_hi = query_ranges(start_n, n_queries, key_offset, window, BLOCK_N, BLOCK_M, IS_CAUSAL,
-                                   WINDOW_MASK != 0)
+        masked_lo, _, _, masked_hi = query_ranges(start_n, n_queries, key_offset, window, BLOCK_N, BLOCK_M, IS_CAUSAL,
+                                                  WINDOW_MASK != 0)
         for hh in range(0, group):
             h = g * group + hh
-            Q_base = Q + b * stride_qb + h * stride_qh
-            DO_base = DO + b * stride_dob + h * stride_doh
-            DQ_base = DQ + b * stride_dqb + h * stride_dqh
             row_base = (b * n_heads + h) * n_queries
-            # [masked_lo, free_lo) and [free_hi, masked_hi): the causal diagonal, window edges and the ragged
-            # last query block, with every mask; [free_lo, free_hi): blocks that see every key. Keys past n_keys are zero rows of k and v:
-            # they add nothing to dq (and dk/dv rows past the end are not stored).
+            # One loop over every query block that sees the block, every mask on: on the blocks that see
+            # all keys (query_ranges' [free_lo, free_hi)) the masks change nothing, and a [BLOCK_N, BLOCK_M]
+            # tile costs a few selects per thread, where separate masked / unmasked loops kept three sets
+            # of loop state live and spilled at D = 128 (see configs.py). Keys past n_keys are zero rows
+            # of k and v: they add nothing to dq (and dk/dv rows past the end are not stored).
             dk, dv = _key_tile_grads(
-                dk, dv, k, v, key_visible, cols, Q_base, DO_base, LSE + row_base, Delta + row_base, DQ_base,
-                stride_qm, stride_qd, stride_dom, stride_dod, stride_dqm, stride_dqd, masked_lo, free_lo, n_queries,
-                key_offset, offs_m, offs_d, offs_dv, qk_scale, scale, softcap2, window, HEAD_DIM, HEAD_DIM_PAD,
-                HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M,
-                True, IS_CAUSAL, True, WINDOW_MASK, SOFTCAP, NEED_DQ, NEED_DKDV, UPCAST, PRECISION)
-            dk, dv = _key_tile_grads(
-                dk, dv, k, v, key_visible, cols, Q_base, DO_base, LSE + row_base, Delta + row_base, DQ_base,
-                stride_qm, stride_qd, stride_dom, stride_dod, stride_dqm, stride_dqd, free_lo, free_hi, n_queries,
-                key_offset, offs_m, offs_d, offs_dv, qk_scale, scale, softcap2, window, HEAD_DIM, HEAD_DIM_PAD,
-                HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M,
-                False, False, HAS_KPM, 0, SOFTCAP, NEED_DQ, NEED_DKDV, UPCAST, PRECISION)
-            dk, dv = _key_tile_grads(
-                dk, dv, k, v, key_visible, cols, Q_base, DO_base, LSE + row_base, Delta + row_base, DQ_base,
-                stride_qm, stride_qd, stride_dom, stride_dod, stride_dqm, stride_dqd, free_hi, masked_hi, n_queries,
-                key_offset, offs_m, offs_d, offs_dv, qk_scale, scale, softcap2, window, HEAD_DIM, HEAD_DIM_PAD,
-                HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M,
+                dk, dv, k, v, key_visible, cols, Q + b * stride_qb + h * stride_qh,
+                DO + b * stride_dob + h * stride_doh, LSE + row_base, Delta + row_base,
+                DQ + b * stride_dqb + h * stride_dqh, stride_qm, stride_qd, stride_dom, stride_dod, stride_dqm,
+                stride_dqd, masked_lo, masked_hi, n_queries, key_offset, offs_m, offs_d, offs_dv, qk_scale, scale,
+                softcap2, window, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M,
                 True, IS_CAUSAL, True, WINDOW_MASK, SOFTCAP, NEED_DQ, NEED_DKDV, UPCAST, PRECISION)
         if NEED_DKDV:
             key_ok = cols[:, None] < n_keys

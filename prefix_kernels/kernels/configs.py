@@ -90,18 +90,27 @@ def _default_configs(head_dim: int, dtype: torch.dtype, capability: tuple[int, i
         return KernelConfigs(forward=small, dq=small, backward=small)
     # (forward, dq, backward) for 16-bit inputs; dq wants tall query tiles, the backward wide key tiles
     # (its dk/dv accumulators live in registers: 2 * block_n * D fp32 over 32 * num_warps threads).
-    # The backward's were chosen statically (prefix-kernels inspect, sm_90, Triton 3.9, bf16): at D=64
-    # (16, 128, 8 warps, 3 stages) has wgmma and no spill with room to spare (210 registers; (32, 128,
-    # 8, 2) needs 251, (32, 128, 8, 3) spills); at D=128 no candidate has both: (16, 64, 8, 2) keeps
-    # wgmma with 48 B of spill, (16, 32, 4, 3) spills nothing but runs mma.sync only. Not timed on a
-    # GPU yet: tune_blocks.py decides.
+    # The backward's were chosen statically (prefix-kernels inspect, sm_90, Triton 3.9, bf16, the one-loop
+    # backward: one masked loop over the query blocks that see a key block, dq^T = K^T dS^T by wgmma;
+    # benchmarks/results/inspect_sm90_*_{before,after}.json). D=64: (16, 128, 8 warps, 3 stages), 183
+    # registers (196 with window + softcap + sinks), no spill (the three-loop kernel needed 210 / 226;
+    # (32, 128, 8, 3) also fits, 209 / 228, untimed). D=128: (16, 64, 8, 3), 224 registers (231 with the
+    # features), no spill, 64 KB of shared memory, wgmma only (the three-loop kernel spilled 60 / 92 B at
+    # (16, 64, 8, 2)). Rejected there: (16, 128, 8, 2) -- half the dq atomics per FLOP, 251 registers, but
+    # its deterministic variant spills 148 B --, (32, 64, 8, 2) 237 / 255 registers, every 4-warp config
+    # and every BLOCK_M = 64 (spills). Not timed on a GPU yet: tune_blocks.py decides.
     # A sliding window adds the window-edge loop to the forward: at D=128 (128, 64, 8, 3) then spills
     # 20 B, (128, 32, 8, 3) needs 204 registers.
+    # The forward at D=64 (the merged prefix + sequence loop, kernels/forward.py): (128, 64, 8, 3), 116
+    # registers, 2 blocks (16 warps) per SM; 212 with window + softcap + sinks, 118 with a padding mask and
+    # a bank. (128, 64, 4, 3) needed 238 / 255 / 252 (2 blocks of 4 warps). BLOCK_N = 128: (128, 128, 8, 3)
+    # fits (198 / 232 / 201 registers, 112 KB) at 1 block per SM, half the resident warps; at D=128 it
+    # spills (16 B with the separate loops, 60 B merged). Untimed: tune_blocks.py should compare them.
     if d <= 64:
-        table = (BlockConfig(128, 64, 4, 3), BlockConfig(128, 32, 4, 3), BlockConfig(16, 128, 8, 3))
+        table = (BlockConfig(128, 64, 8, 3), BlockConfig(128, 32, 4, 3), BlockConfig(16, 128, 8, 3))
     elif d <= 128:
         forward = BlockConfig(128, 32, 8, 3) if windowed else BlockConfig(128, 64, 8, 3)
-        table = (forward, BlockConfig(128, 32, 8, 2), BlockConfig(16, 64, 8, 2))
+        table = (forward, BlockConfig(128, 32, 8, 2), BlockConfig(16, 64, 8, 3))
     else:
         table = (BlockConfig(64, 32, 8, 2), BlockConfig(64, 32, 8, 1), BlockConfig(16, 32, 4, 1))
     if dtype == torch.float32:  # 4-byte tiles: halve the long side to stay within registers/smem
@@ -234,10 +243,27 @@ def decode_num_splits(n_keys_total: int, n_programs: int, n_sms: int, cfg: Decod
 #   cascade:  ceil(B * G * N / BLOCK_ROWS) * P + B * M, plus the prefix splits' partials, written once
 #             and read once by the combine: B * G * N * S_p * (Dv + 2) fp32, about
 #             B * G * N * S_p * 2 * (Dv + 2) * 4 / (2 * D * itemsize) key-equivalents.
-# The cascade is taken when it reads at most CASCADE_MAX_FRACTION of the per-row path's bytes; a bank
-# with prefix_ids (rows may differ in prefix) keeps the per-row path. Not timed on a GPU yet.
+# The cascade is taken when it reads at most CASCADE_MAX_FRACTION of the per-row path's bytes.
+#
+# A bank of T prefixes with prefix_ids: a tile holds rows of ONE prefix (the kernel finds them on the
+# device, ``decode.bank_rows``: no sort, no host sync, so CUDA graphs keep working). The host does
+# not know how the B rows spread over the T prefixes, so the grid has T * ceil(B * G * N / BLOCK_ROWS)
+# tiles per kv head (any prefix may hold every row) and a tile past its prefix's rows returns at once.
+# Prefix t with c_t rows fills ceil(c_t * G * N / BLOCK_ROWS) tiles, and since ceil(a) + ceil(b) <=
+# ceil(a + b) + 1, the U <= min(T, B) prefixes in use fill at most
+#   tiles_bank = ceil(B * G * N / BLOCK_ROWS) + min(T, B) - 1
+# tiles that read the prefix (``shared_prefix_tiles``; the model takes this worst case, the split
+# count too). The bank's cascade then costs tiles_bank * P + B * M + partials, plus every launched
+# program reading the B prefix ids (8 bytes each: T * tiles * S_p * B * 8 / (2 * D * itemsize) key
+# equivalents, mostly L2 hits; it also stands for the empty programs' launch cost). With M << P the
+# cascade wins while tiles_bank <= 0.75 * B, i.e. T <= 0.75 * B + 1 - ceil(B * G * N / BLOCK_ROWS):
+# few prefixes with long P take it, T close to B (no sharing) never does. E.g. B=64, G=4, N=1, D=128,
+# bf16, M=64, P=4096, S_p=8: cascade up to T=43 (T=4: 7 tiles read P, 0.14 of the per-row bytes);
+# P=512, M=512: up to T=19; G*N=16: T<=27, G*N=32: T<=8; G*N=64 (a row's own tile is full): never,
+# whatever T. A bank of one (T=1) is one shared prefix. Not timed on a GPU yet.
 SHARED_PREFIX_BLOCK_ROWS = 64
 CASCADE_MAX_FRACTION = 0.75
+SHARED_PREFIX_MAX_TILES = 65535  # CUDA's limit on grid axis 2, which carries the (prefix, tile) pairs
 # sm_90 bf16 D=128, 64 rows, 4 warps, 3 stages: 212 registers, 112 KB of shared memory -> 2 programs
 # per SM (prefix-kernels inspect, Triton 3.9); the prefix split count fills waves of that many.
 SHARED_PREFIX_RESIDENT_PER_SM = 2
@@ -252,20 +278,36 @@ def shared_prefix_config(cfg: DecodeConfig, capability: tuple[int, int] | None) 
     return cfg if capability is None else replace(cfg, resident_per_sm=SHARED_PREFIX_RESIDENT_PER_SM)
 
 
+def shared_prefix_tiles(batch: int, rows_per_batch_row: int, block_rows: int, n_prefixes: int = 1) -> tuple[int, int]:
+    """(tiles per prefix, tiles that can read the prefix) per kv head, for B = ``batch`` rows of G * N =
+    ``rows_per_batch_row`` stacked rows each and a bank of ``n_prefixes`` (1: one shared prefix).
+    The cascade launches n_prefixes * tiles-per-prefix tiles per kv head; see tiles_bank above."""
+    tiles = -(-batch * rows_per_batch_row // block_rows)
+    if n_prefixes <= 1:
+        return tiles, tiles
+    return tiles, min(n_prefixes * tiles, tiles + min(n_prefixes, batch) - 1)
+
+
 def use_shared_prefix_decode(batch: int, rows_per_batch_row: int, n_prefix: int, n_keys: int, head_dim: int,
                              head_dim_v: int, itemsize: int, prefix_splits: int, block_rows: int,
-                             has_prefix_ids: bool) -> bool:
-    """Whether a decode call reads its shared prefix through the cascade (the cost model above);
-    ``override_configs(shared_prefix_decode=...)`` decides instead when set."""
+                             n_prefixes: int = 1) -> bool:
+    """Whether a decode call reads its prefix through the cascade (the cost model above);
+    ``n_prefixes``: T of a bank chosen by prefix_ids (1: one prefix shared by every row).
+    ``override_configs(shared_prefix_decode=...)`` decides instead when set (within the grid limit)."""
+    tiles, tiles_bank = shared_prefix_tiles(batch, rows_per_batch_row, block_rows, n_prefixes)
+    if n_prefix == 0 or max(n_prefixes, 1) * tiles > SHARED_PREFIX_MAX_TILES:
+        return False
     forced = _OVERRIDES.get("shared_prefix_decode")
     if forced is not None:
-        return bool(forced) and not has_prefix_ids and n_prefix > 0
-    if has_prefix_ids or n_prefix == 0 or batch < 2:
+        return bool(forced)
+    if batch < 2:
         return False
     rows = batch * rows_per_batch_row
+    key_bytes = 2 * head_dim * itemsize
     per_row = batch * (n_prefix + n_keys)
-    partials = rows * prefix_splits * 2 * (head_dim_v + 2) * 4 / (2 * head_dim * itemsize)
-    cascade = math.ceil(rows / block_rows) * n_prefix + batch * n_keys + partials
+    partials = rows * prefix_splits * 2 * (head_dim_v + 2) * 4 / key_bytes
+    scan = n_prefixes * tiles * prefix_splits * batch * 8 / key_bytes if n_prefixes > 1 else 0
+    cascade = tiles_bank * n_prefix + batch * n_keys + partials + scan
     return cascade <= CASCADE_MAX_FRACTION * per_row
 
 

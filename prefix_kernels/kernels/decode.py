@@ -34,7 +34,9 @@ out and lse NaN, as in the general kernel.
 Kernel 3, ``prefix_attention_shared_prefix_kernel`` (the cascade of Hydragen / FlashInfer, for one
 prefix shared by every row): the prefix part as one product of all rows' queries against the prefix,
 per kv head and prefix split, written as the first splits of the partials; kernel 1 then walks only
-the sequence keys (``split_base`` past the prefix's splits) and the combine merges both.
+the sequence keys (``split_base`` past the prefix's splits) and the combine merges both. With a bank
+(prefix_ids, T prefixes) the same per (prefix, kv head, split) over the rows that use that prefix,
+which each program finds by scanning prefix_ids on the device (``bank_rows``: no sort, no host sync).
 
 Block configs (``decode_config``), the split count (``decode_num_splits``), when a call takes
 this path (``use_decode_kernel``) and when the cascade (``use_shared_prefix_decode``) are the
@@ -148,6 +150,26 @@ def prefix_attention_decode_kernel(
 
 
 @triton.jit
+def bank_rows(PREFIX_IDS, t, rank, n_batch, BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr):
+    """The rows of a bank that use prefix t, in batch order, without a sort or a host sync: for each
+    tile row's ``rank`` [BLOCK_R], the batch row b with prefix_ids[b] == t and rank-th among them (0
+    past the last), and how many rows use t. One pass over prefix_ids in blocks of BLOCK_B (a running
+    count plus a cumsum ranks the hits; a [BLOCK_R, BLOCK_B] compare picks each tile row's)."""
+    offs_b = tl.arange(0, BLOCK_B)
+    row_b = tl.zeros([BLOCK_R], dtype=tl.int32)  # int32 while live (fewer registers); callers widen it
+    count = tl.zeros([], dtype=tl.int32)
+    for start in range(0, n_batch, BLOCK_B):
+        bs = start + offs_b
+        ids = tl.load(PREFIX_IDS + bs, mask=bs < n_batch, other=0)
+        hit = ((ids == t) & (bs < n_batch)).to(tl.int32)
+        ranks = count + tl.cumsum(hit, 0) - 1  # the rank among t's rows of each hit
+        match = (hit[None, :] != 0) & (ranks[None, :] == rank[:, None])
+        row_b += tl.sum(tl.where(match, bs[None, :], 0), 1)
+        count += tl.sum(hit, 0)
+    return row_b, count
+
+
+@triton.jit
 def prefix_attention_shared_prefix_kernel(
     Q, PK, PV, ACC_PART, M_PART, L_PART,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -157,6 +179,8 @@ def prefix_attention_shared_prefix_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     softcap2=1.0, SINKS=None, SOFTCAP: tl.constexpr = False, HAS_SINKS: tl.constexpr = False,
+    PREFIX_IDS=None, stride_pkt=0, stride_pvt=0, n_batch=0, tiles_per_prefix=1,
+    HAS_PREFIX_IDS: tl.constexpr = False, BLOCK_B: tl.constexpr = 16,
 ):
     """The cascade's prefix part (one prefix shared by every row): program (kv head g, prefix split
     s, row tile). Its BLOCK_R tile rows are taken from ALL rows' (query head, query) pairs of kv head
@@ -164,21 +188,38 @@ def prefix_attention_shared_prefix_kernel(
     each prefix K/V block is read once per row tile instead of once per batch row. The prefix is
     visible to every query (no mask). Writes each row's partials (m, l, acc) at split s; the
     per-row kernel writes the sequence part at splits num_prefix_splits.., and the combine merges
-    them all (split 0 here carries the sink logit)."""
+    them all (split 0 here carries the sink logit).
+
+    A bank (HAS_PREFIX_IDS, prefixes [T, Hkv, P, D] at stride_pkt): program axis 2 is (prefix t,
+    tile of t's rows), ``tiles_per_prefix`` tiles per prefix (enough for all B rows); the stacked
+    rows are those of the rows using t, in batch order (``bank_rows``: b of stacked row r is the
+    (r // (G * N))-th row with prefix_ids[b] == t), and a tile past t's rows returns at once. Each
+    row's partials still go to its own slot."""
     g = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     tile = tl.program_id(2).to(tl.int64)
+    if HAS_PREFIX_IDS:
+        t = tile // tiles_per_prefix
+        tile = tile % tiles_per_prefix
     offs_r = tile * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
     per_row = n_queries * group
     row_b = offs_r // per_row
+    n_rows = n_rows_total
+    if HAS_PREFIX_IDS:
+        row_b, n_users = bank_rows(PREFIX_IDS, t, row_b, n_batch, BLOCK_R, BLOCK_B)
+        n_rows = n_users * per_row
+        if tile * BLOCK_R >= n_rows:  # no row of prefix t in this tile
+            return
+        PK += t * stride_pkt
+        PV += t * stride_pvt
     row_h = g * group + (offs_r % per_row) // n_queries
     row_i = offs_r % n_queries
-    row_ok = offs_r < n_rows_total
-    q_rows = Q + row_b * stride_qb + row_h * stride_qh + row_i * stride_qm
-    q = load_tile(q_rows[:, None] + offs_d[None, :] * stride_qd, offs_r, n_rows_total, offs_d,
+    row_ok = offs_r < n_rows
+    q_rows = Q + row_b.to(tl.int64) * stride_qb + row_h * stride_qh + row_i * stride_qm
+    q = load_tile(q_rows[:, None] + offs_d[None, :] * stride_qd, offs_r, n_rows, offs_d,
                   HEAD_DIM, HEAD_DIM_PAD, True, UPCAST)
     m_i, l_i, acc = start_rows(SINKS, row_h, row_ok, split, BLOCK_R, HEAD_DIM_V_PAD, HAS_SINKS)
     lo = split * keys_per_split

@@ -3,7 +3,9 @@
 Per (query block, batch row, query head) program: the prefix keys come first (full blocks without
 any mask, then one tail block masked to P), then the sequence keys (blocks that every query of the
 tile may see without a mask, then the blocks across the causal diagonal / past M with the mask):
-``tiles.attend_prefix_and_sequence``.
+``tiles.attend_prefix_and_sequence``. For D <= 64 the whole prefix blocks and the unmasked sequence
+blocks are one loop, each block picking its base pointer (``tiles.attend_prefix_and_sequence_merged``);
+the masked blocks follow.
 Scores live in the log2 domain (``qk_scale = scale * log2(e)``), and the kernel writes the LSE in
 that domain too (log2 units, ``m + log2(l)``) for the backward, which recomputes P = exp2(s - lse2)
 from exactly the same fp32 numbers: a round trip through the natural log would cost up to a few
@@ -17,7 +19,8 @@ Written for sm_80/sm_90 (compile-checked for both in the tests) and the CPU inte
 import triton
 import triton.language as tl
 
-from prefix_kernels.kernels.tiles import attend_prefix_and_sequence, finish_rows, load_tile, sink_logit2
+from prefix_kernels.kernels.tiles import (attend_prefix_and_sequence, attend_prefix_and_sequence_merged, finish_rows,
+                                         load_tile, sink_logit2)
 
 
 @triton.jit
@@ -63,14 +66,28 @@ def prefix_attention_fwd_kernel(
 
     # Query i sits at position n_keys - n_queries + i (bottom-right causal).
     first_pos = n_keys - n_queries + start_m
-    acc, l_i, m_i = attend_prefix_and_sequence(
-        acc, l_i, m_i, q, PK + t * stride_pkt + g * stride_pkh, PV + t * stride_pvt + g * stride_pvh,
-        stride_pkn, stride_pkd, stride_pvn, stride_pvd,
-        K + b * stride_kb + g * stride_kh, V + b * stride_vb + g * stride_vh, stride_kn, stride_kd, stride_vn,
-        stride_vd, KPM + b * stride_mb, stride_mn,
-        0, n_prefix, 0, n_keys, first_pos, first_pos + BLOCK_M - 1, first_pos + offs_m - start_m, offs_n, offs_d,
-        offs_dv, qk_scale, softcap2, window,
-        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP, UPCAST, PRECISION)
+    # D <= 64: the whole prefix blocks and the unmasked sequence blocks in one loop (issue 12: one
+    # pipeline instead of two short ones; sm_90 bf16 (128, 64, 8 warps, 3 stages): 116 registers where the
+    # two loops need 120, 212 vs 234 with window + softcap + sinks). D = 128 keeps the separate loops:
+    # there the merged loop needs 217 registers instead of 185 (no spill either way; configs.py).
+    if HEAD_DIM_PAD <= 64:
+        acc, l_i, m_i = attend_prefix_and_sequence_merged(
+            acc, l_i, m_i, q, PK + t * stride_pkt + g * stride_pkh, PV + t * stride_pvt + g * stride_pvh,
+            stride_pkn, stride_pkd, stride_pvn, stride_pvd,
+            K + b * stride_kb + g * stride_kh, V + b * stride_vb + g * stride_vh, stride_kn, stride_kd, stride_vn,
+            stride_vd, KPM + b * stride_mb, stride_mn,
+            0, n_prefix, 0, n_keys, first_pos, first_pos + BLOCK_M - 1, first_pos + offs_m - start_m, offs_n, offs_d,
+            offs_dv, qk_scale, softcap2, window,
+            HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP, UPCAST, PRECISION)
+    else:
+        acc, l_i, m_i = attend_prefix_and_sequence(
+            acc, l_i, m_i, q, PK + t * stride_pkt + g * stride_pkh, PV + t * stride_pvt + g * stride_pvh,
+            stride_pkn, stride_pkd, stride_pvn, stride_pvd,
+            K + b * stride_kb + g * stride_kh, V + b * stride_vb + g * stride_vh, stride_kn, stride_kd, stride_vn,
+            stride_vd, KPM + b * stride_mb, stride_mn,
+            0, n_prefix, 0, n_keys, first_pos, first_pos + BLOCK_M - 1, first_pos + offs_m - start_m, offs_n, offs_d,
+            offs_dv, qk_scale, softcap2, window,
+            HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP, UPCAST, PRECISION)
 
     out, lse = finish_rows(acc, l_i, m_i)
     row_ok = offs_m < n_queries

@@ -266,6 +266,81 @@ def attend_prefix_and_sequence(
 
 
 @triton.jit
+def attend_prefix_and_free_blocks(
+    acc, l_i, m_i, q, PK, PV, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
+    K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
+    p_lo, n_prefix_blocks, free_lo, n_blocks, offs_n, offs_d, offs_dv, qk_scale, softcap2,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_KPM: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """The unmasked blocks of both key sources in ONE loop: blocks [0, n_prefix_blocks) are the whole
+    prefix blocks from p_lo, the rest of the n_blocks are sequence blocks from free_lo that every
+    query of the tile sees (no mask but padding). Each block picks its base pointer and row stride,
+    so the software pipeline runs through the prefix into the sequence instead of draining and
+    refilling between two short loops. Prefix keys have no padding: their keep mask is all true."""
+    for i in range(0, n_blocks):
+        in_prefix = i < n_prefix_blocks
+        start_n = tl.where(in_prefix, p_lo + i * BLOCK_N, free_lo + (i - n_prefix_blocks) * BLOCK_N)
+        cols = start_n + offs_n
+        k_ptrs = tl.where(in_prefix, PK, K) + cols[:, None] * tl.where(in_prefix, stride_pkn, stride_kn) \
+            + offs_d[None, :] * tl.where(in_prefix, stride_pkd, stride_kd)
+        v_ptrs = tl.where(in_prefix, PV, V) + cols[:, None] * tl.where(in_prefix, stride_pvn, stride_vn) \
+            + offs_dv[None, :] * tl.where(in_prefix, stride_pvd, stride_vd)
+        k = load_tile(k_ptrs, cols, 0, offs_d, HEAD_DIM, HEAD_DIM_PAD, False, UPCAST)
+        s = scores(q, k, qk_scale, PRECISION)
+        if SOFTCAP:
+            s, _ = softcap(s, softcap2)
+        if HAS_KPM:
+            seq_end = tl.where(in_prefix, 0, start_n + BLOCK_N)  # prefix blocks: no key loaded, all kept
+            keep = tl.load(KPM + cols * stride_mn, mask=cols < seq_end, other=1) != 0
+            s = tl.where(keep[None, :], s, float("-inf"))
+        v = load_tile(v_ptrs, cols, 0, offs_dv, HEAD_DIM_V, HEAD_DIM_V_PAD, False, UPCAST)
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v, PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def attend_prefix_and_sequence_merged(
+    acc, l_i, m_i, q, PK, PV, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
+    K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
+    p_lo, p_hi, s_lo, s_hi, first_pos, last_pos, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2, window,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, WINDOW_MASK: tl.constexpr, SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The forward's walk: the same keys and masks as ``attend_prefix_and_sequence``, in another order:
+    the whole prefix blocks and the unmasked sequence blocks in one loop
+    (``attend_prefix_and_free_blocks``), then the masked blocks: the prefix's last partial block,
+    a window's lower edge, the causal diagonal / the end."""
+    masked_lo, free_lo, free_hi, masked_hi = key_ranges(s_lo, s_hi, first_pos, last_pos, window, BLOCK_N,
+                                                        IS_CAUSAL, WINDOW_MASK != 0)
+    n_prefix_blocks = (p_hi - p_lo) // BLOCK_N
+    acc, l_i, m_i = attend_prefix_and_free_blocks(
+        acc, l_i, m_i, q, PK, PV, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
+        K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
+        p_lo, n_prefix_blocks, free_lo, n_prefix_blocks + (free_hi - free_lo) // BLOCK_N, offs_n, offs_d, offs_dv,
+        qk_scale, softcap2, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, HAS_KPM, SOFTCAP, UPCAST,
+        PRECISION)
+    p_full = p_lo + n_prefix_blocks * BLOCK_N
+    acc, l_i, m_i = attend_blocks(
+        acc, l_i, m_i, q, PK, PV, stride_pkn, stride_pkd, stride_pvn, stride_pvd, KPM, 0,
+        p_full, p_hi, p_hi, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2, window,
+        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, False, False, 0, SOFTCAP, UPCAST, PRECISION)
+    if WINDOW_MASK != 0:
+        acc, l_i, m_i = attend_blocks(
+            acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
+            masked_lo, free_lo, s_hi, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2, window,
+            HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP, UPCAST, PRECISION)
+    acc, l_i, m_i = attend_blocks(
+        acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
+        free_hi, masked_hi, s_hi, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2, window,
+        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP, UPCAST, PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def load_lse2(LSE, rows, n_queries):
     """The forward's LSE (log2 units); -inf (no key seen) and rows past the end -> +inf, so p = 0."""
     lse = tl.load(LSE + rows, mask=rows < n_queries, other=float("inf"))
