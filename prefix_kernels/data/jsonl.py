@@ -1,5 +1,6 @@
-"""Prompt/completion data: JSONL loading with line-numbered errors, a train/eval split, and a
-left-padding collator whose labels cover only the completion (plus EOS)."""
+"""JSONL data with line-numbered errors -- prompt/completion (causal LMs), source/target (seq2seq),
+text/label (classification) -- a train/eval split, and a left-padding prompt/completion collator
+whose labels cover only the completion (plus EOS)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,11 @@ from pathlib import Path
 import torch
 
 SPLITS = ("train", "eval")
+# per task: the fields every line needs, the types each takes, and the one that must not be blank
+FIELDS = {"causal": ({"prompt": (str,), "completion": (str,)}, "completion"),
+          "seq2seq": ({"source": (str,), "target": (str,)}, "target"),
+          "classification": ({"text": (str,), "label": (str, int)}, "text")}
+_TYPE_NAMES = {(str,): "a string", (str, int): "a string or an int"}
 
 
 def demo_task_path() -> Path:
@@ -17,24 +23,29 @@ def demo_task_path() -> Path:
     return Path(str(resources.files(__package__) / "demo_task.jsonl"))
 
 
-def _check(obj, where: str) -> dict:
+def _check(obj, where: str, task: str) -> dict:
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    for key in ("prompt", "completion"):
+    fields, not_blank = FIELDS[task]
+    for key, types in fields.items():
         if key not in obj:
             raise ValueError(f'{where}: missing "{key}"')
-        if not isinstance(obj[key], str):
-            raise ValueError(f'{where}: "{key}" must be a string, got {type(obj[key]).__name__}')
-    if not obj["completion"].strip():
-        raise ValueError(f'{where}: empty "completion"')
+        if not isinstance(obj[key], types) or isinstance(obj[key], bool):
+            raise ValueError(f'{where}: "{key}" must be {_TYPE_NAMES[types]}, got {type(obj[key]).__name__}')
+    if not obj[not_blank].strip():
+        raise ValueError(f'{where}: empty "{not_blank}"')
     if "split" in obj and obj["split"] not in SPLITS:
         raise ValueError(f'{where}: unknown "split" value {obj["split"]!r} (expected "train" or "eval")')
     return obj
 
 
-def load_jsonl(path) -> list[dict]:
-    """One {"prompt", "completion"[, "split"]} object per line; blank lines are skipped.
-    Raises ValueError naming ``path:line`` on the first bad line, or on a file without examples."""
+def load_jsonl(path, task: str = "causal") -> list[dict]:
+    """One object per line with the fields of ``task`` (:data:`FIELDS`): {"prompt", "completion"}
+    ("causal"), {"source", "target"} ("seq2seq") or {"text", "label"} ("classification"; labels
+    all strings or all ints), each with an optional "split"; blank lines are skipped. Raises
+    ValueError naming ``path:line`` on the first bad line, or on a file without examples."""
+    if task not in FIELDS:
+        raise ValueError(f"task must be one of {tuple(FIELDS)}, got {task!r}")
     examples = []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -48,7 +59,11 @@ def load_jsonl(path) -> list[dict]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            examples.append(_check(obj, f"{path}:{lineno}"))
+            examples.append(_check(obj, f"{path}:{lineno}", task))
+            label = examples[-1].get("label") if task == "classification" else None
+            if label is not None and type(label) is not type(examples[0]["label"]):
+                raise ValueError(f'{path}:{lineno}: "label" is {label!r}, but the first example\'s is '
+                                 f'{examples[0]["label"]!r}: labels must be all strings or all ints')
     if not examples:
         raise ValueError(f"{path}: no examples (the file is empty)")
     return examples

@@ -4,12 +4,14 @@ Two formats, both safetensors (never pickle) plus a JSON config:
 
 - ours, :func:`save_prefix` / :func:`load_prefix`: ``prefix_tuning.safetensors`` holds the wrapper's
   trainable tensors under their state_dict names (``prefix_embedding``, or ``prefix_encoder.embedding``
-  and ``prefix_encoder.transform.{0,2}.{weight,bias}``), never the frozen base weights;
-  ``prefix_tuning_config.json`` holds ``spec.to_dict()`` and a ``format_version``.
+  and ``prefix_encoder.transform.{0,2}.{weight,bias}``; the ``trainable_modules``' tensors as
+  ``base_model.<module path>.<name>``), never the frozen base weights; ``prefix_tuning_config.json``
+  holds ``spec.to_dict()``, a ``format_version`` and the ``trainable_modules`` (absent: none).
 - PEFT's, :func:`save_peft_adapter` / :func:`load_peft_adapter` / :func:`peft_adapter_size` (which
   :func:`~prefix_kernels.hf.model.from_peft_adapter` sizes a wrapper from): a directory
   that ``peft.PeftModel.from_pretrained`` loads (``adapter_config.json`` and ``adapter_model.safetensors``
-  with ``prompt_embeddings`` [P, L * 2 * Hkv * D]), one row of the prefix bank; a prefix-tuning
+  with ``prompt_embeddings`` [P, L * 2 * Hkv * D], and the ``modules_to_save`` weights under PEFT's
+  names ``base_model.<module path>.<name>``), one row of the prefix bank; a prefix-tuning
   (``PREFIX_TUNING``) or a Cartridges (``CARTRIDGE``, whose first ``num_frozen_tokens`` tokens are
   not trained) adapter. PEFT is not needed to write or read it.
 
@@ -61,6 +63,15 @@ def prefix_tensors(wrapper) -> dict[str, torch.nn.Parameter]:
     return {"prefix_embedding": wrapper.prefix_embedding}
 
 
+def module_tensors(wrapper) -> dict[str, torch.Tensor]:
+    """The tensors (parameters and persistent buffers) of the wrapper's ``trainable_modules`` by
+    their state_dict names in the wrapper, ``base_model.<module path>.<name>``: the names PEFT gives
+    ``modules_to_save`` weights in its adapter files, too."""
+    model = wrapper.base_model
+    return {f"base_model.{path}.{name}": t for path in wrapper.trainable_modules
+            for name, t in model.get_submodule(path).state_dict(keep_vars=True).items()}
+
+
 def expected_shapes(spec: PrefixSpec) -> dict[str, tuple[int, ...]]:
     """The shape of each of :func:`prefix_tensors` for a wrapper of ``spec`` (whole, not sharded)."""
     table = (spec.num_prefixes, spec.num_virtual_tokens)
@@ -77,26 +88,30 @@ def expected_shapes(spec: PrefixSpec) -> dict[str, tuple[int, ...]]:
 
 
 def save_prefix(wrapper, directory) -> None:
-    """Writes ``prefix_tuning.safetensors`` and ``prefix_tuning_config.json`` into ``directory``.
+    """Writes ``prefix_tuning.safetensors`` and ``prefix_tuning_config.json`` into ``directory``: the
+    prefix and the weights of the wrapper's ``trainable_modules`` (listed in the config).
 
     Raises RuntimeError (and writes nothing) when the prefixes are sharded (FSDP2/FSDP1): save from
     rank 0 inside ``unshard()`` / ``summon_full_params()``, see the module docstring."""
-    params = _whole_tensors(wrapper, "save_prefix")
+    params = {**_whole_tensors(wrapper, "save_prefix"), **module_tensors(wrapper)}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: p.detach().cpu().contiguous() for name, p in params.items()}
     config = {"format_version": FORMAT_VERSION, **wrapper.spec.to_dict()}
+    if wrapper.trainable_modules:  # absent: none (files without it load as before)
+        config["trainable_modules"] = list(wrapper.trainable_modules)
     _write_safetensors(directory / PREFIX_WEIGHTS, tensors)
     _write_json(directory / PREFIX_CONFIG, config)
 
 
 def load_prefix(wrapper, directory) -> None:
-    """Loads what :func:`save_prefix` wrote into a wrapper built with the same settings."""
+    """Loads what :func:`save_prefix` wrote into a wrapper built with the same settings (the same
+    ``trainable_modules`` included)."""
     directory = Path(directory)
     config_path, weights_path = directory / PREFIX_CONFIG, directory / PREFIX_WEIGHTS
-    params = _whole_tensors(wrapper, "load_prefix")
+    params = {**_whole_tensors(wrapper, "load_prefix"), **module_tensors(wrapper)}
     config = _read_json(config_path, "save_prefix() writes it")
-    _check_prefix_config(config_path, config, wrapper.spec)
+    _check_prefix_config(config_path, config, wrapper.spec, wrapper.trainable_modules)
     tensors = _read_safetensors(weights_path, "save_prefix() writes it")
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing or unexpected:
@@ -104,6 +119,10 @@ def load_prefix(wrapper, directory) -> None:
                          f"missing {missing}, unexpected {unexpected} (the model expects {sorted(params)})")
     for name, p in params.items():
         _check_tensor(weights_path, name, tensors[name], tuple(p.shape))
+    _copy(params, tensors)
+
+
+def _copy(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[name].to(p.dtype))
@@ -112,13 +131,13 @@ def load_prefix(wrapper, directory) -> None:
 _ADDED_FIELDS = {"layer_shapes": None, "num_frozen_tokens": 0, "placement": None}  # spec fields added after format_version 1
 
 
-def _check_prefix_config(path: Path, config: dict, spec: PrefixSpec) -> None:
+def _check_prefix_config(path: Path, config: dict, spec: PrefixSpec, modules: tuple[str, ...] = ()) -> None:
     version = config.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(f"{path}: format_version is {version!r} in the file, but this prefix_kernels reads "
                          f"format_version {FORMAT_VERSION}")
     ours = spec.to_dict()
-    unknown = sorted(set(config) - set(ours) - {"format_version"})
+    unknown = sorted(set(config) - set(ours) - {"format_version", "trainable_modules"})
     if unknown:
         raise ValueError(f"{path}: unknown fields {unknown} (written by another version of prefix_kernels?)")
     for field, value in ours.items():
@@ -128,9 +147,30 @@ def _check_prefix_config(path: Path, config: dict, spec: PrefixSpec) -> None:
             raise ValueError(f"{path}: field {field!r} is missing (this model has {field}={value!r})")
         _check_field(path, field, config[field], value,
                      hint="build the wrapper with the settings the checkpoint was saved with")
+    _check_field(path, "trainable_modules", config.get("trainable_modules", []), list(modules),
+                 hint="build the wrapper with add_prefix_tuning(..., trainable_modules=<the file's list>)")
 
 
 # ---- PEFT's format --------------------------------------------------------------------------------
+_HEAD_TASKS = (("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
+               ("ForQuestionAnswering", "QUESTION_ANS"))
+# what PEFT 0.21 adds to modules_to_save for these task types (PeftModelForSequenceClassification etc.)
+_HEAD_MODULES = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+                 "QUESTION_ANS": ("qa_outputs",)}
+
+
+def head_task(head: str) -> str | None:
+    """The PEFT task type of a model class named ``head`` that has a task head (SEQ_CLS, TOKEN_CLS,
+    QUESTION_ANS), else None."""
+    return next((task for suffix, task in _HEAD_TASKS if head.endswith(suffix)), None)
+
+
+def head_modules(head: str) -> tuple[str, ...]:
+    """The module names PEFT trains and saves with the prefix for a model class named ``head``
+    (``modules_to_save``: the classifier / score / qa_outputs head); () for other models."""
+    return _HEAD_MODULES.get(head_task(head), ())
+
+
 def peft_task(spec: PrefixSpec, head: str = "") -> tuple[str, int]:
     """(PEFT task_type, num_transformer_submodules) of an adapter for a wrapper of ``spec`` around a
     model class named ``head``; a ValueError where PEFT has no adapter for the placement."""
@@ -139,18 +179,15 @@ def peft_task(spec: PrefixSpec, head: str = "") -> tuple[str, int]:
                          "PEFT adapter: PEFT's SEQ_2_SEQ_LM prefix tuning is placement='peft'; use save_prefix")
     if spec.placement == "peft":
         return "SEQ_2_SEQ_LM", 2
-    for suffix, task in (("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
-                         ("ForQuestionAnswering", "QUESTION_ANS")):
-        if head.endswith(suffix):
-            return task, 1
-    return "CAUSAL_LM", 1
+    return head_task(head) or "CAUSAL_LM", 1
 
 
 def peft_adapter_config(spec: PrefixSpec, base_model_name_or_path: str | None = None,
-                        peft_type: str = PEFT_TYPE, head: str = "") -> dict:
+                        peft_type: str = PEFT_TYPE, head: str = "", modules_to_save=()) -> dict:
     """The ``adapter_config.json`` of a PEFT 0.21 ``PrefixTuningConfig`` (or, ``peft_type="CARTRIDGE"``,
     ``CartridgeConfig`` with the spec's ``num_frozen_tokens``) for a model of ``spec`` (inference mode,
-    no projection: the exported table is already merged)."""
+    no projection: the exported table is already merged), saving ``modules_to_save`` with it."""
+    modules_to_save = list(modules_to_save) or None
     token_dim = spec.num_kv_heads * spec.head_dim
     task_type, submodules = peft_task(spec, head)
     if peft_type == CARTRIDGE_TYPE:
@@ -158,7 +195,7 @@ def peft_adapter_config(spec: PrefixSpec, base_model_name_or_path: str | None = 
             "auto_mapping": None,
             "base_model_name_or_path": base_model_name_or_path,
             "inference_mode": True,
-            "modules_to_save": None,
+            "modules_to_save": modules_to_save,
             "num_attention_heads": spec.num_kv_heads,
             "num_frozen_tokens": spec.num_frozen_tokens,
             "num_layers": spec.num_layers,
@@ -177,7 +214,7 @@ def peft_adapter_config(spec: PrefixSpec, base_model_name_or_path: str | None = 
         "encoder_hidden_size": token_dim,  # PEFT's default; unused without prefix_projection
         "inference_mode": True,
         "init_weights": None,
-        "modules_to_save": None,
+        "modules_to_save": modules_to_save,
         "num_attention_heads": spec.num_kv_heads,  # PEFT's num_attention_heads is the KV head count (GQA)
         "num_layers": spec.num_layers,
         "num_transformer_submodules": submodules,
@@ -193,7 +230,9 @@ def peft_adapter_config(spec: PrefixSpec, base_model_name_or_path: str | None = 
 def save_peft_adapter(wrapper, directory, prefix_index: int = 0, peft_type: str | None = None) -> None:
     """Writes row ``prefix_index`` of the prefix table (through the MLP when reparameterized) as a PEFT
     adapter that ``peft.PeftModel.from_pretrained(base_model, directory)`` loads: ``peft_type``
-    "PREFIX_TUNING" or "CARTRIDGE" (default: CARTRIDGE when the wrapper has frozen tokens)."""
+    "PREFIX_TUNING" or "CARTRIDGE" (default: CARTRIDGE when the wrapper has frozen tokens). The
+    ``trainable_modules`` go in as PEFT's ``modules_to_save``: listed in the config, their weights
+    under PEFT's names ``base_model.<module path>.<name>``."""
     spec = wrapper.spec
     if peft_type is None:
         peft_type = CARTRIDGE_TYPE if spec.num_frozen_tokens else PEFT_TYPE
@@ -208,16 +247,20 @@ def save_peft_adapter(wrapper, directory, prefix_index: int = 0, peft_type: str 
     _whole_tensors(wrapper, "save_peft_adapter")
     with torch.no_grad():
         table = wrapper.prefix_table()[prefix_index].detach().cpu().contiguous().clone()
+    tensors = {PEFT_KEY: table, **{name: t.detach().cpu().contiguous() for name, t in module_tensors(wrapper).items()}}
     name_or_path = getattr(wrapper.base_model.config, "_name_or_path", None) or None
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _write_safetensors(directory / PEFT_WEIGHTS, {PEFT_KEY: table})
-    _write_json(directory / PEFT_CONFIG, peft_adapter_config(spec, name_or_path, peft_type, head))
+    _write_safetensors(directory / PEFT_WEIGHTS, tensors)
+    _write_json(directory / PEFT_CONFIG,
+                peft_adapter_config(spec, name_or_path, peft_type, head, wrapper.trainable_modules))
 
 
 def load_peft_adapter(wrapper, directory, prefix_index: int = 0) -> None:
     """Copies a PEFT prefix-tuning adapter's ``prompt_embeddings`` into row ``prefix_index`` of
-    ``wrapper.prefix_embedding`` (a reparameterized wrapper must be ``merge()``d first)."""
+    ``wrapper.prefix_embedding`` (a reparameterized wrapper must be ``merge()``d first), and its
+    ``modules_to_save`` weights into the wrapper's ``trainable_modules``, which must be the same
+    modules (:func:`~prefix_kernels.hf.model.from_peft_adapter` builds the wrapper so)."""
     if wrapper.prefix_encoder is not None:
         raise ValueError("a PEFT adapter holds the prefix values themselves, which cannot be loaded into the "
                          f"projection MLP (projection_hidden={wrapper.spec.projection_hidden}): call merge() first")
@@ -226,8 +269,22 @@ def load_peft_adapter(wrapper, directory, prefix_index: int = 0) -> None:
     _whole_tensors(wrapper, "load_peft_adapter")
     config_path, config = _read_peft_config(directory)
     _check_peft_config(config_path, config, spec)
-    table = _read_peft_table(directory, spec)
+    table, modules = _read_peft_tensors(directory, wrapper, config)
     wrapper.set_prefix(prefix_index, table)
+    _copy(module_tensors(wrapper), modules)
+
+
+def peft_adapter_modules(directory) -> list[str]:
+    """The adapter's ``modules_to_save`` (in order, without repeats; PEFT lists its defaults twice),
+    [] when its weights file holds no module weights."""
+    config_path, config = _read_peft_config(directory)
+    names = config.get("modules_to_save") or []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{config_path}: modules_to_save is {names!r}, not a list of module names")
+    if not names:
+        return []
+    tensors = _read_safetensors(Path(directory) / PEFT_WEIGHTS, "a PEFT adapter directory holds it")
+    return list(dict.fromkeys(names)) if set(tensors) - {PEFT_KEY} else []
 
 
 def peft_adapter_size(directory, num_frozen_tokens: int | None = None) -> tuple[int, int]:
@@ -299,7 +356,10 @@ def _check_peft_config(path: Path, config: dict, spec: PrefixSpec) -> None:
             _check_field(path, field, config[field], value, hint="the adapter is for another model")
 
 
-def _read_peft_table(directory, spec: PrefixSpec) -> torch.Tensor:
+def _read_peft_tensors(directory, wrapper, config: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(prompt_embeddings, the module weights by name), the names checked against the wrapper's
+    :func:`module_tensors`."""
+    spec, modules, trainable = wrapper.spec, module_tensors(wrapper), list(wrapper.trainable_modules)
     directory = Path(directory)
     path = directory / PEFT_WEIGHTS
     if not path.is_file() and (directory / PEFT_PICKLE_WEIGHTS).is_file():
@@ -309,11 +369,23 @@ def _read_peft_table(directory, spec: PrefixSpec) -> torch.Tensor:
     if PEFT_KEY not in tensors:
         raise ValueError(f"{path}: no tensor named {PEFT_KEY!r} (found {sorted(tensors)}); not a PEFT prompt-learning "
                          "adapter")
-    if len(tensors) > 1:
-        raise ValueError(f"{path}: besides {PEFT_KEY!r} it holds {sorted(set(tensors) - {PEFT_KEY})} (e.g. "
-                         "modules_to_save weights), which a prefix-only wrapper cannot load")
+    extra = set(tensors) - {PEFT_KEY}
+    unexpected, missing = sorted(extra - set(modules)), sorted(set(modules) - extra)
+    if unexpected:
+        saved = config.get("modules_to_save")
+        raise ValueError(f"{path}: besides {PEFT_KEY!r} it holds {unexpected} (modules_to_save {saved!r} in the "
+                         f"config), which this wrapper does not train (trainable_modules="
+                         f"{trainable}): build it with add_prefix_tuning(..., "
+                         "trainable_modules=<those modules>), or use from_peft_adapter")
+    if missing:
+        raise ValueError(f"{path}: no weights for {missing} of this wrapper's trainable_modules "
+                         f"{trainable} (the adapter's modules_to_save: "
+                         f"{config.get('modules_to_save')!r}); build the wrapper with trainable_modules=[] to load "
+                         "the prefix alone")
     _check_tensor(path, PEFT_KEY, tensors[PEFT_KEY], (spec.num_virtual_tokens, spec.width))
-    return tensors[PEFT_KEY]
+    for name, t in modules.items():
+        _check_tensor(path, name, tensors[name], tuple(t.shape))
+    return tensors[PEFT_KEY], {name: tensors[name] for name in modules}
 
 
 # ---- checks and files -----------------------------------------------------------------------------
@@ -357,6 +429,11 @@ def _whole_tensors(wrapper, what: str) -> dict[str, torch.nn.Parameter]:
                                f"whole parameter has {shapes.get(name)}: it is this rank's part of a sharded "
                                f"parameter (FSDP1 outside summon_full_params()?), so nothing was "
                                f"{'written' if what.startswith('save') else 'loaded'}; {hint}")
+    for name, t in module_tensors(wrapper).items():
+        if _is_dtensor(t):
+            raise RuntimeError(f"{what}: {name!r} of the trainable_modules is a DTensor (sharded by FSDP2), not whole "
+                               f"on this rank, so nothing was {'written' if what.startswith('save') else 'loaded'}; "
+                               f"{hint}")
     return params
 
 

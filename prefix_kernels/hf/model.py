@@ -79,6 +79,44 @@ def _text_model_can_route(model: nn.Module) -> bool:
                for m in model.modules())
 
 
+def match_modules(model: nn.Module, names, *, missing_ok: bool = False) -> tuple[str, ...]:
+    """The paths of ``model``'s submodules named by ``names``, PEFT's rule for ``modules_to_save``:
+    a name matches the module at that dotted path or at any path ending in ``"." + name``; a match
+    inside another match is dropped (it trains with it). A name that matches nothing raises
+    ValueError, unless ``missing_ok``."""
+    paths = [path for path, _ in model.named_modules() if path]
+    found, unknown = [], []
+    for name in dict.fromkeys(names):
+        hits = [path for path in paths if path == name or path.endswith("." + name)]
+        found += hits
+        if not hits:
+            unknown.append(name)
+    if unknown and not missing_ok:
+        top = [path for path in paths if "." not in path]
+        raise ValueError(f"trainable_modules: no submodule of {type(model).__name__} is named {unknown} (a name is a "
+                         f"dotted path as in named_modules(), or its last parts; top-level modules: {top})")
+    found = sorted(set(found), key=paths.index)
+    return tuple(p for p in found if not any(p.startswith(q + ".") for q in found))
+
+
+def _trainable_modules(model: nn.Module, names) -> tuple[str, ...]:
+    """``trainable_modules`` resolved to module paths (None: the head PEFT's task type saves), checked
+    not to share a parameter with a frozen module (tied weights would train that module too)."""
+    if names is None:
+        paths = match_modules(model, checkpoint.head_modules(type(model).__name__), missing_ok=True)
+    elif isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"trainable_modules must be None or a list of module names (str), got {names!r}")
+    else:
+        paths = match_modules(model, names)
+    owned = {id(p): path for path in paths for p in model.get_submodule(path).parameters()}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        path = owned.get(id(p))
+        if path is not None and not any(name.startswith(q + ".") for q in paths):
+            raise ValueError(f"trainable_modules: {path!r} shares a parameter with {name!r} (tied weights), which "
+                             "would then train too; untie the weights or leave the module out")
+    return paths
+
+
 class PrefixEncoder(nn.Module):
     """Li & Liang's reparameterization: table = MLP(embedding), embedding [T, P, Hkv * D]."""
 
@@ -102,9 +140,11 @@ class PrefixTuningModel(nn.Module):
 
     def __init__(self, model: nn.Module, num_virtual_tokens: int, *, num_prefixes: int = 1,
                  projection_hidden: int | None = None, init="random", position_offset: str = "peft",
-                 backend: str = "auto", tokenizer=None, num_frozen_tokens: int = 0, placement: str | None = None):
+                 backend: str = "auto", tokenizer=None, num_frozen_tokens: int = 0, placement: str | None = None,
+                 trainable_modules=None):
         super().__init__()
         _check_routable(model)
+        self.trainable_modules = _trainable_modules(model, trainable_modules)
         seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
         if seq2seq:
             placement = "paper" if placement is None else placement
@@ -183,6 +223,8 @@ class PrefixTuningModel(nn.Module):
 
         for p in model.parameters():  # frozen only once the model is accepted
             p.requires_grad_(False)
+        for name in self.trainable_modules:  # ... except the head (or other modules) asked for
+            model.get_submodule(name).requires_grad_(True)
         self._signature = inspect.signature(model.forward)
         self._frozen_table = None
         self._generation_prefix_ids = None
@@ -405,7 +447,8 @@ class PrefixTuningModel(nn.Module):
         return compat.is_activation_checkpointing(self.base_model)
 
     def unload(self) -> nn.Module:
-        """Removes the hook and restores the model's attention implementation; returns the model."""
+        """Removes the hook and restores the model's attention implementation; returns the model. The
+        ``trainable_modules`` (a trained head) stay in the model as trained, the rest stays frozen."""
         for hook in self._hooks:
             hook.remove()
         for module in self._slot_modules.values():
@@ -453,7 +496,7 @@ def _warn_if_windows_differ_from_peft(wrapper) -> None:
 def add_prefix_tuning(model: nn.Module, num_virtual_tokens: int, *, num_prefixes: int = 1,
                       projection_hidden: int | None = None, init="random", position_offset: str = "peft",
                       backend: str = "auto", tokenizer=None, num_frozen_tokens: int = 0,
-                      placement: str | None = None) -> PrefixTuningModel:
+                      placement: str | None = None, trainable_modules=None) -> PrefixTuningModel:
     """Wraps a transformers causal LM for prefix tuning with the fused kernel.
 
     Args:
@@ -474,16 +517,26 @@ def add_prefix_tuning(model: nn.Module, num_virtual_tokens: int, *, num_prefixes
         placement: encoder-decoder models only: ``"paper"`` (default; Li & Liang: a prefix of its own
             in every encoder self-attention, decoder self-attention and cross-attention layer) or
             ``"peft"`` (the decoder's self-attention only, as PEFT's SEQ_2_SEQ_LM prefix tuning).
+        trainable_modules: names of the model's submodules that train with the prefix, PEFT's
+            ``modules_to_save`` (a name is a dotted path as in ``named_modules()``, or its last parts,
+            PEFT's matching rule; one that matches nothing raises ValueError). Trained in place: their
+            parameters stay trainable, in ``parameters()`` and the optimizer, and are saved by
+            ``save_prefix`` and, as PEFT saves ``modules_to_save``, by ``save_peft_adapter``;
+            ``unload()`` leaves them trained in the model. Default (None): the head PEFT's task type
+            trains, ``classifier`` or ``score`` for ``...ForSequenceClassification`` /
+            ``...ForTokenClassification``, ``qa_outputs`` for ``...ForQuestionAnswering`` (a freshly
+            initialized head is random), none for other models; ``[]``: the prefix alone.
     """
     return PrefixTuningModel(model, num_virtual_tokens, num_prefixes=num_prefixes,
                              projection_hidden=projection_hidden, init=init, position_offset=position_offset,
                              backend=backend, tokenizer=tokenizer, num_frozen_tokens=num_frozen_tokens,
-                             placement=placement)
+                             placement=placement, trainable_modules=trainable_modules)
 
 
 def from_peft_adapter(model, directory, **add_prefix_tuning_kwargs) -> PrefixTuningModel:
-    """``add_prefix_tuning(model, P, **kwargs)`` with P (and a cartridge's frozen tokens) from the
-    adapter's config, then the adapter loaded into prefix 0. The adapter's files are read first; its
+    """``add_prefix_tuning(model, P, **kwargs)`` with P (and a cartridge's frozen tokens, and as
+    ``trainable_modules`` the adapter's ``modules_to_save`` that the model has, unless given) from
+    the adapter's config, then the adapter loaded into prefix 0. The adapter's files are read first; its
     sizes are checked against what the model's attention layers take, found when it is wrapped: on
     a mismatch the model is unwrapped again (attention implementation and trainable flags restored)."""
     kwargs = add_prefix_tuning_kwargs
@@ -496,6 +549,8 @@ def from_peft_adapter(model, directory, **add_prefix_tuning_kwargs) -> PrefixTun
         placement = "peft"  # PEFT's only placement for encoder-decoder models
     num_virtual_tokens, frozen = checkpoint.peft_adapter_size(directory, kwargs.get("num_frozen_tokens"))
     kwargs = {**kwargs, "num_frozen_tokens": frozen, "placement": placement}
+    if kwargs.get("trainable_modules") is None:
+        kwargs["trainable_modules"] = match_modules(model, checkpoint.peft_adapter_modules(directory), missing_ok=True)
     trainable = [p.requires_grad for p in model.parameters()]
     wrapper = add_prefix_tuning(model, num_virtual_tokens, **kwargs)
     try:
