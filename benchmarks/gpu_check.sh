@@ -14,6 +14,12 @@
 #   window  prefix-kernels bench --preset window (N = M = 8192, sliding windows W = 1024 and W = M), fwd
 #           and fwd+bwd: ours, PEFT-style and cat+SDPA (window in the explicit mask), FlexAttention (window
 #           in the mask_mod), the floor (masked SDPA); flash-attn rows "skipped" (its window hides the prefix)
+#   encoders benchmarks/bench_encoders.py: a training step of a BART-base-shaped model (ours with PEFT's
+#           placement and with the paper's, against PEFT SEQ_2_SEQ_LM) and of a BERT-base-shaped classifier
+#           (ours against a concatenating SDPA baseline): median ms, peak memory
+#   cartridge benchmarks/bench_cartridge.py: a training step at P = 1024/4096/8192 against PEFT CARTRIDGE, and
+#           greedy generate() of 64 rows sharing a P = 1024/4096 cartridge: ours, the prefix copied into every
+#           row's DynamicCache, PEFT's own generate(): tokens/s, peak memory
 #   hf      benchmarks/bench_hf.py: a SmolLM2-135M-shaped model, training step vs PEFT, greedy decode
 # Limits (seconds; a part gets the smaller of its cap and what is left of the total budget, and is
 # skipped when less than its minimum is left):
@@ -24,16 +30,19 @@
 #   shared    45    20  15-30
 #   flex      90    45  60-90 (five Inductor compiles)
 #   window   120    60  70-110 (six Inductor compiles of FlexAttention; each finished shape's line is in the log)
+#   encoders  60    20  15-30 (two models built on the GPU, 7 steps per provider; not yet measured)
+#   cartridge 90    30  30-60 (3 training P, 2 decode P x 3 impls x 4 generate() calls, Triton decode compiles)
 #   hf       150    60  90-120 (prints rows as it goes, so a cut-off run still leaves numbers)
 # Total budget GPU_CHECK_SECONDS (default 360, environment.txt included): with a cold cache hf may not fit and is
 # recorded as skipped; GPU_CHECK_PARTS=hf runs it alone.
 # Everything lands in OUT_DIR: environment.txt, parts.tsv (part, status, seconds, limit), pytest.txt +
-# junit.xml, attention_{quick,decode,shared,flex,window}_<device>.json/.csv/.png + bench_*.txt logs, hf_<device>.json/.csv
-# + bench_hf.txt. Exit status 0 when every part that ran passed, 1 when one failed or timed out, 2
+# junit.xml, attention_{quick,decode,shared,flex,window}_<device>.json/.csv/.png + bench_*.txt logs,
+# encoders_<device>.json/.csv + bench_encoders.txt, cartridge_<device>.json/.csv + cartridge_decode_<device>.json/.csv
+# + bench_cartridge.txt, hf_<device>.json/.csv + bench_hf.txt. Exit status 0 when every part that ran passed, 1 when one failed or timed out, 2
 # without CUDA.
 # Overrides: GPU_CHECK_TESTS (the pytest selection, e.g. to rerun only what failed),
 # GPU_CHECK_TEST_SECONDS (the tests' cap), GPU_CHECK_SECONDS (the total budget), GPU_CHECK_PARTS (a
-# space-separated subset of "tests quick decode flex window hf tune"; tune, the block-size sweep of
+# space-separated subset of "tests quick decode shared flex window encoders cartridge hf tune"; tune, the block-size sweep of
 # benchmarks/tune_blocks.py, runs only when named), GPU_CHECK_DRY_RUN=1 (print what would run
 # and its limit, run nothing), GPU_CHECK_FORCE=1 (run without CUDA too: tests this script on a CPU box),
 # GPU_CHECK_HF_ARGS (extra bench_hf.py arguments, e.g. "--compile reduce-overhead" to time compiled steps
@@ -48,7 +57,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 tests=${GPU_CHECK_TESTS:-"tests/test_prefix_attention.py tests/test_gradients.py tests/test_backward.py tests/test_features.py tests/test_host_overhead.py tests/test_validation.py tests/test_hf_models.py tests/test_hf_generate.py tests/test_hf_training.py tests/test_hf_checkpoint.py tests/test_torch_compile.py tests/test_decode_kernel.py tests/test_decode_cascade.py tests/test_hf_features.py tests/test_hf_seq2seq.py"}
 budget=${GPU_CHECK_SECONDS:-360}
-parts=" ${GPU_CHECK_PARTS:-tests quick decode shared flex window hf} "
+parts=" ${GPU_CHECK_PARTS:-tests quick decode shared flex window encoders cartridge hf} "
 dry=${GPU_CHECK_DRY_RUN:-0}
 providers=ours,peft_style,cat_sdpa,sdpa_no_prefix,flash_attn
 status=0
@@ -131,6 +140,18 @@ bench shared 45 20 --preset shared-prefix --providers "ours,ours_no_cascade,ours
 bench flex 90 45 --shape 8x16x4x1024x1024x64x128 --shape 64x32x8x1x4096x64x128 \
   --providers ours,flex_attention --modes fwd,fwd+bwd,decode
 bench window 120 60 --preset window --providers "$providers,flex_attention" --modes fwd,fwd+bwd
+if [ "$cuda" = 1 ]; then
+  encoders_args=(--device cuda)
+  cartridge_args=(--device cuda --dtype bfloat16 --decode-reps 3)
+else  # GPU_CHECK_FORCE=1 on a CPU box: tiny shapes, so that the parts finish
+  encoders_args=(--device cpu --quick)
+  cartridge_args=(--device cpu --layers 1 --hidden 64 --prefix-lengths 64 --batch 2 --tokens 16 --reps 1
+                  --decode-prefix-lengths 64 --decode-rows 4 --prompt 4 --new-tokens 4 --decode-reps 1)
+fi
+run_part encoders 60 20 "$out/bench_encoders.txt" python benchmarks/bench_encoders.py --out "$out" "${encoders_args[@]}"
+[ -s "$out/bench_encoders.txt" ] && grep -E "^(bart|bert) |wrote|Error" "$out/bench_encoders.txt" | tail -n 8
+run_part cartridge 90 30 "$out/bench_cartridge.txt" python benchmarks/bench_cartridge.py --out "$out" "${cartridge_args[@]}"
+[ -s "$out/bench_cartridge.txt" ] && grep -E "^P=|^decode |wrote|Error" "$out/bench_cartridge.txt" | tail -n 12
 # shellcheck disable=SC2086  # GPU_CHECK_HF_ARGS is a list of arguments
 run_part hf "${GPU_CHECK_HF_SECONDS:-150}" 60 "$out/bench_hf.txt" python benchmarks/bench_hf.py --out "$out" ${GPU_CHECK_HF_ARGS:-}
 [ -s "$out/bench_hf.txt" ] && grep -E "^\{|wrote|Error" "$out/bench_hf.txt" | tail -n 8

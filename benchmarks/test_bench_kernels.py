@@ -7,6 +7,9 @@ Shapes: the device's default preset (CPU: "cpu", CUDA: "training" + "decode"); p
 cannot run here are skipped with the reason; a provider that fails the correctness check against
 the fp32 reference fails its tests instead of being timed. ``extra_info`` of each benchmark holds
 the shape (``W``: its sliding window, None without), FLOPs (and bytes for decode) and the TFLOPS / GB/s of the median.
+
+``test_encoder_training_step``: one prefix-tuning training step of benchmarks/bench_encoders.py's BART and BERT
+models per provider (``-k encoder``; CPU: its --quick shapes, CUDA: BART-base / BERT-base geometry).
 """
 
 from __future__ import annotations
@@ -70,3 +73,52 @@ def test_kernel(benchmark, case, bench_device, bench_dtype, correctness_gate):
         benchmark.extra_info["tflops_median"] = flops(shape, mode) / median / 1e12
         if mode == "decode":
             benchmark.extra_info["gb_per_s_median"] = kv_bytes(shape, bench_dtype) / median / 1e9
+
+
+# ---- whole training steps of encoder / encoder-decoder models (benchmarks/bench_encoders.py, issue 15) ----
+
+ENCODER_CASES = [("bart", "ours(placement=peft)"), ("bart", "peft"), ("bart", "ours(placement=paper)"),
+                 ("bert", "ours"), ("bert", "concat_sdpa")]
+
+
+@pytest.fixture(scope="module")
+def encoder_steps(bench_device, bench_dtype):
+    """{model: {provider: bench_encoders.Case}}, built once per model (all its providers together, their
+    losses checked against each other): CPU the --quick shapes, CUDA the full ones."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent / "bench_encoders.py"
+    spec = importlib.util.spec_from_file_location("_bench_encoders", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    shape = "full" if bench_device.type == "cuda" else "quick"
+    built: dict = {}
+
+    def get(model):
+        if model not in built:
+            name, geometry, batch, tokens, target, prefix_len = bench.SHAPES[shape][model]
+            if model == "bart":
+                cases = bench.bart_cases(geometry, batch, tokens, target, prefix_len, bench_device, bench_dtype)
+            else:
+                cases = bench.bert_cases(geometry, batch, tokens, prefix_len, bench_device, bench_dtype)
+            built[model] = (dict(geometry=name, B=batch, N=tokens, target=target, P=prefix_len),
+                            {case.provider: case for case in cases})
+        return built[model]
+    return get
+
+
+@pytest.mark.parametrize("model,provider", ENCODER_CASES, ids=[f"{m}-{p}" for m, p in ENCODER_CASES])
+def test_encoder_training_step(benchmark, encoder_steps, model, provider, bench_device, bench_dtype):
+    pytest.importorskip("transformers")
+    if model == "bart":
+        pytest.importorskip("peft")
+    shape, cases = encoder_steps(model)
+    case = cases[provider]
+    case.step()  # warm-up
+    benchmark.group = f"training step {shape['geometry']}"
+    benchmark.extra_info.update(provider=provider, model=model, loss=case.loss, trainable_params=case.trainable,
+                                dtype=str(bench_dtype).replace("torch.", ""),
+                                device=torch.cuda.get_device_name() if bench_device.type == "cuda" else cpu_name(),
+                                **shape)
+    benchmark(case.step)
