@@ -269,14 +269,19 @@ def train_rows(base, args, device, dtype) -> list[dict]:
     return rows
 
 
-def _write(rows, out: Path, stem: str, meta: dict) -> None:
+def write_rows(rows: list[dict], out: Path, stem: str, meta: dict) -> Path:
+    """``out/stem.json`` ({"meta", "rows"}) and ``out/stem.csv``; returns the JSON's path (bench_encoders.py too)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     with open(out / f"{stem}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         writer.writeheader()
         writer.writerows(rows)
-    print(f"wrote {out / f'{stem}.json'}, .csv")
+    return out / f"{stem}.json"
+
+
+def _write(rows, out: Path, stem: str, meta: dict) -> None:
+    print(f"wrote {write_rows(rows, out, stem, meta)}, .csv")
 
 
 def main(argv=None) -> int:

@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import json
 import statistics
 import sys
 import time
@@ -51,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cartridge import _loadavg, peak_step_mib  # noqa: E402
+from bench_cartridge import _loadavg, peak_step_mib, write_rows  # noqa: E402
 from common import environment  # noqa: E402
 
 from prefix_kernels import add_prefix_tuning  # noqa: E402
@@ -282,16 +280,6 @@ def bench_model(model: str, shape: str, device, dtype, warmup: int, reps: int, l
             f"{row['ms_max']:.1f}; {row['ms_vs_ours']:.2f}x ours)  peak +{row['peak_step_mib']} MiB  "
             f"loss {row['loss']:.4f}")
     return rows
-
-
-def write_rows(rows: list[dict], out: Path, stem: str, meta: dict) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    with open(out / f"{stem}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-        writer.writeheader()
-        writer.writerows(rows)
-    return out / f"{stem}.json"
 
 
 def main(argv=None) -> int:
