@@ -16,7 +16,10 @@ shared memory from the compiled metadata; static instruction counts in the PTX (
 mma.sync, cp.async and its widths, TMA bulk copies, atomics) and of the cubin's SASS (``cuobjdump
 -sass``, NOPs left out); occupancy (blocks per SM, from registers, shared memory, warps and the
 block limit, as the CUDA occupancy calculator does) and waves = programs / (blocks per SM x SMs).
-The counts are static (a loop body counts once).
+The counts are static (a loop body counts once). Per kernel too, its hot loops (the innermost SASS
+loops with matrix instructions) and the static performance model of one iteration of each
+(:mod:`prefix_kernels.perf_model`: SASS per iteration, wgmma shapes, barriers, waits, warp-instructions
+per useful MFLOP, issue and shared-memory time over tensor time).
 
 The kernels must be real JIT functions: under ``TRITON_INTERPRET=1`` they are interpreted and
 cannot be compiled (``prefix-kernels inspect`` re-runs itself without it).
@@ -42,6 +45,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from prefix_kernels import perf_model
 from prefix_kernels.benchmarking.shapes import Shape
 from prefix_kernels.functional import validate_inputs
 
@@ -130,7 +134,7 @@ class _TargetDriver:
 def _compiling_for(arch: Arch, launches: list):
     """Launchers see ``arch``; each launch ``kernel[grid](...)`` compiles as Triton's warmup does
     (the same binder and compile as a launch, without running) and appends (grid, CompiledKernel)
-    to ``launches``."""
+    to ``launches``, with the launch's constexprs and scalar arguments (:func:`_launch_values`)."""
     from triton.backends.compiler import GPUTarget
     from triton.runtime.driver import driver
     from triton.runtime.jit import JITFunction
@@ -146,8 +150,9 @@ def _compiling_for(arch: Arch, launches: list):
             compiled = real_run(kernel, *args, grid=grid, warmup=True, **kwargs)  # binds, specializes, compiles
         except Exception as e:
             raise RuntimeError(f"{kernel.__name__} does not compile for {arch.name}: {e}") from e
-        shape = grid({**dict(zip(kernel.arg_names, args)), **kwargs}) if callable(grid) else grid
-        launches.append((tuple(shape) + (1,) * (3 - len(shape)), compiled))
+        bound = {**dict(zip(kernel.arg_names, args)), **kwargs}
+        shape = grid(bound) if callable(grid) else grid
+        launches.append((tuple(shape) + (1,) * (3 - len(shape)), compiled, _launch_values(kernel, bound)))
         return compiled
 
     saved = dict(vars(driver))  # its attributes differ between Triton versions; reading .active may create one
@@ -161,6 +166,20 @@ def _compiling_for(arch: Arch, launches: list):
     finally:
         vars(driver).clear()
         vars(driver).update(saved)
+
+
+def _launch_values(kernel, bound: dict) -> tuple[dict, dict]:
+    """(constexprs with defaults filled in, scalar arguments) of a launch, JSON-ready: what the
+    performance model reads the tile config from. Tensors are left out."""
+    constants, scalars = {}, {}
+    for param in kernel.params:
+        value = bound.get(param.name, param.default if param.has_default else None)
+        if param.is_constexpr:
+            plain = value is None or isinstance(value, (bool, int, float, str))
+            constants[param.name] = value if plain else str(value)
+        elif isinstance(value, (bool, int, float)):
+            scalars[param.name] = value
+    return constants, scalars
 
 
 def _inputs(shape: Shape, dtype: torch.dtype, key_padding_mask: bool, prefix_bank: int):
@@ -260,16 +279,28 @@ def occupancy(arch: Arch, registers: int, num_warps: int, shared_bytes: int) -> 
     return limits[binding], binding
 
 
-def _kernel_report(phase: str, grid: tuple, compiled, arch: Arch, workdir: Path) -> dict:
+def _hot_loops(compiled, values: dict, workdir: Path) -> list[dict]:
+    """:func:`perf_model.hot_loop_report` of the cubin that :func:`_resources` wrote, disassembled
+    by ``nvdisasm -gi`` (branch labels, and the source line each loop comes from: Triton compiles
+    with -lineinfo)."""
+    cubin = workdir / f"{compiled.name}.cubin"
+    sass = subprocess.run([_tool("nvdisasm"), "-gi", "-c", str(cubin)], capture_output=True, text=True,
+                          check=True).stdout
+    return perf_model.hot_loop_report(sass, compiled.name, compiled.metadata.num_warps, values)
+
+
+def _kernel_report(phase: str, grid: tuple, compiled, values: tuple[dict, dict], arch: Arch, workdir: Path) -> dict:
     meta = compiled.metadata
     programs = grid[0] * grid[1] * grid[2]
     res = _resources(compiled, arch, workdir)
     blocks, limit = occupancy(arch, res["registers"], meta.num_warps, meta.shared)
+    constants, scalars = values
     return dict(
         phase=phase, name=compiled.name, grid=list(grid), programs=programs, num_warps=meta.num_warps,
         num_stages=meta.num_stages, **res, shared_bytes=meta.shared, **_ptx_counts(compiled.asm["ptx"]),
         blocks_per_sm=blocks, occupancy_limit=limit,
         waves=round(programs / (blocks * arch.sms), 2) if blocks else None,
+        constants=constants, hot_loops=_hot_loops(compiled, {**scalars, **constants}, workdir),
     )
 
 
@@ -286,8 +317,15 @@ def inspect_launches(shape: str | Shape, dtype: str | torch.dtype = "bfloat16", 
     "aten_launches": {"forward": [op names], "backward": [...]}, "kernels": [{"phase", "name",
     "grid", "programs", "num_warps", "num_stages", "registers", "stack_bytes", "spill_bytes",
     "spill_load_bytes", "shared_bytes", "wgmma", "mma_sync", "cp_async", "cp_async_widths",
-    "tma", "atomics", "sass_instructions", "blocks_per_sm", "occupancy_limit", "waves"}]}``; ``launches`` counts the
-    Triton kernels and the ATen ops that launch a device kernel.
+    "tma", "atomics", "sass_instructions", "blocks_per_sm", "occupancy_limit", "waves", "constants",
+    "hot_loops"}], "perf_model": {the model's constants}}``; ``launches`` counts the Triton kernels and
+    the ATen ops that launch a device kernel. ``constants``: the launch's constexprs (block sizes, head
+    dims, flags). ``hot_loops``: per hot loop of the kernel's SASS, the static performance model of
+    one iteration (:mod:`prefix_kernels.perf_model`: "head", "tail", "source", "sass", "mma",
+    "barriers", "wgmma_waits", "wgmma_fences", "warp_instructions", "useful_flops",
+    "executed_mma_flops", "smem_operand_bytes", "issue_clocks", "smem_clocks", "tensor_flop_per_clock",
+    "tensor_clocks", "executed_per_useful", "warp_instructions_per_useful_mflop", "issue_per_tensor",
+    "smem_per_tensor"); empty for a kernel without matrix instructions in a loop.
     """
     from triton.runtime.jit import JITFunction
 
@@ -325,14 +363,14 @@ def inspect_launches(shape: str | Shape, dtype: str | torch.dtype = "bfloat16", 
                                           need_dsinks=sinks, **features)
     report = {"arch": target.name, "dtype": str(dtype).replace("torch.", ""), "shape": shape.name,
               "launches": {"forward": 0, "backward": 0}, "aten_launches": {"forward": [], "backward": []},
-              "kernels": []}
+              "perf_model": perf_model.describe(), "kernels": []}
     with tempfile.TemporaryDirectory() as tmp:
         for phase, launches, writes in phases:
             key = "backward" if phase == "backward" else "forward"
             report["launches"][key] = len(launches) + len(writes.ops)
             report["aten_launches"][key] = writes.ops
-            report["kernels"] += [_kernel_report(phase, grid, compiled, target, Path(tmp))
-                                  for grid, compiled in launches]
+            report["kernels"] += [_kernel_report(phase, grid, compiled, values, target, Path(tmp))
+                                  for grid, compiled, values in launches]
     return report
 
 
@@ -365,7 +403,64 @@ def format_report(report: dict) -> str:
         triton_launches = report["launches"][phase] - len(aten)
         lines.append(f"device launches per {phase}: {report['launches'][phase]} "
                      f"({triton_launches} Triton{', ATen: ' + ', '.join(aten) if aten else ''})")
+    lines += format_hot_loops(report)
     return "\n".join(lines)
+
+
+def format_hot_loops(report: dict) -> list[str]:
+    """The hot-loop table: one row per hot loop of each kernel, per iteration (perf_model)."""
+    cols = ["phase", "kernel", "loop", "sass", "mma (per warpgroup)", "bar", "wait", "useful MFLOP", "exec/useful",
+            "wi/MFLOP", "issue/tensor", "smem/tensor"]
+
+    def num(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    rows = [cols]
+    for k in report["kernels"]:
+        for lp in k.get("hot_loops", []):
+            rows.append([k["phase"], k["name"], perf_model.loop_label(lp["source"]), str(lp["sass"]),
+                         perf_model.mma_summary(lp["mma"]), str(lp["barriers"]), str(lp["wgmma_waits"]),
+                         num(lp["useful_flops"] and lp["useful_flops"] / 1e6, ".3f"),
+                         num(lp["executed_per_useful"], ".2f"), num(lp["warp_instructions_per_useful_mflop"], ".0f"),
+                         num(lp["issue_per_tensor"], ".2f"), num(lp["smem_per_tensor"], ".2f")])
+    if len(rows) == 1:
+        return []
+    model = report.get("perf_model") or perf_model.describe()
+    widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
+    lines = [f"hot loops, per iteration (static; per SM: {model['issue_per_clock']} warp-instr/clk, "
+             f"{model['tensor_flop_per_clock']['BF16']} bf16 FLOP/clk, {model['smem_bytes_per_clock']} B/clk of "
+             f"wgmma operands from shared memory; > 1: that resource, not the tensor cores, sets the pace)"]
+    lines += ["  ".join(c.ljust(w) if i < 5 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    return lines
+
+
+def run_metadata() -> dict:
+    """Where a report comes from, for a result file: no device (a static compile), the versions of
+    torch, Triton and its ptxas, the package's git commit (``git_dirty``: its tree differs from it)
+    and the date."""
+    import datetime
+
+    import triton
+
+    package = Path(__file__).resolve().parent
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", "--no-optional-locks", "-C", str(package), *args], capture_output=True,
+                                  text=True, check=True).stdout.strip()  # no index refresh: read only
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    sha = git("rev-parse", "--short", "HEAD")
+    dirty = git("status", "--porcelain", "--", str(package))
+    try:
+        version = subprocess.run([_ptxas(90)[0], "--version"], capture_output=True, text=True).stdout
+        ptxas = re.search(r"release ([\d.]+)", version).group(1)
+    except (OSError, AttributeError, subprocess.CalledProcessError):
+        ptxas = None
+    return dict(device="none: static compile for the target on the CPU", torch=torch.__version__,
+                triton=triton.__version__, ptxas=ptxas, git_sha=sha, git_dirty=bool(dirty) if sha else None,
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
 
 def inspect_in_subprocess(requests: list[dict], timeout: float = 1800) -> list[dict]:

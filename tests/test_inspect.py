@@ -1,7 +1,9 @@
 """``prefix-kernels inspect`` (prefix_kernels.inspection): the real launches of the benchmark shapes,
 compiled for sm_90 bf16 through Triton's binder in one subprocess without TRITON_INTERPRET, and
 what they must cost: no spills, wgmma in every kernel that multiplies matrices, shared memory
-within the chip, few launches. Plus the pieces (occupancy, PTX counts, the launch counter, the CLI).
+within the chip, few launches, a hot loop in every kernel that multiplies matrices. Plus the pieces
+(occupancy, PTX counts, the launch counter, the CLI) and the hot-loop model (prefix_kernels.perf_model)
+on a SASS listing whose loops and counts are known by construction and on one small real compile.
 
 D = 128's backward, which spilled (60 B, 92 B with the features) while it walked each key block's
 query blocks in three loops, is held to no spills too since it walks them in one (issue 12).
@@ -11,11 +13,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from prefix_kernels import inspection
+from prefix_kernels import inspection, perf_model
 from prefix_kernels.cli import main
 
 H100 = inspection.ARCHS["sm_90"]
@@ -27,7 +33,8 @@ DECODE = "64x32x8x1x4096x64x128"
 CASCADE = "64x32x8x1x64x4096x128"  # 64 rows sharing a 4096-token prefix over 64-token caches (issue 16)
 KERNEL_FIELDS = {"phase": str, "name": str, "grid": list, "programs": int, "num_warps": int, "num_stages": int,
                  "registers": int, "spill_bytes": int, "shared_bytes": int, "wgmma": int, "mma_sync": int,
-                 "cp_async": int, "tma": int, "atomics": int, "sass_instructions": int, "blocks_per_sm": int}
+                 "cp_async": int, "tma": int, "atomics": int, "sass_instructions": int, "blocks_per_sm": int,
+                 "constants": dict, "hot_loops": list}
 
 
 FEATURES = dict(sliding_window=256, softcap=50.0, sinks=True)  # gpt-oss / Gemma 2 style, all at once
@@ -231,3 +238,219 @@ def test_cli_decode_table_and_json(reports, tmp_path, capsys):
     report = json.loads(path.read_text())
     assert report["kernels"] == _report(reports, DECODE)["kernels"]
 
+
+
+@pytest.mark.parametrize("shape", TRAINING)
+def test_hot_loops_of_the_training_kernels(reports, shape):
+    """The forward and the main backward kernel each have hot loops with wgmma in them; the useful FLOPs
+    per iteration follow the launch's tile (forward 2 matmuls, backward 5, of BLOCK_M x BLOCK_N x D);
+    the MMA executed covers them; the model's ratios are there. Kernels without matmuls have none."""
+    report = _report(reports, shape)
+    d = int(shape.split("x")[-1])
+    assert report["perf_model"]["tensor_flop_per_clock"]["BF16"] == perf_model.TENSOR_FLOP_PER_CLOCK["BF16"]
+    per_tile = {"prefix_attention_fwd_kernel": 4, "backward_kernel": 10}
+    for k in report["kernels"]:
+        if k["wgmma"] == 0:
+            assert k["hot_loops"] == [], k["name"]
+            continue
+        assert k["name"] in per_tile and k["hot_loops"], k["name"]
+        c = k["constants"]
+        assert c["HEAD_DIM"] == d
+        for loop in k["hot_loops"]:
+            assert loop["useful_flops"] == per_tile[k["name"]] * c["BLOCK_M"] * c["BLOCK_N"] * d, loop
+            assert all(s["kind"] == "wgmma" for s in loop["mma"]) and loop["mma"]
+            assert loop["executed_mma_flops"] >= loop["useful_flops"]
+            assert loop["source"] and loop["sass"] > 0 and loop["wgmma_waits"] >= 1
+            assert loop["warp_instructions"] == loop["sass"] * k["num_warps"]
+            assert loop["issue_per_tensor"] > 0 and loop["smem_per_tensor"] > 0
+
+
+# ---------------------------------------------------------------- the hot-loop model (perf_model)
+
+# An outer loop (0x30..0x120) around an inner one (0x40..0x100) holding three wgmmas (two with A from
+# shared memory, one with A in registers), a non-matmul loop (0x140..0x150) and the trap after EXIT
+# (a branch to itself): the inner loop is the one hot loop, 12 instructions without its NOP.
+SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;                          /* 0x00000a0000017a02 */
+        /*0010*/                   S2R R0, SR_TID.X ;                              /* 0x0000000000007919 */
+        /*0020*/                   NOP ;                                           /* 0x0000000000007918 */
+        /*0030*/                   IADD3 R2, R2, 0x1, RZ ;                         /* 0x0000000102027810 */
+        /*0040*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;                   /* 0x0000000000007b1d */
+        /*0050*/                   WARPGROUP.ARRIVE ;                              /* 0x00000000000079c5 */
+        /*0060*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], RZ, !UPT ;
+        /*0070*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24, gsb0 ;
+        /*0080*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;                 /* 0x00008000000079c5 */
+        /*0090*/                   NOP ;
+        /*00a0*/                   WARPGROUP.ARRIVE ;
+        /*00b0*/                   HGMMA.64x64x16.F32.BF16 R88, R120, gdesc[UR12].tnspB, R88, gsb0 ;
+        /*00c0*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*00d0*/               @P0 BRA 0xf0 ;
+        /*00e0*/                   FMUL R3, R3, R4 ;
+        /*00f0*/                   ISETP.GE.AND P1, PT, R2, R5, PT ;
+        /*0100*/              @!P1 BRA 0x40 ;                                      /* 0xfffffffc00008947 */
+        /*0110*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0120*/               @P2 BRA 0x30 ;
+        /*0130*/                   EXIT ;
+        /*0140*/                   IADD3 R6, R6, 0x1, RZ ;
+        /*0150*/               @P3 BRA 0x140 ;
+        /*0160*/                   BRA 0x160 ;
+"""
+
+
+def _as_nvdisasm(sass: str) -> str:
+    """The same listing as ``nvdisasm -gi`` prints it: label targets, and line info whose first line
+    is the innermost location (the inner loop's back-branch comes from tiles.py:216 inlined at 257)."""
+    heads = {0x30: ".L_x_0", 0x40: ".L_x_1", 0xF0: ".L_x_2", 0x140: ".L_x_3", 0x160: ".L_x_4"}
+    out = []
+    for line in sass.strip().splitlines():
+        address = int(line.split("/*")[1].split("*/")[0], 16)
+        if address in heads:
+            out.append(f"{heads[address]}:")
+        if address == 0x100:
+            out += ['\t//## File "/x/kernels/tiles.py", line 216 inlined at "/x/kernels/tiles.py", line 257',
+                    '\t//## File "/x/kernels/tiles.py", line 257 inlined at "/x/kernels/forward.py", line 83',
+                    '\t//## File "/x/kernels/forward.py", line 83']
+        for target, label in heads.items():
+            line = line.replace(f"BRA 0x{target:x} ;", f"BRA `({label}) ;")
+        out.append(line.split(" /* 0x")[0])
+    return "\n".join(out)
+
+
+@pytest.mark.parametrize("listing", ["cuobjdump", "nvdisasm"])
+def test_loop_finder_on_a_known_listing(listing):
+    text = SASS if listing == "cuobjdump" else _as_nvdisasm(SASS)
+    instructions = perf_model.parse_sass(text)
+    assert len(instructions) == 21  # 23 minus the two NOPs
+    loops = [(lp.head, lp.tail) for lp in perf_model.find_loops(instructions)]
+    assert loops == [(0x30, 0x120), (0x40, 0x100), (0x140, 0x150), (0x160, 0x160)]
+    hot = perf_model.hot_loops(instructions)
+    assert [(lp.head, lp.tail) for lp in hot] == [(0x40, 0x100)]
+    counts = perf_model.loop_counts(hot[0])
+    assert counts["sass"] == 12 and counts["barriers"] == 1
+    assert counts["wgmma_waits"] == 2 and counts["wgmma_fences"] == 2
+    assert counts["mma"] == [
+        dict(kind="wgmma", m=64, n=64, k=16, type="BF16", a_shared=False, count=1),
+        dict(kind="wgmma", m=64, n=128, k=16, type="BF16", a_shared=True, count=2),
+    ]
+    assert counts["source"] == ([] if listing == "cuobjdump" else ["tiles.py:216", "tiles.py:257", "forward.py:83"])
+
+
+def test_model_of_a_known_loop():
+    """8 warps (2 warpgroups) running the listing's hot loop, with half of the executed MMA useful:
+    per warpgroup 2 x 2*64*128*16 + 2*64*64*16 = 655360 FLOP; 14336 B of operands from shared memory
+    (2 x (B 128x16 + A 64x16) + B 64x16, bf16)."""
+    counts = perf_model.loop_counts(perf_model.hot_loops(perf_model.parse_sass(SASS))[0])
+    got = perf_model.model(counts, num_warps=8, useful_flops=655360)
+    assert got["warp_instructions"] == 96 and got["issue_clocks"] == 24
+    assert got["executed_mma_flops"] == 2 * 655360 and got["executed_per_useful"] == 2.0
+    assert got["smem_operand_bytes"] == 2 * 14336 and got["smem_clocks"] == 224
+    assert got["tensor_clocks"] == 160  # 655360 / 4096
+    assert got["issue_per_tensor"] == 0.15 and got["smem_per_tensor"] == 1.4
+    assert got["warp_instructions_per_useful_mflop"] == round(96 / 0.65536, 1)
+    assert perf_model.model(counts, 8, None)["issue_per_tensor"] is None  # no useful-FLOP rule: no ratios
+    assert perf_model.mma_summary(counts["mma"]) == "1x m64n64k16(A:regs) + 2x m64n128k16"
+
+
+def test_mma_sync_shapes():
+    """mma.sync runs per warp and reads its operands from registers."""
+    ins = perf_model.parse_sass("        /*0010*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;\n"
+                                "        /*0020*/                   HMMA.1688.F32.TF32 R4, R8, R12, R4 ;\n"
+                                "        /*0030*/               @P0 BRA 0x10 ;")
+    assert [perf_model.mma_shape(i) for i in ins[:2]] == [
+        dict(kind="mma_sync", m=16, n=8, k=16, type="BF16", a_shared=False),
+        dict(kind="mma_sync", m=16, n=8, k=8, type="TF32", a_shared=False)]
+    counts = perf_model.loop_counts(perf_model.hot_loops(ins)[0])
+    got = perf_model.model(counts, num_warps=4, useful_flops=2 * 16 * 8 * 24 * 4)
+    assert got["executed_mma_flops"] == 2 * 16 * 8 * (16 + 8) * 4 and got["smem_operand_bytes"] == 0
+    assert got["tensor_flop_per_clock"] == 2048  # the slower type sets the rate
+
+
+@pytest.mark.parametrize("kernel, constants, flops", [
+    ("prefix_attention_fwd_kernel", dict(BLOCK_M=128, BLOCK_N=64, HEAD_DIM=128, HEAD_DIM_V=128), 4 * 128 * 64 * 128),
+    ("backward_kernel", dict(BLOCK_M=16, BLOCK_N=64, HEAD_DIM=128, HEAD_DIM_V=128, NEED_DQ=True, NEED_DKDV=True),
+     10 * 16 * 64 * 128),
+    ("backward_kernel", dict(BLOCK_M=16, BLOCK_N=64, HEAD_DIM=64, HEAD_DIM_V=64, NEED_DQ=False, NEED_DKDV=True,
+                             NEED_DPREFIX=True), 8 * 16 * 64 * 64),
+    ("backward_kernel", dict(BLOCK_M=16, BLOCK_N=64, HEAD_DIM=64, HEAD_DIM_V=64, NEED_DQ=True, NEED_DKDV=False,
+                             NEED_DPREFIX=False), 6 * 16 * 64 * 64),
+    ("dq_kernel", dict(BLOCK_M=128, BLOCK_N=32, HEAD_DIM=64, HEAD_DIM_V=64), 6 * 128 * 32 * 64),
+    ("prefix_attention_decode_kernel", dict(BLOCK_R=16, BLOCK_N=64, HEAD_DIM=128, HEAD_DIM_V=128, n_queries=1,
+                                            group=4), 4 * 4 * 64 * 128),
+    ("backward_prologue_kernel", dict(BLOCK_M=16), None),
+])
+def test_useful_flops_per_iteration(kernel, constants, flops):
+    assert perf_model.useful_flops(kernel, constants) == flops
+
+
+# One loop with one tl.dot of [64, 32] x [32, 64] per iteration, one warpgroup: 2 wgmma m64n64k16 per
+# iteration and 2*64*64*32 useful FLOPs, all executed.
+TINY_KERNEL = """
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tiny_loop_dot_kernel(A, B, C, n_iters, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    offs_m = tl.arange(0, BM)
+    offs_n = tl.arange(0, BN)
+    offs_k = tl.arange(0, BK)
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for i in range(n_iters):
+        a = tl.load(A + i * BM * BK + offs_m[:, None] * BK + offs_k[None, :])
+        b = tl.load(B + i * BK * BN + offs_k[:, None] * BN + offs_n[None, :])
+        acc += tl.dot(a, b)
+    tl.store(C + offs_m[:, None] * BN + offs_n[None, :], acc)
+"""
+
+TINY_DRIVER = """
+import json, sys, tempfile
+from pathlib import Path
+import torch
+from prefix_kernels import inspection, perf_model
+from tiny_kernel import tiny_loop_dot_kernel
+
+perf_model.USEFUL_FLOPS["tiny_loop_dot_kernel"] = lambda c: 2 * c["BM"] * c["BN"] * c["BK"]
+arch, launches = inspection.ARCHS["sm_90"], []
+a = torch.empty(4 * 64 * 32, device="meta", dtype=torch.bfloat16)
+b = torch.empty(4 * 32 * 64, device="meta", dtype=torch.bfloat16)
+c = torch.empty(64 * 64, device="meta", dtype=torch.float32)
+with inspection._compiling_for(arch, launches):
+    tiny_loop_dot_kernel[(1,)](a, b, c, 4, BM=64, BN=64, BK=32, num_warps=4, num_stages=2)
+with tempfile.TemporaryDirectory() as tmp:
+    grid, compiled, values = launches[0]
+    report = inspection._kernel_report("forward", grid, compiled, values, arch, Path(tmp))
+Path(sys.argv[1]).write_text(json.dumps(report))
+"""
+
+
+def test_hot_loop_of_a_real_compile(tmp_path):
+    """One small kernel compiled for sm_90 through the inspect path (in a process without the
+    interpreter): its one loop is found with the counts its source implies."""
+    (tmp_path / "tiny_kernel.py").write_text(TINY_KERNEL)
+    (tmp_path / "driver.py").write_text(TINY_DRIVER)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(Path(inspection.__file__).resolve().parents[1])])
+    out = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, str(tmp_path / "driver.py"), str(out)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["constants"]["BM"] == 64 and report["constants"]["BK"] == 32
+    [loop] = report["hot_loops"]
+    assert [(s["kind"], s["m"], s["n"], s["k"], s["count"]) for s in loop["mma"]] == [("wgmma", 64, 64, 16, 2)]
+    for_line = next(i for i, line in enumerate(TINY_KERNEL.split("\n"), 1) if "for i in range" in line)
+    assert loop["source"][0] == f"tiny_kernel.py:{for_line}"
+    assert loop["useful_flops"] == loop["executed_mma_flops"] == 2 * 64 * 64 * 32
+    assert loop["executed_per_useful"] == 1.0
+    assert loop["wgmma_waits"] >= 1 and 0 < loop["sass"] < report["sass_instructions"]
+    assert loop["warp_instructions"] == 4 * loop["sass"]
+    assert loop["issue_per_tensor"] == round(loop["sass"] / 64, 3)  # 4 warps x sass / 4 per clk over 64 clk
+
+
+def test_cli_prints_the_hot_loop_table(reports):
+    lines = inspection.format_report(_report(reports, TRAINING[1])).splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("hot loops"))
+    assert lines[start + 1].split()[:4] == ["phase", "kernel", "loop", "sass"]
+    rows = lines[start + 2:]
+    assert any(r.startswith("forward") and "prefix_attention_fwd_kernel" in r for r in rows)
+    assert any(r.startswith("backward") and "backward_kernel" in r and "m64n" in r for r in rows)

@@ -1,7 +1,9 @@
 """``prefix-kernels inspect``: compiles every Triton launch of a forward and a backward of one shape
 for a GPU target, with no GPU, and prints per kernel the grid, waves, warps/stages, registers,
-spills, shared memory and instruction counts, and the device launches per forward/backward
-(:mod:`prefix_kernels.inspection`).
+spills, shared memory and instruction counts, the device launches per forward/backward
+(:mod:`prefix_kernels.inspection`), and a table of the kernels' hot loops under the static
+performance model (:mod:`prefix_kernels.perf_model`). ``--json`` writes all of it, with the
+versions and git commit it was made with.
 
     prefix-kernels inspect --arch sm_90 --dtype bfloat16 --shape 4x32x8x2048x2048x128x128 --json report.json
 """
@@ -38,7 +40,7 @@ def run(args) -> int:
     print(inspection.format_report(report))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+            json.dump({**report, **inspection.run_metadata()}, f, indent=1)
         print(f"wrote {args.json}")
     return 0
 
