@@ -130,8 +130,52 @@ def test_cache_passed_under_either_name_sets_the_positions(name):
         warnings.simplefilter("ignore", FutureWarning)
         full = wrapped(input_ids=ids, attention_mask=mask).logits[:, -1]
         out = wrapped(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True)
-        cache = compat.output_cache(wrapped.base_model, out)
+        cache = compat.output_cache(out)
         assert cache is not None and cache.get_seq_length() == ids.shape[1] - 1
         step = wrapped(input_ids=ids[:, -1:], attention_mask=mask, use_cache=True, **{name: cache}).logits[:, -1]
     real = mask[:, -1].bool()
     torch.testing.assert_close(step[real], full[real], atol=2e-5, rtol=1e-5)
+
+
+def test_a_classification_run_reads_no_deprecated_cache_name(hf_log):
+    """BERT's heads take no cache argument under either name; reading the cache from their output by
+    the older name would log transformers' deprecation on every run."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=96, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0, num_labels=3)
+    model = transformers.BertForSequenceClassification(config).eval()
+    ids, mask = padded_batch()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wrapped = add_prefix_tuning(model, P, backend="reference")
+        out = wrapped(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 2]))
+        out.loss.backward()
+    ours = [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))
+            and "prefix_kernels" in w.filename]
+    assert not ours, [str(w.message) for w in ours]
+    deprecated = [m for m in hf_log.messages if "deprecat" in m.lower()]
+    assert not deprecated, deprecated
+
+
+def test_output_cache_reads_the_name_the_output_declares():
+    """The cache comes back whichever name the output class declares (``cache`` in newer transformers,
+    ``past_key_values`` in older ones); outputs without one, and tuples, have none."""
+    from dataclasses import dataclass
+
+    from transformers.utils import ModelOutput
+
+    @dataclass
+    class Older(ModelOutput):
+        past_key_values: object = None
+
+    @dataclass
+    class Headless(ModelOutput):
+        logits: object = None
+
+    marker = object()
+    assert compat.output_cache(Older(past_key_values=marker)) is marker
+    assert compat.output_cache(Headless(logits=torch.zeros(1))) is None
+    assert compat.output_cache((torch.zeros(1),)) is None

@@ -23,6 +23,7 @@ transformers = pytest.importorskip("transformers")
 from tiny_models import DEVICE, VOCAB, padded_batch, positions  # noqa: E402
 
 from prefix_kernels import add_prefix_tuning  # noqa: E402
+from prefix_kernels.hf import internals, legacy  # noqa: E402
 
 P, N, WINDOW = 3, 10, 4
 
@@ -160,3 +161,70 @@ def test_alibi_is_refused_naming_it(model_type):
                                                                          alibi=True))
     with pytest.raises(NotImplementedError, match=f"'{model_type}'.*ALiBi"):
         add_prefix_tuning(model.eval(), P)
+
+
+def _falcon(**overrides):
+    torch.manual_seed(0)
+    config = transformers.FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       **overrides)
+    return transformers.FalconForCausalLM(config).to(DEVICE).eval()
+
+
+def test_falcon_path_follows_its_modeling_code():
+    """A Falcon whose modeling code calls the AttentionInterface is served by the normal path (its own
+    forward, our attention function); one that computes attention by hand gets the legacy forward."""
+    wrapped = add_prefix_tuning(_falcon(), P)
+    model = wrapped.base_model
+    replaced = legacy.installed(model)
+    assert replaced != internals.routes_attention_through_interface(type(model))
+    assert model.config._attn_implementation == "prefix_kernels"
+    ids, mask = padded_batch(2, N)
+    with torch.no_grad():
+        assert torch.isfinite(wrapped(input_ids=ids, attention_mask=mask).logits).all()
+    wrapped.unload()
+    assert not legacy.installed(model) and model.config._attn_implementation != "prefix_kernels"
+
+
+def test_falcon_without_interface_or_split_heads_is_refused_naming_the_cause(monkeypatch):
+    monkeypatch.setattr(internals, "routes_attention_through_interface", lambda model_class: False)
+    monkeypatch.setattr(internals, "falcon_splits_heads", lambda attention_class: False)
+    with pytest.raises(NotImplementedError, match=r"'falcon'.*FalconAttention has no _split_heads in this "
+                                                  r"transformers \(5\.[0-9.]+.*AttentionInterface") as refused:
+        add_prefix_tuning(_falcon(), P)
+    assert "attention mask" not in str(refused.value)
+
+
+def test_falcon_alibi_through_the_interface_is_refused_past_the_config_check(monkeypatch):
+    """Where Falcon calls the interface, its ALiBi reaches attention added to the mask: were the config
+    check gone, the mask the model changed is still refused, never ignored."""
+    if not internals.routes_attention_through_interface(transformers.FalconForCausalLM):
+        pytest.skip("this transformers' Falcon computes attention by hand (ALiBi passed to the module)")
+    monkeypatch.setattr(legacy, "_refuse_configuration", lambda model: None)
+    with pytest.raises(NotImplementedError, match="'falcon'.*FalconAttention.*changes the mask itself"):
+        add_prefix_tuning(_falcon(alibi=True), P)
+
+
+class _NamedOlder(torch.nn.Module):  # older transformers: the cache a named parameter of the older name
+    def forward(self, hidden_states, attention_mask=None, past_key_values=None, **kwargs):
+        pass
+
+
+class _NamedNewer(torch.nn.Module):
+    def forward(self, hidden_states, attention_mask=None, cache=None, **kwargs):
+        pass
+
+
+class _Caught(torch.nn.Module):
+    def forward(self, hidden_states, **kwargs):
+        pass
+
+
+@pytest.mark.parametrize("module_class", [_NamedOlder, _NamedNewer, _Caught])
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_hand_computing_modules_get_the_cache_under_either_name(module_class, name):
+    """A module that names ``past_key_values`` (BERT- and BART-style modules of transformers 5.17) must still
+    update its cache: without it a cached generate() attends over the new token alone."""
+    marker = object()
+    arguments, extra = legacy._arguments(module_class(), (torch.zeros(1),), {name: marker})
+    assert arguments["cache"] is marker
+    assert "past_key_values" not in arguments and "past_key_values" not in extra

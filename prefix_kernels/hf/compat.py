@@ -3,8 +3,9 @@ transformers itself (a feature, not a version number), so that older 5.x keeps w
 5.x sees only its current API (no FutureWarning from our calls):
 
 - the KV cache: newer transformers take ``cache=`` and return ``output.cache``; ``past_key_values``
-  is deprecated there (a FutureWarning per call, removal announced for 5.40). Older 5.x (e.g.
-  5.17) know only ``past_key_values``. Detected from the model's ``forward`` signature.
+  is deprecated there (a FutureWarning per call, removal announced for 5.40; reading it from an
+  output logs a deprecation). Older 5.x (e.g. 5.17) know only ``past_key_values``. Detected from the
+  model's ``forward`` signature (what to pass) and from the output's declared fields (what to read).
 - activation checkpointing: newer transformers have ``activation_checkpointing_enable`` /
   ``is_activation_checkpointing`` and deprecate the ``gradient_checkpointing`` names (a
   FutureWarning per call); older 5.x have only the latter. Detected by the attribute.
@@ -26,9 +27,15 @@ def cache_name(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def output_cache(model: nn.Module, output):
-    """The KV cache in ``output``, a forward output of ``model`` called with ``use_cache=True``."""
-    return getattr(output, cache_name(model), None)
+def output_cache(output):
+    """The KV cache in ``output`` (a forward output, called with ``use_cache=True``), read under the name
+    its class declares: newer transformers keep ``past_key_values`` as a deprecated alias (a warning
+    per read) on outputs that declare ``cache``, whatever name the model's forward takes (BERT's heads
+    take neither), so the name comes from the output, not from the forward."""
+    declared = getattr(output, "__dataclass_fields__", None)
+    if declared is None:  # a plain tuple (return_dict=False): no named cache
+        return None
+    return next((getattr(output, name) for name in CACHE_NAMES if name in declared), None)
 
 
 def passed_cache(kwargs: dict):

@@ -2,6 +2,10 @@
 transformers' AttentionInterface, but whose models build their masks through ``masking_utils``
 (so the mask function we register still sees, and checks, every mask term).
 
+A family listed here whose installed modeling code calls the AttentionInterface after all (Falcon
+from transformers 5.25) goes the normal path, decided from the code (a feature, not a version);
+its configurations the kernel lacks stay refused either way.
+
 For these, the attention modules' ``forward`` is replaced, on the instances only, by one that
 computes the module's own queries, keys and values (its projections, rotary embedding and cache
 update, exactly as the original) and hands them to the prefix_kernels attention function. The
@@ -19,7 +23,8 @@ Two shapes of module are covered:
 - and two of their own: GPT-Neo (unscaled scores; its "local" layers add a causal window of
   ``config.window_size`` keys inside the module, which becomes the kernel's ``sliding_window``;
   its modules call their index ``layer_id``) and GPT-NeoX-Japanese (fused QKV, partial rotary,
-  the output bias returned apart), Falcon with rotary positions (its three QKV layouts; ALiBi refused).
+  the output bias returned apart), Falcon with rotary positions (its three QKV layouts, split by the
+  module's ``_split_heads``; ALiBi refused).
 
 Cross-attention (a decoder given encoder states) is refused at the call, naming the module: these
 models are served as causal LMs.
@@ -27,13 +32,12 @@ models are served as causal LMs.
 
 from __future__ import annotations
 
-import functools
-import inspect
-import sys
 import types
 
 import torch
 from torch import nn
+
+from prefix_kernels.hf import compat, internals
 
 # model type -> the attention module classes whose forward changes, and how
 _BERT, _BART, _GPT_NEO, _NEOX_JAPANESE, _FALCON = "bert", "bart", "gpt_neo", "gpt_neox_japanese", "falcon"
@@ -64,13 +68,36 @@ REFUSED = {
 
 
 def supported(model: nn.Module) -> bool:
-    """Whether ``model``'s attention can be served through :func:`install`; raises
-    ``NotImplementedError`` for a listed family in a configuration the adapter does not cover."""
+    """Whether ``model``'s attention is served through :func:`install` (a listed family whose installed
+    modeling code computes attention by hand; one whose code calls the AttentionInterface goes the
+    normal path); raises ``NotImplementedError`` for a listed family in a configuration the kernel
+    does not cover, whichever path its modeling code takes."""
     model_type = model.config.model_type
     if model_type in REFUSED:
         raise NotImplementedError(f"model type {model_type!r} ({type(model).__name__}): {REFUSED[model_type]}")
     if model_type not in FAMILIES:
         return False
+    _refuse_configuration(model)
+    if internals.routes_attention_through_interface(type(model)):
+        return False
+    if model_type == "falcon":
+        attention = next((type(m) for m in modules(model)), None)
+        if attention is not None and not internals.falcon_splits_heads(attention):
+            import transformers
+
+            raise NotImplementedError(
+                f"model type {model_type!r} ({type(model).__name__}): {attention.__name__} has no _split_heads in this "
+                f"transformers ({transformers.__version__}) and does not route attention through transformers' "
+                "AttentionInterface, so prefix_kernels can neither replace its attention function nor compute its "
+                "queries, keys and values as the module does")
+    return True
+
+
+def _refuse_configuration(model: nn.Module) -> None:
+    """Configurations of a listed family with an attention term the kernel lacks (refused whether the
+    module computes attention by hand or calls the interface: in the latter, Falcon's ALiBi reaches
+    attention added to the mask)."""
+    model_type = model.config.model_type
     attention_type = getattr(model.config, "attention_type", None)
     if model_type == "big_bird" and attention_type != "original_full":
         raise NotImplementedError(
@@ -86,7 +113,6 @@ def supported(model: nn.Module) -> bool:
             f"model type {model_type!r} ({type(model).__name__}): use_prompt=True (MVP's own per-layer prompts, "
             "concatenated to the keys/values inside its attention) is not served by prefix_kernels; load it with "
             "use_prompt=False")
-    return True
 
 
 def modules(model: nn.Module) -> list[nn.Module]:
@@ -111,7 +137,7 @@ def install(model: nn.Module, implementation: str) -> None:
         else:
             for name in ("forward", "prefix_kernels_window") + (("layer_idx",) if kind == _GPT_NEO else ()):
                 module.__dict__.pop(name, None)
-    model.config._attn_implementation_internal = implementation
+    internals.set_attn_implementation_field(model.config, implementation)
 
 
 def installed(model: nn.Module) -> bool:
@@ -120,18 +146,15 @@ def installed(model: nn.Module) -> bool:
 
 # ---- the forwards ------------------------------------------------------------------------------
 
-@functools.cache
-def _signature(cls) -> inspect.Signature:
-    return inspect.signature(cls.forward)
-
-
 def _arguments(module, args, kwargs) -> tuple[dict, dict]:
     """The original forward's named arguments and its ``**kwargs``, bound as the original would."""
-    bound = _signature(type(module)).bind(module, *args, **kwargs).arguments
+    bound = internals.forward_signature(type(module)).bind(module, *args, **kwargs).arguments
     extra = dict(bound.pop("kwargs", {}))
     bound.pop("self", None)
-    if "cache" not in bound and "past_key_values" in extra:  # the deprecated name
-        bound["cache"] = extra.pop("past_key_values")
+    # the cache under either name: a named parameter of older modules, or caught by **kwargs
+    bound["cache"] = compat.passed_cache({**extra, **bound})
+    bound.pop("past_key_values", None)
+    extra.pop("past_key_values", None)
     return bound, extra
 
 
@@ -207,7 +230,7 @@ def _neox_japanese_forward(self, *args, **kwargs):
     qkv = self.query_key_value(hidden).view(*hidden.shape[:-1], self.num_attention_heads, 3 * d).transpose(1, 2)
     query, key, value = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
     cos, sin = a["position_embeddings"]
-    rotate = sys.modules[type(self).__module__].apply_rotary_pos_emb
+    rotate = internals.modeling_function(self, "apply_rotary_pos_emb")
     query_rot, key_rot = rotate(query[..., :r], key[..., :r], cos, sin)
     query, key = torch.cat((query_rot, query[..., r:]), -1), torch.cat((key_rot, key[..., r:]), -1)
     key, value = _update_cache(self, a.get("layer_past"), key, value)
@@ -225,7 +248,7 @@ def _falcon_forward(self, *args, **kwargs):
     query = query.transpose(1, 2).reshape(b, self.num_heads, n, self.head_dim)
     key, value = (x.transpose(1, 2).reshape(b, kv_heads, n, self.head_dim) for x in (key, value))
     cos, sin = a["position_embeddings"]
-    query, key = sys.modules[type(self).__module__].apply_rotary_pos_emb(query, key, cos, sin)
+    query, key = internals.modeling_function(self, "apply_rotary_pos_emb")(query, key, cos, sin)
     key, value = _update_cache(self, a.get("layer_past"), key, value)
     out = _attend(self, query, key, value, a.get("attention_mask"), self.head_dim ** -0.5,
                   self.attention_dropout.p, extra)

@@ -4,7 +4,8 @@ transformers (5.x) builds every attention mask through ``ALL_MASK_ATTENTION_FUNC
 the mask function a ``mask_function(batch, head, q_idx, kv_idx) -> bool`` composed from a few
 building blocks in ``transformers.masking_utils`` (causal, bidirectional, sliding-window and
 chunked overlays, packed sequences, ``and_masks`` / ``or_masks``). :func:`mask_semantics` reads
-that composition (the closures themselves, no tensor work) and maps it onto the kernel's
+that composition (the closures themselves, recognised by their code objects through
+:mod:`prefix_kernels.hf.internals`; no tensor work) and maps it onto the kernel's
 arguments: ``causal`` and ``sliding_window``. A term the kernel cannot express (chunked attention,
 packed sequences, bidirectional blocks, an unknown function) raises ``NotImplementedError`` naming
 the model type and the term: a mask term is never dropped silently.
@@ -18,10 +19,11 @@ layers receive with the ones built here.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
+
+from prefix_kernels.hf import internals
 
 
 @dataclass(frozen=True)
@@ -53,51 +55,15 @@ CAUSAL = MaskSemantics(upper=0)
 BIDIRECTIONAL = MaskSemantics()
 
 
-def _code_of(factory, *args):
-    return factory(*args).__code__ if factory is not None else None
-
-
-def _building_blocks() -> dict:
-    """code object -> name of transformers' mask building blocks (those this version has)."""
-    from transformers import masking_utils as mu
-
-    def get(name):
-        return getattr(mu, name, None)
-
-    blocks = {
-        getattr(get("causal_mask_function"), "__code__", None): "causal",
-        getattr(get("bidirectional_mask_function"), "__code__", None): "bidirectional",
-        _code_of(get("and_masks"), get("causal_mask_function")): "and",
-        _code_of(get("or_masks"), get("causal_mask_function")): "or",
-        _code_of(get("sliding_window_overlay"), 1): "sliding_window",
-        _code_of(get("sliding_window_bidirectional_overlay"), 1): "sliding_window_bidirectional",
-        _code_of(get("chunked_overlay"), 1, None): "chunked attention",
-        _code_of(get("padding_mask_function"), None): "a padding mask inside the mask function",
-        _code_of(get("packed_sequence_mask_function"), None): "packed sequences (position_ids that restart)",
-        _code_of(get("remap_positions_for_packed_sequence"), get("causal_mask_function"), None):
-            "packed sequences (position_ids that restart)",
-        _code_of(get("blockwise_overlay"), None): "bidirectional blocks (blockwise_overlay, e.g. image tokens)",
-    }
-    blocks.pop(None, None)
-    return blocks
-
-
-_BLOCKS: dict | None = None
-
-
 def mask_semantics(mask_function, model_type: str) -> MaskSemantics:
     """The kernel semantics of a transformers ``mask_function``; raises NotImplementedError for a
     term the kernel cannot express."""
-    global _BLOCKS
-    if _BLOCKS is None:
-        _BLOCKS = _building_blocks()
-    code = getattr(mask_function, "__code__", None)
-    kind = _BLOCKS.get(code)
+    kind = internals.mask_blocks().get(internals.function_code(mask_function))
     if kind is None:
         name = getattr(mask_function, "__qualname__", type(mask_function).__name__)
         raise NotImplementedError(f"model type {model_type!r}: its attention mask uses {name}, a mask function "
                                   "prefix_kernels does not know, so it cannot map it onto the kernel")
-    cells = inspect.getclosurevars(mask_function).nonlocals
+    cells = internals.closure_cells(mask_function)
     if kind == "causal":
         return CAUSAL
     if kind == "bidirectional":
@@ -132,8 +98,8 @@ def mask_semantics(mask_function, model_type: str) -> MaskSemantics:
 def _empty_block_overlay(mask_function) -> bool:
     """Whether ``mask_function`` is transformers' ``blockwise_overlay`` with no block (all ids < 0: text
     only), which unmasks nothing. Reads the ids (one host sync; only multimodal models build it)."""
-    if _BLOCKS.get(getattr(mask_function, "__code__", None), "").startswith("bidirectional blocks"):
-        ids = inspect.getclosurevars(mask_function).nonlocals.get("block_sequence_ids")
+    if internals.mask_blocks().get(internals.function_code(mask_function), "").startswith("bidirectional blocks"):
+        ids = internals.closure_cells(mask_function).get("block_sequence_ids")
         return isinstance(ids, torch.Tensor) and not bool((ids >= 0).any())
     return False
 

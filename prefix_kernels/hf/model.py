@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from prefix_kernels.functional import check_prefix_ids
-from prefix_kernels.hf import checkpoint, compat, legacy, probe, routing
+from prefix_kernels.hf import checkpoint, compat, internals, legacy, probe, routing
 from prefix_kernels.hf.attention import ATTN_IMPLEMENTATION, PrefixKV, register
 from prefix_kernels.hf.spec import POSITION_OFFSETS, PrefixSpec, model_geometry, spec_for
 
@@ -41,12 +41,12 @@ def _check_routable(model: nn.Module) -> None:
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"add_prefix_tuning needs a transformers PreTrainedModel, got {type(model).__name__}")
     model_type = model.config.model_type
-    if "shared_kv_states" in inspect.signature(model.forward).parameters:
+    if internals.attends_over_shared_kv_states(model):
         raise NotImplementedError(
             f"model type {model_type!r} ({type(model).__name__}): an assistant (draft) model attends over its target "
             "model's keys/values (shared_kv_states), so there is no attention of its own to prefix: prefix-tune the "
             "target model")
-    if not _text_model_can_route(model) and not legacy.supported(model):
+    if not legacy.supported(model) and not _text_model_can_route(model):
         raise NotImplementedError(
             f"model type {model_type!r} ({type(model).__name__}) does not route attention through transformers' "
             "AttentionInterface, so prefix_kernels cannot replace its attention"
@@ -70,12 +70,12 @@ def _text_model_can_route(model: nn.Module) -> bool:
     the wrapper's: a vision tower that computes attention by hand keeps it (only text attention is ours)."""
     from transformers import PreTrainedModel
 
-    if getattr(model, "_can_set_attn_implementation", lambda: True)():
+    if internals.routes_attention_through_interface(model):
         return True
     text = model.config.get_text_config()
     if text is model.config:
         return False
-    return any(isinstance(m, PreTrainedModel) and m.config is text and m._can_set_attn_implementation()
+    return any(isinstance(m, PreTrainedModel) and m.config is text and internals.routes_attention_through_interface(m)
                for m in model.modules())
 
 
@@ -180,7 +180,7 @@ class PrefixTuningModel(nn.Module):
         register()
         self._previous_attn = routing.text_attention(model)
         routing.set_text_attention(model, ATTN_IMPLEMENTATION)
-        if model.config.get_text_config()._attn_implementation != ATTN_IMPLEMENTATION:
+        if internals.attn_implementation(model.config.get_text_config()) != ATTN_IMPLEMENTATION:
             raise NotImplementedError(f"model type {model_type!r} refused attn_implementation={ATTN_IMPLEMENTATION!r}")
         try:
             probed = probe.probe_model(model, backend)

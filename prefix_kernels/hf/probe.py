@@ -136,7 +136,7 @@ def capture_keys_values(model, ids: torch.Tensor, backend: str = "auto",
         chunk = ids[:, start:start + chunk_tokens]
         extra = {"use_cache": True} if cache is None else {compat.cache_name(model): cache, "use_cache": True}
         probe = probe_model(model, backend, ids=chunk, capture=True, extra=extra)
-        cache = compat.output_cache(model, probe.output)
+        cache = compat.output_cache(probe.output)
         if cache is None and start + chunk_tokens < ids.shape[1]:
             raise NotImplementedError(f"model type {model.config.model_type!r}: it returns no KV cache, so a text "
                                       f"longer than chunk_tokens={chunk_tokens} cannot be read in chunks")
@@ -249,15 +249,13 @@ def _fold_repeated_heads(probe: Probe, model) -> None:
     """Layers whose attention heads are their cache's kv heads repeated (``keys.repeat(1, r, 1, 1)``
     after the cache update, JetMoE's mixture of attention heads) get the cache's heads and
     ``kv_repeat=r``: the prefix then has PEFT's layout (the cache's shape) and is repeated alike."""
-    from prefix_kernels.hf import compat
+    from prefix_kernels.hf import compat, internals
 
     if probe.roles is not None:
         return
-    cache = compat.output_cache(model, probe.output)
-    layers = getattr(cache, "layers", None) or []
+    cache = compat.output_cache(probe.output)
     for slot, layer in list(probe.layers.items()):
-        cached = layers[slot] if slot < len(layers) else None
-        keys, values = getattr(cached, "keys", None), getattr(cached, "values", None)
+        keys, values = internals.cache_layer_keys_values(cache, slot)
         if not (isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor) and keys.dim() == 4):
             continue
         heads = keys.shape[1]

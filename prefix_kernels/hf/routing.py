@@ -7,11 +7,10 @@ cache. Used by :class:`~prefix_kernels.hf.model.PrefixTuningModel` when it wraps
 from __future__ import annotations
 
 import dataclasses
-import inspect
 
 from torch import nn
 
-from prefix_kernels.hf import legacy, probe
+from prefix_kernels.hf import internals, legacy, probe
 
 PLACEMENTS = ("paper", "peft")
 
@@ -64,7 +63,8 @@ def set_text_attention(model, implementation) -> None:
         return
     text = model.config.get_text_config()
     model.set_attn_implementation({"": implementation, **{key: implementation if sub is text else
-                                                           sub._attn_implementation for key, sub in subs.items()}})
+                                                           internals.attn_implementation(sub)
+                                                           for key, sub in subs.items()}})
 
 
 def cache_slot_hooks(model, on: bool) -> None:
@@ -74,7 +74,7 @@ def cache_slot_hooks(model, on: bool) -> None:
     and the attention function key the prefix by it, so each slot has its own (PEFT's layout: one per
     cache layer). Two calls on one slot (Dory's loops sharing the last loop's cache) stay refused."""
     for module in model.modules():
-        if not set(_SLOT_OFFSETS) & set(_parameters(module)) or getattr(module, "layer_idx", None) is None:
+        if not internals.cache_slot_offsets(module) or getattr(module, "layer_idx", None) is None:
             continue
         handle = module.__dict__.pop("prefix_kernels_slot_hook", None)
         if handle is not None:
@@ -84,18 +84,8 @@ def cache_slot_hooks(model, on: bool) -> None:
             module.prefix_kernels_slot_hook = module.register_forward_pre_hook(_name_cache_slot, with_kwargs=True)
 
 
-def _parameters(module) -> tuple[str, ...]:
-    try:
-        return tuple(inspect.signature(module.forward).parameters)
-    except (TypeError, ValueError):
-        return ()
-
-
-_SLOT_OFFSETS = ("cycle_offset", "cache_offset")
-
-
 def _name_cache_slot(module, args, kwargs):
-    offset = next((kwargs[name] for name in _SLOT_OFFSETS if kwargs.get(name) is not None), 0)
+    offset = next((kwargs[name] for name in internals.CACHE_SLOT_OFFSETS if kwargs.get(name) is not None), 0)
     module.prefix_kernels_cache_slot = module.layer_idx + int(offset)
 
 
@@ -103,8 +93,9 @@ def text_attention(model):
     """The model's attention implementations, as :func:`set_text_attention` takes them back."""
     subs = _sub_configs(model)
     if not subs:
-        return model.config._attn_implementation
-    return {"": model.config._attn_implementation, **{key: sub._attn_implementation for key, sub in subs.items()}}
+        return internals.attn_implementation(model.config)
+    return {"": internals.attn_implementation(model.config),
+            **{key: internals.attn_implementation(sub) for key, sub in subs.items()}}
 
 
 def cache_length_position_modules(model) -> list[nn.Module]:
@@ -117,9 +108,9 @@ def cache_length_position_modules(model) -> list[nn.Module]:
     found = []
     for module in model.modules():
         name = type(module).__name__
-        if "Positional" in name or name.endswith("Embeddings"):
-            if "cache_length" in inspect.signature(module.forward).parameters:
-                found.append(module)
+        positional = "Positional" in name or name.endswith("Embeddings")
+        if positional and internals.counts_positions_from_cache_length(module):
+            found.append(module)
     return found
 
 
@@ -127,12 +118,12 @@ def position_shift(offset: int):
     def shift(module, args, kwargs):
         if probe.active is not None:  # the probe and text init see the model's own positions
             return None
-        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+        bound = internals.forward_signature(type(module)).bind(module, *args, **kwargs)
         arguments = bound.arguments
         if arguments.get("position_ids") is not None:
             arguments["position_ids"] = arguments["position_ids"] + offset
         else:
             arguments["cache_length"] = arguments.get("cache_length", 0) + offset
-        return bound.args, bound.kwargs
+        return bound.args[1:], bound.kwargs
 
     return shift
