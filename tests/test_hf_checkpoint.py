@@ -5,7 +5,11 @@ with a clear error before any parameter changes."""
 from __future__ import annotations
 
 import copy
+import errno
 import json
+import os
+import shutil
+import time
 
 import pytest
 import torch
@@ -13,6 +17,7 @@ import torch
 pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+from prefix_kernels.hf import checkpoint  # noqa: E402
 from prefix_kernels.hf.checkpoint import (  # noqa: E402
     FORMAT_VERSION, PEFT_CONFIG, PEFT_WEIGHTS, PREFIX_CONFIG, PREFIX_WEIGHTS,
 )
@@ -403,3 +408,259 @@ def test_from_peft_adapter_checks_before_wrapping(tmp_path):
     assert_unchanged(model, before)
     with pytest.raises(ValueError, match=r"num_virtual_tokens comes from the adapter"):
         from_peft_adapter(model, tmp_path, num_virtual_tokens=P)
+
+
+# ---- a save replaces the weights and the config together ------------------------------------------
+# what a training run folder holds besides the prefix (the CLI saves into it): never touched by a save
+USER_FILES = {"metrics.json": b'{"loss": [2.5, 1.5]}\n', "plots/loss.png": b"\x89PNG not really",
+              "optimizer.pt": b"optimizer state", "adapter_model.safetensors.tmp": b"the user's own file"}
+
+
+class Crash(BaseException):
+    """The process dying at that point: no handler of the saver may do anything afterwards."""
+
+
+class Faults:
+    """Counts the saver's file-system steps (writing a file, mkdir, link, copy, fsync, rename,
+    unlink) and fails the ``at``-th (or each of a set of steps): with ENOSPC (other steps succeed,
+    handlers run), or as a crash (every later step fails too, as if the process had died).
+    ``links=False``: a filesystem without hard links (os.link always fails with EPERM, not counted
+    as a step)."""
+
+    COUNTED = ("save_file", "_write_json", "mkdir", "link", "copy2", "fsync", "replace", "unlink")
+
+    def __init__(self, at=-1, crash=False, links=True):
+        self.at = {at} if isinstance(at, int) else set(at)
+        self.crash, self.links, self.steps, self.dead = crash, links, [], False
+
+    def wrap(self, name, fn):
+        def step(*args, **kwargs):
+            if self.dead:
+                raise Crash(name)
+            if name == "link" and not self.links:
+                raise OSError(errno.EPERM, os.strerror(errno.EPERM), "<link>")
+            if name in self.COUNTED:
+                self.steps.append(name)
+                if len(self.steps) - 1 in self.at:
+                    if self.crash:
+                        self.dead = True
+                        raise Crash(name)
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"<{name}>")
+            return fn(*args, **kwargs)
+        return step
+
+    def install(self, monkeypatch):
+        class Module:
+            def __init__(self, real, names):
+                self._real, self._names = real, names
+
+            def __getattr__(self, attr):
+                value = getattr(self._real, attr)
+                return faults.wrap(attr, value) if attr in self._names else value
+
+        faults = self
+        monkeypatch.setattr(checkpoint, "os", Module(os, ("mkdir", "link", "fsync", "replace", "unlink")))
+        monkeypatch.setattr(checkpoint, "shutil", Module(shutil, ("copy2", "rmtree")), raising=False)
+        monkeypatch.setattr(checkpoint, "save_file", self.wrap("save_file", checkpoint.save_file))
+        monkeypatch.setattr(checkpoint, "_write_json", self.wrap("_write_json", checkpoint._write_json))
+
+
+def _put_user_files(directory):
+    for name, data in USER_FILES.items():
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_bytes(data)
+
+
+def _listing(directory):
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*"))
+
+
+def _assert_user_files_intact(directory):
+    for name, data in USER_FILES.items():
+        assert (directory / name).read_bytes() == data, name
+
+
+def _targets(base):
+    """Wrappers to load into, by prefix length (reused: a load overwrites the whole prefix)."""
+    return {p: wrapped(base, seed=9, num_virtual_tokens=p) for p in (P, 2 * P)}
+
+
+def _pair_loaded(fmt, targets, directory, candidates):
+    """Which of ``candidates`` (name: the wrapper that saved it) ``directory`` loads as: exactly one
+    must load, bit-identical to its wrapper's prefix; the others' sizes must be refused."""
+    loaded = []
+    for name, source in candidates.items():
+        target = targets[source.spec.num_virtual_tokens]
+        try:
+            (target.load_prefix if fmt == "ours" else target.load_peft_adapter)(directory)
+        except ValueError:
+            continue
+        assert torch.equal(target.prefix_embedding, source.prefix_embedding), f"{name}: another pair's values"
+        loaded.append(name)
+    assert len(loaded) == 1, f"{directory} loads as {loaded} (expected exactly one of {sorted(candidates)})"
+    return loaded[0]
+
+
+def _save(fmt, model, directory):
+    (model.save_prefix if fmt == "ours" else model.save_peft_adapter)(directory)
+
+
+def _pair_names(fmt):
+    return [PREFIX_CONFIG, PREFIX_WEIGHTS] if fmt == "ours" else [PEFT_CONFIG, PEFT_WEIGHTS]
+
+
+def _steps_of_a_save(fmt, base, tmp_path, monkeypatch, links=True):
+    directory = tmp_path / "count"
+    directory.mkdir()
+    _put_user_files(directory)
+    _save(fmt, wrapped(base, seed=1), directory)
+    faults = Faults(links=links)
+    with monkeypatch.context() as m:
+        faults.install(m)
+        _save(fmt, wrapped(base, seed=2, num_virtual_tokens=2 * P), directory)
+    assert {"save_file", "_write_json", "replace"} <= set(faults.steps)
+    return faults.steps
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["hard_links", "no_hard_links"])
+@pytest.mark.parametrize("fmt", ["ours", "peft"])
+def test_a_failed_save_at_any_step_keeps_the_previous_pair(fmt, links, tmp_path, monkeypatch):
+    """ENOSPC (or any OSError) at each step of saving P=8 over a P=4 save: the error propagates, the
+    P=4 pair still loads with its values, nothing is left behind and the user's files are intact.
+    (A failing hard link is no failure: the old file is copied instead.)"""
+    base = tiny_model()
+    old, new = wrapped(base, seed=1), wrapped(base, seed=2, num_virtual_tokens=2 * P)
+    steps = _steps_of_a_save(fmt, base, tmp_path, monkeypatch, links)
+    targets = _targets(base)
+    for at, step in enumerate(steps):
+        directory = tmp_path / f"fail_{at}"
+        directory.mkdir()
+        _put_user_files(directory)
+        _save(fmt, old, directory)
+        before = _listing(directory)
+        if step == "link":
+            with monkeypatch.context() as m:
+                Faults(at).install(m)
+                _save(fmt, new, directory)
+            assert _pair_loaded(fmt, targets, directory, {"old": old, "new": new}) == "new"
+            assert _listing(directory) == before
+            _assert_user_files_intact(directory)
+            continue
+        with monkeypatch.context() as m:
+            Faults(at, links=links).install(m)
+            with pytest.raises(OSError) as failure:
+                _save(fmt, new, directory)
+        assert failure.value.errno == errno.ENOSPC, (at, step)
+        assert _listing(directory) == before, (at, step)
+        _assert_user_files_intact(directory)
+        assert _pair_loaded(fmt, targets, directory, {"old": old, "new": new}) == "old", (at, step)
+    _save(fmt, new, directory)  # and with nothing failing, the new pair replaces it
+    assert _pair_loaded(fmt, targets, directory, {"old": old, "new": new}) == "new"
+    assert _listing(directory) == sorted([*_pair_names(fmt), *USER_FILES, "plots"])
+    # the steps tried above: flushed before the renames, the old pair kept by a link or else a copy
+    assert "fsync" in steps[:steps.index("replace")]
+    assert ("link" in steps) == links and ("copy2" in steps) != links
+
+
+@pytest.mark.parametrize("fmt", ["ours", "peft"])
+def test_a_save_crashed_at_any_step_leaves_one_whole_pair(fmt, tmp_path, monkeypatch):
+    """The process dying at each step of saving P=8 over P=4 (no handler runs): the folder loads as
+    the old pair up to the point where the new pair is completely written, as the new one after;
+    the next save completes and cleans up."""
+    base = tiny_model()
+    old, new, newer = (wrapped(base, seed=1), wrapped(base, seed=2, num_virtual_tokens=2 * P),
+                       wrapped(base, seed=3, num_virtual_tokens=2 * P))
+    steps = _steps_of_a_save(fmt, base, tmp_path, monkeypatch)
+    targets = _targets(base)
+    outcomes = []
+    for at, step in enumerate(steps):
+        directory = tmp_path / f"crash_{at}"
+        directory.mkdir()
+        _put_user_files(directory)
+        _save(fmt, old, directory)
+        with monkeypatch.context() as m:
+            Faults(at, crash=True).install(m)
+            with pytest.raises(Crash):
+                _save(fmt, new, directory)
+        _assert_user_files_intact(directory)
+        outcomes.append(_pair_loaded(fmt, targets, directory, {"old": old, "new": new}))
+        if fmt == "peft":  # from_peft_adapter sizes its wrapper from the same pair
+            want = {"old": old, "new": new}[outcomes[-1]].spec.num_virtual_tokens
+            assert from_peft_adapter(copy.deepcopy(base), directory).spec.num_virtual_tokens == want, (at, step)
+        _save(fmt, newer, directory)
+        assert _pair_loaded(fmt, targets, directory, {"old": old, "newer": newer}) == "newer", (at, step)
+        assert _listing(directory) == sorted([*_pair_names(fmt), *USER_FILES, "plots"]), (at, step)
+    # the old pair while the new one is being written, the new pair once it is complete
+    switch = outcomes.index("new")
+    assert 0 < switch and outcomes == ["old"] * switch + ["new"] * (len(steps) - switch), list(zip(steps, outcomes))
+    # the switch comes after both new files are written and before the first of them is renamed into place
+    assert steps.index("save_file") < switch and steps.index("_write_json") < switch <= steps.index("replace"), \
+        list(zip(steps, outcomes))
+
+
+@pytest.mark.parametrize("fmt", ["ours", "peft"])
+def test_a_save_whose_undo_fails_too_leaves_the_new_pair_readable(fmt, tmp_path, monkeypatch):
+    """Renaming the second new file into place fails, and so does undoing the first rename: the
+    error says so and where the new pair is, the folder loads as the new pair, the next save cleans up."""
+    base = tiny_model()
+    old, new, newer = (wrapped(base, seed=1), wrapped(base, seed=2, num_virtual_tokens=2 * P),
+                       wrapped(base, seed=3, num_virtual_tokens=2 * P))
+    steps = _steps_of_a_save(fmt, base, tmp_path, monkeypatch)
+    second = [i for i, step in enumerate(steps) if step == "replace"][1]
+    directory = tmp_path / "double"
+    directory.mkdir()
+    _put_user_files(directory)
+    _save(fmt, old, directory)
+    with monkeypatch.context() as m:
+        faults = Faults({second, second + 1})
+        faults.install(m)
+        with pytest.raises(OSError) as failure:
+            _save(fmt, new, directory)
+    assert faults.steps[second:second + 2] == ["replace", "replace"]  # the rename, then the first undo step
+    note = " ".join(getattr(failure.value, "__notes__", []))
+    assert f"restoring the previous {_pair_names(fmt)[1]} and {_pair_names(fmt)[0]} in {directory} failed too" in note
+    assert ".saving" in note, note
+    _assert_user_files_intact(directory)
+    targets = _targets(base)
+    assert _pair_loaded(fmt, targets, directory, {"old": old, "new": new}) == "new"
+    _save(fmt, newer, directory)
+    assert _pair_loaded(fmt, targets, directory, {"old": old, "newer": newer}) == "newer"
+    assert _listing(directory) == sorted([*_pair_names(fmt), *USER_FILES, "plots"])
+
+
+def test_a_save_into_a_run_folder_keeps_the_users_files(tmp_path):
+    base = tiny_model()
+    _put_user_files(tmp_path)
+    wrapped(base, seed=1).save_prefix(tmp_path)
+    wrapped(base, seed=2).save_peft_adapter(tmp_path)  # both formats side by side
+    wrapped(base, seed=3).save_prefix(tmp_path)
+    _assert_user_files_intact(tmp_path)
+    assert _listing(tmp_path) == sorted([PREFIX_CONFIG, PREFIX_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS, *USER_FILES,
+                                         "plots"])
+
+
+# ---- an adapter's config is checked against its weights before anything is sized from it ---------
+@pytest.mark.parametrize("claimed", [10_000_000, 10**12, 2])
+def test_from_peft_adapter_checks_num_virtual_tokens_against_the_weights_first(claimed, tmp_path):
+    """A small adapter whose config claims another prefix length than its weights hold fails at
+    once, naming both files, the config's value and the weights' shape (before: a prefix of the
+    claimed length was allocated, 10^7 tokens taking GBs and seconds, 10^12 an allocator error)."""
+    wrapped(tiny_model(), seed=1).save_peft_adapter(tmp_path)
+    _edit_json(PEFT_CONFIG, lambda c: c.update(num_virtual_tokens=claimed))(tmp_path)
+    shape = tuple(load_file(tmp_path / PEFT_WEIGHTS)["prompt_embeddings"].shape)
+    assert shape == (P, 128)
+    model = tiny_model()
+    attn = model.config._attn_implementation
+    before = snapshot(model)
+    start = time.perf_counter()
+    with pytest.raises(ValueError) as refused:
+        from_peft_adapter(model, tmp_path)
+    elapsed = time.perf_counter() - start
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.startswith(f"{tmp_path / PEFT_CONFIG}: num_virtual_tokens is {claimed} in the config, but "
+                              f"{tmp_path / PEFT_WEIGHTS} holds 'prompt_embeddings' of shape {shape}"), message
+    assert elapsed < 0.5, f"{elapsed:.2f} s"
+    assert model.config._attn_implementation == attn and not model._forward_pre_hooks
+    assert all(p.requires_grad for p in model.parameters())
+    assert_unchanged(model, before)

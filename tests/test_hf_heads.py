@@ -1,13 +1,15 @@
 """Trainable heads (``trainable_modules``, PEFT's ``modules_to_save``): a classification head trains
 with the prefix while the rest of the model stays frozen; it is saved and loaded with the prefix in
-our format and in PEFT's, and PEFT 0.21 itself loads our adapters and we load PEFT's (logits equal
-PEFT's forward both ways).
+our format and in PEFT's, and PEFT itself loads our adapters and we load PEFT's (logits equal
+PEFT's forward both ways, and a reference built from transformers alone: the adapter's prefix put
+into the model's own KV cache by hand, :func:`_cache_reference`).
 
-PEFT's SEQ_CLS / TOKEN_CLS forward looks for a ``past_key_values`` parameter in the model's forward
-to hand it the prefix as a KV cache, which transformers 5.24 renamed ``cache``, so PEFT refuses
-("Model does not support past key values"). :func:`_peft_runs` gives the model's forward the old
-name back; everything else is PEFT's own code (the prefix in the cache, the attention mask extended
-by P, the positions counted after the cache).
+PEFT's SEQ_CLS / TOKEN_CLS forward hands the prefix to the model as a KV cache when the model's
+forward has a parameter of the name it looks for; else it calls the backbone itself and feeds the
+classifier ``outputs[1]`` (BERT's pooler output). PEFT 0.21 looks for ``past_key_values``, which
+transformers 5.24 renamed ``cache``; :func:`_peft_runs` gives the model's forward the old name back
+for that PEFT only. Everything else is PEFT's own code (the prefix in the cache, the attention mask
+extended by P, the positions counted after the cache).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ transformers = pytest.importorskip("transformers")
 from tiny_models import DEVICE, VOCAB  # noqa: E402
 
 from prefix_kernels import add_prefix_tuning, from_peft_adapter  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 P = 3
 
@@ -158,15 +161,55 @@ def test_save_and_load_prefix_with_the_head(kind, tmp_path):
         prefix_only.load_prefix(tmp_path)
 
 
+def _peft_cache_name():
+    """The forward parameter PEFT hands the prefix cache to: PEFT 0.22 asks transformers
+    (``peft.import_utils.get_transformers_cache_name``: ``cache`` from transformers 5.24 on), PEFT 0.21
+    always passes ``past_key_values``."""
+    import peft.import_utils
+
+    name = getattr(peft.import_utils, "get_transformers_cache_name", None)
+    return name() if name is not None else "past_key_values"
+
+
 def _peft_runs(model):
-    """PEFT 0.21's SEQ_CLS / TOKEN_CLS forward passes the prefix as ``past_key_values``, and only if
-    the model's forward has a parameter of that name; transformers 5.24 calls it ``cache``."""
+    """PEFT 0.21 with transformers >= 5.24: a forward that takes ``past_key_values`` again and passes
+    it on as ``cache``. Only for that PEFT: the renamed forward hides ``cache`` from PEFT 0.22's
+    signature check (``check_cache_in_signature``), which then takes its backbone branch, meant for
+    models whose head forward takes no cache (BERT), and for Llama feeds ``outputs[1]`` of LlamaModel,
+    the DynamicCache, to ``score`` (TypeError: linear() ... not DynamicCache)."""
     forward = model.forward
-    if "past_key_values" not in inspect.signature(forward).parameters:
+    if _peft_cache_name() == "past_key_values" and "past_key_values" not in inspect.signature(forward).parameters:
         def renamed(*args, past_key_values=None, **kwargs):
             return forward(*args, cache=past_key_values, **kwargs)
         model.forward = renamed
     return model
+
+
+def _cache_reference(model, head, adapter, kind):
+    """Logits of the PEFT adapter in folder ``adapter`` from transformers alone: ``model``'s head
+    weights replaced by the adapter's, its ``prompt_embeddings`` [P, L * 2 * Hkv * D] laid out as
+    PEFT's ``get_prompt`` does (per token: layer 0 keys, layer 0 values, layer 1 keys, ...) in a
+    DynamicCache given to the model's own forward, the attention mask extended by P."""
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in reference.get_submodule(head).named_parameters():
+            p.copy_(tensors[f"base_model.{head}.{name}"])
+    heads, layers = config["num_attention_heads"], config["num_layers"]
+    prefix = tensors["prompt_embeddings"].to(DEVICE)
+    prefix = prefix.view(P, layers, 2, heads, config["token_dim"] // heads)
+    ids, mask, _ = _batch(kind)
+    cache = transformers.DynamicCache()
+    for layer in range(layers):
+        key, value = (prefix[:, layer, i].transpose(0, 1).expand(len(ids), -1, -1, -1).contiguous() for i in (0, 1))
+        cache.update(key, value, layer)
+    takes = set(inspect.signature(reference.forward).parameters) | set(
+        inspect.signature(reference.base_model.forward).parameters)
+    name = "cache" if "cache" in takes else "past_key_values"
+    with torch.no_grad():
+        return reference(input_ids=ids, attention_mask=torch.cat([torch.ones_like(mask[:, :P]), mask], 1),
+                         **{name: cache}).logits
 
 
 def _peft_task(kind):
@@ -189,6 +232,7 @@ def test_peft_adapters_with_the_head_load_both_ways(kind, tmp_path):
         [f"base_model.{head}.{n}" for n, _ in model.get_submodule(head).named_parameters()]
     expected = _logits(theirs, kind)
     assert not torch.allclose(expected, _logits(_peft_runs(copy.deepcopy(model)), kind), atol=1e-3)
+    torch.testing.assert_close(expected, _cache_reference(model, head, tmp_path / "peft", kind), atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(_logits(ours, kind), expected, atol=2e-5, rtol=1e-5)
 
     # ours -> PEFT: our adapter, loaded by PeftModel.from_pretrained into a fresh copy
@@ -198,6 +242,8 @@ def test_peft_adapters_with_the_head_load_both_ways(kind, tmp_path):
     assert config["modules_to_save"] == [head] and config["task_type"] == _peft_task(kind)
     loaded = peft.PeftModel.from_pretrained(_peft_runs(copy.deepcopy(model)), tmp_path / "ours").eval()
     torch.testing.assert_close(_logits(loaded, kind), _logits(ours, kind), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(_cache_reference(model, head, tmp_path / "ours", kind), _logits(ours, kind),
+                               atol=2e-5, rtol=1e-5)
     again = add_prefix_tuning(copy.deepcopy(model), P).load_peft_adapter(tmp_path / "ours")
     torch.testing.assert_close(_logits(again, kind), _logits(ours, kind), atol=0, rtol=0)
 

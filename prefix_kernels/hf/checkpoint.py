@@ -15,6 +15,10 @@ Two formats, both safetensors (never pickle) plus a JSON config:
   (``PREFIX_TUNING``) or a Cartridges (``CARTRIDGE``, whose first ``num_frozen_tokens`` tokens are
   not trained) adapter. PEFT is not needed to write or read it.
 
+Saving writes a weights file and its config as a pair: after a failure at any point (an exception,
+or a crash) the directory holds either the previous pair or the new one, never a mix, and the
+files the user keeps there (metrics, plots, optimizer state) are left alone; see :func:`_save_pair`.
+
 Loading validates everything (config fields, tensor names, shapes, dtypes) before it copies
 anything, so a failed load leaves the model unchanged. Mismatches raise ValueError naming the file,
 the field, the saved value and the model's value; a missing file raises FileNotFoundError.
@@ -30,11 +34,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from prefix_kernels.hf.spec import PrefixSpec
@@ -100,15 +105,15 @@ def save_prefix(wrapper, directory) -> None:
     config = {"format_version": FORMAT_VERSION, **wrapper.spec.to_dict()}
     if wrapper.trainable_modules:  # absent: none (files without it load as before)
         config["trainable_modules"] = list(wrapper.trainable_modules)
-    _write_safetensors(directory / PREFIX_WEIGHTS, tensors)
-    _write_json(directory / PREFIX_CONFIG, config)
+    _save_pair(directory, {PREFIX_WEIGHTS: lambda path: _write_safetensors(path, tensors),
+                           PREFIX_CONFIG: lambda path: _write_json(path, config)})
 
 
 def load_prefix(wrapper, directory) -> None:
     """Loads what :func:`save_prefix` wrote into a wrapper built with the same settings (the same
     ``trainable_modules`` included)."""
     directory = Path(directory)
-    config_path, weights_path = directory / PREFIX_CONFIG, directory / PREFIX_WEIGHTS
+    config_path, weights_path = _pair_file(directory, PREFIX_CONFIG), _pair_file(directory, PREFIX_WEIGHTS)
     params = {**_whole_tensors(wrapper, "load_prefix"), **module_tensors(wrapper)}
     config = _read_json(config_path, "save_prefix() writes it")
     _check_prefix_config(config_path, config, wrapper.spec, wrapper.trainable_modules)
@@ -249,11 +254,9 @@ def save_peft_adapter(wrapper, directory, prefix_index: int = 0, peft_type: str 
         table = wrapper.prefix_table()[prefix_index].detach().cpu().contiguous().clone()
     tensors = {PEFT_KEY: table, **{name: t.detach().cpu().contiguous() for name, t in module_tensors(wrapper).items()}}
     name_or_path = getattr(wrapper.base_model.config, "_name_or_path", None) or None
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    _write_safetensors(directory / PEFT_WEIGHTS, tensors)
-    _write_json(directory / PEFT_CONFIG,
-                peft_adapter_config(spec, name_or_path, peft_type, head, wrapper.trainable_modules))
+    config = peft_adapter_config(spec, name_or_path, peft_type, head, wrapper.trainable_modules)
+    _save_pair(Path(directory), {PEFT_WEIGHTS: lambda path: _write_safetensors(path, tensors),
+                                 PEFT_CONFIG: lambda path: _write_json(path, config)})
 
 
 def load_peft_adapter(wrapper, directory, prefix_index: int = 0) -> None:
@@ -283,18 +286,28 @@ def peft_adapter_modules(directory) -> list[str]:
         raise ValueError(f"{config_path}: modules_to_save is {names!r}, not a list of module names")
     if not names:
         return []
-    tensors = _read_safetensors(Path(directory) / PEFT_WEIGHTS, "a PEFT adapter directory holds it")
-    return list(dict.fromkeys(names)) if set(tensors) - {PEFT_KEY} else []
+    return list(dict.fromkeys(names)) if set(_header_shapes(_peft_weights(directory))) - {PEFT_KEY} else []
 
 
 def peft_adapter_size(directory, num_frozen_tokens: int | None = None) -> tuple[int, int]:
     """(num_virtual_tokens, num_frozen_tokens) of the PEFT adapter (prefix tuning or Cartridges) in
     ``directory``; ``num_frozen_tokens`` given must agree with a cartridge's (a prefix-tuning adapter
-    takes any)."""
+    takes any). The config's num_virtual_tokens is checked against the rows of the weights file's
+    ``prompt_embeddings`` (read from its header, no tensor data), since a wrapper is sized from it."""
     config_path, adapter = _read_peft_config(directory)
     num_virtual_tokens = adapter.get("num_virtual_tokens")
     if isinstance(num_virtual_tokens, bool) or not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
         raise ValueError(f"{config_path}: num_virtual_tokens is {num_virtual_tokens!r}, not a positive int")
+    weights_path = _peft_weights(directory)
+    shapes = _header_shapes(weights_path)
+    if PEFT_KEY not in shapes:
+        raise ValueError(f"{weights_path}: no tensor named {PEFT_KEY!r} (found {sorted(shapes)}); not a PEFT "
+                         "prompt-learning adapter")
+    shape = shapes[PEFT_KEY]
+    if len(shape) != 2 or shape[0] != num_virtual_tokens:
+        raise ValueError(f"{config_path}: num_virtual_tokens is {num_virtual_tokens} in the config, but {weights_path} "
+                         f"holds {PEFT_KEY!r} of shape {shape}, expected ({num_virtual_tokens}, L * 2 * token_dim): "
+                         "the config and the weights are not one adapter's")
     saved_frozen = adapter.get("num_frozen_tokens", 0) if adapter.get("peft_type") == CARTRIDGE_TYPE else 0
     if num_frozen_tokens is not None and adapter.get("peft_type") == CARTRIDGE_TYPE:
         _check_field(config_path, "num_frozen_tokens", saved_frozen, num_frozen_tokens,
@@ -306,8 +319,20 @@ def peft_adapter_size(directory, num_frozen_tokens: int | None = None) -> tuple[
 
 
 def _read_peft_config(directory) -> tuple[Path, dict]:
-    path = Path(directory) / PEFT_CONFIG
+    path = _pair_file(Path(directory), PEFT_CONFIG)
     return path, _read_json(path, "a PEFT adapter directory holds it")
+
+
+def _peft_weights(directory) -> Path:
+    """The adapter's safetensors file; FileNotFoundError, or ValueError where PEFT wrote only a pickle."""
+    directory = Path(directory)
+    path = _pair_file(directory, PEFT_WEIGHTS)
+    if not path.is_file() and (directory / PEFT_PICKLE_WEIGHTS).is_file():
+        raise ValueError(f"{path}: not found, only the pickle file {directory / PEFT_PICKLE_WEIGHTS}, which is not "
+                         "loaded (unsafe); re-save the adapter with safe_serialization=True")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (a PEFT adapter directory holds it)")
+    return path
 
 
 def check_peft_layout(spec: PrefixSpec) -> None:
@@ -360,11 +385,7 @@ def _read_peft_tensors(directory, wrapper, config: dict) -> tuple[torch.Tensor, 
     """(prompt_embeddings, the module weights by name), the names checked against the wrapper's
     :func:`module_tensors`."""
     spec, modules, trainable = wrapper.spec, module_tensors(wrapper), list(wrapper.trainable_modules)
-    directory = Path(directory)
-    path = directory / PEFT_WEIGHTS
-    if not path.is_file() and (directory / PEFT_PICKLE_WEIGHTS).is_file():
-        raise ValueError(f"{path}: not found, only the pickle file {directory / PEFT_PICKLE_WEIGHTS}, which is not "
-                         "loaded (unsafe); re-save the adapter with safe_serialization=True")
+    path = _peft_weights(directory)
     tensors = _read_safetensors(path, "a PEFT adapter directory holds it")
     if PEFT_KEY not in tensors:
         raise ValueError(f"{path}: no tensor named {PEFT_KEY!r} (found {sorted(tensors)}); not a PEFT prompt-learning "
@@ -478,19 +499,134 @@ def _read_safetensors(path: Path, hint: str) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
 
 
+def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes a safetensors file declares, from its header alone (no tensor data read)."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+
+
 def _write_json(path: Path, config: dict) -> None:
-    _replace(path, lambda tmp: tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8"))
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    _replace(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    save_file(tensors, path, metadata={"format": "pt"})
 
 
-def _replace(path: Path, write) -> None:
-    """Writes through a temporary file, so an interrupted save never leaves a half-written ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
+# ---- writing a weights file and its config as one ---------------------------------------------
+# Two renames cannot replace two files at once, so a save goes through a stage folder next to the
+# pair (inside ``directory``: the same filesystem, where a rename is atomic):
+#   1. both new files are written into the stage and fsynced; the old pair is hard-linked (or
+#      copied) into ``<stage>/old``;
+#   2. the COMPLETE marker is written: from here on the stage holds the rest of the new pair;
+#   3. the new files are renamed into ``directory`` one by one; 4. the stage is removed.
+# Readers resolve each file through :func:`_pair_file`: while a COMPLETE stage exists, a file still
+# in the stage is read from there, so a crash (no handler runs) between the renames of step 3 leaves
+# the new pair readable, and before step 2 the old one. An exception undoes step 3 in an order that
+# keeps that true at each rename (see :func:`_roll_back`), ending with the old pair and no stage.
+_COMPLETE = "COMPLETE"
+_OLD = "old"
+_PAIRS = ((PREFIX_WEIGHTS, PREFIX_CONFIG), (PEFT_WEIGHTS, PEFT_CONFIG))
+
+
+def _stage(directory: Path, name: str) -> Path:
+    weights = next(pair[0] for pair in _PAIRS if name in pair)
+    return directory / f".{weights}.saving"
+
+
+def _pair_file(directory: Path, name: str) -> Path:
+    """Where to read ``name`` of a pair: from the stage of an interrupted save that had written the
+    whole new pair (it has not been renamed into place yet), else ``directory / name``."""
+    stage = _stage(directory, name)
+    if (stage / _COMPLETE).is_file() and (stage / name).is_file():
+        return stage / name
+    return directory / name
+
+
+def _save_pair(directory: Path, writers: dict) -> None:
+    """Writes the files ``writers`` name (name: function writing it to the path given) into
+    ``directory`` as one pair, through the stage described above. Files of ``directory`` other than
+    the pair's are never touched."""
+    names = list(writers)
+    directory.mkdir(parents=True, exist_ok=True)
+    stage = _stage(directory, names[0])
+    _finish_interrupted_save(directory, stage, names)
+    os.mkdir(stage)
+    replaced = []
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        for name, write in writers.items():
+            write(stage / name)
+            _fsync(stage / name)
+        os.mkdir(stage / _OLD)
+        for name in names:
+            if (directory / name).is_file():
+                _keep(directory / name, stage / _OLD / name)
+        _fsync(stage / _OLD)
+        with open(stage / _COMPLETE, "wb") as f:
+            os.fsync(f.fileno())
+        _fsync(stage)
+        for name in names:
+            os.replace(stage / name, directory / name)
+            replaced.append(name)
+        _fsync(directory)
+    except BaseException as error:
+        try:
+            _roll_back(directory, stage, names, replaced)
+        except BaseException as undo:
+            error.add_note(f"restoring the previous {' and '.join(names)} in {directory} failed too ({undo!r}); "
+                           f"the new ones remain readable through {stage} (loading reads them from there; the next "
+                           "save finishes or replaces them)")
+        raise
+    shutil.rmtree(stage, ignore_errors=True)
+
+
+def _roll_back(directory: Path, stage: Path, names: list[str], replaced: list[str]) -> None:
+    """Undoes a failed save: back to the old pair, the stage removed. The new files move back into
+    the still COMPLETE stage first (readers see the new pair throughout), then the old ones are
+    restored, and only then is COMPLETE removed (readers see the old pair)."""
+    for name in replaced:
+        os.replace(directory / name, stage / name)
+    for name in replaced:
+        if (stage / _OLD / name).is_file():
+            os.replace(stage / _OLD / name, directory / name)
+    if replaced:
+        _fsync(directory)
+    if (stage / _COMPLETE).exists():
+        os.unlink(stage / _COMPLETE)
+        _fsync(stage)
+    shutil.rmtree(stage)
+
+
+def _finish_interrupted_save(directory: Path, stage: Path, names: list[str]) -> None:
+    """A stage left by a crashed save: completes its renames when it had written the whole pair
+    (what readers see), else drops it (the old pair is in place)."""
+    if not os.path.lexists(stage):
+        return
+    if (stage / _COMPLETE).is_file():
+        for name in names:
+            if (stage / name).is_file():
+                os.replace(stage / name, directory / name)
+        _fsync(directory)
+    shutil.rmtree(stage)
+
+
+def _keep(path: Path, backup: Path) -> None:
+    try:
+        os.link(path, backup)
+    except OSError:  # a filesystem without hard links
+        shutil.copy2(path, backup)
+        _fsync(backup)
+
+
+def _fsync(path: Path) -> None:
+    """Flushes a file, or a folder's entries, to disk (folders: not on Windows, which cannot open them)."""
+    if os.name == "nt" and path.is_dir():
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
     finally:
-        tmp.unlink(missing_ok=True)
+        os.close(fd)
