@@ -107,7 +107,7 @@ def test_train_cartridge_from_a_corpus_file(tmp_path, capsys):
     _user_error(capsys, args[:-4] + ["--init-file", str(tmp_path / "none.txt")], "no such file")
     short = tmp_path / "short.txt"
     short.write_text("a few words")
-    _user_error(capsys, args[:-4] + ["--init-file", str(short)], "fewer than --prefix-length 40")
+    _user_error(capsys, args[:-4] + ["--init-file", str(short), "--overwrite"], "fewer than --prefix-length 40")
 
 
 def _user_error(capsys, argv, needle):

@@ -125,8 +125,9 @@ def test_task_data_and_argument_errors_are_one_line(tmp_path, capsys, monkeypatc
     _user_error(capsys, ["train", "--task", "seq2seq", "--model", "tiny", "--data", str(long), "--max-length", "8"],
                 "training example 1 of 2 (source 'a'...): its target is 40 tokens, more than max_length=8")
     good = _reviews(tmp_path)
-    _user_error(capsys, cls + [str(good), "--resume", "--out", str(tmp_path)],
-                "--resume: for --task causal only, not --task classification")
+    _user_error(capsys, cls + [str(good), "--resume", "--out", str(tmp_path)], "--resume: no saved prefix in")
+    _user_error(capsys, cls + [str(good), "--init-text", "hello"],
+                "--init-text: for --task causal only, not --task classification")
     _user_error(capsys, ["train", "--task", "seq2seq", "--model", "tiny", "--data", str(long), "--init", "data"],
                 "--init data: the prefix of an encoder-decoder (--task seq2seq) starts random")
     _user_error(capsys, ["train", "--task", "seq2seq", "--model", "minilm", "--data", str(long)],

@@ -16,6 +16,33 @@ class UserError(Exception):
     """A mistake of the user's (an argument, the data, a path): one line, exit status 2."""
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def check_device(name: str | None) -> str:
+    """``--device``: cpu, cuda, cuda:N or mps, and present on this machine (None: cuda when there
+    is a GPU, else cpu). A UserError says which part does not hold."""
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        device = None
+    require(device is not None and device.type in DEVICE_TYPES,
+            f"--device {name!r}: not a device (expected cpu, cuda, cuda:N or mps)")
+    if device.type == "cuda":
+        require(torch.cuda.is_available(), f"--device {name}: no CUDA GPU is available here (torch "
+                                           f"{torch.__version__}{'' if torch.version.cuda else ', built without CUDA'})")
+        count = torch.cuda.device_count()
+        require(device.index is None or device.index < count,
+                f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    if device.type == "mps":
+        require(torch.backends.mps.is_available(), f"--device {name}: no Apple MPS device is available here")
+    return name
+
+
 def run_dir(command: str, out: str | Path | None = None) -> Path:
     """``out`` when given, else ``runs/<command>-<YYYYmmdd-HHMMSS>/`` under the current directory."""
     return Path(out) if out is not None else RUNS / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -40,6 +67,9 @@ def user_errors(command: str):
             except UserError as exc:
                 print(f"prefix-kernels {command}: error: {exc}", file=sys.stderr)
                 return 2
+            except KeyboardInterrupt:  # Ctrl-C where the command does not handle it itself
+                print(f"prefix-kernels {command}: interrupted", file=sys.stderr)
+                return 130
         return guarded
     return wrap
 

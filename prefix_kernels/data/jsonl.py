@@ -32,6 +32,8 @@ def _check(obj, where: str, task: str) -> dict:
             raise ValueError(f'{where}: missing "{key}"')
         if not isinstance(obj[key], types) or isinstance(obj[key], bool):
             raise ValueError(f'{where}: "{key}" must be {_TYPE_NAMES[types]}, got {type(obj[key]).__name__}')
+        if isinstance(obj[key], str):
+            _check_unicode(obj[key], f'{where}: "{key}"')
     if not obj[not_blank].strip():
         raise ValueError(f'{where}: empty "{not_blank}"')
     if "split" in obj and obj["split"] not in SPLITS:
@@ -39,11 +41,21 @@ def _check(obj, where: str, task: str) -> dict:
     return obj
 
 
+def _check_unicode(text: str, what: str) -> None:
+    """JSON's \\uXXXX escapes can spell half a UTF-16 pair, a string no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid Unicode text: a lone surrogate {text[e.start]!r} at character "
+                         f"{e.start} (an unpaired \\u{ord(text[e.start]):04x} escape?)") from None
+
+
 def load_jsonl(path, task: str = "causal") -> list[dict]:
     """One object per line with the fields of ``task`` (:data:`FIELDS`): {"prompt", "completion"}
     ("causal"), {"source", "target"} ("seq2seq") or {"text", "label"} ("classification"; labels
     all strings or all ints), each with an optional "split"; blank lines are skipped. Raises
-    ValueError naming ``path:line`` on the first bad line, or on a file without examples."""
+    ValueError naming ``path:line`` on the first bad line (not UTF-8, not JSON, nested too deeply,
+    a field missing, of the wrong type or not valid Unicode), or on a file without examples."""
     if task not in FIELDS:
         raise ValueError(f"task must be one of {tuple(FIELDS)}, got {task!r}")
     examples = []
@@ -59,6 +71,8 @@ def load_jsonl(path, task: str = "causal") -> list[dict]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            except RecursionError:  # the decoder recurses once per nested array/object
+                raise ValueError(f"{path}:{lineno}: JSON nested too deeply (expected one flat object)") from None
             examples.append(_check(obj, f"{path}:{lineno}", task))
             label = examples[-1].get("label") if task == "classification" else None
             if label is not None and type(label) is not type(examples[0]["label"]):
