@@ -1,6 +1,6 @@
 """pytest-benchmark suite of the attention kernels (not part of ``python -m pytest tests``):
 
-    pytest benchmarks --benchmark-only                      # CPU: the "cpu" preset; CUDA: training + decode
+    pytest benchmarks --benchmark-only                      # CPU: the "quick-cpu" preset; CUDA: training + decode
     pytest benchmarks --benchmark-only --kernel-preset quick --benchmark-json out.json
     pytest benchmarks --benchmark-only --kernel-providers ours,cat_sdpa -k decode
 
@@ -23,7 +23,7 @@ from prefix_kernels.benchmarking.correctness import check_provider  # noqa: E402
 
 def pytest_addoption(parser):
     group = parser.getgroup("prefix-kernels benchmarks")
-    group.addoption("--kernel-preset", default="auto", help="shape preset (auto: training+decode on CUDA, cpu on CPU)")
+    group.addoption("--kernel-preset", default="auto", help="shape preset (auto: training+decode on CUDA, quick-cpu on CPU)")
     group.addoption("--kernel-providers", default=None, help="comma-separated providers (default: all)")
     group.addoption("--kernel-dtype", default=None, choices=["bfloat16", "float16", "float32"],
                     help="default: bfloat16 on CUDA, float32 on CPU")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -62,7 +63,8 @@ def test_shapes_and_presets():
         Shape.parse("1x2x3")
     with pytest.raises(ValueError):
         Shape("training", 1, 4, 3, 8, 8, 2, 16)  # Hq % Hkv != 0
-    assert preset_shapes("auto", "cpu") == PRESETS["cpu"]
+    assert preset_shapes("auto", "cpu") == PRESETS["quick-cpu"]
+    assert set(PRESETS["quick-cpu"]) <= set(PRESETS["cpu"])
     assert preset_shapes("auto", "cuda") == PRESETS["training"] + PRESETS["decode"]
     quick = PRESETS["quick"]
     assert [s.kind for s in quick] == ["training", "training", "decode"]
@@ -436,3 +438,158 @@ def test_cli_and_bench_cpu_take_a_window(tmp_path):
     rows = json.loads((tmp_path / "window_cpu.json").read_text())
     assert (tmp_path / "window_cpu.csv").exists() and not (tmp_path / "cpu_bench.json").exists()
     assert {(r["provider"], r["W"], r["status"]) for r in rows} == {(p, 8, "ok") for p in CPU_PROVIDERS}
+
+
+# ---------------------------------------------------------------- presets, progress, interrupts (CLI entry point)
+
+def _bench_cli(args, capsys):
+    from prefix_kernels.cli import main as cli_main
+
+    rc = cli_main(["bench", *args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture
+def tiny_gpu_preset(monkeypatch):
+    """A preset marked as sized for a CUDA GPU, with a shape small enough to run here."""
+    from prefix_kernels.benchmarking import shapes
+
+    monkeypatch.setitem(shapes.PRESET_TABLE, "tiny-gpu", shapes.Preset("cuda", "test", (Shape.parse(TINY[0]),)))
+    monkeypatch.setitem(shapes.PRESETS, "tiny-gpu", [Shape.parse(TINY[0])])
+    return "tiny-gpu"
+
+
+def test_bench_help_lists_every_preset_with_its_device_and_shapes(capsys):
+    from prefix_kernels.benchmarking import PRESET_TABLE
+
+    with pytest.raises(SystemExit) as exit_info:
+        _bench_cli(["--help"], capsys)
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    listing = text[text.index("\npresets"):]
+    entries = {}  # name -> its lines, joined
+    for line in listing.strip().splitlines()[1:]:
+        if line[2:3] != " ":
+            name = line.split()[0]
+            entries[name] = line.strip()
+        else:
+            entries[name] += " " + line.strip()
+    assert list(entries) == ["auto", *PRESET_TABLE]
+    for name, preset in PRESET_TABLE.items():
+        label = entries[name].split(maxsplit=1)[1]
+        assert label.startswith("CUDA GPU" if preset.device == "cuda" else "CPU"), name
+        assert all(s.name in entries[name].split() or s.name + "," in entries[name].split()
+                   for s in preset.shapes), name
+    assert PRESET_TABLE["quick"].device == "cuda" and PRESET_TABLE["quick-cpu"].device == "cpu"
+    assert "here: quick-cpu" in entries["auto"] or torch.cuda.is_available()
+    assert entries["quick-cpu"].split()[1:3] == ["CPU,", "about"]  # its measured run time
+    assert " s on 2 cores" in entries["quick-cpu"] and "use quick-cpu" in entries["quick"]
+    assert ":mod:" not in text and "``" not in text and ":class:" not in text
+
+
+def test_bench_refuses_a_gpu_preset_on_cpu_unless_forced(tmp_path, capsys, tiny_gpu_preset):
+    from prefix_kernels.benchmarking import gpu_sized
+
+    assert gpu_sized("quick", "cpu") == ["quick"] and gpu_sized("cpu,training", "cpu") == ["training"]
+    assert gpu_sized("auto", "cpu") == [] and gpu_sized("quick", "cuda") == []
+    rc, out, err = _bench_cli(["--device", "cpu", "--preset", tiny_gpu_preset, "--out", str(tmp_path)], capsys)
+    assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert "sized for a CUDA GPU" in err and "--preset quick-cpu" in err and "--force" in err
+    assert not any(tmp_path.iterdir())
+    rc, out, err = _bench_cli(["--device", "cpu", "--preset", tiny_gpu_preset, "--force", "--out", str(tmp_path),
+                               "--providers", "ours", "--modes", "fwd", "--reps", "1", "--warmup", "0", "--no-plot",
+                               "--flat", "--name", "k"], capsys)
+    assert rc == 0 and "warning" in err and "sized for a CUDA GPU" in err
+    assert [r["status"] for r in json.loads(next(tmp_path.glob("k_*.json")).read_text())] == ["ok"]
+
+
+def test_bench_cpu_default_runs_and_writes_rows_as_each_step_finishes(tmp_path, capsys, monkeypatch):
+    from prefix_kernels.benchmarking import report
+
+    seen = []  # the rows in the JSON file after each write
+    real_add = report.RowWriter.add
+
+    def add(self, rows):
+        real_add(self, rows)
+        seen.append(len(json.loads(self.paths["json"].read_text())))
+
+    monkeypatch.setattr(report.RowWriter, "add", add)
+    rc, out, err = _bench_cli(["--device", "cpu", "--out", str(tmp_path), "--no-plot", "--flat", "--name", "k",
+                               "--providers", "ours,floor", "--reps", "1", "--warmup", "0"], capsys)
+    assert rc == 0, err
+    cpu_shapes = PRESETS["quick-cpu"]
+    steps = sum(len(s.modes) for s in cpu_shapes)
+    assert seen == [2 * i for i in range(1, steps + 1)]  # each step's two rows, as it finished
+    rows = json.loads(next(tmp_path.glob("k_*.json")).read_text())
+    assert [r["shape"] for r in rows[::2]] == [s.name for s in cpu_shapes for _ in s.modes]
+    assert all(r["status"] == "ok" for r in rows) and {"device", "torch", "date"} <= set(rows[0])
+    progress = [line for line in out.splitlines() if line.startswith("[")]
+    assert len(progress) == steps
+    numbers = [re.match(r"\[ *(\d+)/(\d+) +(\d+\.\d) s\] ", line) for line in progress]
+    assert [(int(m[1]), int(m[2])) for m in numbers] == [(i, steps) for i in range(1, steps + 1)]
+    assert [float(m[3]) for m in numbers] == sorted(float(m[3]) for m in numbers)  # seconds since the start
+    with open(next(tmp_path.glob("k_*.csv")), newline="") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+
+
+def test_bench_interrupt_keeps_the_finished_rows(tmp_path, capsys, monkeypatch):
+    """Ctrl-C (KeyboardInterrupt) during the second step: exit status 130, one line saying where
+    the first step's rows are, and they are in the files."""
+    from prefix_kernels.benchmarking import kernels
+
+    real = kernels._time_interleaved
+    calls = {"n": 0}
+
+    def interrupted_second_time(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "_time_interleaved", interrupted_second_time)
+    try:
+        rc, out, err = _bench_cli(["--device", "cpu", "--shape", TINY[0], "--shape", TINY[1], "--providers",
+                                   "ours,floor", "--reps", "1", "--warmup", "0", "--out", str(tmp_path), "--flat",
+                                   "--name", "k"], capsys)
+    except KeyboardInterrupt:  # not to pytest, which would stop the session
+        pytest.fail("the interrupt escaped prefix-kernels bench")
+    json_path = next(tmp_path.glob("k_*.json"))
+    assert rc == 130 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "interrupted after 1 of 4 steps" in err and str(json_path) in err
+    rows = json.loads(json_path.read_text())
+    assert [(r["shape"], r["mode"], r["provider"], r["status"]) for r in rows] == [
+        (TINY[0], "fwd", "ours", "ok"), (TINY[0], "fwd", "sdpa_no_prefix", "ok")]
+    assert rows[0]["device"] and rows[0]["torch"]
+    assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob("*.tmp"))
+
+
+def test_bench_sigint_to_a_running_bench_keeps_the_first_step(tmp_path):
+    """A real SIGINT to ``python -m prefix_kernels bench`` once the first step's rows are on disk."""
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "out"
+    # the first step (a tiny shape) finishes in a second or so; the second would take minutes
+    cmd = [sys.executable, "-m", "prefix_kernels", "bench", "--device", "cpu", "--shape", TINY[0], "--modes", "fwd",
+           "--shape", "1x8x2x2048x2048x64x64", "--providers", "ours,floor", "--reps", "2000", "--warmup", "0",
+           "--out", str(out), "--flat", "--name", "k", "--no-plot"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(out.glob("k_*.json")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1].startswith("prefix-kernels bench: interrupted after 1 of 2 steps")
+    assert "Traceback" not in stderr
+    rows = json.loads(next(out.glob("k_*.json")).read_text())
+    assert {(r["shape"], r["mode"]) for r in rows} == {(TINY[0], "fwd")} and len(rows) == 2
+    assert "[1/2" in stdout

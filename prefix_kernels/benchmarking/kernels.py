@@ -26,6 +26,7 @@ tests import them from this module).
 
 from __future__ import annotations
 
+import time
 from typing import Callable, Sequence
 
 import torch
@@ -76,7 +77,7 @@ __all__ = ["ALIASES", "COLUMNS", "DECODE_MODES", "ENV_COLUMNS", "EXTRA_PROVIDERS
            "concat_sdpa", "cpu_name", "environment", "flash_attn_cat", "flex_attention_cat", "flops",
            "interleaved_median_ms", "kv_bytes", "layout", "make_inputs", "make_step", "ours", "peft_style",
            "preset_shapes", "prefix_mask", "prefix_mask_mod", "resolve_providers", "run", "sdpa_no_prefix",
-           "sequence_mask", "time_ms"]
+           "sequence_mask", "steps", "summary_line", "time_ms"]
 
 # the columns every row has, in this order (CSV); environment fields follow
 COLUMNS = ("shape", "kind", "B", "Hq", "Hkv", "N", "M", "P", "D", "W", "dtype", "layout", "provider", "mode",
@@ -186,54 +187,84 @@ def _time_interleaved(shape: Shape, runnable: Runnable, mode: str,
     return rows
 
 
-def _log_summary(shape: Shape, modes: Sequence[str], rows: Sequence[dict], log: Callable[[str], None]) -> None:
-    for mode in modes:
-        parts = []
-        for r in rows:
-            if r["mode"] == mode and r["status"] == "ok":
-                extra = f" {r['gb_per_s']:.1f} GB/s" if r.get("gb_per_s") else f" {r['tflops']:.2f} TFLOPS"
-                parts.append(f"{r['provider']} {r['ms']:.3f} ms ({r['ratio_to_ours']:.2f}x,{extra})"
-                             if r.get("ratio_to_ours") else f"{r['provider']} {r['ms']:.3f} ms{extra}")
-        log(f"{shape.kind:8s} {shape.name:26s} {mode:7s} " + "  ".join(parts))
+def summary_line(shape: Shape, mode: str, rows: Sequence[dict]) -> str:
+    """One line of a shape's timed rows in one mode: each provider's ms, ratio to ours, TFLOPS/GB/s."""
+    parts = []
+    for r in rows:
+        if r["mode"] == mode and r["status"] == "ok":
+            extra = f" {r['gb_per_s']:.1f} GB/s" if r.get("gb_per_s") else f" {r['tflops']:.2f} TFLOPS"
+            parts.append(f"{r['provider']} {r['ms']:.3f} ms ({r['ratio_to_ours']:.2f}x,{extra})"
+                         if r.get("ratio_to_ours") else f"{r['provider']} {r['ms']:.3f} ms{extra}")
+    return f"{shape.kind:8s} {shape.name:26s} {mode:7s} " + "  ".join(parts)
+
+
+def steps(shapes: Sequence[Shape], modes: Sequence[str] | None = None) -> list[tuple[Shape, str]]:
+    """The (shape, mode) steps a run goes through, in order; each gives a row per provider."""
+    return [(s, m) for s in shapes for m in s.modes if modes is None or m in modes]
 
 
 def bench_shape(shape: Shape, providers: Sequence[Provider], dtype: torch.dtype, device: torch.device,
                 *, modes: Sequence[str] | None = None, warmup: int = 2, reps: int = 7,
-                interleave: bool | None = None, log: Callable[[str], None] | None = print) -> list[dict]:
+                interleave: bool | None = None, log: Callable[[str], None] | None = print,
+                on_rows: Callable[[str, list[dict]], None] | None = None) -> list[dict]:
     """Rows of one shape: the correctness gate, then every mode of every provider that passed.
-    ``interleave`` (default: on CPU) times the providers' runs in turn, else one after the other."""
+    ``interleave`` (default: on CPU) times the providers' runs in turn, else one after the other.
+    ``on_rows(mode, rows)`` gets each mode's rows as soon as they are timed (then ``log`` is left
+    the gate's messages; without it each mode's :func:`summary_line` is logged too)."""
     modes = [m for m in shape.modes if modes is None or m in modes]
-    rows, runnable = _gate(shape, providers, dtype, device, modes, log)
+    gate_rows, runnable = _gate(shape, providers, dtype, device, modes, log)
+    order = {p.name: i for i, p in enumerate(providers)}
+    rows: list[dict] = []
     for mode in modes:
         needs_grad = mode in ("bwd", "fwd+bwd")
         inputs = make_inputs(shape, dtype, device, requires_grad=needs_grad)
         if not (device.type == "cpu" if interleave is None else interleave):
-            rows += _time_one_by_one(shape, runnable, mode, inputs, dtype, device, warmup, reps)
+            timed = _time_one_by_one(shape, runnable, mode, inputs, dtype, device, warmup, reps)
         else:
-            rows += _time_interleaved(shape, runnable, mode, inputs, dtype, warmup, reps)
+            timed = _time_interleaved(shape, runnable, mode, inputs, dtype, warmup, reps)
         del inputs
         free(device)
-    add_ratios(rows)
-    order = {p.name: i for i, p in enumerate(providers)}
-    rows.sort(key=lambda r: (modes.index(r["mode"]), order[r["provider"]]))
-    if log:
-        _log_summary(shape, modes, rows, log)
+        add_ratios(timed)  # ours and the floor are timed in the same mode: a mode's rows are complete
+        group = sorted([r for r in gate_rows if r["mode"] == mode] + timed, key=lambda r: order[r["provider"]])
+        rows += group
+        if on_rows is not None:
+            on_rows(mode, group)
+        elif log:
+            log(summary_line(shape, mode, group))
     return rows
 
 
 def run(shapes: Sequence[Shape], providers: Sequence[Provider], dtype: torch.dtype, device: torch.device,
         *, modes: Sequence[str] | None = None, warmup: int = 2, reps: int = 7,
-        log: Callable[[str], None] | None = print) -> list[dict]:
-    """Rows for every shape (environment fields added to each)."""
+        log: Callable[[str], None] | None = print,
+        on_rows: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Rows for every shape (environment fields added to each). Each (shape, mode) step's rows go
+    to ``on_rows`` as soon as they are timed, and ``log`` gets a line per step: its number, the
+    seconds since the start and the times (:func:`summary_line`)."""
     env = environment(device)
     if log:
         backend = resolve_backend("auto", device)
         log(f"device {env['device']} ({device.type}), dtype {str(dtype).replace('torch.', '')}, ours -> backend "
             f"{backend!r}, torch {env['torch']}, threads {env['threads']}"
             + (f", cpu build: {env['cpu_build']}" if env.get("cpu_build") else ""))
+    total = len(steps(shapes, modes))
+    done = 0
+    start = time.perf_counter()
     rows: list[dict] = []
     for shape in shapes:
-        rows += bench_shape(shape, providers, dtype, device, modes=modes, warmup=warmup, reps=reps, log=log)
-    for r in rows:
-        r.update(env)
+        def finished(mode: str, group: list[dict], shape: Shape = shape) -> None:
+            nonlocal done
+            done += 1
+            for r in group:
+                r.update(env)
+            rows.extend(group)
+            if on_rows is not None:
+                on_rows(group)
+            if log:
+                width = len(str(total))
+                log(f"[{done:{width}d}/{total} {time.perf_counter() - start:6.1f} s] "
+                    + summary_line(shape, mode, group))
+
+        bench_shape(shape, providers, dtype, device, modes=modes, warmup=warmup, reps=reps, log=log,
+                    on_rows=finished)
     return rows

@@ -45,7 +45,7 @@ def environment(device: torch.device | str | None = None) -> dict:
     """Where the numbers come from: device name, versions, git SHA (None outside a checkout), UTC
     date, torch's thread count, and on CPU the C++ op's build flavour."""
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    env = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+    env = dict(device=device_name(device),
                device_type=device.type, torch=torch.__version__, triton=_version("triton"),
                transformers=_version("transformers"), flash_attn=_version("flash-attn") or _version("flash_attn"),
                python=platform.python_version(), git_sha=_git_sha(),
@@ -56,3 +56,9 @@ def environment(device: torch.device | str | None = None) -> dict:
 
         env["cpu_build"] = cpu.build_info()
     return env
+
+
+def device_name(device: torch.device | str) -> str:
+    """The ``device`` column of a run on ``device`` (the GPU's name, or the CPU model)."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()

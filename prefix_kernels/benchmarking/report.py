@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Callable, Sequence
@@ -35,24 +36,34 @@ def _clean(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def write_json(rows: Sequence[dict], path: Path | str) -> Path:
-    path = Path(path)
+def _replace(path: Path, write: Callable[[object], None]) -> Path:
+    """Writes through a temporary file renamed over ``path``: a reader, or a run interrupted while
+    it writes, sees the previous complete file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    cols = columns(rows)
-    ordered = [{c: _clean(r.get(c)) for c in cols if c in r or c in COLUMNS} for r in rows]
-    path.write_text(json.dumps(ordered, indent=1) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", newline="") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
+def write_json(rows: Sequence[dict], path: Path | str) -> Path:
+    cols = columns(rows)
+    ordered = [{c: _clean(r.get(c)) for c in cols if c in r or c in COLUMNS} for r in rows]
+    return _replace(Path(path), lambda f: f.write(json.dumps(ordered, indent=1) + "\n"))
+
+
 def write_csv(rows: Sequence[dict], path: Path | str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
+    def write(f):
         writer = csv.DictWriter(f, fieldnames=columns(rows), restval="")
         writer.writeheader()
         for r in rows:
             writer.writerow({k: "" if v is None else _clean(v) for k, v in r.items()})
-    return path
+
+    return _replace(Path(path), write)
 
 
 def plot(rows: Sequence[dict], path: Path | str, *, log: Callable[[str], None] | None = print) -> Path | None:
@@ -108,18 +119,57 @@ def plot(rows: Sequence[dict], path: Path | str, *, log: Callable[[str], None] |
     return path
 
 
+def report_stem(out_dir: Path | str, device: str, *, name: str = "attention", per_device_dir: bool = True,
+                device_suffix: bool = True) -> Path:
+    """``<out_dir>[/<device>]/<name>[_<device>]``, the files' path without a suffix."""
+    slug = device_slug(device)
+    directory = Path(out_dir) / slug if per_device_dir else Path(out_dir)
+    return directory / (f"{name}_{slug}" if device_suffix else name)
+
+
+class RowWriter:
+    """The results files of a run while it runs: :meth:`add` rewrites ``<stem>.json`` and
+    ``<stem>.csv`` with every row so far, so an interrupted run leaves the rows that finished."""
+
+    def __init__(self, stem: Path):
+        self.stem = Path(stem)
+        self.rows: list[dict] = []
+        # not Path.with_suffix: device slugs may contain dots
+        self.paths = {"json": self.stem.parent / f"{self.stem.name}.json",
+                      "csv": self.stem.parent / f"{self.stem.name}.csv"}
+
+    def add(self, rows: Sequence[dict]) -> None:
+        self.write(self.rows + list(rows))
+
+    def write(self, rows: Sequence[dict]) -> None:
+        """Both files with exactly ``rows``."""
+        self.rows = list(rows)
+        write_json(self.rows, self.paths["json"])
+        write_csv(self.rows, self.paths["csv"])
+
+    def where(self) -> str:
+        """Where the rows are, for messages: ``DIR/STEM.json and .csv``."""
+        return f"{self.paths['json']} and .csv"
+
+
 def write_report(rows: Sequence[dict], out_dir: Path | str, *, name: str = "attention", per_device_dir: bool = True,
                  device_suffix: bool = True, with_plot: bool = True,
                  log: Callable[[str], None] | None = print) -> dict[str, Path]:
     """Writes ``<name>_<device>.json/.csv`` (``<name>.json/.csv`` with ``device_suffix=False``)
     and the ``.png`` when ``with_plot``; returns the paths by suffix."""
     device = next((r.get("device") for r in rows if r.get("device")), "device")
-    slug = device_slug(device)
-    directory = Path(out_dir) / slug if per_device_dir else Path(out_dir)
-    stem = f"{name}_{slug}" if device_suffix else name  # not Path.with_suffix: slugs may contain dots
-    paths = {"json": write_json(rows, directory / f"{stem}.json"), "csv": write_csv(rows, directory / f"{stem}.csv")}
+    writer = RowWriter(report_stem(out_dir, device, name=name, per_device_dir=per_device_dir,
+                                   device_suffix=device_suffix))
+    writer.add(rows)
+    return finish_report(writer, with_plot=with_plot, log=log)
+
+
+def finish_report(writer: RowWriter, *, with_plot: bool = True,
+                  log: Callable[[str], None] | None = print) -> dict[str, Path]:
+    """The plot of a :class:`RowWriter`'s rows (when ``with_plot``), and the "wrote ..." line."""
+    paths = dict(writer.paths)
     if with_plot:
-        png = plot(rows, directory / f"{stem}.png", log=log)
+        png = plot(writer.rows, writer.stem.parent / f"{writer.stem.name}.png", log=log)
         if png:
             paths["png"] = png
     if log:

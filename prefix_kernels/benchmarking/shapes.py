@@ -15,6 +15,7 @@ Inputs are laid out as HF hands them over: q (and k/v for training) are transpos
 from __future__ import annotations
 
 import re
+import textwrap
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -100,50 +101,104 @@ def _windowed(b, hq, hkv, n, p, d, windows):
     return [Shape("training", b, hq, hkv, n, n, p, d, w) for w in windows]
 
 
-PRESETS: dict[str, list[Shape]] = {
-    # CUDA: N 512..8192, P 16..256, D 64/128, GQA
-    "training": [_train(16, 9, 3, 512, 20, 64), _train(8, 16, 4, 1024, 64, 128), _train(4, 32, 8, 2048, 128, 128),
-                 _train(4, 16, 4, 2048, 16, 64), _train(2, 32, 8, 4096, 256, 128), _train(1, 32, 8, 8192, 32, 128)],
-    # CUDA: KV caches 1k..32k, batch 1..64
-    "decode": [_decode(1, 32, 8, 1024, 64, 128), _decode(64, 32, 8, 4096, 64, 128), _decode(32, 9, 3, 2048, 20, 64),
-               _decode(16, 16, 4, 16384, 64, 128), _decode(4, 32, 8, 32768, 128, 128)],
-    # CUDA smoke (benchmarks/gpu_check.sh): two training shapes, one decode shape
-    "quick": [_train(8, 16, 4, 1024, 64, 128), _train(4, 32, 8, 2048, 128, 128), _decode(64, 32, 8, 4096, 64, 128)],
-    # CPU (seconds on 2 cores)
-    "cpu": [_train(2, 8, 2, 256, 16, 64), _train(4, 9, 3, 512, 20, 64), _train(1, 8, 2, 1024, 64, 64),
-            _decode(16, 16, 4, 2048, 64, 64), _decode(2, 16, 4, 8192, 64, 128)],
-    # sliding windows, CUDA (benchmarks/gpu_check.sh): W = 1024 against W = M (every key visible)
-    "window": _windowed(1, 32, 8, 8192, 128, 128, (1024, 8192)),
-    # sliding windows, CPU (a minute or two on 2 cores): W = 512 against W = M
-    "window-cpu": _windowed(1, 8, 2, 2048, 64, 64, (512, 2048)),
-    # shared-prefix decode, CPU (issue 16): 64 rows sharing one long prefix, a 64-token cache each
-    # (benchmarks/bench_cpu.py --preset shared-prefix-cpu: ours against ours with the prefix
-    # copied into every row's cache, the same FLOPs)
-    "shared-prefix-cpu": [_decode(64, 32, 8, 64, 1024, 128), _decode(64, 32, 8, 64, 4096, 128)],
-    # the same on CUDA (benchmarks/gpu_check.sh), the Triton decode cascade: P 4096 and 8192
-    "shared-prefix": [_decode(64, 32, 8, 64, 4096, 128), _decode(64, 32, 8, 64, 8192, 128)],
+@dataclass(frozen=True)
+class Preset:
+    """A named set of shapes and the device they are sized for ("cuda" or "cpu"); ``about`` is
+    the phrase ``prefix-kernels bench --help`` shows next to the name, before the shapes;
+    ``runtime`` how long a run with the default options takes on 2 cores, where known (quick-cpu
+    and cpu: the CPU time of the whole process, both threads, which bounds the wall time on 2 idle
+    cores; on 2 cores shared four ways each took about twice that)."""
+
+    device: str
+    about: str
+    shapes: tuple[Shape, ...]
+    runtime: str = ""
+
+
+# --help is generated from this table (presets_help), so what it says cannot drift from what runs
+PRESET_TABLE: dict[str, Preset] = {
+    "training": Preset("cuda", "N 512..8192, P 16..256, D 64/128, GQA", (
+        _train(16, 9, 3, 512, 20, 64), _train(8, 16, 4, 1024, 64, 128), _train(4, 32, 8, 2048, 128, 128),
+        _train(4, 16, 4, 2048, 16, 64), _train(2, 32, 8, 4096, 256, 128), _train(1, 32, 8, 8192, 32, 128))),
+    "decode": Preset("cuda", "KV caches 1k..32k, batch 1..64", (
+        _decode(1, 32, 8, 1024, 64, 128), _decode(64, 32, 8, 4096, 64, 128), _decode(32, 9, 3, 2048, 20, 64),
+        _decode(16, 16, 4, 16384, 64, 128), _decode(4, 32, 8, 32768, 128, 128))),
+    "quick": Preset("cuda", "GPU smoke test (benchmarks/gpu_check.sh); on a CPU use quick-cpu", (
+        _train(8, 16, 4, 1024, 64, 128), _train(4, 32, 8, 2048, 128, 128), _decode(64, 32, 8, 4096, 64, 128))),
+    # two shapes of "cpu"
+    "quick-cpu": Preset("cpu", "the default without CUDA, the CPU counterpart of quick", (
+        _train(1, 8, 2, 1024, 64, 64), _decode(16, 16, 4, 2048, 64, 64)), runtime="about 20 s on 2 cores"),
+    "cpu": Preset("cpu", "the CPU benchmark (benchmarks/bench_cpu.py)", (
+        _train(2, 8, 2, 256, 16, 64), _train(4, 9, 3, 512, 20, 64), _train(1, 8, 2, 1024, 64, 64),
+        _decode(16, 16, 4, 2048, 64, 64), _decode(2, 16, 4, 8192, 64, 128)), runtime="about 45 s on 2 cores"),
+    # W = M: every key visible, the window code paths running
+    "window": Preset("cuda", "sliding windows W = 1024 against W = M",
+                     tuple(_windowed(1, 32, 8, 8192, 128, 128, (1024, 8192)))),
+    "window-cpu": Preset("cpu", "sliding windows W = 512 against W = M",
+                         tuple(_windowed(1, 8, 2, 2048, 64, 64, (512, 2048))), runtime="a minute or two on 2 cores"),
+    # issue 16; benchmarks/bench_cpu.py --preset shared-prefix-cpu times ours against ours with the
+    # prefix copied into every row's cache (the same FLOPs)
+    "shared-prefix-cpu": Preset("cpu", "shared-prefix decode: 64 rows share one long prefix, 64-token caches", (
+        _decode(64, 32, 8, 64, 1024, 128), _decode(64, 32, 8, 64, 4096, 128))),
+    "shared-prefix": Preset("cuda", "shared-prefix decode, the Triton decode cascade", (
+        _decode(64, 32, 8, 64, 4096, 128), _decode(64, 32, 8, 64, 8192, 128))),
 }
+
+PRESETS: dict[str, list[Shape]] = {name: list(p.shapes) for name, p in PRESET_TABLE.items()}
+
+# what "auto" stands for, by device type
+AUTO: dict[str, list[str]] = {"cuda": ["training", "decode"], "cpu": ["quick-cpu"]}
+
+
+def preset_names(preset: str, device: torch.device | str) -> list[str]:
+    """The preset names a ``--preset`` value stands for: several joined with "," or "+", "auto"
+    resolved for ``device`` (:data:`AUTO`)."""
+    names: list[str] = []
+    for name in (x for part in preset.split(",") for x in part.split("+") if x):
+        if name == "auto":
+            expanded = AUTO["cuda" if torch.device(device).type == "cuda" else "cpu"]
+        elif name in PRESET_TABLE:
+            expanded = [name]
+        else:
+            raise ValueError(f"unknown preset {name!r}; choose from auto, {', '.join(PRESET_TABLE)}")
+        names += [n for n in expanded if n not in names]
+    return names
 
 
 def preset_shapes(preset: str | Sequence[Shape], device: torch.device | str) -> list[Shape]:
-    """Shapes of a preset name ("auto", "training", "decode", "quick", "cpu", "window",
-    "window-cpu", "shared-prefix-cpu", or several joined with "," or "+"), or a list of shapes
-    passed through. "auto":
-    training + decode on CUDA, cpu on CPU."""
+    """Shapes of a preset name (see :data:`PRESET_TABLE`; "auto", or several joined with "," or
+    "+": :func:`preset_names`), or a list of shapes passed through."""
     if not isinstance(preset, str):
         return list(preset)
-    names = [x for part in preset.split(",") for x in part.split("+") if x]
     shapes: list[Shape] = []
-    for name in names:
-        if name == "auto":
-            name_list = ["training", "decode"] if torch.device(device).type == "cuda" else ["cpu"]
-        elif name in PRESETS:
-            name_list = [name]
-        else:
-            raise ValueError(f"unknown preset {name!r}; choose from auto, {', '.join(PRESETS)}")
-        for n in name_list:
-            shapes += [s for s in PRESETS[n] if s not in shapes]
+    for name in preset_names(preset, device):
+        shapes += [s for s in PRESETS[name] if s not in shapes]
     return shapes
+
+
+def gpu_sized(preset: str, device: torch.device | str) -> list[str]:
+    """The presets of ``preset`` sized for a CUDA GPU when ``device`` is not one (else [])."""
+    if torch.device(device).type == "cuda":
+        return []
+    return [n for n in preset_names(preset, device) if PRESET_TABLE[n].device == "cuda"]
+
+
+def presets_help(width: int = 96) -> str:
+    """The presets, the device each is for and its shapes, as ``prefix-kernels bench --help``
+    lists them."""
+    cuda, cpu = (" + ".join(AUTO[d]) for d in ("cuda", "cpu"))
+    lines = ["presets (--preset NAME, or several joined by ','; shapes are BxHqxHkvxNxMxPxD[wW]):",
+             f"  auto                 the default: {cuda} with CUDA, {cpu} without "
+             f"(here: {cuda if torch.cuda.is_available() else cpu})"]
+    for name, p in PRESET_TABLE.items():
+        device = "CUDA GPU" if p.device == "cuda" else "CPU"
+        lines.append(f"  {name:20s} {device}{f', {p.runtime}' if p.runtime else ''}: {p.about}")
+        for kind in ("training", "decode"):
+            names = [s.name for s in p.shapes if s.kind == kind]
+            if names:
+                lines += textwrap.wrap(", ".join(names), width, initial_indent=f"{'':23s}{kind:9s}",
+                                       subsequent_indent=" " * 32, break_on_hyphens=False)
+    return "\n".join(lines)
 
 
 def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device | str, requires_grad: bool,
