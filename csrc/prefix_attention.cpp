@@ -620,7 +620,9 @@ std::vector<Tensor> bwd_cpu(
     if (need_dsinks) {
       const at::ScalarType acc = acc_type(q.scalar_type());
       const Tensor delta = grad_out.to(acc).mul(out.to(acc)).sum(-1);
-      const Tensor p_sink = prep.sinks.view({1, p.Hq, 1}).sub(lse.to(acc)).exp();
+      const Tensor lse_acc = lse.to(acc);
+      // lse = -inf: the row saw no key and its sink is -inf, so p_sink = 0 (not exp(-inf + inf) = NaN).
+      const Tensor p_sink = prep.sinks.view({1, p.Hq, 1}).sub(lse_acc).exp().masked_fill(lse_acc.isneginf(), 0);
       dsinks = p_sink.mul(delta).sum(at::IntArrayRef{0, 2}).neg().to(sinks->scalar_type());
     }
     grads.push_back(dsinks);

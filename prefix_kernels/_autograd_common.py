@@ -46,8 +46,42 @@ def backward(ctx, grad_out, bwd) -> tuple:
     extra = list(ctx.extra)
     for i, t in zip(ctx.tensor_extras, saved[N_FIXED:]):
         extra[i] = t
-    grads = bwd(grad_out, *saved[:N_FIXED], ctx.causal, ctx.scale, mask, *extra)
+    if not torch.is_grad_enabled():
+        grads = bwd(grad_out, *saved[:N_FIXED], ctx.causal, ctx.scale, mask, *extra)
+    else:
+        # create_graph=True: the kernels' gradients are not differentiable themselves. Computing them
+        # under grad mode would hand autograd a partial graph (a silently wrong second derivative).
+        with torch.no_grad():
+            grads = bwd(grad_out, *saved[:N_FIXED], ctx.causal, ctx.scale, mask, *extra)
+        grads = _refuse_double_backward(grads, mask, grad_out, saved)
     for i, g, need in zip(grad_at, grads, mask):
         if need:
             result[i] = g
     return tuple(result)
+
+
+DOUBLE_BACKWARD_MESSAGE = (
+    "prefix_attention: double backward is not supported by the 'triton' and 'cpu' backends (their "
+    "gradients were taken with create_graph=True and are now being differentiated again); use "
+    "backend='reference' for higher-order gradients (gradient penalties, Hessian-vector products)"
+)
+
+
+def _refuse_double_backward(grads, mask, grad_out, saved) -> list:
+    """The needed gradients, each made to require grad through a node that raises
+    DOUBLE_BACKWARD_MESSAGE when autograd reaches it (what torch.autograd.function.once_differentiable
+    does, with a message that names the way out). Unchanged when nothing upstream requires grad."""
+    upstream = [grad_out, *saved]
+    if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in upstream):
+        return list(grads)
+    grads = list(grads)
+    at = [i for i, need in enumerate(mask) if need and isinstance(grads[i], torch.Tensor)]
+    if not at:
+        return grads
+    err_fn = torch._C._functions.DelayedError(DOUBLE_BACKWARD_MESSAGE.encode(), len(at))
+    wrapped = err_fn(*[grads[i].detach().requires_grad_() for i in at])
+    if not isinstance(wrapped, tuple):
+        wrapped = (wrapped,)
+    for i, g in zip(at, wrapped):
+        grads[i] = g
+    return grads

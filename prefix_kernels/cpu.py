@@ -9,7 +9,10 @@ cache directory, ``$PREFIX_KERNELS_BUILD_DIR`` or
 ``${XDG_CACHE_HOME:-~/.cache}/prefix_kernels/<torch>_<py>/``, keyed by a hash of the sources and
 their location, flags, torch and Python versions. If the build fails (no compiler, no ninja, ...)
 it warns once and ``is_available()`` is False, so ``backend="auto"`` falls back to the reference.
-``PREFIX_KERNELS_DISABLE_CPU_EXT=1`` skips the build altogether.
+``PREFIX_KERNELS_DISABLE_CPU_EXT=1`` skips the build altogether. Processes building at once take
+turns (an flock that the OS releases when its holder dies, so a killed build never blocks the next
+one); a process waits for another's build at most ``PREFIX_KERNELS_BUILD_TIMEOUT`` seconds (default
+600), then falls back to the reference the same way.
 
 The library registers ``torch.ops.prefix_kernels.fwd_cpu`` / ``bwd_cpu`` (see
 csrc/prefix_attention.cpp); this module gives them fake (meta) implementations and an autograd
@@ -37,10 +40,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no inter-process build lock beyond torch's own
+    fcntl = None
 
 import torch
 
@@ -79,9 +89,7 @@ def _build_root() -> Path:
     return Path(cache).expanduser() / "prefix_kernels" / f"torch{version}_{py}"
 
 
-def _build() -> None:
-    from torch.utils.cpp_extension import load
-
+def _sources() -> Path:
     src = _source_dir()
     if src is None:
         here = Path(__file__).resolve().parent
@@ -89,28 +97,109 @@ def _build() -> None:
             f"no C++ sources ({_SOURCES[0]}, ...) in {here / '_csrc'} (an installed package) or "
             f"{here.parent / 'csrc'} (a source checkout); reinstall prefix_kernels"
         )
+    return src
+
+
+def _build_name(src: Path) -> str:
     digest = hashlib.sha256()
     for name in _SOURCES + _HEADERS:
         digest.update(name.encode() + b"\0" + (src / name).read_bytes())
     # The location too: the checkout's and an installed copy's builds (ninja files name the
     # source paths) must not take turns rebuilding one cache entry.
     digest.update(" ".join(_CFLAGS + _LDFLAGS + [str(src), torch.__version__, sys.version]).encode())
-    name = f"prefix_kernels_cpu_{digest.hexdigest()[:12]}"
+    return f"prefix_kernels_cpu_{digest.hexdigest()[:12]}"
+
+
+def build_directory() -> Path:
+    """Where the C++ op of these sources is (or would be) built: ``<build root>/<name>``."""
+    return _build_root() / _build_name(_sources())
+
+
+# torch's build lock (cpp_extension.load's FileBaton) is a file created with O_EXCL and removed when
+# the build ends; a build killed by SIGKILL/SIGTERM/SIGHUP leaves it behind and every later load
+# polls for it forever. Builds here hold an flock on BUILD_LOCK for the whole load(): the kernel
+# releases it when its holder dies, so whoever holds it knows a torch lock file left in the
+# directory is stale. Waiting for a live holder is bounded by the build timeout.
+BUILD_LOCK = "prefix_kernels_build.flock"
+TORCH_LOCK = "lock"
+DEFAULT_BUILD_TIMEOUT_S = 600.0
+
+
+def _build_timeout() -> float:
+    value = os.environ.get("PREFIX_KERNELS_BUILD_TIMEOUT", "")
+    try:
+        return float(value) if value else DEFAULT_BUILD_TIMEOUT_S
+    except ValueError:
+        raise ValueError(f"PREFIX_KERNELS_BUILD_TIMEOUT must be a number of seconds, got {value!r}") from None
+
+
+def _acquire_build_lock(build_dir: Path, timeout: float) -> int | None:
+    """An exclusive flock on build_dir/BUILD_LOCK (its file names the holder), waiting up to
+    ``timeout`` seconds for another process's build; returns the fd to release. None without fcntl."""
+    if fcntl is None:
+        return None
+    fd = os.open(build_dir / BUILD_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + timeout
+    announced = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError as exc:
+            if not isinstance(exc, BlockingIOError):  # no flock on this file system: torch's lock only
+                os.close(fd)
+                return None
+            # held by a live process (a dead one's lock is gone)
+            owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise TimeoutError(
+                    f"waited {timeout:.0f} s for the build of the C++ CPU op by {owner} in {build_dir} "
+                    f"(PREFIX_KERNELS_BUILD_TIMEOUT sets the limit)") from None
+            if not announced:
+                print(f"prefix_kernels: waiting up to {timeout:.0f} s for the C++ CPU op build by {owner} "
+                      f"in {build_dir}", file=sys.stderr, flush=True)
+                announced = True
+            time.sleep(0.2)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+    return fd
+
+
+def _release_build_lock(fd: int | None) -> None:
+    if fd is not None:
+        os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _build() -> None:
+    from torch.utils.cpp_extension import load
+
+    src = _sources()
+    name = _build_name(src)
     build_dir = _build_root() / name
     build_dir.mkdir(parents=True, exist_ok=True)
-    if not (build_dir / f"{name}.so").exists():
-        print(f"prefix_kernels: compiling the C++ CPU op (once, about 20 s on 2 cores) in {build_dir}",
-              file=sys.stderr, flush=True)
-    load(
-        name=name,
-        sources=[str(src / s) for s in _SOURCES],
-        extra_cflags=_CFLAGS,
-        extra_ldflags=_LDFLAGS,
-        extra_include_paths=[str(src)],
-        build_directory=str(build_dir),
-        is_python_module=False,
-        verbose=False,
-    )
+    fd = _acquire_build_lock(build_dir, _build_timeout())
+    try:
+        if fd is not None:
+            # This process holds the build lock: a torch lock file here belongs to a dead build.
+            (build_dir / TORCH_LOCK).unlink(missing_ok=True)
+        if not (build_dir / f"{name}.so").exists():
+            print(f"prefix_kernels: compiling the C++ CPU op (once, about 20 s on 2 cores) in {build_dir}",
+                  file=sys.stderr, flush=True)
+        load(
+            name=name,
+            sources=[str(src / s) for s in _SOURCES],
+            extra_cflags=list(_CFLAGS),  # copies: load() appends its own flags to these lists
+            extra_ldflags=list(_LDFLAGS),
+            extra_include_paths=[str(src)],
+            build_directory=str(build_dir),
+            is_python_module=False,
+            verbose=False,
+        )
+    finally:
+        _release_build_lock(fd)
     _register_python_side()
 
 

@@ -77,6 +77,8 @@ def validate_inputs(q, k, v, prefix_k, prefix_v, *, causal, scale, key_padding_m
     ``prefix_ids_checked``: skip the range check of prefix_ids (the only check that reads tensor
     values; the caller ran :func:`check_prefix_ids`).
     """
+    if not isinstance(causal, bool):  # a string such as "no" would be truthy; numpy/torch bools are refused too
+        raise TypeError(f"causal must be a bool (True or False), got {causal!r} of type {type(causal).__name__}")
     _check_tensor("q", q, (4,))
     _check_tensor("k", k, (4,))
     _check_tensor("v", v, (4,))
@@ -200,6 +202,22 @@ def validate_features(q, *, sliding_window, softcap, sinks) -> float | None:
     return softcap
 
 
+# The kernels scale sink logits by log2(e) and subtract running maxima: a sink near fp32's max (or +inf)
+# overflows to inf there and inf - inf gives NaN. A sink above this bound already takes the whole
+# softmax (out = 0, zero gradients): lowering it to the bound changes only that head's (finite) lse.
+_SINK_BOUND = torch.finfo(torch.float32).max / 16
+
+
+def bound_sinks(sinks: torch.Tensor | None) -> torch.Tensor | None:
+    """``sinks`` with values above a large finite bound (+inf included) lowered to it, on the device
+    (no host sync), so that every backend computes out = 0 and a finite lse for such a head instead
+    of NaN. -inf stays: it is a sink that never takes weight. The gradient passes through unchanged
+    below the bound and is 0 above it (where the exact gradient, -p_sink * (do . out), is 0 too)."""
+    if sinks is None:
+        return None
+    return sinks.clamp(max=min(torch.finfo(sinks.dtype).max, _SINK_BOUND))
+
+
 def _triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -310,6 +328,7 @@ def prefix_attention(
         key_padding_mask=key_padding_mask, prefix_ids=prefix_ids, prefix_ids_checked=prefix_ids_checked,
     )
     softcap = validate_features(q, sliding_window=sliding_window, softcap=softcap, sinks=sinks)
+    sinks = bound_sinks(sinks)
     features = dict(sliding_window=sliding_window, softcap=softcap, sinks=sinks)
     chosen = resolve_backend(backend, q.device)
     if chosen == "reference":

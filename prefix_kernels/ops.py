@@ -121,7 +121,8 @@ def _score_args(causal: bool, sliding_window: int | None, softcap: float | None)
 
 
 def _sink_args(sinks: torch.Tensor | None) -> dict:
-    return {} if sinks is None else dict(SINKS=sinks, HAS_SINKS=True)
+    """The kernels read head h's sink at SINKS + h: a strided or expanded [Hq] view must be copied."""
+    return {} if sinks is None else dict(SINKS=sinks.contiguous(), HAS_SINKS=True)
 
 
 def _new_out(q: torch.Tensor, head_dim_v: int, contiguous: bool) -> torch.Tensor:
@@ -320,7 +321,8 @@ def prefix_attention_backward(
     lse = lse.contiguous()
     sink_args = {}
     if need_dsinks:  # per (row, head, query block) partials of the sink gradient, summed by the epilogue
-        dsinks = torch.empty_like(sinks)
+        sinks = sinks.contiguous()  # read and written at SINKS + h / DSINKS + h
+        dsinks = torch.empty(sinks.shape, device=sinks.device, dtype=sinks.dtype)
         dsink_part = torch.empty(batch * n_heads * prologue_grid[0], device=q.device, dtype=torch.float32)
         sink_args = dict(LSE=lse, SINKS=sinks, DSINK_PART=dsink_part, SINK_GRAD=True)
     zero_block = 1024 if n_zero else 0

@@ -604,3 +604,19 @@ def test_long_prefix(backend, dtype):
     mask[0, :6] = False
     mask[2] = False  # only the prefix
     check_by_rule(backend, tensors, key_padding_mask=mask, prefix_ids=torch.tensor([1, 0, 1]))
+
+
+@pytest.mark.parametrize("causal", ["no", "False", 0, 1, None, torch.tensor(True)],
+                         ids=["str-no", "str-False", "int0", "int1", "None", "tensor"])
+def test_causal_must_be_a_bool(causal):
+    """A non-bool causal (a truthy string such as "no" would silently mean True) is refused with
+    the argument's name and the type received; True/False behave as the reference's causal mask."""
+    tensors = make(torch.float64, n_keys=3)
+    with pytest.raises(TypeError, match=rf"causal must be a bool.*{type(causal).__name__}"):
+        prefix_attention(*tensors, causal=causal, backend="reference")
+    for flag in (True, False):
+        out = prefix_attention(*tensors, causal=flag, backend="reference")
+        want, _ = prefix_attention_reference(*tensors, causal=flag)
+        torch.testing.assert_close(out, want)
+    assert not torch.equal(prefix_attention(*tensors, causal=True, backend="reference"),
+                           prefix_attention(*tensors, causal=False, backend="reference"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import DEVICE, ON_GPU, Case, backend_device, check_against_reference, need
+from helpers import DEVICE, ON_GPU, Case, backend_device, check_against_reference, max_err, need
 from prefix_kernels import prefix_attention, prefix_attention_reference
 
 BACKENDS = ["triton", "cpu", "reference"]
@@ -171,3 +171,126 @@ def test_registered_ops_with_features_pass_opcheck():
     args = (q, k, v, pk, pv, mask, None, True, 0.25, False, 8, 3.0, sinks)
     torch.library.opcheck(torch.ops.prefix_kernels.triton_fwd, args)
     assert DEVICE.type in ("cpu", "cuda")
+
+
+def _sink_view(layout: str, n_heads: int, dtype: torch.dtype, device="cpu", seed: int = 3):
+    """(leaf, sinks): an [Hq] view with strides of its own over a leaf that requires grad --
+    every other element of a longer vector, or one value expanded (stride 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    if layout == "strided":
+        leaf = torch.randn(2 * n_heads, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+        leaf.requires_grad_()
+        return leaf, leaf[::2]
+    leaf = torch.tensor(0.7, dtype=dtype, device=device, requires_grad=True)
+    return leaf, leaf.expand(n_heads)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n_queries", [1, 6], ids=["decode", "prefill"])
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+def test_sinks_views_with_their_own_strides(backend, n_queries, layout):
+    """Sinks given as a strided or expanded view: out and the sink gradient (which reaches the view's
+    leaf through the view's own backward) match the fp64 reference. The Triton path is checked
+    through the public op and through its autograd Function directly (no copy on the way)."""
+    need(backend)
+    device = backend_device(backend)
+    case = Case(batch=2, heads=4, kv_heads=2, n_queries=n_queries, n_keys=7, n_prefix=3, head_dim=16,
+                padding="left")
+    q, k, v, pk, pv, mask, _ = case.make(torch.float32, device)
+    q64, k64, v64, pk64, pv64 = (t.detach().double() for t in (q, k, v, pk, pv))
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(device)
+    leaf64, sinks64 = _sink_view(layout, 4, torch.float64)
+    want, _ = prefix_attention_reference(q64, k64, v64, pk64, pv64, key_padding_mask=mask, sinks=sinks64)
+    (want * grad.double()).sum().backward()
+
+    entries = [lambda s: prefix_attention(q, k, v, pk, pv, key_padding_mask=mask, sinks=s, backend=backend)]
+    if backend == "triton":
+        from prefix_kernels.autograd import PrefixAttentionFunction
+
+        entries.append(lambda s: PrefixAttentionFunction.apply(
+            q, k, v, pk, pv, mask, None, True, 0.25, False, None, None, s)[0])
+    for entry in entries:
+        leaf, sinks = _sink_view(layout, 4, torch.float32, device)
+        out = entry(sinks)
+        (out * grad).sum().backward()
+        assert max_err(out.cpu(), want) < 1e-5
+        assert leaf.grad is not None and leaf.grad.shape == leaf.shape
+        assert max_err(leaf.grad.cpu(), leaf64.grad) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n_queries", [1, 6], ids=["decode", "prefill"])
+def test_huge_and_infinite_sinks(backend, n_queries):
+    """A sink of +inf or near fp32's max takes the whole softmax: out = 0 for its head with a finite
+    lse and finite gradients (zero for that head), as the reference computes for a sink that is merely
+    very large; the other heads are unaffected. A -inf sink on a row with every key hidden and no
+    prefix: out = 0, lse = -inf, zero gradients, no NaN."""
+    need(backend)
+    device = backend_device(backend)
+    case = Case(batch=2, heads=4, kv_heads=2, n_queries=n_queries, n_keys=7, n_prefix=3, head_dim=16)
+    q, k, v, pk, pv, _, _ = case.make(torch.float32, device)
+    leaves = (q, k, v, pk, pv)
+    q64, k64, v64, pk64, pv64 = (t.detach().double().requires_grad_() for t in leaves)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(device)
+    big = 1e4  # exp(-1e4) = 0: the reference's out and gradients for this head are those of any larger sink
+    for value in (float("inf"), 3e38, torch.finfo(torch.float32).max):
+        sinks = torch.tensor([value, 0.5, -1.0, value], device=device).requires_grad_()
+        out, lse = prefix_attention(q, k, v, pk, pv, sinks=sinks, return_lse=True, backend=backend)
+        grads = torch.autograd.grad(out, (*leaves, sinks), grad)
+        s64 = torch.tensor([big, 0.5, -1.0, big], dtype=torch.float64, requires_grad=True)
+        want, want_lse = prefix_attention_reference(q64, k64, v64, pk64, pv64, sinks=s64)
+        wants = torch.autograd.grad(want, (q64, k64, v64, pk64, pv64, s64), grad.double())
+        assert torch.isfinite(lse).all() and (lse[:, [0, 3]] > 1e30).all()
+        torch.testing.assert_close(lse[:, 1:3].cpu(), want_lse[:, 1:3].float(), rtol=1e-5, atol=1e-5)
+        assert max_err(out.cpu(), want) < 1e-5
+        for g, w in zip(grads, wants):
+            assert torch.isfinite(g).all()
+            assert max_err(g.cpu(), w) < 1e-5
+
+    # -inf sinks; every key hidden, no prefix
+    pk0, pv0 = pk[:, :0].detach().requires_grad_(), pv[:, :0].detach().requires_grad_()
+    mask = torch.zeros(2, 7, dtype=torch.bool, device=device)
+    sinks = torch.tensor([float("-inf"), 0.5, float("-inf"), -1.0], device=device).requires_grad_()
+    out, lse = prefix_attention(q, k, v, pk0, pv0, sinks=sinks, key_padding_mask=mask, return_lse=True,
+                                backend=backend)
+    grads = torch.autograd.grad(out, (q, k, v, sinks), grad)
+    assert torch.equal(out, torch.zeros_like(out))
+    assert (lse[:, [0, 2]] == float("-inf")).all()
+    torch.testing.assert_close(lse[:, [1, 3]].cpu(), torch.tensor([0.5, -1.0])[None, :, None].expand(2, 2, n_queries))
+    for g in grads:
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+@pytest.mark.parametrize("n_queries", [1, 6], ids=["decode", "prefill"])
+@pytest.mark.parametrize("cap", [50.0, 1e3, 1e4, 1e6, 1e8])
+def test_softcap_precision_for_any_cap(backend, n_queries, cap):
+    """softcap c * tanh(s / c) with c much larger than the scores: out and every gradient stay at
+    fp32's roundoff (~1e-6 relative) of the fp64 reference, as without a softcap -- tanh must not
+    lose digits for small arguments (the loss grows with c)."""
+    need(backend)
+    device = backend_device(backend)
+    case = Case(batch=1, heads=2, kv_heads=1, n_queries=n_queries, n_keys=9, n_prefix=3, head_dim=16)
+    q, k, v, pk, pv, _, _ = case.make(torch.float64, "cpu")
+    leaves64 = [(t.detach() * 2).requires_grad_() for t in (q, k, v, pk, pv)]  # scores of a few units
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    want, _ = prefix_attention_reference(*leaves64, softcap=cap)
+    wants = torch.autograd.grad(want, leaves64, grad)
+    leaves = [t.detach().float().to(device).requires_grad_() for t in leaves64]
+    out = prefix_attention(*leaves, softcap=cap, backend=backend)
+    grads = torch.autograd.grad(out, leaves, grad.float().to(device))
+    for got, truth in zip((out, *grads), (want, *wants)):
+        assert max_err(got.cpu(), truth) <= 5e-6 * max(1.0, truth.abs().max().item())
+
+
+@pytest.mark.parametrize("cap", [1e3, 1e8])
+def test_softcap_precision_fp64_triton(cap):
+    """The same in fp64 (the Triton kernels compute fp64 inputs in fp64): out to ~1e-15, not c * 1e-16.
+    (The fp64 backward reads an fp32 lse, which limits its gradients to ~1e-7 with or without a softcap.)"""
+    need("triton")
+    case = Case(batch=1, heads=2, kv_heads=1, n_queries=6, n_keys=9, n_prefix=3, head_dim=16).on_device()
+    q, k, v, pk, pv, _, _ = case.make(torch.float64)
+    tensors = [t.detach() * 2 for t in (q, k, v, pk, pv)]
+    want, _ = prefix_attention_reference(*tensors, softcap=cap)
+    out = prefix_attention(*tensors, softcap=cap, backend="triton")
+    assert max_err(out, want) <= 1e-13

@@ -100,3 +100,58 @@ def test_gradcheck_triton_wrapper():
     """float64 through the Triton kernels (fp64 accumulation). Fast mode under the interpreter."""
     tensors, kwargs = _gradcheck_inputs(GRADCHECK_CASE)
     torch.autograd.gradcheck(lambda *t: triton_op(*t, **kwargs), tensors, fast_mode=not ON_GPU)
+
+
+def _double_backward_problem():
+    case = Case(batch=1, heads=2, kv_heads=1, n_queries=4, n_keys=6, n_prefix=2, head_dim=8, with_ids=False)
+    q, k, v, pk, pv, _, _ = case.make(torch.float64, "cpu")
+    return [t.detach() for t in (q, k, v, pk, pv)]
+
+
+def _first_order_with_graph(op, x, w, rest):
+    out = op(x * w, *rest)
+    (g,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    return g
+
+
+@pytest.mark.parametrize("entry", ["cpu", "triton", "triton_registered_op"])
+def test_double_backward_is_refused_not_wrong(entry):
+    """Differentiating the gradient of the C++ or Triton op (create_graph=True, then backward again)
+    raises an error that says so and names backend='reference'; it never returns a partial second
+    derivative. The first-order gradient taken with create_graph=True is still exact."""
+    from helpers import need
+
+    need("cpu" if entry == "cpu" else "triton")
+    q, k, v, pk, pv = _double_backward_problem()
+    if entry == "triton_registered_op":
+        from prefix_kernels import autograd  # noqa: F401 -- registers the op
+
+        def op(x, *rest):
+            return torch.ops.prefix_kernels.triton_fwd(x, *rest, None, None, True, 8 ** -0.5, False)[0]
+    else:
+        def op(x, *rest):
+            return prefix_attention(x, *rest, backend=entry)
+    device = DEVICE if entry != "cpu" else torch.device("cpu")
+    q, k, v, pk, pv = (t.to(device) for t in (q, k, v, pk, pv))
+    x = q.clone().requires_grad_()
+    w = torch.tensor(1.3, dtype=torch.float64, device=device, requires_grad=True)
+    g = _first_order_with_graph(op, x, w, (k, v, pk, pv))
+    x_ref = q.clone().requires_grad_()
+    w_ref = w.detach().clone().requires_grad_()
+    g_ref = _first_order_with_graph(lambda *t: prefix_attention_reference(*t)[0], x_ref, w_ref, (k, v, pk, pv))
+    torch.testing.assert_close(g, g_ref, rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match=r"double backward is not supported.*backend='reference'"):
+        (g ** 2).sum().backward()
+    assert w.grad is None
+
+
+def test_reference_supports_double_backward():
+    """The reference is plain PyTorch: its second derivatives pass gradgradcheck (finite differences),
+    with sinks and a softcap too."""
+    q, k, v, pk, pv = (t.requires_grad_() for t in _double_backward_problem())
+    sinks = torch.randn(2, dtype=torch.float64, generator=torch.Generator().manual_seed(2), requires_grad=True)
+
+    def f(q, k, v, pk, pv, sinks):
+        return prefix_attention(q, k, v, pk, pv, sinks=sinks, softcap=3.0, backend="reference")
+
+    torch.autograd.gradgradcheck(f, (q, k, v, pk, pv, sinks))
