@@ -13,6 +13,7 @@ import math
 import os
 import random
 import signal
+import statistics
 import threading
 import time
 from dataclasses import dataclass, field
@@ -70,11 +71,13 @@ def make_optimizer(model, lr: float) -> torch.optim.Optimizer:
 
 def train_steps(model, batches: list[dict], lr: float, device, *, progress: bool = True, desc: str = "training",
                 explicit_positions: bool = False, on_step=None, total: int | None = None, optimizer=None,
-                should_stop=None, initial: int = 0) -> TrainLog:
+                should_stop=None, initial: int = 0, thread_hint: bool = False) -> TrainLog:
     """AdamW over ``model``'s trainable parameters (``optimizer``, when given: a resumed one), one
     step per batch. ``explicit_positions`` passes position_ids counted over the mask (for PEFT,
     which otherwise ignores left padding). After each step ``on_step(step, log)`` runs, then the
-    loop ends early when ``should_stop()`` is true; ``initial`` is where the progress bar starts."""
+    loop ends early when ``should_stop()`` is true; ``initial`` is where the progress bar starts.
+    ``thread_hint``: after the first steps on a CPU, one line when torch's threads slow each other
+    down (see :func:`slow_threads_hint`)."""
     from tqdm.auto import tqdm
 
     if optimizer is None:
@@ -104,6 +107,10 @@ def train_steps(model, batches: list[dict], lr: float, device, *, progress: bool
         if not math.isfinite(log.losses[-1]):
             raise FloatingPointError(f"loss became {log.losses[-1]} at step {step}")
         bar.set_postfix(loss=f"{log.losses[-1]:.3f}", tok_s=f"{log.tokens[-1] / log.step_ms[-1] * 1e3:.0f}")
+        if thread_hint and step == HINT_AFTER_STEPS - 1:
+            hint = slow_threads_hint(device, log.step_ms)
+            if hint:
+                bar.write(hint)
         if on_step is not None:
             on_step(step, log)
         if should_stop is not None and should_stop():
@@ -113,6 +120,82 @@ def train_steps(model, batches: list[dict], lr: float, device, *, progress: bool
         log.peak_mib = torch.cuda.max_memory_allocated() / 2**20
     model.eval()
     return log
+
+
+HINT_AFTER_STEPS = 3
+SLOW_THREADS = 1.25  # all threads this much slower than one on the same work: they compete for the cores
+
+
+def thread_probe(threads: int, reps: int = 5, size: int = 256) -> tuple[float, float]:
+    """(median ms with ``threads`` threads, median ms with one) of the same float32 matrix product,
+    the two timed in turn so that a load that comes and goes weighs on both alike. Where the cores
+    are free, ``threads`` threads are faster; where other processes hold them, the threads wait on
+    each other and are slower than one (a tiny Llama's step: 1001 ms with 2 threads, 126 ms with 1)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    previous = torch.get_num_threads()
+    times = {threads: [], 1: []}
+    try:
+        for _ in range(reps):
+            for n in (threads, 1):
+                torch.set_num_threads(n)
+                start = time.perf_counter()
+                for _ in range(4):
+                    torch.mm(a, b)
+                times[n].append((time.perf_counter() - start) * 1e3)
+    finally:
+        torch.set_num_threads(previous)
+    return statistics.median(times[threads]), statistics.median(times[1])
+
+
+def slow_threads_hint(device, step_ms: list[float]) -> str | None:
+    """One line when, on a CPU with several torch threads, a probe (:func:`thread_probe`) runs
+    slower on all of them than on one: the cores are taken, and ``--threads 1`` (or
+    OMP_NUM_THREADS=1) is likely faster. None otherwise (a GPU, one thread, free cores)."""
+    threads = torch.get_num_threads()
+    if torch.device(device).type != "cpu" or threads < 2:
+        return None
+    many, one = thread_probe(threads)
+    if many <= SLOW_THREADS * one:
+        return None
+    return (f"(slow steps: median {statistics.median(step_ms):.0f} ms over the first {len(step_ms)}; the CPU is "
+            f"loaded -- a probe ran {many / one:.1f}x slower on {threads} threads than on 1. Try --threads 1, or "
+            f"OMP_NUM_THREADS=1, or fewer threads than the free cores)")
+
+
+def interleaved(step_a, step_b, steps: int, clock=time.perf_counter, after=None) -> tuple[list[float], list[float]]:
+    """Times ``step_a(i)`` and ``step_b(i)`` for i < ``steps`` in turn -- A B, then B A, A B, ... --
+    so that a load that changes during the run falls on both sides alike (one side timed after the
+    other measures the load as much as the code); ``after(i)``, untimed, follows each pair. Returns
+    the milliseconds of each side per step."""
+    times: dict[str, list[float]] = {"a": [], "b": []}
+    for i in range(steps):
+        order = (("a", step_a), ("b", step_b)) if i % 2 == 0 else (("b", step_b), ("a", step_a))
+        for side, step in order:
+            start = clock()
+            step(i)
+            times[side].append((clock() - start) * 1e3)
+        if after is not None:
+            after(i)
+    return times["a"], times["b"]
+
+
+TOO_SPREAD = 1.5  # quartiles of the per-pair ratio further apart than this factor: no conclusion
+
+
+def ratio_summary(a_ms: list[float], b_ms: list[float], skip: int = 1) -> dict:
+    """The per-pair ratios b / a of two interleaved timings (the first ``skip`` pairs left out when
+    enough remain: warm-up), their median and interquartile range, and whether they allow a
+    conclusion: ``conclusive`` is False when the quartiles are more than TOO_SPREAD apart or lie on
+    both sides of 1 (B neither clearly slower nor clearly faster), or with fewer than 3 pairs."""
+    pairs = list(zip(a_ms, b_ms))
+    pairs = pairs[skip:] if len(pairs) - skip >= 3 else pairs
+    ratios = [b / a for a, b in pairs if a > 0]
+    if not ratios:
+        return {"pairs": 0, "ratios": [], "median": None, "q1": None, "q3": None, "conclusive": False}
+    median = statistics.median(ratios)
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else (median,) * 3
+    conclusive = len(ratios) >= 3 and q3 <= TOO_SPREAD * q1 and (q1 > 1 or q3 < 1)
+    return {"pairs": len(ratios), "ratios": ratios, "median": median, "q1": q1, "q3": q3, "conclusive": conclusive}
 
 
 def eval_batches(examples: list[dict], collator, rows: int = 32) -> list[dict]:
@@ -133,9 +216,14 @@ def mean_loss(model, batches: dict | list[dict], device) -> float:
 
 
 def plot_loss_curve(path, train_losses: list[float], eval_points: list[tuple[int, float]] = (),
-                    title: str = "prefix tuning") -> Path | None:
-    """Writes the per-step training loss and the held-out points (step, loss) as a PNG (matplotlib's
-    Agg canvas: no display needed). Without matplotlib it says so in one line and returns None."""
+                    title: str = "prefix tuning", *, base_loss: float | None = None, unit: str = "nats/token",
+                    accuracy_points: list[tuple[int, float | None]] = (), baseline_accuracy: float | None = None,
+                    baseline_name: str = "linear probe") -> Path | None:
+    """Writes the per-step training loss, the held-out points (step, loss), the base model's
+    held-out loss (a horizontal line) and, for classification, the held-out accuracy on a second
+    axis (with ``baseline_accuracy`` as a line), as a PNG (matplotlib's Agg canvas: no display
+    needed). ``unit`` names the loss: per token, or per example. Without matplotlib it says so in
+    one line and returns None."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -145,16 +233,40 @@ def plot_loss_curve(path, train_losses: list[float], eval_points: list[tuple[int
     fig = Figure(figsize=(6.4, 4.0), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    ax.plot(range(len(train_losses)), train_losses, lw=1, alpha=0.8, label="training batch")
+    ax.plot(range(len(train_losses)), train_losses, lw=1, alpha=0.6, label="training batch")
     if eval_points:
         steps, losses = zip(*eval_points)
         ax.plot(steps, losses, "o-", label="held-out")
-    ax.set(xlabel="step", ylabel="loss (nats/token)", title=title)
+    if base_loss is not None:
+        ax.axhline(base_loss, color="grey", ls="--", lw=1, label=f"base model, held-out ({base_loss:.3g})")
+    ax.set(xlabel="step", ylabel=f"loss ({unit})", title=title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    accuracy = [(s, a) for s, a in accuracy_points if a is not None]
+    if accuracy:
+        right = ax.twinx()
+        steps, values = zip(*accuracy)
+        right.plot(steps, values, "s-", color="tab:green", label="held-out accuracy")
+        if baseline_accuracy is not None:
+            right.axhline(baseline_accuracy, color="tab:green", ls=":", lw=1,
+                          label=f"{baseline_name} accuracy ({baseline_accuracy:.3f})")
+        right.set(ylabel="held-out accuracy", ylim=(0, 1.02))
+        more_handles, more_labels = right.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    ax.legend(handles, labels, fontsize="small")
     fig.tight_layout()
     fig.savefig(path)
     return Path(path)
+
+
+def plot_run(path, metrics: dict, title: str) -> Path | None:
+    """:func:`plot_loss_curve` of a run's metrics (a classification run's loss is per example)."""
+    classify = metrics.get("task") == "classification"
+    return plot_loss_curve(path, metrics["train_loss"], metrics.get("eval_loss", []), title,
+                           base_loss=metrics.get("base_model_loss"),
+                           unit="nats/example" if classify else "nats/token",
+                           accuracy_points=metrics.get("eval_accuracy", []) if classify else [],
+                           baseline_accuracy=metrics.get("probe_eval_accuracy"))
 
 
 def write_atomic(path, write) -> None:
@@ -179,7 +291,7 @@ def save_run(out, metrics: dict, title: str) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_metrics(out, metrics)
-    png = plot_loss_curve(out / "loss_curve.png", metrics["train_loss"], metrics.get("eval_loss", []), title)
+    png = plot_run(out / "loss_curve.png", metrics, title)
     return [out / "metrics.json"] + ([png] if png else [])
 
 

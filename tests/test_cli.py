@@ -78,7 +78,7 @@ def test_train_tiny_end_to_end_into_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--model", "tiny", "--data", str(data), *TRAIN_FAST]) == 0
     text = capsys.readouterr().out
-    assert "init data" in text and "before (initial prefix)" in text and "after (trained prefix)" in text
+    assert "init data" in text and "initial prefix (" in text and "trained prefix ->" in text
     (out,) = (tmp_path / "runs").glob("train-*")
     metrics = _assert_run_files(out, steps=2)
     assert metrics["model"] == "tiny random Llama" and metrics["prefix_length"] == 3

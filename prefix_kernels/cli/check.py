@@ -149,9 +149,15 @@ def check(batch: int, heads: int, kv_heads: int, seq: int, prefix: int, head_dim
 
 def add_parser(sub) -> None:
     p = sub.add_parser("check", help="correctness + timing of the fused op's backends on this machine")
-    for name, default in (("batch", 4), ("heads", 9), ("kv-heads", 3), ("seq", 256), ("prefix", 20),
-                          ("head-dim", 64), ("reps", 5)):
-        p.add_argument(f"--{name}", type=int, default=default)
+    for name, default, text in (
+            ("batch", 4, "batch size B of the test problem"),
+            ("heads", 9, "query heads Hq (a multiple of --kv-heads)"),
+            ("kv-heads", 3, "key/value heads Hkv (fewer than --heads: grouped-query attention)"),
+            ("seq", 256, "sequence length N (queries and keys)"),
+            ("prefix", 20, "prefix length P, virtual tokens (0: none)"),
+            ("head-dim", 64, "head dimension D (at most 256)"),
+            ("reps", 5, "timed repetitions of forward+backward (the median is printed)")):
+        p.add_argument(f"--{name}", type=int, default=default, help=text)
     p.add_argument("--backends", type=_backend_list, default=None,
                    help="comma-separated subset of triton,cpu (default: the one backend='auto' picks here: "
                         "triton with CUDA, else cpu)")

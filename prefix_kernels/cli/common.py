@@ -4,12 +4,26 @@ status 2 -- tracebacks are left for bugs -- and the generations listing of demo 
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 import time
 from pathlib import Path
 
 RUNS = Path("runs")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` with each option's default, where it has one worth showing: not a flag's False, not
+    None (its help says what happens then), not where the help already names the default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (not text or not action.option_strings or "default" in text or default is None or default is False
+                or default is argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 class UserError(Exception):
@@ -41,6 +55,22 @@ def check_device(name: str | None) -> str:
     if device.type == "mps":
         require(torch.backends.mps.is_available(), f"--device {name}: no Apple MPS device is available here")
     return name
+
+
+def add_threads_argument(p) -> None:
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads torch uses (default: torch's, which OMP_NUM_THREADS sets; on a loaded machine "
+                        "--threads 1 can be several times faster)")
+
+
+def apply_threads(threads: int | None) -> None:
+    """``--threads``: torch.set_num_threads (None: leave torch's choice)."""
+    import torch
+
+    if threads is None:
+        return
+    require(threads >= 1, f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
 
 
 def run_dir(command: str, out: str | Path | None = None) -> Path:
@@ -79,3 +109,13 @@ def print_generations(title: str, prompts: list[str], texts: list[str]) -> None:
     print(f"\n{title}")
     for prompt, text in zip(prompts, texts):
         print(f"  {prompt.splitlines()[0] if prompt.strip() else repr(prompt)}\n    -> {text!r}")
+
+
+def print_side_by_side(title: str, prompts: list[str], texts: dict[str, list[str]]) -> None:
+    """Each prompt's first line and, under it, one completion per model (``texts``: name -> completions)."""
+    print(f"\n{title}")
+    width = max(map(len, texts), default=0)
+    for i, prompt in enumerate(prompts):
+        print(f"  {prompt.splitlines()[0] if prompt.strip() else repr(prompt)}")
+        for name, completions in texts.items():
+            print(f"    {name:<{width}} -> {completions[i]!r}")

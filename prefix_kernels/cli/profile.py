@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from prefix_kernels.cli.common import UserError, out_help, require, run_dir, user_errors
+from prefix_kernels.cli.common import UserError, check_device, out_help, require, run_dir, user_errors
 
 
 def add_parser(sub) -> None:
@@ -22,14 +22,15 @@ def add_parser(sub) -> None:
     p.add_argument("--out", type=Path, default=None, help=out_help("profile"))
     p.add_argument("--model", default="default",
                    help="default (SmolLM2-135M when installed, else tiny), tiny, smollm2, or a local model directory")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--prefix", type=int, default=32)
-    p.add_argument("--decode-tokens", type=int, default=16)
+    p.add_argument("--batch", type=int, default=8, help="batch size")
+    p.add_argument("--seq", type=int, default=512, help="tokens per sequence")
+    p.add_argument("--prefix", type=int, default=32, help="prefix length P, virtual tokens")
+    p.add_argument("--decode-tokens", type=int, default=16, help="tokens generated in the decode loop")
     p.add_argument("--rows", type=int, default=15, help="rows of each top-kernels table")
     p.add_argument("--peft", action="store_true", help="also profile PEFT's training step (needs peft)")
     p.add_argument("--nvtx", action="store_true", help="emit NVTX ranges (for nsys) while profiling")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when there is a GPU, "
+                                                   "else cpu)")
     p.set_defaults(run=run)
 
 
@@ -76,8 +77,8 @@ def run(args) -> int:
             import peft
         except ImportError:
             raise UserError("--peft needs peft (pip install peft)") from None
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cuda = device == "cuda"
+    device = check_device(args.device)
+    cuda = torch.device(device).type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     try:
         base = load_model(args.model, dtype=dtype, device=device).model

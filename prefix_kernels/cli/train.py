@@ -14,7 +14,10 @@ downloaded. ``--data``: one JSON object per line with "prompt" and "completion" 
 
 The prefix starts as the keys/values of real text (``--init data``: the last P tokens of the first
 training examples; ``--init-text``: your text), so training starts near the base model's loss;
-``--init random`` is PEFT's N(0, 1) init. Held-out generations are printed before and after.
+``--init random`` is PEFT's N(0, 1) init. The held-out loss and generations of the base model (no
+prefix), the initial prefix and the trained prefix are printed; the held-out loss is evaluated
+every ``--eval-every`` steps (by default 5 times over the run) and drawn in loss_curve.png, with
+the base model's as a line. ``--model tiny`` trains 20 steps unless ``--steps`` says otherwise.
 Into ``--out`` go the prefix (safetensors + JSON), a PEFT adapter, metrics.json and
 loss_curve.png, and the trainer state (trainer_state.json + .safetensors: AdamW's moments, the RNG
 state, the step). The prefix, the trainer state and metrics.json are also saved every
@@ -52,13 +55,14 @@ from pathlib import Path
 
 import torch
 
-from prefix_kernels.cli.common import (UserError, check_device, out_help, print_generations, require, run_dir,
-                                       user_errors)
+from prefix_kernels.cli.common import (UserError, add_threads_argument, apply_threads, check_device, out_help,
+                                       print_generations, print_side_by_side, require, run_dir, user_errors)
 
 TASKS = ("causal", "seq2seq", "classification")
 LEARNING_RATES = {"causal": 3e-3, "seq2seq": 3e-3, "classification": 1e-2}  # --lr's default per task
 CAUSAL_ONLY = {"init_text": None, "init_file": None, "num_frozen_tokens": 0}
-DEFAULT_STEPS, DEFAULT_SAVE_EVERY = 200, 100
+DEFAULT_STEPS, TINY_STEPS, DEFAULT_SAVE_EVERY = 200, 20, 100
+EVAL_POINTS = 5  # held-out evaluations over a run after the one at step 0, by default
 # what a run writes into --out: their presence makes a folder "a run" (refused without --resume / --overwrite)
 RUN_FILES = ("prefix_tuning.safetensors", "prefix_tuning_config.json", "metrics.json", "loss_curve.png",
              "peft_adapter", "trainer_state.json", "trainer_state.safetensors")
@@ -82,12 +86,13 @@ def add_parser(sub) -> None:
                         '"source"/"target" for seq2seq), optional "split": "train"/"eval"')
     p.add_argument("--out", type=Path, default=None, help=out_help("train"))
     p.add_argument("--steps", type=int, default=None,
-                   help=f"optimizer steps (default {DEFAULT_STEPS}); with --resume: an interrupted run goes on to the "
+                   help=f"optimizer steps (default {DEFAULT_STEPS}; {TINY_STEPS} with --model tiny, a smoke run); "
+                        "with --resume: an interrupted run goes on to the "
                         "steps it planned, a finished one trains this many more")
     p.add_argument("--save-every", type=int, default=DEFAULT_SAVE_EVERY,
                    help="save the prefix, optimizer/RNG state and metrics into --out every N steps, for --resume "
                         f"(default {DEFAULT_SAVE_EVERY}; 0: only at the end and when interrupted)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="training examples per step")
     p.add_argument("--lr", type=float, default=None,
                    help=f"AdamW learning rate (default {', '.join(f'{t} {lr:g}' for t, lr in LEARNING_RATES.items())})")
     p.add_argument("--prefix-length", type=int, default=16, help="P, virtual tokens (ignored with --init-text)")
@@ -108,15 +113,20 @@ def add_parser(sub) -> None:
     p.add_argument("--placement", choices=["paper", "peft"], default="paper",
                    help="seq2seq: a prefix in every encoder, decoder and cross-attention layer (paper, Li & Liang) "
                         "or in the decoder's self-attention only (peft: also writes a PEFT adapter)")
-    p.add_argument("--eval-every", type=int, default=50, help="held-out loss every N steps (0: start and end only)")
+    p.add_argument("--eval-every", type=int, default=None, metavar="N",
+                   help=f"held-out loss (and accuracy) every N steps, for the printed progress and loss_curve.png "
+                        f"(default: --steps / {EVAL_POINTS}, so {EVAL_POINTS} points after step 0; 0: start and end "
+                        "only)"),
     p.add_argument("--examples", type=int, default=3, help="held-out prompts to generate for, before and after")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--resume", action="store_true",
                    help="continue the run saved in --out (after Ctrl-C, SIGTERM or a crash: from its last save)")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default=None)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when there is a GPU, "
+                                                   "else cpu)")
+    add_threads_argument(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
 
@@ -126,9 +136,11 @@ def _check_common(args) -> None:
         args.lr = LEARNING_RATES[args.task]
     args.steps_given = args.steps is not None
     if args.steps is None:
-        args.steps = DEFAULT_STEPS
+        args.steps = TINY_STEPS if args.model == "tiny" else DEFAULT_STEPS
     for name in ("steps", "batch_size", "prefix_length", "max_length", "max_new_tokens"):
         require(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.eval_every is None:
+        args.eval_every = max(1, args.steps // EVAL_POINTS)
     for name in ("eval_every", "examples", "save_every"):
         require(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     require(math.isfinite(args.lr) and args.lr > 0, f"--lr must be a finite number > 0, got {args.lr}")
@@ -137,6 +149,7 @@ def _check_common(args) -> None:
     require(not args.resume or args.out is not None, "--resume needs --out, the folder of the run to continue")
     require(args.projection_hidden is None or args.projection_hidden >= 1,
             f"--projection-hidden must be >= 1, got {args.projection_hidden}")
+    apply_threads(args.threads)
 
 
 def _check_args(args) -> None:
@@ -292,7 +305,7 @@ def _fit(args, wrapped, train_set, collator, device, out: Path, done: int, plann
     --save-every steps, at the end, and when SIGINT/SIGTERM stops the loop between two steps.
     Returns the TrainLog, or None when a signal stopped the run (saved, and said in one line)."""
     from prefix_kernels.training import (StopSignals, batch_stream, commit_trainer_state, load_trainer_state,
-                                         make_optimizer, plot_loss_curve, save_trainer_tensors, train_steps,
+                                         make_optimizer, plot_run, save_trainer_tensors, train_steps,
                                          write_metrics)
 
     optimizer = make_optimizer(wrapped, args.lr)
@@ -324,13 +337,12 @@ def _fit(args, wrapped, train_set, collator, device, out: Path, done: int, plann
     with StopSignals() as stop:
         log = train_steps(wrapped, (next(stream) for _ in range(planned - done)), args.lr, device,
                           progress=not args.no_progress, on_step=on_step, total=planned - done, optimizer=optimizer,
-                          should_stop=stop, initial=done)
+                          should_stop=stop, initial=done, thread_hint=True)
         step = done + len(log.losses)
         save(step, log)
         if stop.received:
             stop.saving = True
-            saved = metrics(step, log)
-            plot_loss_curve(out / "loss_curve.png", saved["train_loss"], saved["eval_loss"], title)
+            plot_run(out / "loss_curve.png", metrics(step, log), title)
     if stop.received:
         print(f"prefix-kernels train: interrupted ({stop.received}) at step {step} of {planned}, saved to {out}; "
               f"continue with --resume --out {out}", file=sys.stderr)
@@ -370,10 +382,11 @@ def run(args) -> int:
     held_out = eval_batches(eval_set, collator)
     prompts = [ex["prompt"] for ex in eval_set[: args.examples]]
 
-    def generations():
-        return complete(wrapped, tokenizer, prompts, device, args.max_new_tokens) if prompts else []
+    def generations(of):
+        return complete(of, tokenizer, prompts, device, args.max_new_tokens) if prompts else []
 
     base_loss = mean_loss(model, held_out, device)
+    base = generations(model)
     prefix_length, projection_hidden = args.prefix_length, args.projection_hidden
     if saved is not None:  # --resume: the saved prefix's shape; its values are loaded below
         prefix_length, projection_hidden = saved["num_virtual_tokens"], saved.get("projection_hidden")
@@ -408,8 +421,9 @@ def run(args) -> int:
           f"{len(eval_set)} held-out examples")
     start_loss = mean_loss(wrapped, held_out, device)
     print(f"held-out loss: base model {base_loss:.4f}, initial prefix {start_loss:.4f}")
-    before = generations()
-    print_generations("before (initial prefix):", prompts, before)
+    before = generations(wrapped)
+    print_generations("base model (no prefix):", prompts, base)
+    print_generations(f"initial prefix ({init_name}):", prompts, before)
     if not args.resume:
         history["eval_loss"].append((0, start_loss))
 
@@ -437,14 +451,16 @@ def run(args) -> int:
     try:
         end_loss = mean_loss(wrapped, held_out, device)
         history["eval_loss"].append((planned, end_loss))
-        print(f"train loss {log.losses[0]:.4f} -> {log.losses[-1]:.4f}; held-out loss {start_loss:.4f} -> "
-              f"{end_loss:.4f} (base model {base_loss:.4f}); {log.tokens_per_s:,.0f} tokens/s, "
+        print(f"train loss {log.losses[0]:.4f} -> {log.losses[-1]:.4f}; {log.tokens_per_s:,.0f} tokens/s, "
               f"median step {log.median_step_ms():.0f} ms")
-        after = generations()
+        print(f"held-out loss: base model {base_loss:.4f}, initial prefix {start_loss:.4f}, trained prefix "
+              f"{end_loss:.4f}")
+        after = generations(wrapped)
     except KeyboardInterrupt:
         return _interrupted_after_training(out)
-    print_generations("after (trained prefix):", prompts, after)
-    generated = [{"prompt": p, "before": b, "after": a} for p, b, a in zip(prompts, before, after)]
+    print_side_by_side("held-out generations:", prompts,
+                       {"base model": base, "initial prefix": before, "trained prefix": after})
+    generated = [{"prompt": p, "base": g, "before": b, "after": a} for p, g, b, a in zip(prompts, base, before, after)]
     written = save_run(out, metrics(planned, log, final_eval_loss=end_loss, generations=generated),
                        f"prefix tuning {loaded.name}")
     if wrapped.spec.projection_hidden is not None:

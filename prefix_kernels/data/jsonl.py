@@ -29,7 +29,7 @@ def _check(obj, where: str, task: str) -> dict:
     fields, not_blank = FIELDS[task]
     for key, types in fields.items():
         if key not in obj:
-            raise ValueError(f'{where}: missing "{key}"')
+            raise ValueError(f'{where}: missing "{key}"{_other_task_hint(obj, task)}')
         if not isinstance(obj[key], types) or isinstance(obj[key], bool):
             raise ValueError(f'{where}: "{key}" must be {_TYPE_NAMES[types]}, got {type(obj[key]).__name__}')
         if isinstance(obj[key], str):
@@ -39,6 +39,15 @@ def _check(obj, where: str, task: str) -> dict:
     if "split" in obj and obj["split"] not in SPLITS:
         raise ValueError(f'{where}: unknown "split" value {obj["split"]!r} (expected "train" or "eval")')
     return obj
+
+
+def _other_task_hint(obj: dict, task: str) -> str:
+    """Where a line has every field of another task: which (the usual cause of a missing field)."""
+    for other, (fields, _) in FIELDS.items():
+        if other != task and all(key in obj for key in fields):
+            names = " and ".join(f'"{key}"' for key in fields)
+            return f" (it has {names}, the fields of --task {other})"
+    return ""
 
 
 def _check_unicode(text: str, what: str) -> None:
