@@ -226,21 +226,49 @@ def tiny_config(model_type: str, window: bool = False):
     cls = CONFIG_MAPPING[model_type]
     sub_names = getattr(cls, "sub_configs", {}) or {}
     override = OVERRIDES.get(model_type, {})
+    config_type = model_type
     try:
         defaults = cls()
     except Exception:  # noqa: BLE001 -- a few defaults do not validate without their sub-config overrides
-        defaults = cls(**{k: v for k, v in override.items() if k in sub_names})
+        try:
+            defaults = cls(**{k: v for k, v in override.items() if k in sub_names})
+        except Exception:  # noqa: BLE001
+            # a composite config without defaults (MusicGen's in 5.17: has_no_defaults_at_init): the causal
+            # LM's own config (its decoder's) instead
+            own = getattr(causal_lm_class(model_type), "config_class", None)
+            if own is None or own is cls:
+                raise
+            cls, config_type, defaults = own, own.model_type, own()
+            sub_names = getattr(cls, "sub_configs", {}) or {}
     kwargs = _shrink(defaults.to_dict(), window)
+    subs = {}
     for name in sub_names:
         sub = getattr(defaults, name, None)
+        if sub is None and isinstance(override.get(name), dict):
+            # a sub-config the defaults leave empty (Gemma4's assistant text_config in 5.17): the one the
+            # config builds from the override, shrunk like the others
+            try:
+                sub = getattr(cls(**{name: dict(override[name])}), name, None)
+            except Exception:  # noqa: BLE001
+                sub = None
         if sub is not None and hasattr(sub, "to_dict"):
             kwargs[name] = {**sub.to_dict(), **_shrink(sub.to_dict(), window)}
+            subs[name] = sub
     for key, value in override.items():
         if key in sub_names and isinstance(kwargs.get(key), dict):
             kwargs[key].update(value)
         else:
             kwargs[key] = value
-    config = AutoConfig.for_model(model_type, **kwargs)
+    try:
+        config = AutoConfig.for_model(config_type, **kwargs)
+    except ValueError as exc:
+        if "unknown kwargs" not in str(exc) or not subs:
+            raise
+        # a sub-config that refuses the generic fields of to_dict() (DBRX's attn_config in 5.17): the
+        # fields that differ from its defaults only
+        for name, sub in subs.items():
+            kwargs[name] = {**sub.to_diff_dict(), **_shrink(sub.to_dict(), window), **override.get(name, {})}
+        config = AutoConfig.for_model(config_type, **kwargs)
     text = text_config(config)
     # derived per-layer lists (layer_types from a pattern) keep a mix of kinds
     kinds = getattr(text, "layer_types", None)
@@ -554,7 +582,11 @@ def cache_reference(base, table, layers, ids, mask, with_positions, gen_ids, win
 
 
 def text_reference(base, text_ids, ids, mask, with_positions, hidden, windowed=False):
-    """The base model reading the P text tokens first, then the batch (eager attention)."""
+    """The base model reading the P text tokens first, then the batch (eager attention): the two read
+    together, the text in the first P slots; where the text then sees the batch (its logits differ
+    from the text's read alone: a decoder that attends both ways, as the BERT-like causal LMs of
+    transformers 5.17 do), the text goes through the model's own KV cache first instead -- what a
+    prefix is, keys/values the batch reads that were computed without it."""
     b = ids.shape[0]
     full_ids = torch.cat([text_ids[None].expand(b, -1), ids], 1)
     full_mask = torch.cat([torch.ones(b, P, dtype=mask.dtype), mask], 1)
@@ -564,7 +596,19 @@ def text_reference(base, text_ids, ids, mask, with_positions, hidden, windowed=F
     visible = prefix_always_visible(base.config._attn_implementation) if windowed else contextlib.nullcontext()
     with torch.no_grad(), visible:  # the text sits in the first P slots, as the prefix does
         out = base(input_ids=full_ids, attention_mask=full_mask, output_hidden_states=hidden, **kw)
-    return {"logits": out.logits[:, P:], "hidden": [h[:, P:] for h in out.hidden_states] if hidden else None}
+    together = {"logits": out.logits[:, P:], "hidden": [h[:, P:] for h in out.hidden_states] if hidden else None}
+    if windowed:  # under a window the text stays visible through the mask (a sliding cache would drop it)
+        return together
+    with torch.no_grad():
+        first = base(input_ids=full_ids[:, :P], attention_mask=full_mask[:, :P], use_cache=True,
+                     **{k: v[:, :P] for k, v in kw.items()})
+    cache = output_cache(first)
+    if cache is None or torch.allclose(first.logits, out.logits[:, :P], rtol=1e-5, atol=1e-6):
+        return together
+    with torch.no_grad():
+        out = base(input_ids=ids, attention_mask=full_mask, output_hidden_states=hidden,
+                   **{cache_argument(base): cache}, **{k: v[:, P:] for k, v in kw.items()})
+    return {"logits": out.logits, "hidden": list(out.hidden_states) if hidden else None}
 
 
 # ---- one architecture --------------------------------------------------------------------------
@@ -798,7 +842,10 @@ def text_init_check(base, length, layers, windowed, why=""):
     ids, mask = padded_batch(3, length, left=False)
     text_ids = torch.randint(3, VOCAB, (P,), generator=torch.Generator().manual_seed(5))
     kinds = [kind for kind, _ in layers]
-    config_kinds = getattr(text_config(base.config), "layer_types", None)
+    text = text_config(base.config)
+    # per-layer kinds as the model reads them: layer_types, or RecurrentGemma's layers_block_type where a
+    # release has no layer_types (5.17)
+    config_kinds = getattr(text, "layer_types", None) or getattr(text, "layers_block_type", None)
     if all(shape is None for _, shape in layers) and config_kinds:  # a cache of the model's own kind
         kinds = ["attention" if _looks_like_attention(k) else "recurrent" for k in config_kinds]
     leading = next((i for i, kind in enumerate(kinds) if kind != "attention"), None)

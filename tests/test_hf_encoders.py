@@ -23,6 +23,7 @@ transformers = pytest.importorskip("transformers")
 from tiny_models import DEVICE, VOCAB  # noqa: E402
 
 from prefix_kernels import add_prefix_tuning  # noqa: E402
+from prefix_kernels.hf import internals  # noqa: E402
 
 P = 3
 REFERENCE = "prefix_kernels_test_concat"
@@ -109,8 +110,10 @@ def test_encoder_logits_and_gradients_equal_the_concatenating_reference(family):
     assert len(modules) == spec.num_layers
     # positions as PEFT's prefix in a cache would give them: the model's own rule (RoBERTa-likes start
     # past the padding index and skip padding) after P cached tokens
-    reference.base_model.embeddings.register_forward_pre_hook(
-        lambda module, args, kwargs: (args, {**kwargs, "cache_length": kwargs.get("cache_length", 0) + P}),
+    embeddings = reference.base_model.embeddings
+    cache_length = internals.cache_length_parameter(embeddings)  # its name in the installed transformers
+    embeddings.register_forward_pre_hook(
+        lambda module, args, kwargs: (args, {**kwargs, cache_length: kwargs.get(cache_length, 0) + P}),
         with_kwargs=True)
     for layer, module in enumerate(modules):
         _PREFIXES[id(module)] = layers[2 * layer], layers[2 * layer + 1]

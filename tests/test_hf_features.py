@@ -21,7 +21,7 @@ transformers = pytest.importorskip("transformers")
 from tiny_models import DEVICE, VOCAB, padded_batch, positions  # noqa: E402
 
 from prefix_kernels import add_prefix_tuning  # noqa: E402
-from prefix_kernels.hf import masks  # noqa: E402
+from prefix_kernels.hf import compat, masks  # noqa: E402
 
 P = 4
 SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -117,7 +117,8 @@ def _hand_reference(model, table, ids, mask, windows: dict[str, int | None]):
     attention_mask = {kind: additive(w) for kind, w in windows.items()}
     if len(attention_mask) == 1:
         attention_mask = next(iter(attention_mask.values()))
-    return model(input_ids=ids, attention_mask=attention_mask, cache=cache, position_ids=positions(mask) + P).logits
+    return model(input_ids=ids, attention_mask=attention_mask, position_ids=positions(mask) + P,
+                 **{compat.cache_name(model): cache}).logits
 
 
 def _window_models():
@@ -297,7 +298,7 @@ def test_musicgen_codebook_decoder_matches_the_cache_reference():
     full_mask = torch.cat([torch.ones(b, P, dtype=torch.long, device=DEVICE), mask], 1)
     ref_model = copy.deepcopy(model)
     ref_model.set_attn_implementation("eager")
-    ref = ref_model(input_ids=ids, attention_mask=full_mask, cache=cache).logits
+    ref = ref_model(input_ids=ids, attention_mask=full_mask, **{compat.cache_name(ref_model): cache}).logits
     (ref[valid] * weights[valid]).sum().backward()
     torch.testing.assert_close(ours[valid], ref[valid], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(wrapped.prefix_embedding.grad[0], table.grad, rtol=1e-4, atol=1e-5)

@@ -26,6 +26,7 @@ transformers = pytest.importorskip("transformers")
 from tiny_models import DEVICE, VOCAB  # noqa: E402
 
 from prefix_kernels import add_prefix_tuning, from_peft_adapter  # noqa: E402
+from prefix_kernels.hf import compat  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 P = 3
@@ -178,7 +179,8 @@ def _peft_runs(model):
     models whose head forward takes no cache (BERT), and for Llama feeds ``outputs[1]`` of LlamaModel,
     the DynamicCache, to ``score`` (TypeError: linear() ... not DynamicCache)."""
     forward = model.forward
-    if _peft_cache_name() == "past_key_values" and "past_key_values" not in inspect.signature(forward).parameters:
+    if _peft_cache_name() == "past_key_values" and compat.cache_name(model.base_model) == "cache" and \
+            "past_key_values" not in inspect.signature(forward).parameters:
         def renamed(*args, past_key_values=None, **kwargs):
             return forward(*args, cache=past_key_values, **kwargs)
         model.forward = renamed

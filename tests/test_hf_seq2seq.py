@@ -25,6 +25,7 @@ peft = pytest.importorskip("peft")
 from tiny_models import DEVICE, VOCAB  # noqa: E402
 
 from prefix_kernels import add_prefix_tuning, from_peft_adapter  # noqa: E402
+from prefix_kernels.hf import internals  # noqa: E402
 
 P = 3
 FAMILIES = ["bart", "marian", "mbart", "m2m_100"]
@@ -159,7 +160,7 @@ def _reference(model, table, placement="paper", shifted=("encoder", "decoder")):
         if bound.arguments.get("position_ids") is not None:  # Whisper's decoder passes them
             bound.arguments["position_ids"] = bound.arguments["position_ids"] + P
         else:
-            bound.arguments["cache_length"] += P
+            bound.arguments[internals.cache_length_parameter(module)] += P
         return bound.args, bound.kwargs
 
     for stack in shifted:

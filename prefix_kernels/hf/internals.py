@@ -105,10 +105,22 @@ def forward_parameters(module) -> tuple[str, ...]:
         return ()
 
 
+# the argument by which a position embedding is told how many tokens the cache holds: its current
+# name first (newer transformers), then the older one (e.g. 5.17); the same rule under either name
+CACHE_LENGTH_PARAMETERS = ("cache_length", "past_key_values_length")
+
+
+def cache_length_parameter(module) -> str | None:
+    """The name under which a position embedding module takes the cache length (positions from it on:
+    BART-likes, BERT, OPT, ...): ``cache_length``, or ``past_key_values_length`` in older transformers --
+    the keyword prefix_kernels shifts by the prefix; None where the module takes neither."""
+    parameters = forward_parameters(module)
+    return next((name for name in CACHE_LENGTH_PARAMETERS if name in parameters), None)
+
+
 def counts_positions_from_cache_length(module) -> bool:
-    """Whether a position embedding module takes ``cache_length`` (positions from the cache length on:
-    BART-likes, BERT, OPT, ... in newer transformers) -- a keyword prefix_kernels shifts by the prefix."""
-    return "cache_length" in forward_parameters(module)
+    """Whether a position embedding module takes the cache length (:func:`cache_length_parameter`)."""
+    return cache_length_parameter(module) is not None
 
 
 CACHE_SLOT_OFFSETS = ("cycle_offset", "cache_offset")  # HRM's cycles, Dory's loops

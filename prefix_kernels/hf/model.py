@@ -47,9 +47,14 @@ def _check_routable(model: nn.Module) -> None:
             "model's keys/values (shared_kv_states), so there is no attention of its own to prefix: prefix-tune the "
             "target model")
     if not legacy.supported(model) and not _text_model_can_route(model):
+        import transformers
+
+        # the version is named: a family may route in one transformers and compute attention by hand in
+        # another (GPT-J and CodeGen by hand in 5.17, through the interface in 5.24)
         raise NotImplementedError(
             f"model type {model_type!r} ({type(model).__name__}) does not route attention through transformers' "
-            "AttentionInterface, so prefix_kernels cannot replace its attention"
+            f"AttentionInterface in this transformers ({transformers.__version__}), so prefix_kernels cannot "
+            "replace its attention"
         )
     text = model.config.get_text_config()
     if getattr(text, "indexer_n_heads", None):

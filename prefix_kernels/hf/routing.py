@@ -102,8 +102,9 @@ def cache_length_position_modules(model) -> list[nn.Module]:
     """Embeddings that count positions from the cache length themselves: BART-like decoders,
     Whisper, MusicGen (their models take no position_ids), OPT, BioGPT, XGLM (over the attention
     mask), BERT, and RoBERTa-likes, whose positions start past the padding index and skip padding.
-    Our cache holds no prefix, so they get the prefix offset added to the cache length here (and to
-    position_ids a caller passes) -- positions as PEFT's prefix in the cache gives them, each model
+    Our cache holds no prefix, so they get the prefix offset added to the cache length here (the
+    argument :func:`~prefix_kernels.hf.internals.cache_length_parameter` names; and to position_ids
+    a caller passes) -- positions as PEFT's prefix in the cache gives them, each model
     by its own rule -- and the wrapper passes no position_ids of its own."""
     found = []
     for module in model.modules():
@@ -123,7 +124,8 @@ def position_shift(offset: int):
         if arguments.get("position_ids") is not None:
             arguments["position_ids"] = arguments["position_ids"] + offset
         else:
-            arguments["cache_length"] = arguments.get("cache_length", 0) + offset
+            name = internals.cache_length_parameter(module)
+            arguments[name] = arguments.get(name, 0) + offset
         return bound.args[1:], bound.kwargs
 
     return shift
