@@ -7,11 +7,15 @@ model it is. ``PREFIX_KERNELS_SWEEP=subset`` runs a fast, diverse subset instead
 iteration). Every architecture runs in a forked process with a time limit, so a hang or a hard crash
 fails one test; the selected architectures run ``PREFIX_KERNELS_SWEEP_JOBS`` (default 2) at a time,
 all of them when the first sweep test runs, and each test reads its own record.
+``PREFIX_KERNELS_SWEEP_RESULTS=DIR`` writes the full sweep's tables there (hf_sweep[_window].md/.json,
+as ``python tests/hf_sweep.py`` does).
 """
 
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 
 import pytest
 
@@ -31,6 +35,7 @@ MODE = os.environ.get("PREFIX_KERNELS_SWEEP", "full")
 if MODE not in ("full", "subset"):
     raise ValueError(f"PREFIX_KERNELS_SWEEP={MODE!r}: expected 'full' (the default) or 'subset'")
 JOBS = int(os.environ.get("PREFIX_KERNELS_SWEEP_JOBS", "2"))
+RESULTS = os.environ.get("PREFIX_KERNELS_SWEEP_RESULTS")  # a folder: the full sweep's tables go there
 
 
 def _cases():
@@ -53,8 +58,12 @@ def sweep_records(request) -> dict:
     records = {}
     for window in (False, True):
         types = [p["model_type"] for p in selected if p["window"] == window]
-        for record in hf_sweep.sweep(types, window, jobs=JOBS) if types else ():
-            records[record["model_type"], window] = record
+        start = time.perf_counter()
+        found = hf_sweep.sweep(types, window, jobs=JOBS) if types else []
+        records.update(((record["model_type"], window), record) for record in found)
+        if RESULTS and MODE == "full" and len(found) == len(hf_sweep.all_model_types()):
+            stem = Path(RESULTS) / ("hf_sweep_window" if window else "hf_sweep")
+            hf_sweep.write_results(found, stem, window, time.perf_counter() - start)
     return records
 
 
