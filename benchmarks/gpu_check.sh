@@ -43,7 +43,7 @@
 # Overrides: GPU_CHECK_TESTS (the pytest selection, e.g. to rerun only what failed),
 # GPU_CHECK_TEST_SECONDS (the tests' cap), GPU_CHECK_SECONDS (the total budget), GPU_CHECK_PARTS (a
 # space-separated subset of "tests quick decode shared flex window encoders cartridge hf tune"; tune, the block-size sweep of
-# benchmarks/tune_blocks.py, runs only when named), GPU_CHECK_DRY_RUN=1 (print what would run
+# benchmarks/tune_blocks.py (model vs measured), runs only when named), GPU_CHECK_DRY_RUN=1 (print what would run
 # and its limit, run nothing), GPU_CHECK_FORCE=1 (run without CUDA too: tests this script on a CPU box),
 # GPU_CHECK_HF_ARGS (extra bench_hf.py arguments, e.g. "--compile reduce-overhead" to time compiled steps
 # with CUDA graphs; not the default: it adds Inductor compiles of the 30-layer model, ours and PEFT, forward
@@ -157,8 +157,13 @@ run_part hf "${GPU_CHECK_HF_SECONDS:-150}" 60 "$out/bench_hf.txt" python benchma
 [ -s "$out/bench_hf.txt" ] && grep -E "^\{|wrote|Error" "$out/bench_hf.txt" | tail -n 8
 
 # Not in the default parts: GPU_CHECK_PARTS="tests tune" (or "tune") sweeps the kernels' block sizes.
-run_part tune 240 90 "$out/tune_blocks.txt" python benchmarks/tune_blocks.py --out "$out"
-[ -s "$out/tune_blocks.txt" ] && grep -E " default \(|wrote|Error" "$out/tune_blocks.txt" | tail -n 12
+# It times the candidates the static model favours (tune_blocks.FAVOURED) and prints model and measured
+# side by side; the model rows come from benchmarks/results/blocks_model.json (made on a CPU box with
+# `tune_blocks.py --model-only --out benchmarks/results`) when present, else from sm_90 compiles here.
+tune_args=(--out "$out")
+[ -f benchmarks/results/blocks_model.json ] && tune_args+=(--model-from benchmarks/results/blocks_model.json)
+run_part tune 240 90 "$out/tune_blocks.txt" python benchmarks/tune_blocks.py "${tune_args[@]}"
+[ -s "$out/tune_blocks.txt" ] && grep -E ":  config|^  [* ] \(| default \(|model favours|wrote|Error" "$out/tune_blocks.txt" | tail -n 60
 
 echo "== parts ($((SECONDS - start))s in all):"
 column -t -s $'\t' "$out/parts.tsv" 2>/dev/null || cat "$out/parts.tsv"

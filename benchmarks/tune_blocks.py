@@ -1,18 +1,25 @@
 """Block-size sweep for the Triton kernels: which (BLOCK_M, BLOCK_N, num_warps, num_stages) is fastest
-for the forward, the one-pass backward and the deterministic dq pass at a few training shapes.
+for the forward, the backward (dk/dv + dq by stores, no atomics) and the deterministic dq pass at a few
+training shapes, next to what the static performance model (prefix_kernels.perf_model) predicts for it.
 
-    PYTHONPATH=. python benchmarks/tune_blocks.py --out DIR            # CUDA, bf16, a curated grid
-    PYTHONPATH=. python benchmarks/tune_blocks.py --full --out DIR     # every combination
+    PYTHONPATH=. python benchmarks/tune_blocks.py --out DIR            # CUDA, bf16: model + timing
+    PYTHONPATH=. python benchmarks/tune_blocks.py --model-only --out DIR   # any box, no GPU: the model part
+                                                                   # (also DIR/blocks_model.json, for --model-from)
+    PYTHONPATH=. python benchmarks/tune_blocks.py --full --out DIR     # every combination (no model)
     TRITON_INTERPRET=1 PYTHONPATH=. python benchmarks/tune_blocks.py --device cpu --tiny   # a smoke run
 
-The block sizes in prefix_kernels/kernels/configs.py are starting points taken from the Triton
-tutorial and flash-attention, not measured. This script measures them: for each shape it times each
-kernel through the launchers in prefix_kernels/ops.py, with the candidate set by
-``configs.override_configs`` (coordinate descent: forward; the deterministic dq pass; the backward
-with the default dq tiles: all five gradients, prologue + main kernel + epilogue). A candidate that fails to compile (shared memory, registers) is recorded as failed; one whose
-results differ from the default configuration's (bf16 tolerance) is recorded as wrong and never
-chosen. Rows (device, versions, git SHA, shape, kernel, config, ms, status) go to
-<out>/blocks_<device>.json and .csv; the best per kernel and shape is printed against the default.
+The candidates are the ones the model favours per head dim (FAVOURED: configs.py's default first, then
+the runners-up it was chosen over; see the comment in prefix_kernels/kernels/configs.py). The model part
+compiles each candidate for sm_90 with no GPU (prefix-kernels inspect, in a subprocess without
+TRITON_INTERPRET), takes the hot loops of the tuned kernel and gives per candidate: registers, spills,
+the main loops' warp-instructions per useful MFLOP and issue/tensor, smem/tensor ratios (useful FLOPs per
+loop kind: dk/dv loops 4 matmuls, dq loops 3), and a modelled time = the kernel's useful FLOPs at the
+H100's dense bf16 peak times the FLOP-weighted pace max(1, issue/tensor, smem/tensor) of its unmasked
+loops (a lower bound: latency, memory and masked blocks are not in it). The timing part (CUDA only) times
+each candidate through the launchers in prefix_kernels/ops.py with ``configs.override_configs``; a
+candidate that fails to compile is recorded as failed, one whose results differ from the default's (bf16
+tolerance) as wrong. Rows (device, versions, git SHA, shape, kernel, config, model columns, ms, status)
+go to <out>/blocks_<device>.json and .csv; model and measured are printed side by side.
 """
 
 from __future__ import annotations
@@ -21,7 +28,10 @@ import argparse
 import csv
 import itertools
 import json
+import os
+import subprocess
 import sys
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -36,19 +46,99 @@ from prefix_kernels.kernels.configs import BlockConfig, kernel_configs, override
 # (B, Hq, Hkv, N, P, D): the kernel benchmark's training shapes and SmolLM2-135M's geometry
 SHAPES = [(4, 32, 8, 2048, 128, 128), (8, 16, 4, 1024, 64, 128), (8, 9, 3, 1024, 64, 64)]
 TINY = [(1, 2, 1, 16, 4, 16)]
-CURATED = {
-    "forward": [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3),
-                (128, 128, 8, 2), (64, 128, 4, 2), (128, 64, 8, 4)],
-    "dq": [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 4, 3), (128, 32, 8, 2), (128, 64, 8, 2),
-           (64, 64, 8, 3), (128, 128, 8, 1)],
-    "backward": [(32, 128, 4, 3), (32, 128, 8, 3), (32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3),
-                 (64, 64, 4, 3), (64, 64, 8, 3), (16, 128, 8, 3), (64, 128, 8, 3)],
+# Per head dim, the candidates the static model favours (configs.py's choice is always timed first):
+# the chosen config and the runners-up it was picked over.
+FAVOURED = {
+    64: {"forward": [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3)],
+         "dq": [(128, 64, 8, 3), (128, 32, 4, 3)],
+         "backward": [(64, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 3)]},
+    128: {"forward": [(128, 64, 8, 3), (128, 32, 8, 3)],
+          "dq": [(128, 64, 8, 2), (128, 32, 8, 2)],
+          "backward": [(32, 128, 8, 2), (32, 128, 8, 3), (16, 128, 8, 2)]},
 }
+CURATED = FAVOURED[64]  # --tiny takes its first entries
 FULL = {
     "forward": list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))),
     "dq": list(itertools.product((64, 128), (32, 64, 128), (4, 8), (1, 2, 3))),
     "backward": list(itertools.product((16, 32, 64), (64, 128), (4, 8), (2, 3, 4))),
 }
+
+
+KERNEL_NAMES = {"forward": "prefix_attention_fwd_kernel", "dq": "dq_kernel", "backward": "backward_kernel"}
+CLOCK_HZ = 1.83e9  # perf_model's TENSOR_FLOP_PER_CLOCK is the H100 SXM's 989 TFLOP/s dense bf16 at this clock
+
+
+def candidates_for(shape, dtype, capability, kernel, full: bool) -> list:
+    """The configs to time for one kernel: the default first, then FAVOURED (or FULL) without it."""
+    base = getattr(kernel_configs(shape[-1], dtype, capability), kernel)
+    pool = (FULL if full else FAVOURED[64 if shape[-1] <= 64 else 128])[kernel]
+    return [base] + [BlockConfig(*c) for c in pool if BlockConfig(*c) != base]
+
+
+def model_row(shape, kernel: str, report: dict) -> dict:
+    """The model columns of one candidate from its inspect report (see the module docstring)."""
+    from prefix_kernels import perf_model
+
+    B, Hq, Hkv, N, P, D = shape
+    k = next(x for x in report["kernels"] if x["name"] == KERNEL_NAMES[kernel])
+    loops: dict = {}
+    for lp in k["hot_loops"]:  # each loop already modelled with its own useful FLOPs (perf_model's roles)
+        kind = "fwd" if kernel == "forward" else "dq" if kernel == "dq" else lp["role"] or "dkdv"
+        loops.setdefault(kind, []).append((lp["sass"], lp))
+    pairs = B * Hq * (N * P + N * (N + 1) / 2)  # causal, M = N
+    total = {"fwd": {"fwd": 2 * pairs * (D + D)}, "dq": {"dq": 2 * pairs * 3 * D},
+             "dkdv": {"dkdv": 2 * pairs * 4 * D, "dq": 2 * pairs * 3 * D}}["dkdv" if kernel == "backward" else
+                                                                             "fwd" if kernel == "forward" else "dq"]
+    row = dict(registers=k["registers"], spill_bytes=k["spill_bytes"])
+    seconds = 0.0
+    for kind, flops in total.items():
+        if kind not in loops:
+            continue
+        sass, m = min(loops[kind], key=lambda x: x[0])  # the unmasked loop: the fewest instructions
+        pace = max(1.0, m["issue_per_tensor"], m["smem_per_tensor"])
+        seconds += flops * pace / (perf_model.TENSOR_FLOP_PER_CLOCK["BF16"] * 132 * CLOCK_HZ)
+        row.update({f"{kind}_sass": sass, f"{kind}_wi_per_mflop": m["warp_instructions_per_useful_mflop"],
+                    f"{kind}_issue_per_tensor": m["issue_per_tensor"], f"{kind}_smem_per_tensor": m["smem_per_tensor"]})
+    row["model_ms"] = round(seconds * 1e3, 4)
+    return row
+
+
+def model_rows(shapes, dtype_name: str, full: bool, first_only: bool = False) -> list[dict]:
+    """Every candidate of every shape through the model (this process must not be interpreting)."""
+    from prefix_kernels import inspection
+
+    dtype = getattr(torch, dtype_name)
+    rows = []
+    for shape in shapes:
+        B, Hq, Hkv, N, P, D = shape
+        name = f"{B}x{Hq}x{Hkv}x{N}x{N}x{P}x{D}"
+        for kernel in ("forward", "dq", "backward"):
+            for cfg in candidates_for(shape, dtype, (9, 0), kernel, full)[:1 if first_only else None]:
+                row = dict(shape="x".join(map(str, shape)), kernel=kernel, **asdict(cfg))
+                try:
+                    with override_configs(**{kernel: cfg}):
+                        report = inspection.inspect_launches(name, dtype_name, "sm_90", deterministic=kernel == "dq")
+                    row.update(model_row(shape, kernel, report))
+                except Exception as exc:  # noqa: BLE001 -- a config that does not compile is a result
+                    row["model_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                print(row, flush=True)
+                rows.append(row)
+    return rows
+
+
+def model_in_subprocess(shapes, dtype_name: str, full: bool, first_only: bool = False) -> list[dict]:
+    """model_rows in a fresh process without TRITON_INTERPRET (kernels imported under the interpreter
+    cannot be compiled; and the timing process keeps its own CUDA driver)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "model.json"
+        cmd = [sys.executable, __file__, "--model-only", "--model-json", str(out), "--dtype", dtype_name]
+        cmd += ["--full"] * full + ["--tiny"] * first_only + [a for s in shapes for a in ("--shape", "x".join(map(str, s)))]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the model subprocess failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        return json.loads(out.read_text())
 
 
 def inputs(shape, dtype, device):
@@ -86,7 +176,10 @@ def max_rel_err(got, want) -> float:
                for a, b in zip(got, want))
 
 
-def sweep(shape, dtype, device, grid, reps_cpu) -> list[dict]:
+def sweep(shape, dtype, device, candidates, reps_cpu) -> list[dict]:
+    """Times ``candidates[kernel]`` (BlockConfigs or (block_m, block_n, warps, stages) tuples) of each
+    kernel, after the default configuration (timed first, whether listed or not: the others are
+    checked against its results)."""
     tensors = inputs(shape, dtype, device)
     scale = shape[-1] ** -0.5
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
@@ -97,8 +190,8 @@ def sweep(shape, dtype, device, grid, reps_cpu) -> list[dict]:
         want = fn()
         want = want if isinstance(want, tuple) else (want,)
         base_cfg = getattr(default, kernel)
-        candidates = [base_cfg] + [BlockConfig(*c) for c in grid[kernel] if BlockConfig(*c) != base_cfg]
-        for cfg in candidates:
+        listed = [c if isinstance(c, BlockConfig) else BlockConfig(*c) for c in candidates[kernel]]
+        for cfg in [base_cfg] + [c for c in listed if c != base_cfg]:
             row = dict(shape="x".join(map(str, shape)), kernel=kernel, default=cfg == base_cfg, **asdict(cfg))
             try:
                 with override_configs(**{kernel: cfg}):
@@ -118,19 +211,35 @@ def sweep(shape, dtype, device, grid, reps_cpu) -> list[dict]:
     return rows
 
 
+def _cfg(r) -> str:
+    return f"({r['block_m']}, {r['block_n']}, {r['num_warps']}, {r['num_stages']})"
+
+
 def summary(rows) -> list[str]:
+    """Per shape and kernel: each candidate's model columns and measured ms side by side, then the best."""
     lines = []
     for (shape, kernel), group in itertools.groupby(rows, key=lambda r: (r["shape"], r["kernel"])):
         group = list(group)
-        ok = [r for r in group if r["status"] == "ok"]
-        base = next((r for r in group if r["default"]), None)
-        if not ok or base is None or base["ms"] is None:
-            lines.append(f"{shape} {kernel}: no timing")
-            continue
-        best = min(ok, key=lambda r: r["ms"])
-        cfg = lambda r: f"({r['block_m']}, {r['block_n']}, {r['num_warps']}, {r['num_stages']})"  # noqa: E731
-        lines.append(f"{shape} {kernel:8s} default {cfg(base)} {base['ms']:.3f} ms, best {cfg(best)} "
-                     f"{best['ms']:.3f} ms ({base['ms'] / best['ms']:.2f}x)")
+        lines.append(f"{shape} {kernel}:  config            regs spill  wi/MFLOP(main)  issue/t  smem/t  model ms  measured ms")
+        for r in group:
+            main = "dkdv" if kernel == "backward" else "fwd" if kernel == "forward" else "dq"
+            wi, it, st = (r.get(f"{main}_{x}") for x in ("wi_per_mflop", "issue_per_tensor", "smem_per_tensor"))
+            model = r.get("model_ms")
+            ms = r.get("ms")
+            lines.append(f"  {'*' if r.get('default') else ' '} {_cfg(r):18s} {r.get('registers', '-')!s:>4} "
+                         f"{r.get('spill_bytes', '-')!s:>5} {wi if wi is not None else '-'!s:>15} "
+                         f"{it if it is not None else '-'!s:>8} {st if st is not None else '-'!s:>7} "
+                         f"{model if model is not None else '-'!s:>9} "
+                         f"{f'{ms:.3f}' if ms is not None else r.get('status', 'not timed')!s:>12}")
+        ok = [r for r in group if r.get("status") == "ok" and r.get("ms") is not None]
+        base = next((r for r in group if r.get("default")), None)
+        if ok and base is not None and base.get("ms") is not None:
+            best = min(ok, key=lambda r: r["ms"])
+            lines.append(f"{shape} {kernel:8s} default {_cfg(base)} {base['ms']:.3f} ms, best {_cfg(best)} "
+                         f"{best['ms']:.3f} ms ({base['ms'] / best['ms']:.2f}x)")
+        modelled = [r for r in group if r.get("model_ms") is not None]
+        if modelled:
+            lines.append(f"{shape} {kernel:8s} model favours {_cfg(min(modelled, key=lambda r: r['model_ms']))}")
     return lines
 
 
@@ -139,31 +248,64 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--full", action="store_true", help="every combination instead of the curated list")
+    parser.add_argument("--full", action="store_true", help="every combination instead of the favoured list (no model)")
     parser.add_argument("--tiny", action="store_true", help="one tiny shape, two candidates per kernel (smoke run)")
     parser.add_argument("--shape", action="append", default=None, metavar="BxHqxHkvxNxPxD")
+    parser.add_argument("--model-only", action="store_true", help="the static model part alone (no GPU needed)")
+    parser.add_argument("--no-model", action="store_true", help="the timing part alone")
+    parser.add_argument("--model-from", type=Path, help="the model rows of an earlier --model-only run (its "
+                        "blocks_model.json) instead of compiling them again: the sm_90 compiles take minutes")
+    parser.add_argument("--model-json", type=Path, help=argparse.SUPPRESS)  # the model subprocess's output
     args = parser.parse_args(argv)
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shape] if args.shape else (TINY if args.tiny else SHAPES)
+    if args.model_json is not None:  # the model subprocess (model_in_subprocess)
+        args.model_json.write_text(json.dumps(model_rows(shapes, args.dtype, args.full, args.tiny)))
+        return 0
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    if device.type != "cuda" and not ops.interpreting():
-        parser.error("without CUDA, set TRITON_INTERPRET=1 (and use --tiny)")
-    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shape] if args.shape else (TINY if args.tiny else SHAPES)
-    grid = FULL if args.full else CURATED
-    if args.tiny:
-        grid = {kernel: configs[:1] for kernel, configs in CURATED.items()}
-        if device.type != "cuda":
-            dtype = torch.float32  # the interpreter's 16-bit path is the same code upcast
+    timing = not args.model_only
+    if timing and device.type != "cuda" and not ops.interpreting():
+        if not args.tiny:
+            print("no CUDA: the model part only (the timing part needs a GPU; TRITON_INTERPRET=1 --tiny smoke-runs it)")
+            timing = False
+        else:
+            parser.error("without CUDA, set TRITON_INTERPRET=1 (and use --tiny)")
+    if timing and args.tiny and device.type != "cuda":
+        dtype = torch.float32  # the interpreter's 16-bit path is the same code upcast
+    # without CUDA the timing runs interpreted, under the interpreter's own (small) default configs
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     rows = []
     for shape in shapes:
-        rows += sweep(shape, dtype, device, grid, reps_cpu=2 if args.tiny else 10)
+        cands = {kernel: candidates_for(shape, dtype, capability if timing else (9, 0), kernel, args.full)
+                 for kernel in ("forward", "dq", "backward")}
+        if args.tiny:
+            cands = {kernel: c[:2] for kernel, c in cands.items()}  # the default and one runner-up
+        if timing:
+            rows += sweep(shape, dtype, device, cands, reps_cpu=2 if args.tiny else 10)
+        else:
+            rows += [dict(shape="x".join(map(str, shape)), kernel=kernel, default=i == 0, **asdict(cfg))
+                     for kernel, cs in cands.items() for i, cfg in enumerate(cs)]
+    if not args.no_model and not args.full:
+        if args.model_from is not None and args.model_from.exists():
+            model = json.loads(args.model_from.read_text())
+        else:
+            model = model_in_subprocess(shapes, "bfloat16", False, args.tiny)
+        if args.model_only:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "blocks_model.json").write_text(json.dumps(model, indent=1))
+        key = lambda r: (r["shape"], r["kernel"], r["block_m"], r["block_n"], r["num_warps"], r["num_stages"])  # noqa: E731
+        by_key = {key(m): m for m in model}
+        for r in rows:
+            r.update({k: v for k, v in by_key.get(key(r), {}).items() if k not in r})
     env = environment()
     for r in rows:
         r.update(env, dtype=str(dtype).replace("torch.", ""))
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"blocks_{env['device'].replace(' ', '_')}"
     stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    fields = list(dict.fromkeys(k for r in rows for k in r))
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
     print("\n".join(summary(rows)))

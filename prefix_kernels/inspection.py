@@ -286,7 +286,19 @@ def _hot_loops(compiled, values: dict, workdir: Path) -> list[dict]:
     cubin = workdir / f"{compiled.name}.cubin"
     sass = subprocess.run([_tool("nvdisasm"), "-gi", "-c", str(cubin)], capture_output=True, text=True,
                           check=True).stdout
-    return perf_model.hot_loop_report(sass, compiled.name, compiled.metadata.num_warps, values)
+    return perf_model.hot_loop_report(sass, compiled.name, compiled.metadata.num_warps, values, loop_roles())
+
+
+def loop_roles() -> list[tuple[str, int, int, str]]:
+    """perf_model's loop roles: the source lines of the kernel helpers whose loops do other work per
+    tile than their kernel's others -- the backward's dq loops (3 matmuls per tile, where its dk/dv
+    loops do 4)."""
+    import inspect as pyinspect
+
+    from prefix_kernels.kernels import backward
+
+    lines, first = pyinspect.getsourcelines(backward._dq_blocks.fn)
+    return [(Path(backward.__file__).name, first, first + len(lines), "dq")]
 
 
 def _kernel_report(phase: str, grid: tuple, compiled, values: tuple[dict, dict], arch: Arch, workdir: Path) -> dict:

@@ -53,44 +53,50 @@ def _tile(c: dict) -> int:
     return c["BLOCK_M"] * c["BLOCK_N"]
 
 
-def _forward_flops(c: dict) -> int:
+def _forward_flops(c: dict, role: str | None = None) -> int:
     """S = Q K^T and O += P V for one block of BLOCK_N keys: 2 BM BN (D + Dv)."""
     return 2 * _tile(c) * (c["HEAD_DIM"] + c["HEAD_DIM_V"])
 
 
-def _backward_flops(c: dict) -> int:
-    """One (BLOCK_N keys, BLOCK_M queries) tile: S^T = K Q^T and dP^T = V dO^T, then dV += P^T dO
-    and dK += dS^T Q when dk/dv (or the prefix gradients) are asked for, and dQ^T = K^T dS^T when
-    dq is: 2 BM BN (3 D + 2 Dv) with all gradients (5 matmuls)."""
+def _backward_flops(c: dict, role: str | None = None) -> int:
+    """One tile of BLOCK_N keys x BLOCK_M queries. A dk/dv loop (a sequence key block walking its
+    query blocks, the prefix items): S^T = K Q^T and dP^T = V dO^T, then dV += P^T dO and
+    dK += dS^T Q when dk/dv (or the prefix gradients) are asked for, and dQ += dS K where the prefix
+    programs add dq themselves (no sequence programs): 2 BM BN (2 D + 2 Dv) with all gradients. A dq
+    loop (role "dq", ``backward._dq_blocks``: a query block walking its keys): S, dP and
+    dQ += dS K: 2 BM BN (2 D + Dv)."""
     d, dv = c["HEAD_DIM"], c["HEAD_DIM_V"]
+    if role == "dq":
+        return 2 * _tile(c) * (2 * d + dv)
     flops = d + dv
     if c.get("NEED_DKDV", True) or c.get("NEED_DPREFIX", False):
         flops += dv + d
-    if c.get("NEED_DQ", True):
+    if c.get("NEED_DQ", True) and not c.get("SEQ_PROGRAMS", True):
         flops += d
     return 2 * _tile(c) * flops
 
 
-def _dq_flops(c: dict) -> int:
+def _dq_flops(c: dict, role: str | None = None) -> int:
     """The deterministic dq pass, one block of BLOCK_N keys: S, dP, dQ += dS K: 2 BM BN (2 D + Dv)."""
     return 2 * _tile(c) * (2 * c["HEAD_DIM"] + c["HEAD_DIM_V"])
 
 
-def _decode_flops(c: dict) -> int:
+def _decode_flops(c: dict, role: str | None = None) -> int:
     """One block of BLOCK_N keys against the tile's real rows (query heads of the group x queries,
     at most BLOCK_R; the rest is padding): 2 rows BN (D + Dv)."""
     rows = min(c["BLOCK_R"], c["n_queries"] * c["group"])
     return 2 * rows * c["BLOCK_N"] * (c["HEAD_DIM"] + c["HEAD_DIM_V"])
 
 
-def _shared_prefix_flops(c: dict) -> int:
+def _shared_prefix_flops(c: dict, role: str | None = None) -> int:
     """One block of BLOCK_N prefix keys against BLOCK_R stacked rows: 2 BR BN (D + Dv)."""
     rows = min(c["BLOCK_R"], c.get("n_rows_total") or c["BLOCK_R"])
     return 2 * rows * c["BLOCK_N"] * (c["HEAD_DIM"] + c["HEAD_DIM_V"])
 
 
-# Kernel name -> useful FLOPs of one iteration of any of its hot loops (each walks one tile of the
-# kernel's block config), from the launch's constexprs and scalar arguments.
+# Kernel name -> useful FLOPs of one iteration of one of its hot loops (each walks one tile of the
+# kernel's block config), from the launch's constexprs and scalar arguments and the loop's role
+# (None, or "dq" for the backward's dq loops: see hot_loop_report's ``roles``).
 USEFUL_FLOPS = {
     "prefix_attention_fwd_kernel": _forward_flops,
     "backward_kernel": _backward_flops,
@@ -260,21 +266,36 @@ def model(counts: dict, num_warps: int, useful_flops: int | None) -> dict:
     return out
 
 
-def useful_flops(kernel: str, launch: dict) -> int | None:
-    """Useful FLOPs per hot-loop iteration of ``kernel`` (:data:`USEFUL_FLOPS`), None for a kernel
-    without an entry or a launch missing a needed argument."""
+def useful_flops(kernel: str, launch: dict, role: str | None = None) -> int | None:
+    """Useful FLOPs per hot-loop iteration of ``kernel`` (:data:`USEFUL_FLOPS`) for a loop of that
+    ``role``, None for a kernel without an entry or a launch missing a needed argument."""
     fn = USEFUL_FLOPS.get(kernel)
     try:
-        return int(fn(launch)) if fn else None
+        return int(fn(launch, role)) if fn else None
     except (KeyError, TypeError):
         return None
 
 
-def hot_loop_report(sass: str, kernel: str, num_warps: int, launch: dict) -> list[dict]:
+def loop_role(source, roles) -> str | None:
+    """The role of a loop whose source chain (innermost first, then callers) passes through one of
+    ``roles``: (file name, first line, line past the last, role) ranges of kernel helpers."""
+    for frame in source:
+        file, _, line = frame.rpartition(":")
+        for name, first, end, role in roles:
+            if file == name and line.isdigit() and first <= int(line) < end:
+                return role
+    return None
+
+
+def hot_loop_report(sass: str, kernel: str, num_warps: int, launch: dict, roles=()) -> list[dict]:
     """Per hot loop of the kernel's SASS: :func:`loop_counts` merged with :func:`model`. ``launch``:
-    the launch's constexprs and scalar arguments (BLOCK_M, BLOCK_N, HEAD_DIM, ...)."""
-    flops = useful_flops(kernel, launch)
-    return [{**counts, **model(counts, num_warps, flops)} for counts in map(loop_counts, hot_loops(parse_sass(sass)))]
+    the launch's constexprs and scalar arguments (BLOCK_M, BLOCK_N, HEAD_DIM, ...); ``roles``: see
+    :func:`loop_role` (a loop's role picks its useful-FLOP rule)."""
+    out = []
+    for counts in map(loop_counts, hot_loops(parse_sass(sass))):
+        role = loop_role(counts["source"], roles)
+        out.append({**counts, "role": role, **model(counts, num_warps, useful_flops(kernel, launch, role))})
+    return out
 
 
 def mma_summary(mma: list[dict]) -> str:

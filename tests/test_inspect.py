@@ -243,21 +243,26 @@ def test_cli_decode_table_and_json(reports, tmp_path, capsys):
 @pytest.mark.parametrize("shape", TRAINING)
 def test_hot_loops_of_the_training_kernels(reports, shape):
     """The forward and the main backward kernel each have hot loops with wgmma in them; the useful FLOPs
-    per iteration follow the launch's tile (forward 2 matmuls, backward 5, of BLOCK_M x BLOCK_N x D);
+    per iteration follow the launch's tile (forward 2 matmuls, the backward's dk/dv loops 4 and its dq
+    loops 3, of BLOCK_M x BLOCK_N x D);
     the MMA executed covers them; the model's ratios are there. Kernels without matmuls have none."""
     report = _report(reports, shape)
     d = int(shape.split("x")[-1])
     assert report["perf_model"]["tensor_flop_per_clock"]["BF16"] == perf_model.TENSOR_FLOP_PER_CLOCK["BF16"]
-    per_tile = {"prefix_attention_fwd_kernel": 4, "backward_kernel": 10}
+    # matmuls x 2 per tile: the forward 2; the backward's dk/dv loops 4 (S^T, dP^T, dV, dK), its dq loops 3
+    per_tile = {("prefix_attention_fwd_kernel", None): 4, ("backward_kernel", None): 8, ("backward_kernel", "dq"): 6}
     for k in report["kernels"]:
         if k["wgmma"] == 0:
             assert k["hot_loops"] == [], k["name"]
             continue
-        assert k["name"] in per_tile and k["hot_loops"], k["name"]
+        assert k["hot_loops"] and k["name"] in {name for name, _ in per_tile}, k["name"]
         c = k["constants"]
         assert c["HEAD_DIM"] == d
+        if k["name"] == "backward_kernel":
+            assert {loop["role"] for loop in k["hot_loops"]} == {None, "dq"}, [lp["source"] for lp in k["hot_loops"]]
         for loop in k["hot_loops"]:
-            assert loop["useful_flops"] == per_tile[k["name"]] * c["BLOCK_M"] * c["BLOCK_N"] * d, loop
+            tile = per_tile[k["name"], loop["role"]]
+            assert loop["useful_flops"] == tile * c["BLOCK_M"] * c["BLOCK_N"] * d, loop
             assert all(s["kind"] == "wgmma" for s in loop["mma"]) and loop["mma"]
             assert loop["executed_mma_flops"] >= loop["useful_flops"]
             assert loop["source"] and loop["sass"] > 0 and loop["wgmma_waits"] >= 1
@@ -365,21 +370,33 @@ def test_mma_sync_shapes():
     assert got["tensor_flop_per_clock"] == 2048  # the slower type sets the rate
 
 
-@pytest.mark.parametrize("kernel, constants, flops", [
-    ("prefix_attention_fwd_kernel", dict(BLOCK_M=128, BLOCK_N=64, HEAD_DIM=128, HEAD_DIM_V=128), 4 * 128 * 64 * 128),
-    ("backward_kernel", dict(BLOCK_M=16, BLOCK_N=64, HEAD_DIM=128, HEAD_DIM_V=128, NEED_DQ=True, NEED_DKDV=True),
-     10 * 16 * 64 * 128),
-    ("backward_kernel", dict(BLOCK_M=16, BLOCK_N=64, HEAD_DIM=64, HEAD_DIM_V=64, NEED_DQ=False, NEED_DKDV=True,
-                             NEED_DPREFIX=True), 8 * 16 * 64 * 64),
-    ("backward_kernel", dict(BLOCK_M=16, BLOCK_N=64, HEAD_DIM=64, HEAD_DIM_V=64, NEED_DQ=True, NEED_DKDV=False,
-                             NEED_DPREFIX=False), 6 * 16 * 64 * 64),
-    ("dq_kernel", dict(BLOCK_M=128, BLOCK_N=32, HEAD_DIM=64, HEAD_DIM_V=64), 6 * 128 * 32 * 64),
+@pytest.mark.parametrize("kernel, constants, role, flops", [
+    ("prefix_attention_fwd_kernel", dict(BLOCK_M=128, BLOCK_N=64, HEAD_DIM=128, HEAD_DIM_V=128), None,
+     4 * 128 * 64 * 128),
+    ("backward_kernel", dict(BLOCK_M=32, BLOCK_N=128, HEAD_DIM=128, HEAD_DIM_V=128, NEED_DQ=True, NEED_DKDV=True,
+                             SEQ_PROGRAMS=True), None, 8 * 32 * 128 * 128),
+    ("backward_kernel", dict(BLOCK_M=32, BLOCK_N=128, HEAD_DIM=128, HEAD_DIM_V=128, NEED_DQ=True, NEED_DKDV=True,
+                             SEQ_PROGRAMS=True), "dq", 6 * 32 * 128 * 128),
+    ("backward_kernel", dict(BLOCK_M=64, BLOCK_N=128, HEAD_DIM=64, HEAD_DIM_V=64, NEED_DQ=True, NEED_DKDV=False,
+                             NEED_DPREFIX=True, SEQ_PROGRAMS=False), None, 10 * 64 * 128 * 64),
+    ("backward_kernel", dict(BLOCK_M=64, BLOCK_N=128, HEAD_DIM=64, HEAD_DIM_V=64, NEED_DQ=False, NEED_DKDV=True,
+                             NEED_DPREFIX=True, SEQ_PROGRAMS=True), None, 8 * 64 * 128 * 64),
+    ("dq_kernel", dict(BLOCK_M=128, BLOCK_N=32, HEAD_DIM=64, HEAD_DIM_V=64), None, 6 * 128 * 32 * 64),
     ("prefix_attention_decode_kernel", dict(BLOCK_R=16, BLOCK_N=64, HEAD_DIM=128, HEAD_DIM_V=128, n_queries=1,
-                                            group=4), 4 * 4 * 64 * 128),
-    ("backward_prologue_kernel", dict(BLOCK_M=16), None),
+                                            group=4), None, 4 * 4 * 64 * 128),
+    ("backward_prologue_kernel", dict(BLOCK_M=16), None, None),
 ])
-def test_useful_flops_per_iteration(kernel, constants, flops):
-    assert perf_model.useful_flops(kernel, constants) == flops
+def test_useful_flops_per_iteration(kernel, constants, role, flops):
+    assert perf_model.useful_flops(kernel, constants, role) == flops
+
+
+def test_loop_roles_follow_the_source_chain():
+    roles = [("backward.py", 400, 420, "dq")]
+    assert perf_model.loop_role(["tiles.py:210", "backward.py:410", "backward.py:300"], roles) == "dq"
+    assert perf_model.loop_role(["tiles.py:210", "backward.py:420"], roles) is None
+    assert perf_model.loop_role([], roles) is None
+    first, end = inspection.loop_roles()[0][1:3]
+    assert end - first > 5  # backward._dq_blocks found by its source
 
 
 # One loop with one tl.dot of [64, 32] x [32, 64] per iteration, one warpgroup: 2 wgmma m64n64k16 per
@@ -409,7 +426,7 @@ import torch
 from prefix_kernels import inspection, perf_model
 from tiny_kernel import tiny_loop_dot_kernel
 
-perf_model.USEFUL_FLOPS["tiny_loop_dot_kernel"] = lambda c: 2 * c["BM"] * c["BN"] * c["BK"]
+perf_model.USEFUL_FLOPS["tiny_loop_dot_kernel"] = lambda c, role=None: 2 * c["BM"] * c["BN"] * c["BK"]
 arch, launches = inspection.ARCHS["sm_90"], []
 a = torch.empty(4 * 64 * 32, device="meta", dtype=torch.bfloat16)
 b = torch.empty(4 * 32 * 64, device="meta", dtype=torch.bfloat16)

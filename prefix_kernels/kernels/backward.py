@@ -1,4 +1,5 @@
-"""Triton backward of prefix attention: one pass over key blocks, the prefix among them.
+"""Triton backward of prefix attention: key programs for dk/dv and the prefix gradients, and dq stored
+by the same launch, with no atomics.
 
 Three launches (fewer when gradients are not asked for), each written for sm_80/sm_90 and the CPU
 interpreter:
@@ -12,24 +13,27 @@ interpreter:
      items (row, query head, query block), so that one shared prefix still fills the GPU. A chunk
      keeps its dprefix tile in registers and flushes it into the fp32 result whenever the row's
      prefix changes and at the end (relaxed fp32 atomics; deterministic: its own partial slice);
-   - sequence programs, one per (key block, row, kv head), early key blocks (which the most causal
-     query blocks see) first: dk/dv of the block stay in registers while the program walks the query
-     heads of its group and the query blocks that see the block, in one loop with every mask on (the
-     masks cost a few selects per thread on a [BLOCK_N, BLOCK_M] tile; separate masked and unmasked
-     loops kept three loops' state live and spilled at D = 128).
-   Every (query tile, key tile) costs 5 matmuls, as in flash attention: S^T = K Q^T, dV += P^T dO,
-   dP^T = V dO^T, dK += dS^T Q and dQ_tile^T = K^T dS^T ([D, BLOCK_M]: a D-row matmul, wgmma on sm_90
-   even for 16-query tiles), which goes into an fp32 dq buffer with relaxed atomics (``NEED_DQ``).
-   Without dk/dv (or dprefix) the programs skip those two matmuls. With a bank, a prefix program
-   walks its chunk in runs of consecutive rows that share a prefix, each run with its own dprefix
-   tile, flushed after the run.
+   - sequence programs, one per (key block, row, kv head): dk/dv of the block stay in registers while
+     the program walks the query heads of its group and the query blocks that see the block (one loop
+     over the blocks across the diagonal / a window edge with the masks, one without any, one for the
+     far edge). Each tile costs 4 matmuls: S^T = K Q^T, dV += P^T dO, dP^T = V dO^T, dK += dS^T Q.
+   - dq (``NEED_DQ``): the sequence program of key block j also owns query blocks of BLOCK_N rows of
+     its row and group (query block j + q_blocks - k_blocks, and every k_blocks-th one below it), and
+     computes their dq like the forward walks its keys -- prefix, then sequence, BLOCK_M keys per step,
+     3 matmuls (S, dP, dQ += dS K) -- storing it once. Under a causal mask the pairing balances the
+     programs (the key blocks that few query blocks see pair with the query blocks that see many
+     keys). 7 matmuls per (query, key) tile instead of flash attention's 5, but every matmul of both
+     loops is an m64 wgmma on both warpgroups with no duplicated work, where dq^T from the dk/dv loop
+     needed 16-query tiles (m64n8/n16 wgmma, both warpgroups computing the same S^T). Without sequence
+     keys (M = 0) the prefix programs add dq atomically instead.
+   Without dk/dv (or dprefix) the programs skip those loops.
 3. ``backward_epilogue_kernel``: dq fp32 -> q's dtype and layout, and the prefix gradients fp32 ->
    the prefix dtype (summing the chunk partials in a fixed order when deterministic). It does not
    run when there is nothing to convert (fp32/fp64 inputs, atomic mode).
 
-``deterministic=True`` replaces the dq atomics by ``dq_kernel`` (one program per query block, walking
-prefix and sequence keys like the forward) and the prefix atomics by per-chunk partials, so every
-sum has a fixed order: bit-identical run to run.
+``deterministic=True`` computes dq in ``dq_kernel`` (one program per query block; the same walk,
+``_dq_tile``) and the prefix gradients as per-chunk partials, so every sum has a fixed order:
+bit-identical run to run. (Outside it only the prefix gradients use atomics.)
 
 Probabilities are recomputed from the forward's LSE (log2 domain inside the kernels). Rows with
 lse = -inf (saw no key) are given lse = +inf, so every p of theirs is exp2(-inf) = 0.
@@ -93,45 +97,78 @@ def backward_prologue_kernel(
 
 
 @triton.jit
-def _key_tile_grads(
+def _tile_grads(
     dk, dv, k, v, key_visible, cols, Q, DO, LSE, Delta, DQ,
     stride_qm, stride_qd, stride_dom, stride_dod, stride_dqm, stride_dqd,
-    lo, hi, n_queries, key_offset, offs_m, offs_d, offs_dv, qk_scale, scale, softcap2, window,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    start_m, n_queries, key_offset, offs_m, offs_d, offs_dv, qk_scale, scale, softcap2, window,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
     CHECK_ROWS: tl.constexpr, CAUSAL_MASK: tl.constexpr, MASK_KEYS: tl.constexpr, WINDOW_MASK: tl.constexpr,
     SOFTCAP: tl.constexpr, NEED_DQ: tl.constexpr, NEED_DKDV: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """One key tile (k, v: [BLOCK_N, D]) against query blocks [lo, hi) of one (row, query head):
-    accumulates dk (unscaled) and dv, and adds each query block's dq (scaled) into DQ atomically.
+    """One key tile (k, v: [BLOCK_N, D]) against query rows start_m + offs_m of one (row, query head):
+    accumulates dk (unscaled) and dv, and (NEED_DQ) adds the tile's dq (scaled) into DQ atomically.
+    Q/DO/LSE/Delta/DQ point at that (row, query head); query i sits at position key_offset + i. Rows
+    past n_queries get p = 0 from their LSE, so CHECK_ROWS only keeps the loads in bounds."""
+    rows = start_m + offs_m
+    q = load_tile(Q + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd, rows, n_queries, offs_d,
+                  HEAD_DIM, HEAD_DIM_PAD, CHECK_ROWS, UPCAST)
+    do = load_tile(DO + rows[:, None] * stride_dom + offs_dv[None, :] * stride_dod, rows, n_queries, offs_dv,
+                   HEAD_DIM_V, HEAD_DIM_V_PAD, CHECK_ROWS, UPCAST)
+    lse2 = load_lse2(LSE, rows, n_queries)  # +inf past n_queries: p = 0 there
+    delta = tl.load(Delta + rows, mask=rows < n_queries, other=0.0)
+    s_t = scores(k, q, qk_scale, PRECISION)  # [keys, queries]
+    if SOFTCAP:
+        s_t, dcap_t = softcap(s_t, softcap2)
+    p_t = mask_scores(prob(s_t, lse2[None, :]), cols[:, None], key_offset + rows[None, :], key_visible[:, None],
+                      0, 0.0, window, False, CAUSAL_MASK, MASK_KEYS, WINDOW_MASK)
+    if NEED_DKDV:
+        dv += mm(p_t.to(do.dtype), do, PRECISION)
+    dp_t = mm(v, tl.trans(do), PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    if SOFTCAP:
+        ds_t = ds_t * dcap_t  # through c * tanh(s / c)
+    if NEED_DKDV:
+        dk += mm(ds_t.to(q.dtype), q, PRECISION)
+    if NEED_DQ:  # dq^T = K^T dS^T: [D, BLOCK_M], so the matmul is D rows tall (wgmma) even for short query tiles
+        dq_t = mm(tl.trans(k), ds_t.to(k.dtype), PRECISION) * scale
+        tl.atomic_add(DQ + rows[None, :] * stride_dqm + offs_d[:, None] * stride_dqd, dq_t,
+                      mask=(rows[None, :] < n_queries) & (offs_d[:, None] < HEAD_DIM), sem="relaxed")
+    return dk, dv
 
-    Q/DO/LSE/Delta/DQ point at that (row, query head). Query i sits at position key_offset + i.
-    """
-    for start_m in range(lo, hi, BLOCK_M):
-        rows = start_m + offs_m
-        q = load_tile(Q + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd, rows, n_queries, offs_d,
-                      HEAD_DIM, HEAD_DIM_PAD, CHECK_ROWS, UPCAST)
-        do = load_tile(DO + rows[:, None] * stride_dom + offs_dv[None, :] * stride_dod, rows, n_queries, offs_dv,
-                       HEAD_DIM_V, HEAD_DIM_V_PAD, CHECK_ROWS, UPCAST)
-        lse2 = load_lse2(LSE, rows, n_queries)  # +inf past n_queries: p = 0 there
-        delta = tl.load(Delta + rows, mask=rows < n_queries, other=0.0)
-        s_t = scores(k, q, qk_scale, PRECISION)  # [keys, queries]
-        if SOFTCAP:
-            s_t, dcap_t = softcap(s_t, softcap2)
-        p_t = mask_scores(prob(s_t, lse2[None, :]), cols[:, None], key_offset + rows[None, :], key_visible[:, None],
-                          0, 0.0, window, False, CAUSAL_MASK, MASK_KEYS, WINDOW_MASK)
-        if NEED_DKDV:
-            dv += mm(p_t.to(do.dtype), do, PRECISION)
-        dp_t = mm(v, tl.trans(do), PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        if SOFTCAP:
-            ds_t = ds_t * dcap_t  # through c * tanh(s / c)
-        if NEED_DKDV:
-            dk += mm(ds_t.to(q.dtype), q, PRECISION)
-        if NEED_DQ:  # dq^T = K^T dS^T: [D, BLOCK_M], so the matmul is D rows tall (wgmma) even for short query tiles
-            dq_t = mm(tl.trans(k), ds_t.to(k.dtype), PRECISION) * scale
-            tl.atomic_add(DQ + rows[None, :] * stride_dqm + offs_d[:, None] * stride_dqd, dq_t,
-                          mask=(rows[None, :] < n_queries) & (offs_d[:, None] < HEAD_DIM), sem="relaxed")
+
+@triton.jit
+def _key_block_grads(
+    dk, dv, K, V, stride_kn, stride_kd, stride_vn, stride_vd, cols, n_keys, Q, DO, LSE, Delta,
+    stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, group,
+    lo, hi, n_queries, key_offset, offs_m, offs_d, offs_dv, qk_scale, softcap2, window,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL_MASK: tl.constexpr, WINDOW_MASK: tl.constexpr,
+    SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dk/dv of sequence keys ``cols`` from query blocks [lo, hi) of each of the ``group`` query heads
+    that Q/DO/LSE/Delta point at (the first of them; LSE/Delta rows n_queries apart). Loads k/v itself:
+    a key tile loaded once for several loops stays live in registers through all of them (spills).
+    Rows past n_queries in the ragged last block need MASKED (CHECK_ROWS)."""
+    k = load_tile(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, cols, n_keys, offs_d,
+                  HEAD_DIM, HEAD_DIM_PAD, True, UPCAST)
+    v = load_tile(V + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd, cols, n_keys, offs_dv,
+                  HEAD_DIM_V, HEAD_DIM_V_PAD, True, UPCAST)
+    # One loop over (head, query block): the tiles go to shared memory once, before it, where a loop per
+    # head kept them live in registers through it and re-stored them per head (spills at D = 128).
+    n_blocks = tl.maximum(hi - lo, 0) // BLOCK_M
+    start_m = lo
+    head = 0
+    for _ in range(0, group * n_blocks):
+        dk, dv = _tile_grads(
+            dk, dv, k, v, cols, cols, Q + head * stride_qh, DO + head * stride_doh, LSE + head * n_queries,
+            Delta + head * n_queries, Q, stride_qm, stride_qd, stride_dom, stride_dod, 0, 0, start_m, n_queries,
+            key_offset, offs_m, offs_d, offs_dv, qk_scale, 1.0, softcap2, window, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V,
+            HEAD_DIM_V_PAD, MASKED, CAUSAL_MASK, False, WINDOW_MASK, SOFTCAP, False, True, UPCAST, PRECISION)
+        start_m += BLOCK_M
+        next_head = start_m >= hi
+        start_m = tl.where(next_head, lo, start_m)
+        head = tl.where(next_head, head + 1, head)
     return dk, dv
 
 
@@ -194,18 +231,29 @@ def _prefix_items(
                                 HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, UPCAST)
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=ACC_DTYPE)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_V_PAD], dtype=ACC_DTYPE)
-    for item in range(lo, hi):
-        b = (item // items_per_row).to(tl.int64)
-        h = g * group + (item % items_per_row) // q_blocks
-        start_m = (item % q_blocks) * BLOCK_M
+    # item = (row * group + head in group) * q_blocks + query block, stepped with counters (no division
+    # per item)
+    b = (lo // items_per_row).to(tl.int64)
+    hh = (lo % items_per_row) // q_blocks
+    qb = lo % q_blocks
+    for _ in range(lo, hi):
+        h = g * group + hh
+        start_m = qb * BLOCK_M
         row_base = (b * n_heads + h) * n_queries
-        dk, dv = _key_tile_grads(
+        dk, dv = _tile_grads(
             dk, dv, pk, pv, key_visible, cols, Q + b * stride_qb + h * stride_qh,
             DO + b * stride_dob + h * stride_doh, LSE + row_base, Delta + row_base,
             DQ + b * stride_dqb + h * stride_dqh, stride_qm, stride_qd, stride_dom, stride_dod,
-            stride_dqm, stride_dqd, start_m, start_m + BLOCK_M, n_queries, 0, offs_m, offs_d, offs_dv, qk_scale,
-            scale, softcap2, window, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, True, False, True,
+            stride_dqm, stride_dqd, start_m, n_queries, 0, offs_m, offs_d, offs_dv, qk_scale,
+            scale, softcap2, window, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, True, False, NEED_DQ,
             0, SOFTCAP, NEED_DQ, NEED_DPREFIX, UPCAST, PRECISION)
+        qb += 1
+        next_head = qb == q_blocks
+        qb = tl.where(next_head, 0, qb)
+        hh = tl.where(next_head, hh + 1, hh)
+        next_row = hh == group
+        hh = tl.where(next_row, 0, hh)
+        b = tl.where(next_row, b + 1, b)
     if NEED_DPREFIX:
         _flush_prefix_grads(dk, dv, DPK, DPV, chunk, t, g, cols, offs_d, offs_dv, stride_gk, stride_gv,
                             n_prefix, scale, HEAD_DIM, HEAD_DIM_V, DETERMINISTIC)
@@ -238,6 +286,9 @@ def backward_kernel(
 ):
     """Programs [0, n_prefix_programs) are prefix programs, the rest sequence programs (see the module
     docstring). DPK/DPV: fp32 [C, T, Hkv, P, D] partials (deterministic) or [T, Hkv, P, D], dense in D."""
+    # dq comes from the sequence programs (plain stores); the prefix programs add theirs atomically only
+    # when there are none (no sequence keys).
+    PREFIX_DQ: tl.constexpr = NEED_DQ and not SEQ_PROGRAMS
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
@@ -246,88 +297,122 @@ def backward_kernel(
     stride_gk = (stride_gc, stride_gt, stride_gh, stride_gn)
     stride_gv = (stride_gvc, stride_gvt, stride_gvh, stride_gvn)
     if PREFIX_PROGRAMS and (not SEQ_PROGRAMS or pid < n_prefix_programs):
-        prefix_blocks = tl.cdiv(n_prefix, BLOCK_N)
-        cols = (pid % prefix_blocks) * BLOCK_N + offs_n
-        g = ((pid // prefix_blocks) % n_kv_heads).to(tl.int64)
-        chunk = (pid // (prefix_blocks * n_kv_heads)).to(tl.int64)
-        key_visible = cols < n_prefix
-        q_blocks = tl.cdiv(n_queries, BLOCK_M)
-        items_per_row = group * q_blocks
-        first = chunk * items_per_chunk
-        last = tl.minimum(first + items_per_chunk, n_items)
-        if HAS_PREFIX_IDS:
-            # A bank: the chunk's items in segments of consecutive rows that use the same prefix, each
-            # segment with its own dprefix tile, flushed after the segment's loop (a flush inside the item
-            # loop kept its [BLOCK_N, D] addresses live through the loop and spilled).
-            last_row = tl.cdiv(last, items_per_row)
-            seg_lo = first
-            while seg_lo < last:
-                row = seg_lo // items_per_row
-                t = tl.load(PREFIX_IDS + row).to(tl.int64)
-                row += 1
-                while (row < last_row) & (tl.load(PREFIX_IDS + tl.minimum(row, last_row - 1)).to(tl.int64) == t):
+        if NEED_DPREFIX or PREFIX_DQ:  # else launched for nothing: the sequence programs do all of dq
+            prefix_blocks = tl.cdiv(n_prefix, BLOCK_N)
+            cols = (pid % prefix_blocks) * BLOCK_N + offs_n
+            g = ((pid // prefix_blocks) % n_kv_heads).to(tl.int64)
+            chunk = (pid // (prefix_blocks * n_kv_heads)).to(tl.int64)
+            key_visible = cols < n_prefix
+            q_blocks = tl.cdiv(n_queries, BLOCK_M)
+            items_per_row = group * q_blocks
+            first = chunk * items_per_chunk
+            last = tl.minimum(first + items_per_chunk, n_items)
+            if HAS_PREFIX_IDS:
+                # A bank: the chunk's items in segments of consecutive rows that use the same prefix, each
+                # segment with its own dprefix tile, flushed after the segment's loop (a flush inside the item
+                # loop kept its [BLOCK_N, D] addresses live through the loop and spilled).
+                last_row = tl.cdiv(last, items_per_row)
+                seg_lo = first
+                while seg_lo < last:
+                    row = seg_lo // items_per_row
+                    t = tl.load(PREFIX_IDS + row).to(tl.int64)
                     row += 1
-                seg_hi = tl.minimum(row * items_per_row, last)
-                # cols + 0, but the compiler cannot tell: the segment's [BLOCK_N, D] load and flush addresses
-                # are formed in the segment, not hoisted out of this loop and kept live through it (spills)
-                seg_cols = cols + tl.minimum(seg_lo, 0)
+                    while (row < last_row) & (tl.load(PREFIX_IDS + tl.minimum(row, last_row - 1)).to(tl.int64) == t):
+                        row += 1
+                    seg_hi = tl.minimum(row * items_per_row, last)
+                    # cols + 0, but the compiler cannot tell: the segment's [BLOCK_N, D] load and flush addresses
+                    # are formed in the segment, not hoisted out of this loop and kept live through it (spills)
+                    seg_cols = cols + tl.minimum(seg_lo, 0)
+                    _prefix_items(
+                        seg_lo, seg_hi, t, g, seg_cols, seg_cols < n_prefix, PK, PV, Q, DO, LSE, Delta, DQ, DPK, DPV, chunk,
+                        stride_qb, stride_qh, stride_qm, stride_qd, stride_pkt, stride_pkh, stride_pkn, stride_pkd,
+                        stride_pvt, stride_pvh, stride_pvn, stride_pvd, stride_dob, stride_doh, stride_dom, stride_dod,
+                        stride_dqb, stride_dqh, stride_dqm, stride_dqd, stride_gk, stride_gv,
+                        n_heads, n_queries, n_prefix, group, q_blocks, items_per_row, scale, qk_scale, softcap2, window,
+                        offs_m, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N,
+                        SOFTCAP, PREFIX_DQ, NEED_DPREFIX, DETERMINISTIC, UPCAST, PRECISION, ACC_DTYPE)
+                    seg_lo = seg_hi
+            else:
                 _prefix_items(
-                    seg_lo, seg_hi, t, g, seg_cols, seg_cols < n_prefix, PK, PV, Q, DO, LSE, Delta, DQ, DPK, DPV, chunk,
+                    first, last, tl.zeros([], dtype=tl.int64), g, cols, key_visible, PK, PV, Q, DO, LSE, Delta, DQ,
+                    DPK, DPV, chunk,
                     stride_qb, stride_qh, stride_qm, stride_qd, stride_pkt, stride_pkh, stride_pkn, stride_pkd,
                     stride_pvt, stride_pvh, stride_pvn, stride_pvd, stride_dob, stride_doh, stride_dom, stride_dod,
                     stride_dqb, stride_dqh, stride_dqm, stride_dqd, stride_gk, stride_gv,
                     n_heads, n_queries, n_prefix, group, q_blocks, items_per_row, scale, qk_scale, softcap2, window,
                     offs_m, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N,
-                    SOFTCAP, NEED_DQ, NEED_DPREFIX, DETERMINISTIC, UPCAST, PRECISION, ACC_DTYPE)
-                seg_lo = seg_hi
-        else:
-            _prefix_items(
-                first, last, tl.zeros([], dtype=tl.int64), g, cols, key_visible, PK, PV, Q, DO, LSE, Delta, DQ,
-                DPK, DPV, chunk,
-                stride_qb, stride_qh, stride_qm, stride_qd, stride_pkt, stride_pkh, stride_pkn, stride_pkd,
-                stride_pvt, stride_pvh, stride_pvn, stride_pvd, stride_dob, stride_doh, stride_dom, stride_dod,
-                stride_dqb, stride_dqh, stride_dqm, stride_dqd, stride_gk, stride_gv,
-                n_heads, n_queries, n_prefix, group, q_blocks, items_per_row, scale, qk_scale, softcap2, window,
-                offs_m, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N,
-                SOFTCAP, NEED_DQ, NEED_DPREFIX, DETERMINISTIC, UPCAST, PRECISION, ACC_DTYPE)
+                    SOFTCAP, PREFIX_DQ, NEED_DPREFIX, DETERMINISTIC, UPCAST, PRECISION, ACC_DTYPE)
     elif SEQ_PROGRAMS:
         s = pid - n_prefix_programs
         bg = s % (batch * n_kv_heads)
-        start_n = (s // (batch * n_kv_heads)) * BLOCK_N  # early key blocks first: the most query blocks see them
+        key_block = s // (batch * n_kv_heads)  # early key blocks first: the most query blocks see them
+        start_n = key_block * BLOCK_N
         b = (bg // n_kv_heads).to(tl.int64)
         g = (bg % n_kv_heads).to(tl.int64)
         cols = start_n + offs_n
-        k = load_tile(K + b * stride_kb + g * stride_kh + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                      cols, n_keys, offs_d, HEAD_DIM, HEAD_DIM_PAD, True, UPCAST)
-        v = load_tile(V + b * stride_vb + g * stride_vh + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                      cols, n_keys, offs_dv, HEAD_DIM_V, HEAD_DIM_V_PAD, True, UPCAST)
-        key_visible = cols < n_keys
-        if HAS_KPM:
-            key_visible = key_visible & load_keep(KPM + b * stride_mb, stride_mn, cols, n_keys)
-        dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=ACC_DTYPE)
-        dv = tl.zeros([BLOCK_N, HEAD_DIM_V_PAD], dtype=ACC_DTYPE)
-
-        # Query i (position key_offset + i) sees key j iff j <= key_offset + i.
-        key_offset = n_keys - n_queries
-        masked_lo, _, _, masked_hi = query_ranges(start_n, n_queries, key_offset, window, BLOCK_N, BLOCK_M, IS_CAUSAL,
-                                                  WINDOW_MASK != 0)
-        for hh in range(0, group):
-            h = g * group + hh
-            row_base = (b * n_heads + h) * n_queries
-            # One loop over every query block that sees the block, every mask on: on the blocks that see
-            # all keys (query_ranges' [free_lo, free_hi)) the masks change nothing, and a [BLOCK_N, BLOCK_M]
-            # tile costs a few selects per thread, where separate masked / unmasked loops kept three sets
-            # of loop state live and spilled at D = 128 (see configs.py). Keys past n_keys are zero rows
-            # of k and v: they add nothing to dq (and dk/dv rows past the end are not stored).
-            dk, dv = _key_tile_grads(
-                dk, dv, k, v, key_visible, cols, Q + b * stride_qb + h * stride_qh,
-                DO + b * stride_dob + h * stride_doh, LSE + row_base, Delta + row_base,
-                DQ + b * stride_dqb + h * stride_dqh, stride_qm, stride_qd, stride_dom, stride_dod, stride_dqm,
-                stride_dqd, masked_lo, masked_hi, n_queries, key_offset, offs_m, offs_d, offs_dv, qk_scale, scale,
-                softcap2, window, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M,
-                True, IS_CAUSAL, True, WINDOW_MASK, SOFTCAP, NEED_DQ, NEED_DKDV, UPCAST, PRECISION)
+        if NEED_DQ:
+            # dq by plain stores, no atomics: this program also owns query blocks of BLOCK_N rows (query tiles
+            # of BLOCK_N x BLOCK_M keys: the dk/dv tile transposed) of its row and group, paired from the end
+            # (key block j with query block j + q_blocks - k_blocks, then every k_blocks-th one below it), so
+            # that under a causal mask a program with few queries to walk for dk/dv has many keys for dq. dq first:
+            # what stays live into the other phase then waits through the one with fewer registers live.
+            q_blocks = tl.cdiv(n_queries, BLOCK_N)
+            k_blocks = tl.cdiv(n_keys, BLOCK_N)
+            first_qb = key_block + q_blocks - k_blocks
+            rounds = tl.where(first_qb >= 0, first_qb // k_blocks + 1, 0)
+            t = tl.load(PREFIX_IDS + b).to(tl.int64) if HAS_PREFIX_IDS else 0
+            for i in range(0, rounds * group):
+                h = g * group + i % group
+                start_m = (first_qb - (i // group) * k_blocks) * BLOCK_N
+                row_base = (b * n_heads + h) * n_queries
+                _dq_tile(Q + b * stride_qb + h * stride_qh, K + b * stride_kb + g * stride_kh,
+                         V + b * stride_vb + g * stride_vh, PK + t * stride_pkt + g * stride_pkh,
+                         PV + t * stride_pvt + g * stride_pvh, KPM + b * stride_mb,
+                         DO + b * stride_dob + h * stride_doh, LSE + row_base, Delta + row_base,
+                         DQ + b * stride_dqb + h * stride_dqh,
+                         stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_pkn, stride_pkd,
+                         stride_pvn, stride_pvd, stride_mn, stride_dom, stride_dod, stride_dqm, stride_dqd,
+                         start_m, n_queries, n_keys, n_prefix, scale, qk_scale, softcap2, window,
+                         HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, BLOCK_M, IS_CAUSAL, HAS_KPM,
+                         WINDOW_MASK, SOFTCAP, UPCAST, PRECISION, ACC_DTYPE)
         if NEED_DKDV:
+            dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=ACC_DTYPE)
+            dv = tl.zeros([BLOCK_N, HEAD_DIM_V_PAD], dtype=ACC_DTYPE)
+            # Query i (position key_offset + i) sees key j iff j <= key_offset + i. Row j of dk/dv depends
+            # on key j alone, so padded keys are zeroed once at the end (keys past n_keys are not stored)
+            # and only the blocks across the diagonal / a window edge carry a mask: three loops, each over
+            # every query head of the group.
+            key_offset = n_keys - n_queries
+            masked_lo, free_lo, free_hi, masked_hi = query_ranges(start_n, n_queries, key_offset, window, BLOCK_N,
+                                                                  BLOCK_M, IS_CAUSAL, WINDOW_MASK != 0)
+            Kb = K + b * stride_kb + g * stride_kh
+            Vb = V + b * stride_vb + g * stride_vh
+            Qb = Q + b * stride_qb + g * group * stride_qh
+            DOb = DO + b * stride_dob + g * group * stride_doh
+            row_base = (b * n_heads + g * group) * n_queries
+            dk, dv = _key_block_grads(
+                dk, dv, Kb, Vb, stride_kn, stride_kd, stride_vn, stride_vd, cols, n_keys, Qb, DOb, LSE + row_base,
+                Delta + row_base, stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, group,
+                masked_lo, free_lo, n_queries, key_offset, offs_m, offs_d, offs_dv, qk_scale, softcap2, window,
+                HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, True, IS_CAUSAL, WINDOW_MASK, SOFTCAP,
+                UPCAST, PRECISION)
+            dk, dv = _key_block_grads(
+                dk, dv, Kb, Vb, stride_kn, stride_kd, stride_vn, stride_vd, cols, n_keys, Qb, DOb, LSE + row_base,
+                Delta + row_base, stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, group,
+                free_lo, free_hi, n_queries, key_offset, offs_m, offs_d, offs_dv, qk_scale, softcap2, window,
+                HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, False, False, 0, SOFTCAP,
+                UPCAST, PRECISION)
+            dk, dv = _key_block_grads(
+                dk, dv, Kb, Vb, stride_kn, stride_kd, stride_vn, stride_vd, cols, n_keys, Qb, DOb, LSE + row_base,
+                Delta + row_base, stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, group,
+                free_hi, masked_hi, n_queries, key_offset, offs_m, offs_d, offs_dv, qk_scale, softcap2, window,
+                HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, True, IS_CAUSAL, WINDOW_MASK, SOFTCAP,
+                UPCAST, PRECISION)
             key_ok = cols[:, None] < n_keys
+            if HAS_KPM:
+                keep = load_keep(KPM + b * stride_mb, stride_mn, cols, n_keys)[:, None]
+                dk = tl.where(keep, dk, 0.0)
+                dv = tl.where(keep, dv, 0.0)
             dk_ptrs = DK + b * stride_dkb + g * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
             dv_ptrs = DV + b * stride_dvb + g * stride_dvh + cols[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd
             tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=key_ok & (offs_d[None, :] < HEAD_DIM))
@@ -361,6 +446,62 @@ def _dq_blocks(
 
 
 @triton.jit
+def _dq_tile(
+    Q, K, V, PK, PV, KPM, DO, LSE, Delta, DQ,
+    stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
+    stride_mn, stride_dom, stride_dod, stride_dqm, stride_dqd,
+    start_m, n_queries, n_keys, n_prefix, scale, qk_scale, softcap2, window,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    WINDOW_MASK: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    """dq of query rows [start_m, start_m + BLOCK_M) of one (row, query head), stored (scaled) into DQ:
+    the prefix keys, then the sequence keys in the forward's ranges (tiles.key_ranges), BLOCK_N keys
+    per step. Q/DO/LSE/Delta/DQ point at the (row, query head), K/V/KPM at the row and kv head,
+    PK/PV at the row's prefix and kv head."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
+    q = load_tile(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                  offs_m, n_queries, offs_d, HEAD_DIM, HEAD_DIM_PAD, True, UPCAST)
+    do = load_tile(DO + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                   offs_m, n_queries, offs_dv, HEAD_DIM_V, HEAD_DIM_V_PAD, True, UPCAST)
+    lse2 = load_lse2(LSE, offs_m, n_queries)
+    delta = tl.load(Delta + offs_m, mask=offs_m < n_queries, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=ACC_DTYPE)
+
+    prefix_full = (n_prefix // BLOCK_N) * BLOCK_N
+    dq = _dq_blocks(dq, q, do, lse2, delta, PK, PV, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
+                    KPM, 0, 0, prefix_full, n_prefix, offs_m, offs_n, offs_d, offs_dv, qk_scale, softcap2,
+                    window, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, False, False, False, 0, SOFTCAP, UPCAST, PRECISION)
+    dq = _dq_blocks(dq, q, do, lse2, delta, PK, PV, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
+                    KPM, 0, prefix_full, n_prefix, n_prefix, offs_m, offs_n, offs_d, offs_dv, qk_scale, softcap2,
+                    window, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, False, False, 0, SOFTCAP, UPCAST, PRECISION)
+
+    first_pos = n_keys - n_queries + start_m
+    q_pos = first_pos + offs_m - start_m
+    masked_lo, free_lo, free_hi, masked_hi = key_ranges(0, n_keys, first_pos, first_pos + BLOCK_M - 1, window,
+                                                        BLOCK_N, IS_CAUSAL, WINDOW_MASK != 0)
+    if WINDOW_MASK != 0:
+        dq = _dq_blocks(dq, q, do, lse2, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                        KPM, stride_mn, masked_lo, free_lo, n_keys, q_pos, offs_n, offs_d, offs_dv, qk_scale,
+                        softcap2, window, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP,
+                        UPCAST, PRECISION)
+    dq = _dq_blocks(dq, q, do, lse2, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                    KPM, stride_mn, free_lo, free_hi, n_keys, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2,
+                    window, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, False, False, HAS_KPM, 0, SOFTCAP, UPCAST, PRECISION)
+    dq = _dq_blocks(dq, q, do, lse2, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                    KPM, stride_mn, free_hi, masked_hi, n_keys, q_pos, offs_n, offs_d, offs_dv, qk_scale,
+                    softcap2, window, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP,
+                    UPCAST, PRECISION)
+
+    tl.store(DQ + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, (dq * scale).to(DQ.dtype.element_ty),
+             mask=(offs_m[:, None] < n_queries) & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
 def dq_kernel(
     Q, K, V, PK, PV, PREFIX_IDS, KPM, DO, LSE, Delta, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -377,61 +518,22 @@ def dq_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     softcap2=1.0, window=0, WINDOW_MASK: tl.constexpr = 0, SOFTCAP: tl.constexpr = False,
 ):
-    """Deterministic mode's dq: one program per (query block, row, query head), walking the prefix
-    and then the sequence keys in the forward's ranges (tiles.key_ranges)."""
-    start_m = tl.program_id(0) * BLOCK_M
+    """Deterministic mode's dq: one program per (query block, row, query head) (``_dq_tile``)."""
     bh = tl.program_id(1)
     b = (bh // n_heads).to(tl.int64)
     h = bh % n_heads
     g = (h // group).to(tl.int64)
     h = h.to(tl.int64)
     t = tl.load(PREFIX_IDS + b).to(tl.int64) if HAS_PREFIX_IDS else 0
-
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
-    q = load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                  offs_m, n_queries, offs_d, HEAD_DIM, HEAD_DIM_PAD, True, UPCAST)
-    do = load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
-                   offs_m, n_queries, offs_dv, HEAD_DIM_V, HEAD_DIM_V_PAD, True, UPCAST)
-    lse2 = load_lse2(LSE + bh.to(tl.int64) * n_queries, offs_m, n_queries)
-    delta = tl.load(Delta + bh.to(tl.int64) * n_queries + offs_m, mask=offs_m < n_queries, other=0.0)
-    dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=ACC_DTYPE)
-
-    PK_base = PK + t * stride_pkt + g * stride_pkh
-    PV_base = PV + t * stride_pvt + g * stride_pvh
-    prefix_full = (n_prefix // BLOCK_N) * BLOCK_N
-    dq = _dq_blocks(dq, q, do, lse2, delta, PK_base, PV_base, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
-                    KPM, 0, 0, prefix_full, n_prefix, offs_m, offs_n, offs_d, offs_dv, qk_scale, softcap2,
-                    window, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, False, False, False, 0, SOFTCAP, UPCAST, PRECISION)
-    dq = _dq_blocks(dq, q, do, lse2, delta, PK_base, PV_base, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
-                    KPM, 0, prefix_full, n_prefix, n_prefix, offs_m, offs_n, offs_d, offs_dv, qk_scale, softcap2,
-                    window, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, False, False, 0, SOFTCAP, UPCAST, PRECISION)
-
-    first_pos = n_keys - n_queries + start_m
-    q_pos = first_pos + offs_m - start_m
-    masked_lo, free_lo, free_hi, masked_hi = key_ranges(0, n_keys, first_pos, first_pos + BLOCK_M - 1, window,
-                                                        BLOCK_N, IS_CAUSAL, WINDOW_MASK != 0)
-    K_base = K + b * stride_kb + g * stride_kh
-    V_base = V + b * stride_vb + g * stride_vh
-    KPM_base = KPM + b * stride_mb
-    if WINDOW_MASK != 0:
-        dq = _dq_blocks(dq, q, do, lse2, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                        KPM_base, stride_mn, masked_lo, free_lo, n_keys, q_pos, offs_n, offs_d, offs_dv, qk_scale,
-                        softcap2, window, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP,
-                        UPCAST, PRECISION)
-    dq = _dq_blocks(dq, q, do, lse2, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                    KPM_base, stride_mn, free_lo, free_hi, n_keys, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2,
-                    window, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, False, False, HAS_KPM, 0, SOFTCAP, UPCAST, PRECISION)
-    dq = _dq_blocks(dq, q, do, lse2, delta, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                    KPM_base, stride_mn, free_hi, masked_hi, n_keys, q_pos, offs_n, offs_d, offs_dv, qk_scale,
-                    softcap2, window, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP,
-                    UPCAST, PRECISION)
-
-    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
-    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty),
-             mask=(offs_m[:, None] < n_queries) & (offs_d[None, :] < HEAD_DIM))
+    row_base = bh.to(tl.int64) * n_queries
+    _dq_tile(Q + b * stride_qb + h * stride_qh, K + b * stride_kb + g * stride_kh, V + b * stride_vb + g * stride_vh,
+             PK + t * stride_pkt + g * stride_pkh, PV + t * stride_pvt + g * stride_pvh, KPM + b * stride_mb,
+             DO + b * stride_dob + h * stride_doh, LSE + row_base, Delta + row_base, DQ + b * stride_dqb + h * stride_dqh,
+             stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_pkn, stride_pkd, stride_pvn,
+             stride_pvd, stride_mn, stride_dom, stride_dod, stride_dqm, stride_dqd,
+             tl.program_id(0) * BLOCK_M, n_queries, n_keys, n_prefix, scale, qk_scale, softcap2, window,
+             HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_KPM, WINDOW_MASK,
+             SOFTCAP, UPCAST, PRECISION, ACC_DTYPE)
 
 
 @triton.jit

@@ -4,7 +4,8 @@ Per (query block, batch row, query head) program: the prefix keys come first (fu
 any mask, then one tail block masked to P), then the sequence keys (blocks that every query of the
 tile may see without a mask, then the blocks across the causal diagonal / past M with the mask):
 ``tiles.attend_prefix_and_sequence``. For D <= 64 the whole prefix blocks and the unmasked sequence
-blocks are one loop, each block picking its base pointer (``tiles.attend_prefix_and_sequence_merged``);
+blocks are one loop, each block picking its base pointer (``tiles.attend_prefix_and_sequence_merged``,
+the score scale applied after the row max where there is no softcap);
 the masked blocks follow.
 Scores live in the log2 domain (``qk_scale = scale * log2(e)``), and the kernel writes the LSE in
 that domain too (log2 units, ``m + log2(l)``) for the backward, which recomputes P = exp2(s - lse2)
