@@ -91,6 +91,18 @@ def test_classification_tiny_with_int_labels(tmp_path, capsys):
     assert metrics["labels"] == [3, 7] and metrics["init"].startswith("random")
 
 
+def test_a_packaged_task_by_name_from_any_directory(tmp_path, capsys, monkeypatch):
+    """--data review reads the packaged file wherever the command runs (not a path into the checkout)."""
+    from prefix_kernels.data import review_task
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--task", "classification", "--model", "tiny", "--data", "review", "--out",
+                 str(tmp_path / "run"), "--init", "random", *FAST]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["data"] == str(review_task.path())
+    assert sorted(metrics["labels"]) == sorted({row["label"] for row in map(json.loads, review_task.path().open())})
+
+
 @pytest.mark.parametrize("placement", ["paper", "peft"])
 def test_seq2seq_tiny_end_to_end(tmp_path, capsys, placement):
     data = _jsonl(tmp_path / "pairs.jsonl", [{"source": f"abc {i}", "target": f"{i} cba"} for i in range(12)])

