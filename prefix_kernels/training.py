@@ -374,7 +374,7 @@ def read_trainer_state(out) -> dict | None:
     path = Path(out) / TRAINER_STATE
     if not path.exists():
         return None
-    state = _read_json_object(path)
+    state = read_json_object(path)
     if state.get("format_version") != TRAINER_FORMAT:
         raise ValueError(f"{path}: format_version is {state.get('format_version')!r}, expected {TRAINER_FORMAT}")
     for key in ("step", "planned_steps"):
@@ -436,7 +436,8 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _read_json_object(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
+    """A JSON object from ``path``; any reason it is not one is a ValueError naming the file."""
     try:
         obj = json.loads(path.read_bytes().decode("utf-8"))
     except OSError as exc:
@@ -461,7 +462,7 @@ def read_history(out) -> dict:
     history = {"steps": 0, "train_loss": [], "eval_loss": [], "eval_accuracy": []}
     if not path.exists():
         return history
-    metrics = _read_json_object(path)
+    metrics = read_json_object(path)
     steps = metrics.get("steps", 0)
     if not _is_int(steps) or steps < 0:
         raise ValueError(f"{path}: steps must be an integer >= 0, got {steps!r}")

@@ -45,7 +45,6 @@ after; ``--placement`` of the prefixes (PEFT's adapter is written for ``peft``).
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import os
 import shutil
@@ -237,18 +236,15 @@ def _make_out(out: Path, overwrite: bool) -> None:
 
 def _saved_prefix_config(out: Path) -> dict:
     """The saved prefix's config, its shape fields checked (they size the wrapper)."""
+    from prefix_kernels.training import read_json_object
+
     path = out / "prefix_tuning_config.json"
+    if not path.is_file():
+        raise UserError(f"--resume: no saved prefix in {out} (no {path.name})")
     try:
-        config = json.loads(path.read_bytes().decode("utf-8"))
-    except OSError as exc:
-        raise UserError(f"--resume: no saved prefix in {out} ({path.name}: {exc.strerror})") from None
-    except UnicodeDecodeError as exc:
-        raise UserError(f"--resume: {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except RecursionError:
-        raise UserError(f"--resume: {path}: JSON nested too deeply") from None
+        config = read_json_object(path)
     except ValueError as exc:
-        raise UserError(f"--resume: {path} is not valid JSON ({exc})") from None
-    require(isinstance(config, dict), f"--resume: {path}: expected a JSON object")
+        raise UserError(f"--resume: {exc}") from None
 
     def whole(value) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
