@@ -136,7 +136,7 @@ PRESET_TABLE: dict[str, Preset] = {
                      tuple(_windowed(1, 32, 8, 8192, 128, 128, (1024, 8192)))),
     "window-cpu": Preset("cpu", "sliding windows W = 512 against W = M",
                          tuple(_windowed(1, 8, 2, 2048, 64, 64, (512, 2048))), runtime="a minute or two on 2 cores"),
-    # issue 16; benchmarks/bench_cpu.py --preset shared-prefix-cpu times ours against ours with the
+    # benchmarks/bench_cpu.py --preset shared-prefix-cpu times ours against ours with the
     # prefix copied into every row's cache (the same FLOPs)
     "shared-prefix-cpu": Preset("cpu", "shared-prefix decode: 64 rows share one long prefix, 64-token caches", (
         _decode(64, 32, 8, 64, 1024, 128), _decode(64, 32, 8, 64, 4096, 128))),
