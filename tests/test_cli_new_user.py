@@ -240,6 +240,7 @@ def test_ratio_summary_concludes_only_on_a_narrow_spread():
     assert not noisy["conclusive"] and "too spread to conclude" in demo.describe_ratio(noisy)
     straddling = training.ratio_summary([10] * 5, [9, 11, 9.5, 10.5, 10], skip=0)
     assert not straddling["conclusive"]  # neither clearly slower nor clearly faster
+    assert "no difference resolved" in demo.describe_ratio(straddling)
     few = training.ratio_summary([10, 10], [20, 20])
     assert few["pairs"] == 2 and not few["conclusive"] and "too few" in demo.describe_ratio(few)
 

@@ -226,6 +226,10 @@ def describe_ratio(summary: dict) -> str:
     text += f" (interquartile range {summary['q1']:.2f}x-{summary['q3']:.2f}x over {summary['pairs']} step pairs)"
     if summary["conclusive"]:
         return f"{text}: PEFT is {'slower' if summary['median'] > 1 else 'faster'}"
+    from prefix_kernels.training import TOO_SPREAD
+
+    if summary["q3"] <= TOO_SPREAD * summary["q1"]:  # narrow, but on both sides of 1
+        return f"{text}: no difference resolved (the range spans 1: about the same speed here)"
     return (f"{text}: too spread to conclude (the machine's load changed during the run?; more --compare-steps, "
             "--threads 1 or a quieter machine)")
 
