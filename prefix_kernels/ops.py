@@ -5,7 +5,9 @@ it never copies or expands its inputs. Prefixes arrive as [T, Hkv, P, D] (a shar
 The plan decides every grid, block config, split, chunk and buffer from the shapes, the features and
 the device's properties (:func:`device_props`, or a ``device=`` given by the caller, e.g.
 ``prefix-kernels inspect`` for a GPU it does not run on); a launcher allocates what the plan lists
-and hands each kernel its tensors, their strides and the plan's arguments.
+and hands each kernel its tensors, their strides and the plan's arguments. Strides travel as one
+tuple per tensor (``q.stride()``): Triton specializes each element as it does a scalar argument
+(equal to 1, divisible by 16).
 """
 
 from __future__ import annotations
@@ -81,10 +83,11 @@ def problem(q, k, v, prefix_k, key_padding_mask, prefix_ids, causal, scale, slid
 
 
 def _mask_args(key_padding_mask: torch.Tensor | None, like: torch.Tensor):
+    """(the mask as uint8, its (row, key) strides)."""
     if key_padding_mask is None:
-        return like, 0, 0  # never read: HAS_KPM is False
+        return like, (0, 0)  # never read: HAS_KPM is False
     kpm = key_padding_mask.view(torch.uint8)
-    return kpm, kpm.stride(0), kpm.stride(1)
+    return kpm, kpm.stride()
 
 
 def _prefix_ids_arg(prefix_ids: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -139,12 +142,12 @@ def _sink_args(sinks: torch.Tensor | None) -> dict:
 
 
 def _launch_forward(plan: ForwardPlan, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, out, lse, sinks):
-    kpm, stride_mb, stride_mn = _mask_args(key_padding_mask, q)
+    kpm, kpm_strides = _mask_args(key_padding_mask, q)
     launch = plan.forward
     prefix_attention_fwd_kernel[launch.grid](
         q, k, v, prefix_k, prefix_v, _prefix_ids_arg(prefix_ids, q), kpm, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
-        stride_mb, stride_mn, *out.stride(), lse.stride(0), lse.stride(1),
+        q.stride(), k.stride(), v.stride(), prefix_k.stride(), prefix_v.stride(), kpm_strides, out.stride(),
+        lse.stride()[:2],
         **launch.args, **launch.options, **_sink_args(sinks),
     )
 
@@ -167,20 +170,20 @@ def prefix_attention_decode(plan: DecodePlan, q, k, v, prefix_k, prefix_v, key_p
         bank = {} if not launch.args.get("HAS_PREFIX_IDS") else dict(
             PREFIX_IDS=ids, stride_pkt=prefix_k.stride(0), stride_pvt=prefix_v.stride(0))
         prefix_attention_shared_prefix_kernel[launch.grid](
-            q, prefix_k, prefix_v, acc_part, m_part, l_part, *q.stride(), *prefix_k.stride()[1:],
-            *prefix_v.stride()[1:], **launch.args, **launch.options, **_sink_args(sinks), **bank)
-    kpm, stride_mb, stride_mn = _mask_args(key_padding_mask, q)
+            q, prefix_k, prefix_v, acc_part, m_part, l_part, q.stride(), prefix_k.stride()[1:],
+            prefix_v.stride()[1:], **launch.args, **launch.options, **_sink_args(sinks), **bank)
+    kpm, kpm_strides = _mask_args(key_padding_mask, q)
     launch = plan.rows
     prefix_attention_decode_kernel[launch.grid](
         q, k, v, prefix_k, prefix_v, ids, kpm, out, lse, acc_part, m_part, l_part,
-        *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
-        stride_mb, stride_mn, *out.stride(), lse.stride(0), lse.stride(1),
+        q.stride(), k.stride(), v.stride(), prefix_k.stride(), prefix_v.stride(), kpm_strides, out.stride(),
+        lse.stride()[:2],
         **launch.args, **launch.options, **_sink_args(None if plan.cascade else sinks),  # the cascade carries the sink
     )
     if plan.combine is not None:
         launch = plan.combine
         prefix_attention_decode_combine_kernel[launch.grid](
-            acc_part, m_part, l_part, out, lse, *out.stride(), lse.stride(0), lse.stride(1),
+            acc_part, m_part, l_part, out, lse, out.stride(), lse.stride()[:2],
             **launch.args, **launch.options)
     return out, lse
 
@@ -237,17 +240,17 @@ def _launch_backward(plan: BackwardPlan, grad_out, q, k, v, prefix_k, prefix_v, 
     dqz = dq_acc if plan.dq_atomic else q
     launch = plan.prologue
     backward_prologue_kernel[launch.grid](
-        out, grad_out, delta, dqz, dpk_acc, dpv_acc, *out.stride(), *grad_out.stride(), *dqz.stride(),
+        out, grad_out, delta, dqz, dpk_acc, dpv_acc, out.stride(), grad_out.stride(), dqz.stride(),
         **launch.args, **launch.options, **({} if dsink_part is None else dict(LSE=lse, SINKS=sinks,
                                                                                 DSINK_PART=dsink_part)))
-    kpm, stride_mb, stride_mn = _mask_args(key_padding_mask, q)
+    kpm, kpm_strides = _mask_args(key_padding_mask, q)
     ids = _prefix_ids_arg(prefix_ids, q)
     if plan.dq is not None:
         launch = plan.dq
         dq_kernel[launch.grid](
             q, k, v, prefix_k, prefix_v, ids, kpm, grad_out, lse, delta, dq,
-            *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
-            stride_mb, stride_mn, *grad_out.stride(), *dq.stride(), **launch.args, **launch.options)
+            q.stride(), k.stride(), v.stride(), prefix_k.stride(), prefix_v.stride(), kpm_strides, grad_out.stride(),
+            dq.stride(), **launch.args, **launch.options)
     if plan.main is not None:
         launch = plan.main
         dqa = dq_acc if plan.dq_atomic else q
@@ -256,8 +259,8 @@ def _launch_backward(plan: BackwardPlan, grad_out, q, k, v, prefix_k, prefix_v, 
         gstride_v = dpv_acc.stride()[:4] if plan.prefix_acc else (0, 0, 0, 0)
         backward_kernel[launch.grid](
             q, k, v, prefix_k, prefix_v, ids, kpm, grad_out, lse, delta, dqa, dka, dva, dpk_acc, dpv_acc,
-            *q.stride(), *k.stride(), *v.stride(), *prefix_k.stride(), *prefix_v.stride(),
-            stride_mb, stride_mn, *grad_out.stride(), *dqa.stride(), *dka.stride(), *dva.stride(), *gstride, *gstride_v,
+            q.stride(), k.stride(), v.stride(), prefix_k.stride(), prefix_v.stride(), kpm_strides, grad_out.stride(),
+            dqa.stride(), dka.stride(), dva.stride(), gstride, gstride_v,
             **launch.args, **launch.options)
     if plan.prefix_acc and not plan.convert_dprefix:
         dpk, dpv = dpk_acc[0], dpv_acc[0]  # the fp32/fp64 accumulators are the gradients
@@ -269,6 +272,6 @@ def _launch_backward(plan: BackwardPlan, grad_out, q, k, v, prefix_k, prefix_v, 
         dqc, dqo = (dq_acc, dq) if plan.convert_dq else (q, q)
         backward_epilogue_kernel[launch.grid](
             dqc, dqo, dpk_acc, dpv_acc, dpk if plan.convert_dprefix else q, dpv if plan.convert_dprefix else q,
-            *dqc.stride(), *dqo.stride(), **launch.args, **launch.options,
+            dqc.stride(), dqo.stride(), **launch.args, **launch.options,
             **({} if dsink_part is None else dict(DSINK_PART=dsink_part, DSINKS=dsinks)))
     return dq, dk, dv, dpk, dpv, dsinks

@@ -30,7 +30,7 @@ H100 = inspection.ARCHS["sm_90"]
 TRAINING = ["4x32x8x2048x2048x128x128", "8x16x4x1024x1024x64x128", "4x32x8x2048x2048x128x64",
             "8x9x3x1024x1024x64x64"]
 DECODE = "64x32x8x1x4096x64x128"
-CASCADE = "64x32x8x1x64x4096x128"  # 64 rows sharing a 4096-token prefix over 64-token caches (issue 16)
+CASCADE = "64x32x8x1x64x4096x128"  # 64 rows sharing a 4096-token prefix over 64-token caches
 KERNEL_FIELDS = {"phase": str, "name": str, "grid": list, "programs": int, "num_warps": int, "num_stages": int,
                  "registers": int, "spill_bytes": int, "shared_bytes": int, "wgmma": int, "mma_sync": int,
                  "cp_async": int, "tma": int, "atomics": int, "sass_instructions": int, "blocks_per_sm": int,
@@ -83,7 +83,7 @@ def test_bank_backward_has_no_spills_at_d64(reports):
 
 @pytest.mark.parametrize("key", [CASCADE, ("features", CASCADE)])
 def test_shared_prefix_decode_takes_the_cascade_without_spills(reports, key):
-    """The cost model picks the cascade at issue 16's shape: its prefix kernel multiplies with wgmma,
+    """The cost model picks the cascade at the shared-prefix decode shape: its prefix kernel multiplies with wgmma,
     nothing spills, the grid fills about one wave, 3 launches (prefix part, rows' part, combine)."""
     report = _report(reports, key)
     names = [k["name"] for k in report["kernels"]]
