@@ -2,8 +2,9 @@
 
 :func:`inspect_launches` runs the real launchers (``ops.prefix_attention_forward`` and
 ``prefix_attention_backward``, as the autograd Function calls them) on ``meta`` tensors of the shape
-(no memory, real strides), with the launchers told they run on the target GPU (its capability
-and SM count), so they pick its block configs, grids and split counts. Each Triton launch runs
+(no memory, real strides), with the launch plans made for the target GPU (``device=``: its
+capability and SM count as a :class:`~prefix_kernels.kernels.plan.DeviceProps`), so they pick its
+block configs, grids and split counts; the report includes those plans. Each Triton launch runs
 ``JITFunction.run`` in warmup mode: Triton's own binder specializes the arguments exactly as a
 real launch does (16-byte pointer alignment -- a meta tensor's address is 0, as aligned as a CUDA
 allocation --, integers equal to 1 or divisible by 16, constexprs) and compiles for the target
@@ -48,6 +49,7 @@ from torch.utils._pytree import tree_leaves
 from prefix_kernels import perf_model
 from prefix_kernels.benchmarking.shapes import Shape
 from prefix_kernels.functional import validate_inputs
+from prefix_kernels.kernels.plan import DeviceProps, Needs, describe, format_plan, plan_backward, plan_forward
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,11 @@ class Arch:
     max_warps: int = 64
     max_blocks: int = 32
     smem_reserved_per_block: int = 1024  # the driver's share of each block's shared memory (sm_80+)
+
+    @property
+    def props(self) -> DeviceProps:
+        """The device properties the launch plans are made for."""
+        return DeviceProps(capability=self.capability, num_sms=self.sms)
 
     @property
     def arch_number(self) -> int:
@@ -132,14 +139,12 @@ class _TargetDriver:
 
 @contextlib.contextmanager
 def _compiling_for(arch: Arch, launches: list):
-    """Launchers see ``arch``; each launch ``kernel[grid](...)`` compiles as Triton's warmup does
+    """Triton's driver targets ``arch``; each launch ``kernel[grid](...)`` compiles as Triton's warmup does
     (the same binder and compile as a launch, without running) and appends (grid, CompiledKernel)
     to ``launches``, with the launch's constexprs and scalar arguments (:func:`_launch_values`)."""
     from triton.backends.compiler import GPUTarget
     from triton.runtime.driver import driver
     from triton.runtime.jit import JITFunction
-
-    from prefix_kernels import ops
 
     real_run = JITFunction.run
 
@@ -158,9 +163,7 @@ def _compiling_for(arch: Arch, launches: list):
     saved = dict(vars(driver))  # its attributes differ between Triton versions; reading .active may create one
     driver.set_active(_TargetDriver(GPUTarget("cuda", arch.arch_number, 32)))
     try:
-        with warnings.catch_warnings(), mock.patch.object(JITFunction, "run", run), \
-                mock.patch.object(ops, "_capability", lambda device: arch.capability), \
-                mock.patch.object(ops, "_num_sms", lambda device: arch.sms):
+        with warnings.catch_warnings(), mock.patch.object(JITFunction, "run", run):
             warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")  # triton 3.9, on every compile
             yield
     finally:
@@ -367,15 +370,22 @@ def inspect_launches(shape: str | Shape, dtype: str | torch.dtype = "bfloat16", 
     sink_logits = torch.empty(shape.Hq, device="meta", dtype=torch.float32) if sinks else None
     features = dict(sliding_window=sliding_window, softcap=softcap, sinks=sink_logits)
     with _compiling_for(target, phases[0][1]), phases[0][2]:
-        out, lse = ops.prefix_attention_forward(q, k, v, pk, pv, mask, ids, True, scale, **features)
+        out, lse = ops.prefix_attention_forward(q, k, v, pk, pv, mask, ids, True, scale, device=target.props,
+                                                **features)
+    problem = ops.problem(q, k, v, pk, mask, ids, True, scale, sliding_window, softcap, sink_logits)
+    plans = {"forward": plan_forward(problem, target.props)}
     if shape.N > 1:
+        needs = Needs(dq=True, dkdv=True, dprefix=shape.P > 0, dsinks=sinks, deterministic=deterministic)
+        plans["backward"] = plan_backward(problem, needs, target.props)
         with _compiling_for(target, phases[1][1]), phases[1][2]:
             ops.prefix_attention_backward(torch.empty_like(out), q, k, v, pk, pv, out, lse, mask, ids, True, scale,
                                           need_dq=True, need_dkdv=True, need_dprefix=True, deterministic=deterministic,
-                                          need_dsinks=sinks, **features)
+                                          need_dsinks=sinks, device=target.props, **features)
     report = {"arch": target.name, "dtype": str(dtype).replace("torch.", ""), "shape": shape.name,
               "launches": {"forward": 0, "backward": 0}, "aten_launches": {"forward": [], "backward": []},
-              "perf_model": perf_model.describe(), "kernels": []}
+              "perf_model": perf_model.describe(), "kernels": [],
+              "plans": {phase: describe(plan) for phase, plan in plans.items()},
+              "plan_text": {phase: format_plan(plan) for phase, plan in plans.items()}}
     with tempfile.TemporaryDirectory() as tmp:
         for phase, launches, writes in phases:
             key = "backward" if phase == "backward" else "forward"
@@ -415,6 +425,7 @@ def format_report(report: dict) -> str:
         triton_launches = report["launches"][phase] - len(aten)
         lines.append(f"device launches per {phase}: {report['launches'][phase]} "
                      f"({triton_launches} Triton{', ATen: ' + ', '.join(aten) if aten else ''})")
+    lines += [text for text in report.get("plan_text", {}).values()]
     lines += format_hot_loops(report)
     return "\n".join(lines)
 

@@ -36,23 +36,18 @@ def _on_device(case: Case) -> Case:
 
 
 class Spy:
-    """Counts decode launches and records the split counts the launcher chose."""
+    """Counts decode launches and records the split counts the plan chose (the per-row kernel's)."""
 
     def __init__(self, monkeypatch):
         self.calls, self.splits = 0, []
-        decode, num_splits = ops.prefix_attention_decode, ops.decode_num_splits
+        decode = ops.prefix_attention_decode
 
-        def counted(*args, **kwargs):
+        def counted(plan, *args, **kwargs):
             self.calls += 1
-            return decode(*args, **kwargs)
-
-        def recorded(*args, **kwargs):
-            result = num_splits(*args, **kwargs)
-            self.splits.append(result[0])
-            return result
+            self.splits.append(plan.seq_splits)
+            return decode(plan, *args, **kwargs)
 
         monkeypatch.setattr(ops, "prefix_attention_decode", counted)
-        monkeypatch.setattr(ops, "decode_num_splits", recorded)
 
 
 def triton_op(*args, **kwargs):
@@ -202,7 +197,7 @@ def test_dispatch(monkeypatch, n_queries, heads, dtype, decode):
 
 @pytest.mark.parametrize("n_queries", [1, 3])
 def test_decode_equals_general_kernel(monkeypatch, n_queries):
-    """The same small-N input through both forwards (the general one forced by a zero threshold,
+    """The same small-N input through both forwards (the general one forced by ``override_configs(decode_kernel=False)``,
     which also keeps the general kernel's small-N paths tested): fp32 results agree closely."""
     case = _on_device(Case(batch=2, heads=4, kv_heads=2, n_queries=n_queries, n_keys=200, n_prefix=5,
                            n_prefixes=2, padding="left"))
@@ -211,8 +206,8 @@ def test_decode_equals_general_kernel(monkeypatch, n_queries):
     spy = Spy(monkeypatch)
     with torch.no_grad():
         out_d, lse_d = triton_op(q, k, v, pk, pv, **kwargs)
-        monkeypatch.setattr(configs, "DECODE_MAX_ROWS", 0)
-        out_g, lse_g = triton_op(q, k, v, pk, pv, **kwargs)
+        with configs.override_configs(decode_kernel=False):
+            out_g, lse_g = triton_op(q, k, v, pk, pv, **kwargs)
     assert spy.calls == 1 and spy.splits[-1] > 1
     assert max_err(out_d, out_g) <= 1e-5 and max_err(lse_d, lse_g) <= 1e-5
 

@@ -1,4 +1,4 @@
-"""Host-side cost of the op (issue 12, "Host side"): no host sync per layer, little Python per call,
+"""Host-side cost of the op: no host sync per layer, little Python per call,
 and CUDA-graph capture (``torch.compile(mode="reduce-overhead")``) of a prefix-tuned model.
 
 - Syncs. The range check of ``prefix_ids`` is the op's only read of tensor values (one sync on
@@ -135,7 +135,7 @@ def counted_layers(monkeypatch):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_model_forward_reads_prefix_ids_once(backend, monkeypatch):
-    """A 2-layer model with a bank: one read of the ids per forward (before: two per layer), and
+    """A 2-layer model with a bank: one read of the ids per forward (not one per layer), and
     every layer told that they are checked."""
     need(backend)
     from tiny_models import padded_batch

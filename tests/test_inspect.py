@@ -5,8 +5,8 @@ within the chip, few launches, a hot loop in every kernel that multiplies matric
 (occupancy, PTX counts, the launch counter, the CLI) and the hot-loop model (prefix_kernels.perf_model)
 on a SASS listing whose loops and counts are known by construction and on one small real compile.
 
-D = 128's backward, which spilled (60 B, 92 B with the features) while it walked each key block's
-query blocks in three loops, is held to no spills too since it walks them in one (issue 12).
+D = 128's backward walks each key block's query blocks in one loop and is held to no spills, as
+every other kernel of these shapes.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ H100 = inspection.ARCHS["sm_90"]
 TRAINING = ["4x32x8x2048x2048x128x128", "8x16x4x1024x1024x64x128", "4x32x8x2048x2048x128x64",
             "8x9x3x1024x1024x64x64"]
 DECODE = "64x32x8x1x4096x64x128"
-CASCADE = "64x32x8x1x64x4096x128"  # 64 rows sharing a 4096-token prefix over 64-token caches (issue 16)
+CASCADE = "64x32x8x1x64x4096x128"  # 64 rows sharing a 4096-token prefix over 64-token caches
 KERNEL_FIELDS = {"phase": str, "name": str, "grid": list, "programs": int, "num_warps": int, "num_stages": int,
                  "registers": int, "spill_bytes": int, "shared_bytes": int, "wgmma": int, "mma_sync": int,
                  "cp_async": int, "tma": int, "atomics": int, "sass_instructions": int, "blocks_per_sm": int,
@@ -83,7 +83,7 @@ def test_bank_backward_has_no_spills_at_d64(reports):
 
 @pytest.mark.parametrize("key", [CASCADE, ("features", CASCADE)])
 def test_shared_prefix_decode_takes_the_cascade_without_spills(reports, key):
-    """The cost model picks the cascade at issue 16's shape: its prefix kernel multiplies with wgmma,
+    """The cost model picks the cascade at the shared-prefix decode shape: its prefix kernel multiplies with wgmma,
     nothing spills, the grid fills about one wave, 3 launches (prefix part, rows' part, combine)."""
     report = _report(reports, key)
     names = [k["name"] for k in report["kernels"]]
@@ -237,6 +237,31 @@ def test_cli_decode_table_and_json(reports, tmp_path, capsys):
     assert "prefix_attention_decode_kernel" in out and "device launches per forward: 2" in out
     report = json.loads(path.read_text())
     assert report["kernels"] == _report(reports, DECODE)["kernels"]
+    assert report["plans"] == _report(reports, DECODE)["plans"] and "DecodePlan" in out
+
+
+@pytest.mark.parametrize("shape", TRAINING + [DECODE])
+def test_report_carries_the_plans_it_compiled(reports, shape):
+    """The plans in the report (made for the target's DeviceProps) are those of the compiled launches:
+    the same grids and the same block sizes, in launch order."""
+    report = _report(reports, shape)
+    plans = report["plans"]
+    launches = []
+    for phase in ("forward", "backward"):
+        plan = plans.get(phase)
+        if plan is None:
+            continue
+        order = {"ForwardPlan": ["forward"], "DecodePlan": ["shared_prefix", "rows", "combine"],
+                 "BackwardPlan": ["prologue", "dq", "main", "epilogue"]}
+        kind = "DecodePlan" if "rows" in plan else "ForwardPlan" if "forward" in plan else "BackwardPlan"
+        launches += [plan[name] for name in order[kind] if plan.get(name)]
+    assert len(launches) == len(report["kernels"])
+    for launch, kernel in zip(launches, report["kernels"]):
+        assert list(launch["grid"]) + [1] * (3 - len(launch["grid"])) == kernel["grid"], kernel["name"]
+        for name in ("BLOCK_M", "BLOCK_N", "BLOCK_R"):
+            if name in launch["args"]:
+                assert kernel["constants"][name] == launch["args"][name], (kernel["name"], name)
+        assert launch["options"].get("num_warps", kernel["num_warps"]) == kernel["num_warps"]
 
 
 

@@ -51,9 +51,7 @@ from prefix_kernels.kernels.tiles import (
 @triton.jit
 def backward_prologue_kernel(
     Out, DO, Delta, DQ, ZERO_K, ZERO_V,
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    out_strides, do_strides, dq_strides,
     n_heads, n_queries, n_zero, n_zero_v, zero_per_program,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
     ZERO_DQ: tl.constexpr, ZERO_BLOCK: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -63,6 +61,9 @@ def backward_prologue_kernel(
     share ``zero_per_program`` (a multiple of ZERO_BLOCK) of the flat buffers ZERO_K[n_zero], ZERO_V[n_zero_v]
     (the prefix-gradient accumulators; ZERO_BLOCK > 0). SINK_GRAD: this tile's part of the sink
     gradient, -sum_i p_sink,i * delta_i, into DSINK_PART[row, head, query block] (the epilogue sums it)."""
+    stride_ob, stride_oh, stride_om, stride_od = out_strides
+    stride_dob, stride_doh, stride_dom, stride_dod = do_strides
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd = dq_strides
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     bh = tl.program_id(1)
     b = (bh // n_heads).to(tl.int64)
@@ -262,18 +263,8 @@ def _prefix_items(
 @triton.jit
 def backward_kernel(
     Q, K, V, PK, PV, PREFIX_IDS, KPM, DO, LSE, Delta, DQ, DK, DV, DPK, DPV,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_pkt, stride_pkh, stride_pkn, stride_pkd,
-    stride_pvt, stride_pvh, stride_pvn, stride_pvd,
-    stride_mb, stride_mn,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    stride_gc, stride_gt, stride_gh, stride_gn,
-    stride_gvc, stride_gvt, stride_gvh, stride_gvn,
+    q_strides, k_strides, v_strides, pk_strides, pv_strides, kpm_strides, do_strides, dq_strides, dk_strides,
+    dv_strides, dpk_acc_strides, dpv_acc_strides,
     batch, n_heads, n_kv_heads, n_queries, n_keys, n_prefix, group,
     n_prefix_programs, n_items, items_per_chunk, scale, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
@@ -286,6 +277,16 @@ def backward_kernel(
 ):
     """Programs [0, n_prefix_programs) are prefix programs, the rest sequence programs (see the module
     docstring). DPK/DPV: fp32 [C, T, Hkv, P, D] partials (deterministic) or [T, Hkv, P, D], dense in D."""
+    stride_qb, stride_qh, stride_qm, stride_qd = q_strides
+    stride_kb, stride_kh, stride_kn, stride_kd = k_strides
+    stride_vb, stride_vh, stride_vn, stride_vd = v_strides
+    stride_pkt, stride_pkh, stride_pkn, stride_pkd = pk_strides
+    stride_pvt, stride_pvh, stride_pvn, stride_pvd = pv_strides
+    stride_mb, stride_mn = kpm_strides
+    stride_dob, stride_doh, stride_dom, stride_dod = do_strides
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd = dq_strides
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd = dk_strides
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd = dv_strides
     # dq comes from the sequence programs (plain stores); the prefix programs add theirs atomically only
     # when there are none (no sequence keys).
     PREFIX_DQ: tl.constexpr = NEED_DQ and not SEQ_PROGRAMS
@@ -294,8 +295,8 @@ def backward_kernel(
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
     offs_n = tl.arange(0, BLOCK_N)
-    stride_gk = (stride_gc, stride_gt, stride_gh, stride_gn)
-    stride_gv = (stride_gvc, stride_gvt, stride_gvh, stride_gvn)
+    stride_gk = dpk_acc_strides  # (chunk, t, kv head, key)
+    stride_gv = dpv_acc_strides
     if PREFIX_PROGRAMS and (not SEQ_PROGRAMS or pid < n_prefix_programs):
         if NEED_DPREFIX or PREFIX_DQ:  # else launched for nothing: the sequence programs do all of dq
             prefix_blocks = tl.cdiv(n_prefix, BLOCK_N)
@@ -504,14 +505,7 @@ def _dq_tile(
 @triton.jit
 def dq_kernel(
     Q, K, V, PK, PV, PREFIX_IDS, KPM, DO, LSE, Delta, DQ,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_pkt, stride_pkh, stride_pkn, stride_pkd,
-    stride_pvt, stride_pvh, stride_pvn, stride_pvd,
-    stride_mb, stride_mn,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    q_strides, k_strides, v_strides, pk_strides, pv_strides, kpm_strides, do_strides, dq_strides,
     n_heads, n_queries, n_keys, n_prefix, group, scale, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_PREFIX_IDS: tl.constexpr,
@@ -519,6 +513,14 @@ def dq_kernel(
     softcap2=1.0, window=0, WINDOW_MASK: tl.constexpr = 0, SOFTCAP: tl.constexpr = False,
 ):
     """Deterministic mode's dq: one program per (query block, row, query head) (``_dq_tile``)."""
+    stride_qb, stride_qh, stride_qm, stride_qd = q_strides
+    stride_kb, stride_kh, stride_kn, stride_kd = k_strides
+    stride_vb, stride_vh, stride_vn, stride_vd = v_strides
+    stride_pkt, stride_pkh, stride_pkn, stride_pkd = pk_strides
+    stride_pvt, stride_pvh, stride_pvn, stride_pvd = pv_strides
+    stride_mb, stride_mn = kpm_strides
+    stride_dob, stride_doh, stride_dom, stride_dod = do_strides
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd = dq_strides
     bh = tl.program_id(1)
     b = (bh // n_heads).to(tl.int64)
     h = bh % n_heads
@@ -539,8 +541,7 @@ def dq_kernel(
 @triton.jit
 def backward_epilogue_kernel(
     DQ_ACC, DQ, DPK_ACC, DPV_ACC, DPK, DPV,
-    stride_ab, stride_ah, stride_am, stride_ad,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    dq_acc_strides, dq_strides,
     n_heads, n_queries, n_dq_programs, n_prefix_elems, n_chunks,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
     CONVERT_DQ: tl.constexpr, CONVERT_DPREFIX: tl.constexpr,
@@ -553,6 +554,8 @@ def backward_epilogue_kernel(
     order into the dense DPK / DPV.
     The last n_heads (SINK_GRAD): head h's sink gradient, the prologue's DSINK_PART[b, h, :sink_parts]
     summed in a fixed order."""
+    stride_ab, stride_ah, stride_am, stride_ad = dq_acc_strides
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd = dq_strides
     pid = tl.program_id(0)
     if SINK_GRAD and pid >= n_dq_programs + n_dp_programs:
         head = (pid - n_dq_programs - n_dp_programs).to(tl.int64)

@@ -59,13 +59,19 @@ def kernel_configs(head_dim: int, dtype: torch.dtype, capability: tuple[int, int
     return replace(configs, **{k: v for k, v in _OVERRIDES.items() if k in _KERNELS})
 
 
+def overrides_key() -> tuple:
+    """The active overrides as a hashable key (the launch plans are cached per key)."""
+    return tuple(sorted(_OVERRIDES.items())) if _OVERRIDES else ()
+
+
 @contextmanager
 def override_configs(**fields):
     """``with override_configs(backward=BlockConfig(32, 128, 8, 3)): ...`` -- every launch inside
     uses these configs for the named kernels (``forward``, ``dq``, ``backward``: a BlockConfig;
     ``decode``: a DecodeConfig), whatever the shape; ``shared_prefix_decode=True/False`` forces the
-    decode cascade on or off (``use_shared_prefix_decode``)."""
-    known = (*_KERNELS, "decode", "shared_prefix_decode")
+    decode cascade on or off (``use_shared_prefix_decode``); ``decode_kernel=False`` keeps every
+    forward on the general kernel (``use_decode_kernel``; True cannot force it where it does not apply)."""
+    known = (*_KERNELS, "decode", "shared_prefix_decode", "decode_kernel")
     unknown = set(fields) - set(known)
     if unknown:
         raise ValueError(f"override_configs: unknown kernel(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -182,7 +188,10 @@ DECODE_MAX_QUERIES = 4
 
 def use_decode_kernel(n_queries: int, group: int, dtype: torch.dtype) -> bool:
     """Whether a forward of N = ``n_queries`` queries per row and ``group`` query heads per kv head
-    takes the split-KV decode kernel (see DECODE_MAX_ROWS)."""
+    takes the split-KV decode kernel (see DECODE_MAX_ROWS); ``override_configs(decode_kernel=False)``
+    turns it off."""
+    if _OVERRIDES.get("decode_kernel") is False:
+        return False
     return dtype != torch.float64 and n_queries <= DECODE_MAX_QUERIES and n_queries * group <= DECODE_MAX_ROWS
 
 

@@ -81,14 +81,7 @@ def store_partials(M_PART, L_PART, ACC_PART, part, m_i, l_i, acc, row_ok, offs_d
 @triton.jit
 def prefix_attention_decode_kernel(
     Q, K, V, PK, PV, PREFIX_IDS, KPM, Out, LSE, ACC_PART, M_PART, L_PART,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_pkt, stride_pkh, stride_pkn, stride_pkd,
-    stride_pvt, stride_pvh, stride_pvn, stride_pvd,
-    stride_mb, stride_mn,
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_lb, stride_lh,
+    q_strides, k_strides, v_strides, pk_strides, pv_strides, kpm_strides, out_strides, lse_strides,
     n_heads, n_kv_heads, n_queries, n_keys, n_prefix, group, num_splits, keys_per_split, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -97,6 +90,14 @@ def prefix_attention_decode_kernel(
     softcap2=1.0, window=0, SINKS=None, seq_start=0, split_base=0,
     WINDOW_MASK: tl.constexpr = 0, SOFTCAP: tl.constexpr = False, HAS_SINKS: tl.constexpr = False,
 ):
+    stride_qb, stride_qh, stride_qm, stride_qd = q_strides
+    stride_kb, stride_kh, stride_kn, stride_kd = k_strides
+    stride_vb, stride_vh, stride_vn, stride_vd = v_strides
+    stride_pkt, stride_pkh, stride_pkn, stride_pkd = pk_strides
+    stride_pvt, stride_pvh, stride_pvn, stride_pvd = pv_strides
+    stride_mb, stride_mn = kpm_strides
+    stride_ob, stride_oh, stride_om, stride_od = out_strides
+    stride_lb, stride_lh = lse_strides
     bg = tl.program_id(0)
     split = tl.program_id(1)
     b = (bg // n_kv_heads).to(tl.int64)
@@ -172,9 +173,7 @@ def bank_rows(PREFIX_IDS, t, rank, n_batch, BLOCK_R: tl.constexpr, BLOCK_B: tl.c
 @triton.jit
 def prefix_attention_shared_prefix_kernel(
     Q, PK, PV, ACC_PART, M_PART, L_PART,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_pkh, stride_pkn, stride_pkd,
-    stride_pvh, stride_pvn, stride_pvd,
+    q_strides, pk_strides, pv_strides,
     n_heads, n_queries, n_rows_total, n_prefix, group, num_splits, keys_per_split, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -195,6 +194,9 @@ def prefix_attention_shared_prefix_kernel(
     rows are those of the rows using t, in batch order (``bank_rows``: b of stacked row r is the
     (r // (G * N))-th row with prefix_ids[b] == t), and a tile past t's rows returns at once. Each
     row's partials still go to its own slot."""
+    stride_qb, stride_qh, stride_qm, stride_qd = q_strides
+    stride_pkh, stride_pkn, stride_pkd = pk_strides
+    stride_pvh, stride_pvn, stride_pvd = pv_strides
     g = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     tile = tl.program_id(2).to(tl.int64)
@@ -240,11 +242,12 @@ def prefix_attention_shared_prefix_kernel(
 @triton.jit
 def prefix_attention_decode_combine_kernel(
     ACC_PART, M_PART, L_PART, Out, LSE,
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_lb, stride_lh,
+    out_strides, lse_strides,
     n_heads, n_queries, num_splits,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
+    stride_ob, stride_oh, stride_om, stride_od = out_strides
+    stride_lb, stride_lh = lse_strides
     row = tl.program_id(0).to(tl.int64)  # (b * Hq + h) * N + i: the partials' row
     i = row % n_queries
     bh = row // n_queries

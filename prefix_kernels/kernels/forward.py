@@ -27,14 +27,7 @@ from prefix_kernels.kernels.tiles import (attend_prefix_and_sequence, attend_pre
 @triton.jit
 def prefix_attention_fwd_kernel(
     Q, K, V, PK, PV, PREFIX_IDS, KPM, Out, LSE,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_pkt, stride_pkh, stride_pkn, stride_pkd,
-    stride_pvt, stride_pvh, stride_pvn, stride_pvd,
-    stride_mb, stride_mn,
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_lb, stride_lh,
+    q_strides, k_strides, v_strides, pk_strides, pv_strides, kpm_strides, out_strides, lse_strides,
     n_heads, n_queries, n_keys, n_prefix, group, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -43,6 +36,14 @@ def prefix_attention_fwd_kernel(
     softcap2=1.0, window=0, SINKS=None,
     WINDOW_MASK: tl.constexpr = 0, SOFTCAP: tl.constexpr = False, HAS_SINKS: tl.constexpr = False,
 ):
+    stride_qb, stride_qh, stride_qm, stride_qd = q_strides
+    stride_kb, stride_kh, stride_kn, stride_kd = k_strides
+    stride_vb, stride_vh, stride_vn, stride_vd = v_strides
+    stride_pkt, stride_pkh, stride_pkn, stride_pkd = pk_strides
+    stride_pvt, stride_pvh, stride_pvn, stride_pvd = pv_strides
+    stride_mb, stride_mn = kpm_strides
+    stride_ob, stride_oh, stride_om, stride_od = out_strides
+    stride_lb, stride_lh = lse_strides
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = (bh // n_heads).to(tl.int64)
@@ -67,10 +68,9 @@ def prefix_attention_fwd_kernel(
 
     # Query i sits at position n_keys - n_queries + i (bottom-right causal).
     first_pos = n_keys - n_queries + start_m
-    # D <= 64: the whole prefix blocks and the unmasked sequence blocks in one loop (issue 12: one
-    # pipeline instead of two short ones; sm_90 bf16 (128, 64, 8 warps, 3 stages): 116 registers where the
-    # two loops need 120, 212 vs 234 with window + softcap + sinks). D = 128 keeps the separate loops:
-    # there the merged loop needs 217 registers instead of 185 (no spill either way; configs.py).
+    # D <= 64: the whole prefix blocks and the unmasked sequence blocks in one loop (one software
+    # pipeline, fewer registers than two short loops); D = 128: separate loops, which need fewer
+    # registers than the merged one there (configs.py).
     if HEAD_DIM_PAD <= 64:
         acc, l_i, m_i = attend_prefix_and_sequence_merged(
             acc, l_i, m_i, q, PK + t * stride_pkt + g * stride_pkh, PV + t * stride_pvt + g * stride_pvh,
