@@ -235,8 +235,10 @@ def key_tile_scores(
     else:
         s = scores(q, k, qk_scale, PRECISION)
         dcap = s
+    # Under a causal mask key <= position <= n_keys - 1 for every real query: the key check only guards
+    # the loads (rows past the queries see zero keys, and their results are not stored / have p = 0)
     s = mask_scores(s, cols[None, :], q_pos[:, None], keep, n_keys, float("-inf"), window,
-                    CHECK_KEYS, CAUSAL_MASK, HAS_KPM, WINDOW_MASK)
+                    CHECK_KEYS and not CAUSAL_MASK, CAUSAL_MASK, HAS_KPM, WINDOW_MASK)
     return k, s, dcap
 
 
