@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from prefix_kernels.kernels.tiles import (
-    capped_scores, key_ranges, load_keep, load_lse2, load_tile, mask_scores, mm, prob, query_ranges,
+    capped_scores, key_ranges, key_tile_scores, load_keep, load_lse2, load_tile, mask_scores, mm, prob, query_ranges,
     scores, sink_logit2,
 )
 
@@ -430,22 +430,12 @@ def _dq_blocks(
     CHECK_KEYS: tl.constexpr, CAUSAL_MASK: tl.constexpr, HAS_KPM: tl.constexpr, WINDOW_MASK: tl.constexpr,
     SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dq over key blocks [lo, hi). The causal / window masks zero p, not the score, as the dk/dv tiles
-    do: exp2(s - lse) stays one FFMA + MUFU per score in the diagonal blocks."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k = load_tile(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, cols, n_keys, offs_d,
-                      HEAD_DIM, HEAD_DIM_PAD, CHECK_KEYS, UPCAST)
-        if SOFTCAP:
-            s, dcap = capped_scores(q, k, qk_scale, softcap2, PRECISION)
-        else:
-            s = scores(q, k, qk_scale, PRECISION)
-        keep = cols[None, :] >= 0  # unused unless HAS_KPM
-        if HAS_KPM:
-            keep = load_keep(KPM, stride_mn, cols, n_keys)[None, :]
-        # causal: key <= position <= n_keys - 1 for every real query, so the key check only guards the load
-        p = mask_scores(prob(s, lse2[:, None]), cols[None, :], q_pos[:, None], keep, n_keys, 0.0, window,
-                        CHECK_KEYS and not CAUSAL_MASK, CAUSAL_MASK, HAS_KPM, WINDOW_MASK)
+        k, s, dcap = key_tile_scores(q, K, stride_kn, stride_kd, KPM, stride_mn, cols, n_keys, q_pos, offs_d,
+                                     qk_scale, softcap2, window, HEAD_DIM, HEAD_DIM_PAD, CHECK_KEYS, CAUSAL_MASK,
+                                     HAS_KPM, WINDOW_MASK, SOFTCAP, UPCAST, PRECISION)
+        p = prob(s, lse2[:, None])  # 0 where masked (-inf)
         v = load_tile(V + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd, cols, n_keys, offs_dv,
                       HEAD_DIM_V, HEAD_DIM_V_PAD, CHECK_KEYS, UPCAST)
         dp = mm(do, tl.trans(v), PRECISION)
