@@ -185,6 +185,21 @@ def _launch_values(kernel, bound: dict) -> tuple[dict, dict]:
     return constants, scalars
 
 
+GRADS = ("q", "kv", "prefix")  # the gradient subsets the backward specializes on: dq, dk/dv, the prefix's
+
+
+def resolve_grads(grads: str | tuple | list | frozenset) -> tuple[str, ...]:
+    """The gradients a backward computes, in GRADS order, from "all", "prefix", "prefix,q" or a
+    collection of GRADS names: the subset the autograd wrapper asks ``prefix_attention_backward``
+    for (``need_dq``, ``need_dkdv``, ``need_dprefix``), which compiles its own kernels. "prefix" is
+    layer 0 of a frozen model (its q, k, v come from frozen weights); "all" every later layer."""
+    names = GRADS if grads == "all" else grads.split(",") if isinstance(grads, str) else grads
+    names = {n.strip() for n in names}
+    if not names or not names <= set(GRADS):
+        raise ValueError(f"grads must be 'all' or a comma-separated subset of {', '.join(GRADS)}, got {grads!r}")
+    return tuple(g for g in GRADS if g in names)
+
+
 def _inputs(shape: Shape, dtype: torch.dtype, key_padding_mask: bool, prefix_bank: int):
     """Meta tensors laid out as the benchmark lays them out (benchmarking.shapes.make_inputs):
     q a transposed view of [B, N, Hq, D]; k/v the same of [B, M, Hkv, D], or a contiguous
@@ -321,14 +336,16 @@ def _kernel_report(phase: str, grid: tuple, compiled, values: tuple[dict, dict],
 
 def inspect_launches(shape: str | Shape, dtype: str | torch.dtype = "bfloat16", arch: str = "sm_90", *,
                      key_padding_mask: bool = False, prefix_bank: int = 0, deterministic: bool = False,
-                     sliding_window: int | None = None, softcap: float | None = None, sinks: bool = False) -> dict:
+                     sliding_window: int | None = None, softcap: float | None = None, sinks: bool = False,
+                     grads: str | tuple = "all") -> dict:
     """Compiles every Triton launch of a forward and a backward of ``shape`` (``BxHqxHkvxNxMxPxD``
-    or a :class:`Shape`) for ``arch`` and reports them. Causal, all five gradients; by default a
+    or a :class:`Shape`) for ``arch`` and reports them. Causal, all gradients unless ``grads``; by default a
     shared prefix and no padding mask, as the benchmark runs it; ``sliding_window``, ``softcap`` and
-    ``sinks`` (per-head sink logits, with their gradient) turn the op's features on. N = 1: the decode forward only
+    ``sinks`` (per-head sink logits, with their gradient) turn the op's features on; ``grads``
+    (:func:`resolve_grads`: "all", "prefix", "prefix,q", ...) the gradients the backward computes. N = 1: the decode forward only
     (phase "decode", no backward: generation does not train).
 
-    Returns ``{"arch", "dtype", "shape", "launches": {"forward": int, "backward": int},
+    Returns ``{"arch", "dtype", "shape", "grads", "launches": {"forward": int, "backward": int},
     "aten_launches": {"forward": [op names], "backward": [...]}, "kernels": [{"phase", "name",
     "grid", "programs", "num_warps", "num_stages", "registers", "stack_bytes", "spill_bytes",
     "spill_load_bytes", "shared_bytes", "wgmma", "mma_sync", "cp_async", "cp_async_widths",
@@ -355,7 +372,7 @@ def inspect_launches(shape: str | Shape, dtype: str | torch.dtype = "bfloat16", 
         if sliding_window is not None and sliding_window != shape.W:
             raise ValueError(f"the shape's window w{shape.W} and sliding_window={sliding_window} disagree")
         sliding_window = shape.W
-    target, dtype = resolve_arch(arch), resolve_dtype(dtype)
+    target, dtype, grads = resolve_arch(arch), resolve_dtype(dtype), resolve_grads(grads)
     if prefix_bank < 0:
         raise ValueError(f"prefix_bank must be >= 0 (0: one shared prefix), got {prefix_bank}")
     q, k, v, pk, pv, mask, ids = _inputs(shape, dtype, key_padding_mask, prefix_bank)
@@ -375,13 +392,15 @@ def inspect_launches(shape: str | Shape, dtype: str | torch.dtype = "bfloat16", 
     problem = ops.problem(q, k, v, pk, mask, ids, True, scale, sliding_window, softcap, sink_logits)
     plans = {"forward": plan_forward(problem, target.props)}
     if shape.N > 1:
-        needs = Needs(dq=True, dkdv=True, dprefix=shape.P > 0, dsinks=sinks, deterministic=deterministic)
+        needs = Needs(dq="q" in grads, dkdv="kv" in grads, dprefix="prefix" in grads and shape.P > 0, dsinks=sinks,
+                      deterministic=deterministic)
         plans["backward"] = plan_backward(problem, needs, target.props)
         with _compiling_for(target, phases[1][1]), phases[1][2]:
             ops.prefix_attention_backward(torch.empty_like(out), q, k, v, pk, pv, out, lse, mask, ids, True, scale,
-                                          need_dq=True, need_dkdv=True, need_dprefix=True, deterministic=deterministic,
+                                          need_dq="q" in grads, need_dkdv="kv" in grads,
+                                          need_dprefix="prefix" in grads, deterministic=deterministic,
                                           need_dsinks=sinks, device=target.props, **features)
-    report = {"arch": target.name, "dtype": str(dtype).replace("torch.", ""), "shape": shape.name,
+    report = {"arch": target.name, "dtype": str(dtype).replace("torch.", ""), "shape": shape.name, "grads": list(grads),
               "launches": {"forward": 0, "backward": 0}, "aten_launches": {"forward": [], "backward": []},
               "perf_model": perf_model.describe(), "kernels": [],
               "plans": {phase: describe(plan) for phase, plan in plans.items()},
@@ -417,8 +436,9 @@ def format_report(report: dict) -> str:
 
     rows = [[head for head, _ in cols]] + [[cell(k, key) for _, key in cols] for k in report["kernels"]]
     widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
-    lines = [f"{report['shape']} {report['dtype']} on {report['arch']} ({ARCHS[report['arch']].sms} SMs); "
-             f"spill = stores/loads bytes, waves at the achievable occupancy"]
+    grads = report.get("grads", list(GRADS))
+    lines = [f"{report['shape']} {report['dtype']} on {report['arch']} ({ARCHS[report['arch']].sms} SMs), "
+             f"gradients: {'all' if len(grads) == len(GRADS) else ','.join(grads)}; spill = stores/loads bytes, waves at the achievable occupancy"]
     lines += ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     for phase in ("forward", "backward") if any(k["phase"] == "backward" for k in report["kernels"]) else ("forward",):
         aten = report["aten_launches"][phase]

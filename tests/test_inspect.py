@@ -40,6 +40,9 @@ KERNEL_FIELDS = {"phase": str, "name": str, "grid": list, "programs": int, "num_
 FEATURES = dict(sliding_window=256, softcap=50.0, sinks=True)  # gpt-oss / Gemma 2 style, all at once
 FEATURE_SHAPES = ["8x9x3x1024x1024x64x64", "8x16x4x1024x1024x64x128", DECODE]
 BANK = "8x9x3x1024x1024x64x64"  # with a bank of 4 prefixes, a padding mask and the features
+# The backwards of the gradient subsets the autograd wrapper asks for, at SmolLM2's D = 64: the prefix's alone
+# (layer 0 of a frozen model, its q, k, v need none) and without dk/dv.
+GRAD_SUBSETS = ["prefix", "prefix,q"]
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +57,12 @@ def reports():
     requests += [dict(shape=CASCADE, dtype="bfloat16", arch="sm_90"),
                  dict(shape=CASCADE, dtype="bfloat16", arch="sm_90", **FEATURES)]
     requests += [dict(shape=BANK, dtype="bfloat16", arch="sm_90", key_padding_mask=True, prefix_bank=4, **FEATURES)]
+    requests += [dict(shape=TRAINING[3], dtype="bfloat16", arch="sm_90", grads=g) for g in GRAD_SUBSETS]
     got = inspection.inspect_in_subprocess(requests, timeout=900)
     keys = shapes + [("features", s) for s in FEATURE_SHAPES] + [("window in shape", FEATURE_SHAPES[0]),
                                                                  ("window disagrees", FEATURE_SHAPES[0])]
     keys += [CASCADE, ("features", CASCADE), ("bank", BANK)]
+    keys += [("grads", g) for g in GRAD_SUBSETS]
     return dict(zip(keys, got))
 
 
@@ -110,6 +115,34 @@ def _report(reports, shape):
     if "error" in report:  # not an AssertionError: a kernel that does not compile never counts as expected
         raise RuntimeError(f"inspect {shape}: {report['error_type']}: {report['error']}")
     return report
+
+
+@pytest.mark.parametrize("grads", GRAD_SUBSETS)
+def test_gradient_subsets_within_the_hot_loop_targets(reports, grads):
+    """The backward of a gradient subset compiles its own kernels: no spills, at most 3 launches, and
+    every backward hot loop (the prefix items, dq's unmasked and causal-diagonal loops) within issue
+    22's targets at D = 64 (<= 1015 warp-instructions per useful MFLOP, issue / tensor <= 1.1, shared
+    memory / tensor <= 1.5), but dq's causal-diagonal loop, at 1083 and 1.11 (1175 and 1.20 while
+    its key check masked every score)."""
+    report = _report(reports, ("grads", grads))
+    assert report["grads"] == list(inspection.resolve_grads(grads))
+    assert report["launches"]["backward"] <= 3
+    loops = [lp for k in _kernels(report, "backward") for lp in k["hot_loops"]]
+    assert loops and not [k["name"] for k in report["kernels"] if k["spill_bytes"]]
+    assert {lp["role"] for lp in loops} == ({None} if grads == "prefix" else {None, "dq"})
+    for lp in loops:
+        diagonal = lp["role"] == "dq" and lp["warp_instructions_per_useful_mflop"] > 1015
+        assert lp["warp_instructions_per_useful_mflop"] <= (1090 if diagonal else 1015), lp["source"]
+        assert lp["issue_per_tensor"] <= (1.12 if diagonal else 1.1) and lp["smem_per_tensor"] <= 1.5, lp["source"]
+    assert sum(lp["warp_instructions_per_useful_mflop"] > 1015 for lp in loops) <= 1
+
+
+def test_resolve_grads():
+    assert inspection.resolve_grads("all") == ("q", "kv", "prefix")
+    assert inspection.resolve_grads("prefix, q") == ("q", "prefix") == inspection.resolve_grads(["prefix", "q"])
+    for bad in ("", "dq", "q,,kv"):
+        with pytest.raises(ValueError, match="grads must be"):
+            inspection.resolve_grads(bad)
 
 
 def _kernels(report, phase):
@@ -222,6 +255,7 @@ def test_launch_counter_skips_allocations_and_views():
     (["--shape", DECODE, "--arch", "sm_75"], "arch must be one of sm_80, sm_90, got 'sm_75'"),
     (["--shape", DECODE, "--dtype", "int8"], "dtype must be one of"),
     (["--shape", "1x4x2x16x16x4x512"], "head dim D must be in 1..256"),
+    (["--shape", DECODE, "--grads", "prefix,dk"], "grads must be 'all' or a comma-separated subset of q, kv, prefix"),
 ])
 def test_cli_rejects_bad_arguments(argv, message, capsys):
     assert main(["inspect", *argv]) == 2

@@ -20,10 +20,10 @@ def run(args) -> int:
 
     request = dict(shape=args.shape, dtype=args.dtype, arch=args.arch, key_padding_mask=args.mask,
                    prefix_bank=args.bank, deterministic=args.deterministic, sliding_window=args.window,
-                   softcap=args.softcap, sinks=args.sinks)
+                   softcap=args.softcap, sinks=args.sinks, grads=args.grads)
     try:
         inspection.resolve_arch(args.arch), inspection.resolve_dtype(args.dtype)
-        inspection.Shape.parse(args.shape)
+        inspection.Shape.parse(args.shape), inspection.resolve_grads(args.grads)
     except ValueError as e:
         print(f"prefix-kernels inspect: {e}", file=sys.stderr)
         return 2
@@ -60,5 +60,9 @@ def add_parser(sub) -> None:
     p.add_argument("--window", type=int, default=None, metavar="W", help="with a sliding window of W keys")
     p.add_argument("--softcap", type=float, default=None, metavar="C", help="with logit softcapping at C")
     p.add_argument("--sinks", action="store_true", help="with per-head attention sinks (and their gradient)")
+    p.add_argument("--grads", default="all", metavar="G",
+                   help="the gradients the backward computes: all, or a comma-separated subset of q, kv, prefix "
+                        "(prefix: layer 0 of a frozen model, whose q, k, v need none); each subset compiles its own "
+                        "kernels")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     p.set_defaults(run=run)

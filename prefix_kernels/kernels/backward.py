@@ -43,8 +43,8 @@ import triton
 import triton.language as tl
 
 from prefix_kernels.kernels.tiles import (
-    key_ranges, key_tile_scores, load_keep, load_lse2, load_tile, mask_scores, mm, prob, query_ranges, scores,
-    sink_logit2, softcap,
+    capped_scores, key_ranges, key_tile_scores, load_keep, load_lse2, load_tile, mask_scores, mm, prob, query_ranges,
+    scores, sink_logit2,
 )
 
 
@@ -118,9 +118,10 @@ def _tile_grads(
                    HEAD_DIM_V, HEAD_DIM_V_PAD, CHECK_ROWS, UPCAST)
     lse2 = load_lse2(LSE, rows, n_queries)  # +inf past n_queries: p = 0 there
     delta = tl.load(Delta + rows, mask=rows < n_queries, other=0.0)
-    s_t = scores(k, q, qk_scale, PRECISION)  # [keys, queries]
-    if SOFTCAP:
-        s_t, dcap_t = softcap(s_t, softcap2)
+    if SOFTCAP:  # [keys, queries]
+        s_t, dcap_t = capped_scores(k, q, qk_scale, softcap2, PRECISION)
+    else:
+        s_t = scores(k, q, qk_scale, PRECISION)
     p_t = mask_scores(prob(s_t, lse2[None, :]), cols[:, None], key_offset + rows[None, :], key_visible[:, None],
                       0, 0.0, window, False, CAUSAL_MASK, MASK_KEYS, WINDOW_MASK)
     if NEED_DKDV:

@@ -45,35 +45,43 @@ def mm(a, b, PRECISION: tl.constexpr):
 @triton.jit
 def scores(a, b, qk_scale, PRECISION: tl.constexpr):
     """The log2-domain scores a @ b^T * qk_scale: [queries, keys] for (q, k), [keys, queries] for
-    (k, q) in the backward. The one place a score is formed (then ``softcap`` if asked for)."""
+    (k, q) in the backward. The one place a score is formed (``capped_scores`` under a softcap)."""
     return mm(a, tl.trans(b), PRECISION) * qk_scale
 
 
 @triton.jit
-def tanh(x):
-    """tanh to a few ulp of relative error for every x, NaN-propagating. From exp2 for large |x|
-    (exact at both ends: +-1 for |x| -> inf). For small |x| that form cancels (relative error
-    ~ ulp / |x|, which softcap's c * tanh(s / c) turns into an absolute error ~ c * ulp in the
-    score): an odd polynomial there, x + x^3 q(x^2) -- fp32: minimax for relative error on
-    |x| < 0.4 (6e-8); fp64: the Taylor series to x^15 on |x| < 0.1 (2e-16)."""
-    by_exp = 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)  # 2 * log2(e)
-    y = x * x
-    if x.dtype == tl.float64:
-        q = (((((((-929569 / 638512875) * y + 21844 / 6081075) * y - 1382 / 155925) * y + 62 / 2835) * y
-               - 17 / 315) * y + 2 / 15) * y - 1 / 3)
-        small = tl.abs(x) < 0.1
+def scaled_tanh(u):
+    """K tanh(u / K) with K = 2 log2(e), to a few ulp of relative error for every u, NaN-propagating:
+    in this scale the exp2 form is K - 2K / (2^u + 1) (exact at both ends: +-K for |u| -> inf; an
+    approximate fp32 reciprocal, which is 0 past 2^126, where the true term is below half an ulp of K).
+    For small |u| that form cancels (relative error ~ ulp / |u|, which softcap's c * tanh(s / c)
+    turns into an absolute error ~ c * ulp in the score): an odd polynomial there, u + u^3 q(u^2), the
+    coefficients of tanh(x) = x + x^3 p(x^2) over K^(2i+2) -- fp32: p minimax for relative error on
+    |x| < 0.4 (6e-8); fp64: the Taylor series to x^15 on |x| < 0.1 (2e-16). Both sides are computed
+    (SIMT) and one selected: ~11 instructions per element in fp32."""
+    y = u * u
+    if u.dtype == tl.float64:
+        q = ((((((-5.251078232438367e-10 * y + 1.078691838157224e-08) * y - 2.2158836045334442e-07) * y
+                + 4.552001005494151e-06) * y - 9.35214345312455e-05) * y + 0.0019236258215256953) * y
+             - 0.040037751159850116)
+        small = tl.abs(u) < 0.2885390081777927  # |x| < 0.1
+        by_exp = 2.8853900817779268 - 5.7707801635558535 / (tl.exp2(u) + 1.0)
     else:
-        q = ((0.018744057044386864 * y - 0.05356193706393242) * y + 0.1333121359348297) * y - 0.33333298563957214
-        small = tl.abs(x) < 0.4
-    return tl.where(small, x + (x * y) * q, by_exp)
+        q = ((3.901461452654945e-06 * y - 9.281732911792606e-05) * y + 0.0019233200025523649) * y - 0.04003770939722125
+        small = tl.abs(u) < 1.1541560327111708  # |x| < 0.4
+        by_exp = 2.8853900817779268 - 5.7707801635558535 * tl.fdiv(1.0, tl.exp2(u) + 1.0, approx=True)
+    return tl.where(small, u + (u * y) * q, by_exp)
 
 
 @triton.jit
-def softcap(s, softcap2):
-    """Gemma 2's logit softcapping c * tanh(s / c), in the log2 domain (``softcap2 = c * log2(e)``,
-    s = score * log2(e)). Returns the capped scores and d(capped)/ds = 1 - tanh^2 for the backward."""
-    t = tanh(s / softcap2)
-    return softcap2 * t, 1.0 - t * t
+def capped_scores(a, b, qk_scale, softcap2, PRECISION: tl.constexpr):
+    """``scores`` under Gemma 2's logit softcapping c * tanh(score / c), in the log2 domain
+    (``softcap2 = c * log2(e)``): (the capped scores, their derivative in the uncapped ones,
+    1 - tanh^2, for the backward). One multiply per score forms the argument of ``scaled_tanh``
+    (qk_scale, 1 / softcap2 and its K in one scalar), one turns its result into the capped score."""
+    u = mm(a, tl.trans(b), PRECISION) * (qk_scale * (2.8853900817779268 / softcap2))
+    v = scaled_tanh(u)
+    return v * (softcap2 / 2.8853900817779268), 1.0 - (v * v) * 0.12011325347955036  # 1 / K^2
 
 
 @triton.jit
@@ -222,12 +230,15 @@ def key_tile_scores(
     keep = cols[None, :] >= 0  # unused unless HAS_KPM
     if HAS_KPM:
         keep = load_keep(KPM, stride_mn, cols, n_keys)[None, :]
-    s = scores(q, k, qk_scale, PRECISION)
-    dcap = s
     if SOFTCAP:
-        s, dcap = softcap(s, softcap2)
+        s, dcap = capped_scores(q, k, qk_scale, softcap2, PRECISION)
+    else:
+        s = scores(q, k, qk_scale, PRECISION)
+        dcap = s
+    # Under a causal mask key <= position <= n_keys - 1 for every real query: the key check only guards
+    # the loads (rows past the queries see zero keys, and their results are not stored / have p = 0)
     s = mask_scores(s, cols[None, :], q_pos[:, None], keep, n_keys, float("-inf"), window,
-                    CHECK_KEYS, CAUSAL_MASK, HAS_KPM, WINDOW_MASK)
+                    CHECK_KEYS and not CAUSAL_MASK, CAUSAL_MASK, HAS_KPM, WINDOW_MASK)
     return k, s, dcap
 
 
@@ -317,8 +328,7 @@ def attend_prefix_and_free_blocks(
             + offs_dv[None, :] * tl.where(in_prefix, stride_pvd, stride_vd)
         k = load_tile(k_ptrs, cols, 0, offs_d, HEAD_DIM, HEAD_DIM_PAD, False, UPCAST)
         if SOFTCAP:
-            s = scores(q, k, qk_scale, PRECISION)
-            s, _ = softcap(s, softcap2)
+            s, _ = capped_scores(q, k, qk_scale, softcap2, PRECISION)
             s_scale = 1.0
         else:  # the scale is applied after the row max (online_softmax_step_scaled)
             s = mm(q, tl.trans(k), PRECISION)
