@@ -23,14 +23,16 @@ leading padding, so a left- and a right-padded batch get the same answer. ALiBi 
 it (:func:`token_positions`); causality and sliding windows use the key index, as before. The queries
 are the last N of the M sequence positions.
 
-T5's relative bias (design). A kernel computes T5's bias from the model's table in-kernel, as
-:func:`t5_relative_bias` does, instead of reading a materialized [1, Hq, N, M] bias: at N = M = 4096
-transformers' ``compute_bias`` output is 512 MiB (8 heads, t5-small) / 1 GiB (16 heads, t5-large) in
-fp32 with a peak of about 1.9 / 2.4 GiB while it is built, against 1 / 2 KiB for the table
-(benchmarks/bias_memory.py, benchmarks/results/bias_memory_cpu.json). The bucket involves a float
-log whose rounding decides the bucket at its boundaries, so the kernel gathers from a per-distance
-row ``table[bucket(d), h]`` built once per forward by :func:`t5_relative_bucket` (O(Hq * (N + P + M))
-floats: 256 KiB at 4096) rather than evaluating the log itself. ``score_bias`` stays the general
+T5's relative bias (design). A kernel does not read T5's materialized [1, Hq, N, M] bias: at
+N = M = 4096 transformers' ``compute_bias`` keeps 512 MiB (8 heads, t5-small) / 1 GiB (16 heads,
+t5-large) in fp32 and peaks at +783 MiB / +1.26 GiB while building it, per stack and forward
+(benchmarks/bias_memory.py, results/bias_memory_cpu.json). It computes the bias from the table
+[num_buckets, Hq] (1 / 2 KiB), as :func:`t5_relative_bias` does -- but not T5's fp32 log in-kernel:
+the log's rounding decides the bucket at the boundaries (a log one ulp low moves distances 16, 32
+and 64 of the bidirectional 32-bucket table), so the kernel gathers ``bias[h, k - q]`` from the
+per-distance rows ``table[t5_relative_bucket(d), h]`` for d in -(P + N - 1)..M - 1, built once per
+forward with torch's own log: O(Hq * (P + N + M)) floats, 256 / 512 KiB at 4096, exact. The
+prefix's bias is the same rows (its keys at positions 0..P-1). ``score_bias`` stays the general
 term for any other bias (read tile by tile, broadcast over stride-0 dims).
 """
 
