@@ -23,6 +23,7 @@ from prefix_kernels.reference import (
     document_ids_from_position_ids,
     prefix_attention_reference,
     t5_relative_bias,
+    t5_relative_bucket,
     visibility_mask,
 )
 
@@ -230,6 +231,12 @@ def test_t5_relative_bias_matches_compute_bias(is_decoder, buckets, max_distance
                                torch.arange(P + N).expand(2, P + N), bidirectional=not is_decoder,
                                max_distance=max_distance)
     torch.testing.assert_close(per_row, want.expand(2, -1, -1, -1), atol=0, rtol=0)
+    # the kernel's layout: per-distance rows table[bucket(d), h] for d = k - q in -(P + N - 1)..P + N - 1
+    distance = torch.arange(-(P + N - 1), P + N)
+    rows = attn.relative_attention_bias.weight[t5_relative_bucket(
+        distance, bidirectional=not is_decoder, num_buckets=buckets, max_distance=max_distance)].T
+    gathered = rows[:, torch.arange(P + N)[None, :] - torch.arange(P, P + N)[:, None] + (P + N - 1)]
+    torch.testing.assert_close(gathered[None], want, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("padding", [None, "left", "right"])
