@@ -131,8 +131,9 @@ def t5_relative_bias(
 ) -> torch.Tensor:
     """T5's position bias from its ``relative_attention_bias`` table [num_buckets, H]: [1, H, N, M]
     for query / key positions [N] / [M], or [B, H, N, M] for [B, N] / [B, M] (positions restarting
-    per document). What a kernel computes in-kernel. PEFT's cached prefix: keys 0..P-1 are the
-    prefix, the queries sit at P + their index. Differentiable with respect to ``table``."""
+    per document): the bias a kernel computes from the table (through per-distance rows, see the
+    module docstring). PEFT's cached prefix: keys 0..P-1 are the prefix, the queries sit at P + their
+    index. Differentiable with respect to ``table``."""
     num_buckets = table.shape[0] if num_buckets is None else num_buckets
     if table.dim() != 2 or table.shape[0] != num_buckets:
         raise ValueError(f"table: expected [num_buckets={num_buckets}, H], got shape {tuple(table.shape)}")
