@@ -205,6 +205,21 @@ def test_modules_serving_several_cache_slots_are_told_their_offset(model_type, a
         f"{attention_name}.forward no longer takes {offset}", "hf/routing.py must learn how it names its cache slot")
 
 
+@pytest.mark.parametrize("model_type,attention_name", [("nemotron", "NemotronAttention"), ("bart", "BartAttention"),
+                                                        ("hrm_text", "HrmTextAttention"), ("dory", "DoryAttention")])
+def test_attention_modules_take_the_keyword_arguments_hooks_hand_them(model_type, attention_name):
+    """Nemotron's layers drop keyword arguments, a BART encoder runs alone in generate(), HRM / Dory
+    are told their cache slot: each attention module gets prefix_kernels' arguments by a pre-hook and
+    hands its **kwargs on to the attention function."""
+    model_class = _causal_lm_class(model_type)
+    attention = _modeling_class(model_class, attention_name) if model_class is not None else None
+    if attention is None:
+        pytest.skip(f"transformers {VERSION} has no {attention_name}")
+    assert internals.takes_keyword_arguments(attention), broken(
+        f"{attention_name}.forward no longer takes **kwargs", "hf/calls.py must hand the prefix over another way")
+    assert not internals.takes_keyword_arguments(torch.nn.Linear)
+
+
 def test_assistant_models_are_recognised_by_shared_kv_states():
     assistant = getattr(transformers, "Gemma4AssistantForCausalLM", None)
     if assistant is None:

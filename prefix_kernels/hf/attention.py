@@ -9,7 +9,8 @@ and builds masks through ``ALL_MASK_ATTENTION_FUNCTIONS`` under the same name. O
 - the attention function takes this layer's prefix from the ``prefix_kv`` keyword argument (a
   :class:`PrefixKV`, injected by :class:`~prefix_kernels.hf.model.PrefixTuningModel` into every
   forward call; transformers passes model keyword arguments down to attention -- for the few
-  models whose layers do not, the wrapper hands it over through the attention module) and calls
+  models whose layers do not, a pre-hook on the attention module passes it as a keyword argument
+  there, :mod:`prefix_kernels.hf.calls`) and calls
   :func:`prefix_kernels.prefix_attention` on the sequence/cache keys and the prefix, without a
   concatenation, with the layer's causality and window as found when the model was wrapped
   (:mod:`prefix_kernels.hf.probe`) and its softcap and sinks as the model passes them. The cache
@@ -22,6 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
+
+from torch import nn
 
 from prefix_kernels.functional import prefix_attention
 from prefix_kernels.hf import masks, probe
@@ -40,6 +43,9 @@ class PrefixKV:
     Deliberately not a tensor: ``generate()`` expands tensor keyword arguments for beams, and must
     leave these alone (``prefix_ids`` [B], which it must expand, travels as its own argument).
 
+    ``slots``: each attention module's slot (the key of ``attention``; a module that serves several
+    slots names its slot per call instead, ``prefix_slot``).
+
     ``prefix_ids_checked``: ``prefix_ids`` passed :func:`prefix_kernels.functional.check_prefix_ids`
     against this bank's T (``PrefixTuningModel.prefix_kv`` checks them once per model forward), so
     the layers skip the range check, a host sync per layer on CUDA.
@@ -51,6 +57,7 @@ class PrefixKV:
     backend: str = "auto"
     prefix_ids_checked: bool = False
     attention: Mapping[int, LayerAttention] = field(default_factory=dict)
+    slots: Mapping[nn.Module, int] = field(default_factory=dict)
 
     @classmethod
     def from_table(cls, table: torch.Tensor, spec: PrefixSpec, **kw) -> PrefixKV:
@@ -90,28 +97,26 @@ def prefix_tuned_attention(
     prefix_kv: PrefixKV | None = None,
     softcap: float | None = None,
     s_aux: torch.Tensor | None = None,
+    prefix_slot: int | None = None,
+    own_window: int | None = None,
     **kwargs,
 ):
     """transformers attention interface: query [B, Hq, N, Dk], key/value [B, Hkv, M, Dk/Dv] (cache
-    included) -> ([B, N, Hq, Dv], None). ``sliding_window`` / ``is_causal`` keyword arguments are not
-    read: the layer's mask, seen when the model was wrapped, says what it sees (as for SDPA)."""
-    if probe.active is not None:
-        return probe.active.attend(module, query, key, value, attention_mask, scaling, softcap, s_aux, prefix_kv,
-                                   kwargs)
-    slot = getattr(module, "prefix_kernels_cache_slot", None)  # a module serving several cache slots (HRM)
-    if slot is None:
-        slot = getattr(module, "prefix_kernels_slot", None)
-    if prefix_kv is None:  # a layer that does not forward the model's keyword arguments
-        prefix_kv = getattr(module, "prefix_kernels_call", None)
+    included) -> ([B, N, Hq, Dv], None). Everything it knows of the call comes in its arguments:
+    ``prefix_kv`` (this call's prefixes, with what each layer sees), ``prefix_slot`` (the slot of a
+    module serving several, :func:`prefix_kernels.hf.routing.cache_slot_hooks`). ``sliding_window`` /
+    ``is_causal`` / ``own_window`` keyword arguments are not read: the layer's mask, seen when the model
+    was wrapped, says what it sees (as for SDPA)."""
     if prefix_kv is None:
         raise RuntimeError(
-            f"{type(module).__name__} (layer {slot}) uses attn_implementation={ATTN_IMPLEMENTATION!r} but "
-            "received no prefix: call the PrefixTuningModel that add_prefix_tuning() returned (or its "
-            "base_model, which it hooks), not a copy of the model; with activation checkpointing, this model's "
-            "layers do not forward keyword arguments, so recomputation cannot find the prefix"
+            f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) uses attn_implementation="
+            f"{ATTN_IMPLEMENTATION!r} but received no prefix: call the PrefixTuningModel that add_prefix_tuning() "
+            "returned (or its base_model, which it hooks), not a copy of the model; with activation checkpointing, "
+            "this model's layers do not forward keyword arguments, so recomputation cannot find the prefix"
         )
     if kwargs:
         masks.check_attention_kwargs(kwargs, module)
+    slot = prefix_kv.slots.get(module) if prefix_slot is None else prefix_slot
     layer = prefix_kv.attention.get(slot)
     if layer is None:
         raise _unsupported(module, "this attention module did not run when the model was wrapped, so its prefix and "
@@ -140,9 +145,12 @@ def prefix_tuned_attention(
 
 
 def register() -> None:
-    """Registers both functions with transformers under ``"prefix_kernels"`` (idempotent)."""
+    """Registers the attention and mask functions with transformers under ``"prefix_kernels"``, and the
+    probe's under ``"prefix_kernels_probe"`` (:mod:`prefix_kernels.hf.probe`; idempotent)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, prefix_tuned_attention)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, padding_mask)
+    AttentionInterface.register(probe.PROBE_IMPLEMENTATION, probe.probe_attention)
+    AttentionMaskInterface.register(probe.PROBE_IMPLEMENTATION, probe.probe_padding_mask)

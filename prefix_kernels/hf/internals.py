@@ -105,6 +105,16 @@ def forward_parameters(module) -> tuple[str, ...]:
         return ()
 
 
+def takes_keyword_arguments(module) -> bool:
+    """Whether ``module.forward`` takes ``**kwargs`` (transformers' attention modules hand theirs on to
+    the attention function)."""
+    try:
+        parameters = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
 # the argument by which a position embedding is told how many tokens the cache holds: its current
 # name first (newer transformers), then the older one (e.g. 5.17); the same rule under either name
 CACHE_LENGTH_PARAMETERS = ("cache_length", "past_key_values_length")

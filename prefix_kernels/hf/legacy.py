@@ -32,6 +32,7 @@ models are served as causal LMs.
 
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -121,35 +122,35 @@ def modules(model: nn.Module) -> list[nn.Module]:
 
 
 def install(model: nn.Module, implementation: str) -> None:
-    """Routes ``model``'s attention to ``implementation`` ("prefix_kernels": our forward on every
-    attention module of the family; anything else: the modules' own forward back)."""
-    from prefix_kernels.hf.attention import ATTN_IMPLEMENTATION
+    """Routes ``model``'s attention to ``implementation``: one of prefix_kernels' (the run's attention
+    function, or the probe's) puts our forward on every attention module of the family, calling that
+    function; anything else gives the modules their own forward back."""
+    from prefix_kernels.hf.attention import ATTN_IMPLEMENTATION, prefix_tuned_attention
+    from prefix_kernels.hf.probe import PROBE_IMPLEMENTATION, probe_attention
 
+    attention = {ATTN_IMPLEMENTATION: prefix_tuned_attention, PROBE_IMPLEMENTATION: probe_attention}
     kinds = FAMILIES[model.config.model_type]
     for module in modules(model):
-        kind = kinds[type(module).__name__]
-        if implementation == ATTN_IMPLEMENTATION:
-            module.forward = types.MethodType(_FORWARDS[kind], module)
-            if kind == _GPT_NEO:  # the probe finds layers by layer_idx, and a module's own window here
-                module.layer_idx = module.layer_id
-                if module.attention_type == "local":
-                    module.prefix_kernels_window = model.config.window_size
+        if implementation in attention:
+            forward = functools.partial(_FORWARDS[kinds[type(module).__name__]], attention=attention[implementation])
+            module.forward = types.MethodType(forward, module)
         else:
-            for name in ("forward", "prefix_kernels_window") + (("layer_idx",) if kind == _GPT_NEO else ()):
-                module.__dict__.pop(name, None)
+            module.__dict__.pop("forward", None)
     internals.set_attn_implementation_field(model.config, implementation)
-
-
-def installed(model: nn.Module) -> bool:
-    return model.config.model_type in FAMILIES and any("forward" in m.__dict__ for m in modules(model))
 
 
 # ---- the forwards ------------------------------------------------------------------------------
 
+# keyword arguments prefix_kernels' hooks hand an attention module for its attention function
+_OURS = ("prefix_kv", "prefix_slot")
+
+
 def _arguments(module, args, kwargs) -> tuple[dict, dict]:
-    """The original forward's named arguments and its ``**kwargs``, bound as the original would."""
+    """The original forward's named arguments and its ``**kwargs`` (with prefix_kernels' own), bound
+    as the original would."""
+    ours = {name: kwargs.pop(name) for name in _OURS if name in kwargs}
     bound = internals.forward_signature(type(module)).bind(module, *args, **kwargs).arguments
-    extra = dict(bound.pop("kwargs", {}))
+    extra = {**bound.pop("kwargs", {}), **ours}
     bound.pop("self", None)
     # the cache under either name: a named parameter of older modules, or caught by **kwargs
     bound["cache"] = compat.passed_cache({**extra, **bound})
@@ -165,28 +166,26 @@ def _refuse_cross(module, states) -> None:
                                   "to encoder states is not served for this family (it is served as a causal LM)")
 
 
-def _update_cache(module, cache, key, value):
+def _update_cache(cache, key, value, layer: int):
     if cache is None:
         return key, value
     from transformers.cache_utils import EncoderDecoderCache
 
     layer_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
-    return layer_cache.update(key, value, module.layer_idx)
+    return layer_cache.update(key, value, layer)
 
 
 def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     return x.view(*x.shape[:-1], -1, head_dim).transpose(1, 2)
 
 
-def _attend(module, query, key, value, attention_mask, scaling, dropout, extra) -> torch.Tensor:
-    from prefix_kernels.hf.attention import prefix_tuned_attention
-
-    out, _ = prefix_tuned_attention(module, query, key, value, attention_mask, scaling=scaling,
-                                    dropout=dropout if module.training else 0.0, **extra)
+def _attend(module, attention, query, key, value, attention_mask, scaling, dropout, extra) -> torch.Tensor:
+    out, _ = attention(module, query, key, value, attention_mask, scaling=scaling,
+                       dropout=dropout if module.training else 0.0, **extra)
     return out.flatten(2)  # [B, N, H * Dv]
 
 
-def _bert_forward(self, *args, **kwargs):
+def _bert_forward(self, *args, attention, **kwargs):
     a, extra = _arguments(self, args, kwargs)
     _refuse_cross(self, a.get("encoder_hidden_states"))
     hidden = a["hidden_states"]
@@ -198,32 +197,36 @@ def _bert_forward(self, *args, **kwargs):
             query, key, value = self.apply_rotary_position_embeddings(rotary, query, key, value)
         else:
             query, key = self.apply_rotary_position_embeddings(rotary, query, key)
-    key, value = _update_cache(self, a.get("cache"), key, value)
-    out = _attend(self, query, key, value, a.get("attention_mask"), d ** -0.5, self.dropout.p, extra)
+    key, value = _update_cache(a.get("cache"), key, value, self.layer_idx)
+    out = _attend(self, attention, query, key, value, a.get("attention_mask"), d ** -0.5, self.dropout.p, extra)
     return out, None
 
 
-def _bart_forward(self, *args, **kwargs):
+def _bart_forward(self, *args, attention, **kwargs):
     a, extra = _arguments(self, args, kwargs)
     _refuse_cross(self, a.get("key_value_states"))
     hidden = a["hidden_states"]
     query = _heads(self.q_proj(hidden) * self.scaling, self.head_dim)
     key, value = _heads(self.k_proj(hidden), self.head_dim), _heads(self.v_proj(hidden), self.head_dim)
-    key, value = _update_cache(self, a.get("cache"), key, value)
-    out = _attend(self, query, key, value, a.get("attention_mask"), 1.0, self.dropout, extra)
+    key, value = _update_cache(a.get("cache"), key, value, self.layer_idx)
+    out = _attend(self, attention, query, key, value, a.get("attention_mask"), 1.0, self.dropout, extra)
     return self.out_proj(out), None
 
 
-def _gpt_neo_forward(self, *args, **kwargs):
+def _gpt_neo_forward(self, *args, attention, **kwargs):
     a, extra = _arguments(self, args, kwargs)
     hidden = a["hidden_states"]
     query, key, value = (_heads(proj(hidden), self.head_dim) for proj in (self.q_proj, self.k_proj, self.v_proj))
-    key, value = _update_cache(self, a.get("layer_past"), key, value)
-    out = _attend(self, query, key, value, a.get("attention_mask"), 1.0, self.attn_dropout.p, extra)
+    key, value = _update_cache(a.get("layer_past"), key, value, self.layer_id)
+    # the module's index is layer_id; its "local" layers add a causal window of config.window_size keys
+    extra = {**extra, "prefix_slot": self.layer_id}
+    if self.attention_type == "local":
+        extra["own_window"] = self.config.window_size
+    out = _attend(self, attention, query, key, value, a.get("attention_mask"), 1.0, self.attn_dropout.p, extra)
     return self.resid_dropout(self.out_proj(out)), None
 
 
-def _neox_japanese_forward(self, *args, **kwargs):
+def _neox_japanese_forward(self, *args, attention, **kwargs):
     a, extra = _arguments(self, args, kwargs)
     hidden = a["hidden_states"]
     d, r = self.head_size, self.rotary_ndims
@@ -233,13 +236,13 @@ def _neox_japanese_forward(self, *args, **kwargs):
     rotate = internals.modeling_function(self, "apply_rotary_pos_emb")
     query_rot, key_rot = rotate(query[..., :r], key[..., :r], cos, sin)
     query, key = torch.cat((query_rot, query[..., r:]), -1), torch.cat((key_rot, key[..., r:]), -1)
-    key, value = _update_cache(self, a.get("layer_past"), key, value)
-    out = _attend(self, query, key, value, a.get("attention_mask"), 1.0 / self.norm_factor,
+    key, value = _update_cache(a.get("layer_past"), key, value, self.layer_idx)
+    out = _attend(self, attention, query, key, value, a.get("attention_mask"), 1.0 / self.norm_factor,
                   self.attention_dropout.p, extra)
     return self.dense(out), None, self.dense_bias
 
 
-def _falcon_forward(self, *args, **kwargs):
+def _falcon_forward(self, *args, attention, **kwargs):
     a, extra = _arguments(self, args, kwargs)
     hidden = a["hidden_states"]
     b, n = hidden.shape[:2]
@@ -249,8 +252,8 @@ def _falcon_forward(self, *args, **kwargs):
     key, value = (x.transpose(1, 2).reshape(b, kv_heads, n, self.head_dim) for x in (key, value))
     cos, sin = a["position_embeddings"]
     query, key = internals.modeling_function(self, "apply_rotary_pos_emb")(query, key, cos, sin)
-    key, value = _update_cache(self, a.get("layer_past"), key, value)
-    out = _attend(self, query, key, value, a.get("attention_mask"), self.head_dim ** -0.5,
+    key, value = _update_cache(a.get("layer_past"), key, value, self.layer_idx)
+    out = _attend(self, attention, query, key, value, a.get("attention_mask"), self.head_dim ** -0.5,
                   self.attention_dropout.p, extra)
     return self.dense(out), None
 

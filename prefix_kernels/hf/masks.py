@@ -13,8 +13,9 @@ the model type and the term: a mask term is never dropped silently.
 Our mask function returns only the padding, as a ``[B, 1, 1, kv_length]`` bool tensor (True =
 attend; 4-D so that models which slice ``mask[:, :, :, :M]`` keep working), or ``None``: the kernel
 applies causality and the window itself. Which semantics each attention layer has is found once,
-when a model is wrapped (:mod:`prefix_kernels.hf.probe`), by matching the mask objects the
-layers receive with the ones built here.
+when a model is wrapped, by the probe's mask function (:mod:`prefix_kernels.hf.probe`), which
+records each mask built through :func:`padding_and_semantics` and matches the mask objects the
+layers receive with them.
 """
 
 from __future__ import annotations
@@ -119,16 +120,18 @@ class MaskRegistry:
         return entry[1] if entry is not None and entry[0] is mask else None
 
 
-# set while a model is probed (prefix_kernels.hf.probe); a plain global, read on every mask build, so
-# that torch.compile guards on it instead of breaking the graph at a ContextVar
-probed_masks: MaskRegistry | None = None
-
-
 def padding_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offset=0, mask_function=None,
                  attention_mask=None, config=None, **kwargs):
     """transformers mask interface: the padding mask [B, 1, 1, kv_length] (True = attend), or None;
     checks that the kernel can express ``mask_function`` and that queries and keys are aligned
     at the end (the kernel's convention: a dynamic cache, not a static one)."""
+    return padding_and_semantics(q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, config)[0]
+
+
+def padding_and_semantics(q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
+                          config) -> tuple[torch.Tensor | None, MaskSemantics]:
+    """What :func:`padding_mask` returns, and the semantics of ``mask_function`` (the probe's mask
+    function, :func:`prefix_kernels.hf.probe.probe_padding_mask`, records them)."""
     model_type = getattr(config, "model_type", "?")
     if mask_function is not None and not torch.compiler.is_compiling():
         semantics = mask_semantics(mask_function, model_type)
@@ -148,13 +151,7 @@ def padding_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offse
                     "cache)")
             attention_mask = attention_mask[:, -kv_length:]
         attention_mask = attention_mask.to(torch.bool)[:, None, None, :]
-    registry = probed_masks
-    if registry is None:
-        return attention_mask
-    if attention_mask is None:
-        attention_mask = torch.ones(batch_size, 1, 1, kv_length or q_length or 1, dtype=torch.bool,
-                                    device=kwargs.get("device"))
-    return registry.add(attention_mask.clone(), semantics)
+    return attention_mask, semantics
 
 
 def key_padding(attention_mask, num_keys: int, module) -> torch.Tensor | None:

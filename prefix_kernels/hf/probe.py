@@ -1,13 +1,14 @@
 """One forward of a few tokens, when a model is wrapped, that finds what each attention layer takes.
 
-The model runs with its attention routed to prefix_kernels and an empty prefix (P = 0, so the
-result is the model's own attention computed by the kernel). For every attention call it records,
-by ``layer_idx``: the kv heads and the key/value head dims (so the prefix is sized per layer from
-what the layer really receives, MLA and per-layer geometries included), the mask semantics
-(causal / sliding window, matched by object with the masks :mod:`prefix_kernels.hf.masks` built:
-the mask is the model's own statement of what each layer sees) and whether the layer forwarded
-the model's keyword arguments down to attention. Anything the kernel cannot serve exactly is
-refused here, before the model is changed for good, as a ``NotImplementedError`` naming the model
+The model's text attention is routed, for that forward only, to the probe's own implementation
+(:data:`PROBE_IMPLEMENTATION`: :func:`probe_attention` and :func:`probe_padding_mask`), which runs
+the kernel with an empty prefix (P = 0, so the result is the model's own attention). For every
+attention call it records, by ``layer_idx``: the kv heads and the key/value head dims (so the
+prefix is sized per layer from what the layer really receives, MLA and per-layer geometries
+included), the mask semantics (causal / sliding window, matched by object with the masks its
+mask function built: the mask is the model's own statement of what each layer sees) and whether
+the layer forwarded the model's keyword arguments down to attention. Anything the kernel cannot serve exactly is
+refused here, before the model is changed, as a ``NotImplementedError`` naming the model
 type and the feature: a module without ``layer_idx``, a layer that runs attention more than once
 per forward (modules reused across cache slots, attention split into several calls), a mask the
 model built or changed itself, a mask term the kernel lacks. With ``capture=True`` it also keeps
@@ -16,6 +17,8 @@ each layer's keys and values (the text initialization of a prefix).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from dataclasses import dataclass
 
@@ -23,6 +26,8 @@ import torch
 
 from prefix_kernels.functional import prefix_attention
 from prefix_kernels.hf import masks
+
+PROBE_IMPLEMENTATION = "prefix_kernels_probe"
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,7 @@ class LayerAttention:
 
 
 class Probe:
-    """The attention function's stand-in while a model is probed."""
+    """The records of one probe forward, filled by :func:`probe_attention` and :func:`probe_padding_mask`."""
 
     def __init__(self, model_type: str, backend: str, capture: bool = False, roles: dict | None = None):
         self.model_type, self.backend, self.capture = model_type, backend, capture
@@ -69,15 +74,15 @@ class Probe:
     def refuse(self, module, what: str) -> NotImplementedError:
         return NotImplementedError(f"model type {self.model_type!r} ({type(module).__name__}): {what}")
 
-    def attend(self, module, query, key, value, attention_mask, scaling, softcap, s_aux, prefix_kv, kwargs):
-        cache_slot = getattr(module, "prefix_kernels_cache_slot", None)  # a module serving several slots (HRM)
+    def attend(self, module, query, key, value, attention_mask, scaling, softcap, s_aux, prefix_kv, prefix_slot,
+               own_window, kwargs):
         slot = getattr(module, "layer_idx", None) if self.roles is None else len(self.slots)
-        if cache_slot is not None:
-            slot = cache_slot
+        if prefix_slot is not None:  # a module serving several cache slots (HRM), or one naming its index itself
+            slot = prefix_slot
         if self.roles is None and slot is None:
             raise self.refuse(module, "the attention module has no layer_idx, so its prefix cannot be chosen")
         masks.check_attention_kwargs(kwargs, module)
-        if (id(module) in self.slots and cache_slot is None) or slot in self.layers:
+        if (id(module) in self.slots and prefix_slot is None) or slot in self.layers:
             raise self.refuse(module, f"attention layer {slot} runs more than once per forward (a module reused across "
                                       "cache slots, or attention split into several calls): one prefix per layer "
                                       "cannot be placed")
@@ -91,8 +96,7 @@ class Probe:
                 raise self.refuse(module, "its attention received a mask other than the one built for it (the model "
                                           "sliced or rebuilt it), so what the layer may see is unknown")
             causal, window = semantics.kernel_arguments(self.model_type)
-        own_window = getattr(module, "prefix_kernels_window", None)  # a window the module applies itself (legacy)
-        if own_window is not None:
+        if own_window is not None:  # a window the module applies itself (hf/legacy.py: GPT-Neo's local layers)
             window = own_window if window is None else min(window, own_window)
         self.slots[id(module)], self.modules[slot] = slot, module
         role = "self" if self.roles is None else self.roles.get(id(module), "decoder")
@@ -110,9 +114,54 @@ class Probe:
         return out.transpose(1, 2), None
 
 
-# the probe in progress (a plain global: the attention function reads it on every call, and
-# torch.compile guards on a global where a ContextVar would break the graph)
-active: Probe | None = None
+# The probe in progress. Its attention and mask functions (registered as their own implementation,
+# PROBE_IMPLEMENTATION, which a model is routed to for the one probe forward only) find it here:
+# transformers calls a mask function with no argument of the caller's, and a layer that does not
+# forward the model's keyword arguments would not hand its attention the probe. The value is
+# call-scoped, set and reset by :func:`probing` around that one forward, in this thread and context
+# only; the attention function that serves a wrapped model never reads it.
+_probing: contextvars.ContextVar[Probe | None] = contextvars.ContextVar("prefix_kernels_probe", default=None)
+
+
+@contextlib.contextmanager
+def probing(probe: Probe):
+    """Makes ``probe`` the one that :func:`probe_attention` and :func:`probe_padding_mask` record into,
+    for the duration of the ``with`` block."""
+    token = _probing.set(probe)
+    try:
+        yield probe
+    finally:
+        _probing.reset(token)
+
+
+def _current(what: str) -> Probe:
+    probe = _probing.get()
+    if probe is None:
+        raise RuntimeError(f"the {what} of attn_implementation={PROBE_IMPLEMENTATION!r} runs only inside a probe "
+                           "forward (prefix_kernels.hf.probe.probe_model)")
+    return probe
+
+
+def probe_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, prefix_kv=None, softcap=None,
+                    s_aux=None, prefix_slot=None, own_window=None, **kwargs):
+    """transformers attention interface while a model is probed: records what the layer takes and
+    computes its attention with an empty prefix. ``prefix_slot``: the layer's slot when the module
+    names it (cache slots, :func:`prefix_kernels.hf.routing.cache_slot_hooks`); ``own_window``: a
+    window the module applies itself."""
+    return _current("attention function").attend(module, query, key, value, attention_mask, scaling, softcap, s_aux,
+                                                 prefix_kv, prefix_slot, own_window, kwargs)
+
+
+def probe_padding_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offset=0, mask_function=None,
+                       attention_mask=None, config=None, **kwargs):
+    """transformers mask interface while a model is probed: :func:`~prefix_kernels.hf.masks.padding_mask`'s
+    mask (all ones where that is None), a new object per call, recorded with its semantics."""
+    probe = _current("mask function")
+    mask, semantics = masks.padding_and_semantics(q_length, kv_length, q_offset, kv_offset, mask_function,
+                                                  attention_mask, config)
+    if mask is None:
+        mask = torch.ones(batch_size, 1, 1, kv_length or q_length or 1, dtype=torch.bool, device=kwargs.get("device"))
+    return probe.masks.add(mask.clone(), semantics)
 
 
 def capture_keys_values(model, ids: torch.Tensor, backend: str = "auto",
@@ -200,49 +249,54 @@ def attention_roles(model) -> dict[int, str] | None:
 def probe_model(model, backend: str = "auto", ids: torch.Tensor | None = None, capture: bool = False,
                 extra: dict | None = None) -> Probe:
     """Runs the probe forward (``ids`` [B, L], default a few tokens; ``extra`` more forward arguments)
-    on ``model``, whose attention implementation must already be prefix_kernels'; returns the
-    :class:`Probe` with its records."""
-    global active
+    on ``model`` and returns the :class:`Probe` with its records. The model's text attention is
+    routed to :data:`PROBE_IMPLEMENTATION` for that forward and given back after it, as are its
+    training mode and the cache-slot hooks: the model is left as it was found."""
+    from prefix_kernels.hf import routing
+
     config = model.config
-    model_type = config.model_type
-    device = next(model.parameters()).device
     codebooks = codebook_rows(config)
     if ids is None:
-        ids = torch.tensor([_token_ids(config, 3)] * codebooks, device=device)
-    probe = Probe(model_type, backend, capture, attention_roles(model))
+        ids = torch.tensor([_token_ids(config, 3)] * codebooks, device=next(model.parameters()).device)
+    probe = Probe(config.model_type, backend, capture, attention_roles(model))
     if probe.roles is not None and not extra:  # an encoder-decoder: a decoder input too
         extra = {"decoder_input_ids": ids[:, :2]}
+    with routing.routed(model, PROBE_IMPLEMENTATION), probing(probe):
+        probe.output = _probe_forward(model, ids, extra or {}, codebooks)
+    if not probe.layers:
+        raise NotImplementedError(f"model type {config.model_type!r} ({type(model).__name__}): no attention layer went "
+                                  "through transformers' AttentionInterface, so there is no attention to add a prefix "
+                                  "to")
+    _fold_repeated_heads(probe, model)
+    return probe
+
+
+def _probe_forward(model, ids: torch.Tensor, extra: dict, codebooks: int):
+    """One forward of ``model`` in eval mode without gradients; a failure that is not already a refusal
+    becomes one, naming the model."""
+    device = next(model.parameters()).device
     was_training = model.training
-    active, masks.probed_masks = probe, probe.masks
     try:
         model.eval()
         with torch.no_grad():
             if extra and "decoder_input_ids" not in extra:  # text init: the model builds the mask over its cache
-                probe.output = model(input_ids=ids.to(device), prefix_kv=_Marker(), **extra)
-            elif getattr(model, "main_input_name", "input_ids") == "input_features":  # Whisper: audio features in
-                probe.output = model(input_features=_silence(model), prefix_kv=_Marker(),
-                                     **{k: v.to(device) for k, v in extra.items()})
-            else:
-                extra = {k: v.to(device) for k, v in (extra or {}).items()}
-                mask = torch.ones(ids.shape[0] // codebooks, ids.shape[1], dtype=torch.long, device=device)
-                probe.output = model(input_ids=ids.to(device), attention_mask=mask,
-                                     prefix_kv=_Marker(), **extra)
+                return model(input_ids=ids.to(device), prefix_kv=_Marker(), **extra)
+            extra = {k: v.to(device) for k, v in extra.items()}
+            if getattr(model, "main_input_name", "input_ids") == "input_features":  # Whisper: audio features in
+                return model(input_features=_silence(model), prefix_kv=_Marker(), **extra)
+            mask = torch.ones(ids.shape[0] // codebooks, ids.shape[1], dtype=torch.long, device=device)
+            return model(input_ids=ids.to(device), attention_mask=mask, prefix_kv=_Marker(), **extra)
     except NotImplementedError:
         raise
     except Exception as exc:  # noqa: BLE001 -- any failure here means we cannot serve the model
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise NotImplementedError(f"model type {model_type!r} ({type(model).__name__}): a forward of {tuple(ids.shape)} "
-                                  f"tokens through prefix_kernels' attention failed ({type(exc).__name__}: {first}); "
-                                  "the model may read the attention mask itself (prefix_kernels hands it only the "
-                                  "padding) or need inputs other than token ids") from exc
+        raise NotImplementedError(f"model type {model.config.model_type!r} ({type(model).__name__}): a forward of "
+                                  f"{tuple(ids.shape)} tokens through prefix_kernels' attention failed "
+                                  f"({type(exc).__name__}: {first}); the model may read the attention mask itself "
+                                  "(prefix_kernels hands it only the padding) or need inputs other than token ids"
+                                  ) from exc
     finally:
-        active, masks.probed_masks = None, None
         model.train(was_training)
-    if not probe.layers:
-        raise NotImplementedError(f"model type {model_type!r} ({type(model).__name__}): no attention layer went through "
-                                  "transformers' AttentionInterface, so there is no attention to add a prefix to")
-    _fold_repeated_heads(probe, model)
-    return probe
 
 
 def _fold_repeated_heads(probe: Probe, model) -> None:

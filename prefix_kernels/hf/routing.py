@@ -1,16 +1,18 @@
 """Where a wrapped model's prefixes go: which table layer each attention slot reads (decoder-only,
 encoder, encoder-decoder placements), which sub-model's attention is routed (a multimodal
-wrapper's text model only), and the position offset for decoders that count positions from their
-cache. Used by :class:`~prefix_kernels.hf.model.PrefixTuningModel` when it wraps a model.
+wrapper's text model only), the cache-slot hooks of modules serving several cache slots, and
+which position embeddings count positions from the cache length. Used by
+:mod:`prefix_kernels.hf.wrapping` and the probe.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 from torch import nn
 
-from prefix_kernels.hf import internals, legacy, probe
+from prefix_kernels.hf import internals, legacy
 
 PLACEMENTS = ("paper", "peft")
 
@@ -49,8 +51,7 @@ def set_text_attention(model, implementation) -> None:
     """Routes the text model's attention to ``implementation`` (a name, or what :func:`text_attention`
     returned): the top-level model's and the text sub-model's only -- a vision/audio tower, a depth
     decoder keeps its own. A family of :mod:`prefix_kernels.hf.legacy` gets its attention modules'
-    forward replaced (or given back); modules reused across cache slots get :func:`cache_slot_hooks`."""
-    cache_slot_hooks(model, implementation == "prefix_kernels")
+    forward replaced (or given back)."""
     if legacy.supported(model):
         legacy.install(model, implementation)
         return
@@ -67,26 +68,47 @@ def set_text_attention(model, implementation) -> None:
                                                            for key, sub in subs.items()}})
 
 
-def cache_slot_hooks(model, on: bool) -> None:
+def route(model, implementation: str):
+    """Routes the text model's attention to ``implementation`` (one of ours) and returns what it was
+    routed to before (for :func:`set_text_attention`); a model that does not take it is left as it
+    was and refused."""
+    previous = text_attention(model)
+    set_text_attention(model, implementation)
+    if internals.attn_implementation(model.config.get_text_config()) != implementation:
+        set_text_attention(model, previous)
+        raise NotImplementedError(f"model type {model.config.model_type!r} refused "
+                                  f"attn_implementation={implementation!r}")
+    return previous
+
+
+@contextlib.contextmanager
+def routed(model, implementation: str):
+    """The text model's attention routed to ``implementation``, with :func:`cache_slot_hooks`, for the
+    duration of the ``with`` block; both given back after it."""
+    previous = route(model, implementation)
+    hooks = cache_slot_hooks(model)
+    try:
+        yield model
+    finally:
+        for hook in hooks:
+            hook.remove()
+        set_text_attention(model, previous)
+
+
+def cache_slot_hooks(model) -> list:
     """Attention modules that serve several cache slots (HRM: one stack of layers run in cycles, the
-    slot ``layer_idx + cycle_offset``; Dory's loops, ``layer_idx + cache_offset``) name this call's slot
-    in ``module.prefix_kernels_cache_slot``, set by a forward pre-hook from that argument; the probe
-    and the attention function key the prefix by it, so each slot has its own (PEFT's layout: one per
-    cache layer). Two calls on one slot (Dory's loops sharing the last loop's cache) stay refused."""
-    for module in model.modules():
-        if not internals.cache_slot_offsets(module) or getattr(module, "layer_idx", None) is None:
-            continue
-        handle = module.__dict__.pop("prefix_kernels_slot_hook", None)
-        if handle is not None:
-            handle.remove()
-        module.__dict__.pop("prefix_kernels_cache_slot", None)
-        if on:
-            module.prefix_kernels_slot_hook = module.register_forward_pre_hook(_name_cache_slot, with_kwargs=True)
+    slot ``layer_idx + cycle_offset``; Dory's loops, ``layer_idx + cache_offset``) get a forward pre-hook
+    that passes this call's slot to their attention function as the ``prefix_slot`` keyword argument
+    (these modules forward their keyword arguments to it); the probe and the attention function key
+    the prefix by it, so each slot has its own (PEFT's layout: one per cache layer). Two calls on one
+    slot (Dory's loops sharing the last loop's cache) stay refused. Returns the hooks' handles."""
+    return [module.register_forward_pre_hook(_name_cache_slot, with_kwargs=True) for module in model.modules()
+            if internals.cache_slot_offsets(module) and getattr(module, "layer_idx", None) is not None]
 
 
 def _name_cache_slot(module, args, kwargs):
     offset = next((kwargs[name] for name in internals.CACHE_SLOT_OFFSETS if kwargs.get(name) is not None), 0)
-    module.prefix_kernels_cache_slot = module.layer_idx + int(offset)
+    return args, {**kwargs, "prefix_slot": module.layer_idx + int(offset)}
 
 
 def text_attention(model):
@@ -113,19 +135,3 @@ def cache_length_position_modules(model) -> list[nn.Module]:
         if positional and internals.counts_positions_from_cache_length(module):
             found.append(module)
     return found
-
-
-def position_shift(offset: int):
-    def shift(module, args, kwargs):
-        if probe.active is not None:  # the probe and text init see the model's own positions
-            return None
-        bound = internals.forward_signature(type(module)).bind(module, *args, **kwargs)
-        arguments = bound.arguments
-        if arguments.get("position_ids") is not None:
-            arguments["position_ids"] = arguments["position_ids"] + offset
-        else:
-            name = internals.cache_length_parameter(module)
-            arguments[name] = arguments.get(name, 0) + offset
-        return bound.args[1:], bound.kwargs
-
-    return shift
