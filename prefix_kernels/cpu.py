@@ -119,8 +119,9 @@ class CPUOptions:
 
     def op_args(self) -> tuple:
         """The op's trailing arguments: isa, gemm, cascade, block_rows, block_k, cascade_rows,
-        cascade_block_k (0: the op's default)."""
-        return (self.isa, self.gemm, self.cascade, *(getattr(self, name) or 0 for name in _SIZES))
+        cascade_block_k (0: the op's default); () when all are the defaults (the schema's)."""
+        args = (self.isa, self.gemm, self.cascade, *(getattr(self, name) or 0 for name in _SIZES))
+        return () if args == _DEFAULT_OP_ARGS else args
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "CPUOptions":
@@ -137,6 +138,7 @@ class CPUOptions:
 
 
 _SIZES = ("block_rows", "block_k", "cascade_rows", "cascade_block_k")
+_DEFAULT_OP_ARGS = ("auto", "auto", None, 0, 0, 0, 0)
 
 
 def _positive(text: str) -> int:
@@ -167,6 +169,7 @@ _ENV_EXPECTED = {"isa": "auto or base", "gemm": "auto or aten", "cascade": "0, 1
                  **{name: "a positive integer" for name in _SIZES}}
 
 ENV_OPTIONS = CPUOptions.from_env()  # read once: the options of every call that passes none
+_ENV_OP_ARGS = ENV_OPTIONS.op_args()
 
 _lock = threading.Lock()
 _state: dict = {"tried": False, "ok": False, "reason": "the C++ CPU op has not been built yet"}
@@ -438,6 +441,6 @@ def prefix_attention_cpu(q, k, v, prefix_k, prefix_v, *, causal, scale, key_padd
         q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, bool(causal), float(scale),
         None if sliding_window is None else int(sliding_window),
         None if softcap is None else float(softcap), sinks,
-        *(ENV_OPTIONS if options is None else options).op_args(),
+        *(_ENV_OP_ARGS if options is None else options.op_args()),
     )
     return out, lse.detach().float()

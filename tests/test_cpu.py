@@ -160,7 +160,8 @@ def test_bad_environment_names_the_variable(variable, value, expected):
 def test_empty_environment_is_the_defaults():
     assert cpu.CPUOptions.from_env({}) == cpu.CPUOptions()
     assert cpu.CPUOptions.from_env({"PREFIX_KERNELS_CPU_ROWS": ""}) == cpu.CPUOptions()
-    assert cpu.CPUOptions().op_args() == ("auto", "auto", None, 0, 0, 0, 0)
+    assert cpu.CPUOptions().op_args() == ()  # the schema's defaults
+    assert cpu.CPUOptions(cascade=False, block_k=64).op_args() == ("auto", "auto", False, 0, 64, 0, 0)
 
 
 @pytest.mark.parametrize("field, value, message", [
