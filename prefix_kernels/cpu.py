@@ -127,13 +127,13 @@ class CPUOptions:
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "CPUOptions":
         """The options the PREFIX_KERNELS_CPU_* variables of ``environ`` set (module docstring)."""
         fields = {}
-        for field, (variable, parse) in _ENV_VARIABLES.items():
+        for field, (variable, parse, expected) in _ENV_VARIABLES.items():
             text = environ.get(variable, "")
             if text:
                 try:
                     fields[field] = parse(text)
                 except (KeyError, ValueError):
-                    raise ValueError(f"{variable} must be {_ENV_EXPECTED[field]}, got {text!r}") from None
+                    raise ValueError(f"{variable} must be {expected}, got {text!r}") from None
         return cls(**fields)
 
 
@@ -156,17 +156,16 @@ def _choice(*allowed: str):
     return parse
 
 
+# CPUOptions field: (environment variable, parser of its text, what the text must be)
 _ENV_VARIABLES = {
-    "isa": ("PREFIX_KERNELS_CPU_ISA", _choice("auto", "base")),
-    "gemm": ("PREFIX_KERNELS_CPU_GEMM", _choice("auto", "aten")),
-    "cascade": ("PREFIX_KERNELS_CPU_CASCADE", {"auto": None, "0": False, "1": True}.__getitem__),
-    "block_rows": ("PREFIX_KERNELS_CPU_ROWS", _positive),
-    "block_k": ("PREFIX_KERNELS_CPU_BLOCK_K", _positive),
-    "cascade_rows": ("PREFIX_KERNELS_CPU_CASCADE_ROWS", _positive),
-    "cascade_block_k": ("PREFIX_KERNELS_CPU_CASCADE_BLOCK_K", _positive),
+    "isa": ("PREFIX_KERNELS_CPU_ISA", _choice("auto", "base"), "auto or base"),
+    "gemm": ("PREFIX_KERNELS_CPU_GEMM", _choice("auto", "aten"), "auto or aten"),
+    "cascade": ("PREFIX_KERNELS_CPU_CASCADE", {"auto": None, "0": False, "1": True}.__getitem__, "0, 1 or auto"),
+    "block_rows": ("PREFIX_KERNELS_CPU_ROWS", _positive, "a positive integer"),
+    "block_k": ("PREFIX_KERNELS_CPU_BLOCK_K", _positive, "a positive integer"),
+    "cascade_rows": ("PREFIX_KERNELS_CPU_CASCADE_ROWS", _positive, "a positive integer"),
+    "cascade_block_k": ("PREFIX_KERNELS_CPU_CASCADE_BLOCK_K", _positive, "a positive integer"),
 }
-_ENV_EXPECTED = {"isa": "auto or base", "gemm": "auto or aten", "cascade": "0, 1 or auto",
-                 **{name: "a positive integer" for name in _SIZES}}
 
 ENV_OPTIONS = CPUOptions.from_env()  # read once: the options of every call that passes none
 _ENV_OP_ARGS = ENV_OPTIONS.op_args()
