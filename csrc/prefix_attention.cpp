@@ -1,19 +1,17 @@
 // prefix_kernels C++ CPU op: argument checks, output allocation, BLAS selection, threading and
 // the torch.library registration of
 //   prefix_kernels::fwd_cpu(q, k, v, prefix_k, prefix_v, key_padding_mask?, prefix_ids?, causal, scale,
-//       sliding_window?, softcap?, sinks?, <options>)
+//       sliding_window?, softcap?, sinks?, options=[])
 //       -> (out [B,Hq,N,Dv] in q's layout, lse [B,Hq,N] fp32 (fp64 for fp64 inputs), natural log)
 //   prefix_kernels::bwd_cpu(grad_out, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask?,
-//       prefix_ids?, causal, scale, output_mask, sliding_window?, softcap?, sinks?, <options>)
+//       prefix_ids?, causal, scale, output_mask, sliding_window?, softcap?, sinks?, options=[])
 //       -> [dq, dk, dv, dprefix_k, dprefix_v] (output_mask of 5) or [..., dsinks] (of 6: sinks given)
 //       (a gradient not asked for in output_mask comes back as an empty [0] tensor)
-//   prefix_kernels::cpu_build_info(isa, gemm) -> str
+//   prefix_kernels::cpu_build_info(options=[]) -> str
 //   prefix_kernels::cpu_cascade_calls() -> int   (forwards that took the shared-prefix cascade)
-// <options> are the op's switches (struct Options), the same trailing arguments for both ops:
-//   str isa="auto", str gemm="auto", bool? cascade=None, int block_rows=0, int block_k=0,
-//   int cascade_rows=0, int cascade_block_k=0
-// The op reads no environment variable: prefix_kernels/cpu.py (CPUOptions) reads them once and
-// passes them here.
+// options (int[]): the op's switches (struct Options, OptionIndex), [] for the defaults. The op
+// reads no environment variable: prefix_kernels/cpu.py's CPUOptions names and checks the switches,
+// reads their environment variables once and passes them here.
 // The kernels themselves live in kernel_impl.h (built as kernel_base.cpp and kernel_avx2.cpp).
 
 #include <dlfcn.h>
@@ -58,7 +56,7 @@ struct Blas {
 
 // torch's own MKL (LP64 interface), when libtorch_cpu exports it: tile products then skip the
 // ATen dispatch (a few microseconds per call, which matters for 64 x 128 tiles). Otherwise, or
-// with the option gemm="aten", every tile product goes through at::cpu::addmm_out.
+// with the option gemm=1 (aten), every tile product goes through at::cpu::addmm_out.
 const Blas& blas() {
   static const Blas found = [] {
     Blas b;
@@ -134,30 +132,51 @@ bool cpu_has_avx2_fma() {
 }
 
 // ---------------------------------------------------------------- options
-// The op's switches, from its trailing arguments (see the schema at the bottom; cpu.py's
-// CPUOptions documents each one and reads their environment variables once).
-struct Options {
-  bool base_isa = false;         // isa="base": the portable kernels even where AVX2 runs (tests)
-  bool aten_gemm = false;        // gemm="aten": tile products through ATen, not torch's MKL
-  std::optional<bool> cascade;   // shared-prefix cascade: None = the cost model, else forced off/on
-  int64_t block_rows = 0;        // stacked query rows per task (0: 128)
-  int64_t block_k = 0;           // keys per tile (0: 128, or 512 for few-row decode tiles)
-  int64_t cascade_rows = 0;      // stacked query rows per cascade task (0: kCascadeRows)
-  int64_t cascade_block_k = 0;   // prefix keys per cascade tile (0: kCascadeBlockK)
+// The op's switches, its last argument: an int[] of kNumOptions values in OptionIndex order
+// (cpu.py's CPUOptions.op_arg writes it), or [] for the defaults. One argument, not one per
+// switch: every argument costs each call a conversion on its way through the dispatcher.
+enum OptionIndex : int64_t {
+  kOptIsa,            // 0: AVX2+FMA+F16C kernels where the CPU has them, 1: the portable kernels (tests)
+  kOptGemm,           // 0: torch's own MKL where libtorch exports it, 1: ATen (at::cpu::addmm_out)
+  kOptCascade,        // shared-prefix cascade: -1 the cost model, 0 never, 1 whenever P > 0
+  kOptBlockRows,      // stacked query rows per task (0: 128)
+  kOptBlockK,         // keys per tile (0: 128, or 512 for few-row decode tiles)
+  kOptCascadeRows,    // stacked query rows per cascade task (0: kCascadeRows)
+  kOptCascadeBlockK,  // prefix keys per cascade tile (0: kCascadeBlockK)
+  kNumOptions,
 };
 
-Options make_options(c10::string_view isa, c10::string_view gemm, std::optional<bool> cascade,
-                     int64_t block_rows, int64_t block_k, int64_t cascade_rows, int64_t cascade_block_k) {
-  TORCH_CHECK(isa == "auto" || isa == "base", "prefix_kernels cpu: isa must be 'auto' or 'base', got '",
-              std::string(isa), "'");
-  TORCH_CHECK(gemm == "auto" || gemm == "aten", "prefix_kernels cpu: gemm must be 'auto' or 'aten', got '",
-              std::string(gemm), "'");
-  const std::pair<const char*, int64_t> sizes[] = {{"block_rows", block_rows}, {"block_k", block_k},
-                                                   {"cascade_rows", cascade_rows},
-                                                   {"cascade_block_k", cascade_block_k}};
-  for (const auto& [name, value] : sizes)
-    TORCH_CHECK(value >= 0, "prefix_kernels cpu: ", name, " must be >= 1 (or 0 for the default), got ", value);
-  return {isa == "base", gemm == "aten", cascade, block_rows, block_k, cascade_rows, cascade_block_k};
+struct Options {
+  bool base_isa = false;
+  bool aten_gemm = false;
+  std::optional<bool> cascade;  // nullopt: the cost model
+  int64_t block_rows = 0, block_k = 0, cascade_rows = 0, cascade_block_k = 0;  // 0: the default
+};
+
+Options make_options(at::IntArrayRef v) {
+  Options o;
+  if (v.empty()) return o;
+  TORCH_CHECK(int64_t(v.size()) == kNumOptions, "prefix_kernels cpu: options must hold ", int64_t(kNumOptions),
+              " ints (isa, gemm, cascade, block_rows, block_k, cascade_rows, cascade_block_k) or none, got ",
+              v.size());
+  const std::pair<const char*, bool> checks[] = {
+      {"isa (0 or 1)", v[kOptIsa] == 0 || v[kOptIsa] == 1},
+      {"gemm (0 or 1)", v[kOptGemm] == 0 || v[kOptGemm] == 1},
+      {"cascade (-1, 0 or 1)", v[kOptCascade] >= -1 && v[kOptCascade] <= 1},
+      {"block_rows (>= 0)", v[kOptBlockRows] >= 0},
+      {"block_k (>= 0)", v[kOptBlockK] >= 0},
+      {"cascade_rows (>= 0)", v[kOptCascadeRows] >= 0},
+      {"cascade_block_k (>= 0)", v[kOptCascadeBlockK] >= 0}};
+  for (int64_t i = 0; i < kNumOptions; ++i)
+    TORCH_CHECK(checks[i].second, "prefix_kernels cpu: options[", i, "] is ", checks[i].first, ", got ", v[i]);
+  o.base_isa = v[kOptIsa] == 1;
+  o.aten_gemm = v[kOptGemm] == 1;
+  if (v[kOptCascade] >= 0) o.cascade = v[kOptCascade] == 1;
+  o.block_rows = v[kOptBlockRows];
+  o.block_k = v[kOptBlockK];
+  o.cascade_rows = v[kOptCascadeRows];
+  o.cascade_block_k = v[kOptCascadeBlockK];
+  return o;
 }
 
 int64_t or_default(int64_t value, int64_t fallback) { return value > 0 ? value : fallback; }
@@ -169,8 +188,8 @@ bool use_avx2(const Options& opt) {
 
 bool use_mkl(const Options& opt) { return blas().sgemm != nullptr && !opt.aten_gemm; }
 
-std::string build_info(c10::string_view isa, c10::string_view gemm) {
-  const Options opt = make_options(isa, gemm, std::nullopt, 0, 0, 0, 0);
+std::string build_info(at::IntArrayRef options) {
+  const Options opt = make_options(options);
   return std::string("isa=") + (use_avx2(opt) ? "avx2" : "base") +
          " gemm=" + (use_mkl(opt) ? "mkl" : "aten") +
          " threads=" + std::to_string(at::get_num_threads());
@@ -417,7 +436,7 @@ Chunks make_chunks(const Params& p, bool prefix_grads, int64_t acc_bytes) {
 // GEMMs of up to kCascadeRows stacked query rows (compute bound), then the per-row forward goes on
 // from the prefix's softmax state with each row's own keys. Its price: the state (B * Hq * N *
 // (Dv + 2) values) written and read back, and a second parallel region.
-// Cost model (the option cascade=None), with r = B / (the number of distinct
+// Cost model (the option cascade=-1), with r = B / (the number of distinct
 // prefixes the rows use) the rows sharing a prefix and M_seen the sequence keys one query sees
 // (M, or about the window when that is shorter):
 //   - N <= kCascadeMaxN: decode-like. With more queries per row the per-row path already stacks
@@ -426,7 +445,7 @@ Chunks make_chunks(const Params& p, bool prefix_grads, int64_t acc_bytes) {
 //     nothing).
 //   - P * (1 - 1/r) >= M_seen / kCascadeMinGain: the prefix reads saved are a fair share of what a
 //     row reads anyway, else the gain does not pay for the extra pass.
-// cascade=true takes the cascade whenever P > 0 (any N; for tests), false never. The options
+// cascade=1 takes the cascade whenever P > 0 (any N; for tests), 0 never. The options
 // cascade_rows / cascade_block_k tune the chunks and tiles (default kCascadeRows, kCascadeBlockK).
 // Measured on the 2-core dev box (benchmarks/bench_cpu.py --preset shared-prefix-cpu, fp32, 2
 // threads; B=64, Hq=32, Hkv=8, N=1, M=64, D=128, one prefix for all rows): P=4096 ~25 ms against
@@ -504,10 +523,8 @@ std::tuple<Tensor, Tensor> fwd_cpu(const Tensor& q, const Tensor& k, const Tenso
                                    const std::optional<Tensor>& prefix_ids, bool causal,
                                    double scale, std::optional<int64_t> sliding_window,
                                    std::optional<double> softcap, const std::optional<Tensor>& sinks,
-                                   c10::string_view isa, c10::string_view gemm, std::optional<bool> cascade,
-                                   int64_t block_rows, int64_t block_k, int64_t cascade_rows,
-                                   int64_t cascade_block_k) {
-  const Options opt = make_options(isa, gemm, cascade, block_rows, block_k, cascade_rows, cascade_block_k);
+                                   at::IntArrayRef options) {
+  const Options opt = make_options(options);
   Prepared prep = prepare(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale,
                           {sliding_window, softcap, sinks}, opt);
   Params& p = prep.p;
@@ -551,10 +568,8 @@ std::vector<Tensor> bwd_cpu(
     const Tensor& prefix_k, const Tensor& prefix_v, const Tensor& out, const Tensor& lse,
     const std::optional<Tensor>& key_padding_mask, const std::optional<Tensor>& prefix_ids,
     bool causal, double scale, c10::List<bool> output_mask, std::optional<int64_t> sliding_window,
-    std::optional<double> softcap, const std::optional<Tensor>& sinks, c10::string_view isa,
-    c10::string_view gemm, std::optional<bool> cascade, int64_t block_rows, int64_t block_k,
-    int64_t cascade_rows, int64_t cascade_block_k) {
-  const Options opt = make_options(isa, gemm, cascade, block_rows, block_k, cascade_rows, cascade_block_k);
+    std::optional<double> softcap, const std::optional<Tensor>& sinks, at::IntArrayRef options) {
+  const Options opt = make_options(options);
   Prepared prep = prepare(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale,
                           {sliding_window, softcap, sinks}, opt);
   Params& p = prep.p;
@@ -655,26 +670,20 @@ std::vector<Tensor> bwd_cpu(
 }  // namespace
 }  // namespace prefix_kernels_cpu
 
-// The options (struct Options), the same trailing arguments of both ops: the autograd formula
-// (_autograd_common.py) hands the forward's extra arguments to the backward as they are. The
-// backward ignores the cascade's.
-#define PREFIX_KERNELS_CPU_OPTIONS                                                                 \
-  "str isa=\"auto\", str gemm=\"auto\", bool? cascade=None, int block_rows=0, int block_k=0, " \
-  "int cascade_rows=0, int cascade_block_k=0"
-
+// Both ops end in the same options argument: the autograd formula (_autograd_common.py) hands
+// the forward's extra arguments to the backward as they are (the backward ignores the cascade's).
 TORCH_LIBRARY_FRAGMENT(prefix_kernels, m) {
   m.set_python_module("prefix_kernels.cpu");
   m.def(
       "fwd_cpu(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, "
       "Tensor? key_padding_mask, Tensor? prefix_ids, bool causal, float scale, "
-      "int? sliding_window=None, float? softcap=None, Tensor? sinks=None, " PREFIX_KERNELS_CPU_OPTIONS
-      ") -> (Tensor, Tensor)");
+      "int? sliding_window=None, float? softcap=None, Tensor? sinks=None, int[] options=[]) -> (Tensor, Tensor)");
   m.def(
       "bwd_cpu(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, "
       "Tensor out, Tensor lse, Tensor? key_padding_mask, Tensor? prefix_ids, bool causal, "
       "float scale, bool[] output_mask, int? sliding_window=None, float? softcap=None, "
-      "Tensor? sinks=None, " PREFIX_KERNELS_CPU_OPTIONS ") -> Tensor[]");
-  m.def("cpu_build_info(str isa=\"auto\", str gemm=\"auto\") -> str", &prefix_kernels_cpu::build_info);
+      "Tensor? sinks=None, int[] options=[]) -> Tensor[]");
+  m.def("cpu_build_info(int[] options=[]) -> str", &prefix_kernels_cpu::build_info);
   // forwards so far that took the cascade (shared-prefix decode), for tests
   m.def("cpu_cascade_calls() -> int", [] { return prefix_kernels_cpu::cascade_calls.load(); });
 }

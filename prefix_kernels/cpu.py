@@ -117,11 +117,15 @@ class CPUOptions:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"CPUOptions.{name} must be an int >= 1 or None, got {value!r}")
 
-    def op_args(self) -> tuple:
-        """The op's trailing arguments: isa, gemm, cascade, block_rows, block_k, cascade_rows,
-        cascade_block_k (0: the op's default); () when all are the defaults (the schema's)."""
-        args = (self.isa, self.gemm, self.cascade, *(getattr(self, name) or 0 for name in _SIZES))
-        return () if args == _DEFAULT_OP_ARGS else args
+    def op_arg(self) -> tuple[int, ...]:
+        """The op's ``options`` argument: the ints (isa, gemm, cascade, block_rows, block_k,
+        cascade_rows, cascade_block_k) (csrc/prefix_attention.cpp, OptionIndex: isa 1 = "base",
+        gemm 1 = "aten", cascade -1 = None, a size 0 = None), or () when every option is its
+        default."""
+        cascade = -1 if self.cascade is None else int(self.cascade)
+        values = (int(self.isa == "base"), int(self.gemm == "aten"), cascade,
+                  *(getattr(self, name) or 0 for name in _SIZES))
+        return () if values == _DEFAULT_OP_VALUES else values
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "CPUOptions":
@@ -138,7 +142,7 @@ class CPUOptions:
 
 
 _SIZES = ("block_rows", "block_k", "cascade_rows", "cascade_block_k")
-_DEFAULT_OP_ARGS = ("auto", "auto", None, 0, 0, 0, 0)
+_DEFAULT_OP_VALUES = (0, 0, -1, 0, 0, 0, 0)
 
 
 def _positive(text: str) -> int:
@@ -168,7 +172,7 @@ _ENV_VARIABLES = {
 }
 
 ENV_OPTIONS = CPUOptions.from_env()  # read once: the options of every call that passes none
-_ENV_OP_ARGS = ENV_OPTIONS.op_args()
+_ENV_OP_ARG = ENV_OPTIONS.op_arg()
 
 _lock = threading.Lock()
 _state: dict = {"tried": False, "ok": False, "reason": "the C++ CPU op has not been built yet"}
@@ -354,8 +358,7 @@ def build_info(options: CPUOptions | None = None) -> str:
     "isa=avx2 gemm=mkl threads=2" (builds on first use)."""
     if not is_available():
         return f"unavailable: {unavailable_reason()}"
-    options = ENV_OPTIONS if options is None else options
-    return torch.ops.prefix_kernels.cpu_build_info(options.isa, options.gemm)
+    return torch.ops.prefix_kernels.cpu_build_info(_ENV_OP_ARG if options is None else options.op_arg())
 
 
 def cascade_calls() -> int:
@@ -381,15 +384,15 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# The fakes take the options (CPUOptions.op_args) as *options: they change no output's shape.
+# The options (CPUOptions.op_arg) change no output's layout.
 def _fwd_fake(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale,
-              sliding_window=None, softcap=None, sinks=None, *options):
+              sliding_window=None, softcap=None, sinks=None, options=()):
     lse = q.new_empty(q.shape[:3], dtype=_acc_dtype(q.dtype))
     return new_out(q, v.shape[-1]), lse
 
 
 def _bwd_fake(grad_out, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_ids,
-              causal, scale, output_mask, sliding_window=None, softcap=None, sinks=None, *options):
+              causal, scale, output_mask, sliding_window=None, softcap=None, sinks=None, options=()):
     like = (q, k, v, prefix_k, prefix_v, sinks)
     return [torch.empty_like(t) if need else q.new_empty((0,)) for t, need in zip(like, output_mask)]
 
@@ -411,13 +414,14 @@ def _register_python_side() -> None:
 
 class PrefixAttentionCPU(torch.autograd.Function):
     """out, lse = fwd_cpu(...); backward runs bwd_cpu for exactly the needed gradients (with the
-    forward's options, which _autograd_common hands on among the extra arguments)."""
+    forward's options, which _autograd_common hands on among the extra arguments). A fixed
+    signature: autograd binds apply's arguments to it on every call, a ``*args`` one costs more."""
 
     @staticmethod
     def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale,
-                sliding_window, softcap, sinks, *options):
+                sliding_window, softcap, sinks, options):
         return torch.ops.prefix_kernels.fwd_cpu(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids,
-                                                causal, scale, sliding_window, softcap, sinks, *options)
+                                                causal, scale, sliding_window, softcap, sinks, options)
 
     setup_context = staticmethod(_autograd_common.save)
     backward = staticmethod(_backward)
@@ -440,6 +444,6 @@ def prefix_attention_cpu(q, k, v, prefix_k, prefix_v, *, causal, scale, key_padd
         q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, bool(causal), float(scale),
         None if sliding_window is None else int(sliding_window),
         None if softcap is None else float(softcap), sinks,
-        *(_ENV_OP_ARGS if options is None else options.op_args()),
+        _ENV_OP_ARG if options is None else options.op_arg(),
     )
     return out, lse.detach().float()

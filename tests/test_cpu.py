@@ -160,8 +160,9 @@ def test_bad_environment_names_the_variable(variable, value, expected):
 def test_empty_environment_is_the_defaults():
     assert cpu.CPUOptions.from_env({}) == cpu.CPUOptions()
     assert cpu.CPUOptions.from_env({"PREFIX_KERNELS_CPU_ROWS": ""}) == cpu.CPUOptions()
-    assert cpu.CPUOptions().op_args() == ()  # the schema's defaults
-    assert cpu.CPUOptions(cascade=False, block_k=64).op_args() == ("auto", "auto", False, 0, 64, 0, 0)
+    assert cpu.CPUOptions().op_arg() == ()  # the schema's default
+    assert cpu.CPUOptions(cascade=False, block_k=64).op_arg() == (0, 0, 0, 0, 64, 0, 0)
+    assert cpu.CPUOptions(isa="base", gemm="aten", cascade_rows=8).op_arg() == (1, 1, -1, 0, 0, 8, 0)
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -180,12 +181,14 @@ def test_op_checks_its_options(ext):
     """The op's own checks, for callers of torch.ops.prefix_kernels.fwd_cpu / bwd_cpu."""
     q, k, v, pk, pv, _, _ = Case().make(torch.float32, "cpu", requires_grad=False)
     op = torch.ops.prefix_kernels.fwd_cpu
-    with pytest.raises(RuntimeError, match="isa must be 'auto' or 'base', got 'avx512'"):
-        op(q, k, v, pk, pv, None, None, True, 0.3, isa="avx512")
-    with pytest.raises(RuntimeError, match="gemm must be 'auto' or 'aten', got 'blas'"):
-        op(q, k, v, pk, pv, None, None, True, 0.3, gemm="blas")
-    with pytest.raises(RuntimeError, match=r"block_k must be >= 1 \(or 0 for the default\), got -2"):
-        op(q, k, v, pk, pv, None, None, True, 0.3, block_k=-2)
+    with pytest.raises(RuntimeError, match=r"options\[0\] is isa \(0 or 1\), got 2"):
+        op(q, k, v, pk, pv, None, None, True, 0.3, options=[2, 0, -1, 0, 0, 0, 0])
+    with pytest.raises(RuntimeError, match=r"options\[2\] is cascade \(-1, 0 or 1\), got 3"):
+        op(q, k, v, pk, pv, None, None, True, 0.3, options=[0, 0, 3, 0, 0, 0, 0])
+    with pytest.raises(RuntimeError, match=r"options\[4\] is block_k \(>= 0\), got -2"):
+        op(q, k, v, pk, pv, None, None, True, 0.3, options=[0, 0, -1, 0, -2, 0, 0])
+    with pytest.raises(RuntimeError, match=r"options must hold 7 ints \(isa, gemm, cascade, .*\) or none, got 2"):
+        op(q, k, v, pk, pv, None, None, True, 0.3, options=[1, 1])
 
 
 def test_tile_options_match_reference(ext):
@@ -360,12 +363,12 @@ def test_opcheck_with_options(ext):
     shared-prefix decode, the portable kernels and ATen GEMMs in the backward."""
     q, k, v, pk, pv, mask, ids = Case(batch=4, heads=4, kv_heads=2, n_queries=1, n_keys=7, n_prefix=9,
                                       head_dim=8, padding="left").make(torch.float32, "cpu")
-    options = cpu.CPUOptions(isa="base", gemm="aten", cascade=True, block_k=4, cascade_rows=2).op_args()
-    args = (q, k, v, pk, pv, mask, ids, True, 0.35, None, None, None, *options)
+    options = cpu.CPUOptions(isa="base", gemm="aten", cascade=True, block_k=4, cascade_rows=2).op_arg()
+    args = (q, k, v, pk, pv, mask, ids, True, 0.35, None, None, None, options)
     torch.library.opcheck(torch.ops.prefix_kernels.fwd_cpu.default, args)
     out, lse = torch.ops.prefix_kernels.fwd_cpu(*(t.detach() if isinstance(t, torch.Tensor) else t for t in args))
     bwd_args = (torch.randn_like(out), *(t.detach() for t in (q, k, v, pk, pv)), out, lse, mask, ids, True, 0.35,
-                [True] * 5, None, None, None, *options)
+                [True] * 5, None, None, None, options)
     torch.library.opcheck(torch.ops.prefix_kernels.bwd_cpu.default, bwd_args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
