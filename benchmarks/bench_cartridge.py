@@ -1,4 +1,4 @@
-"""Cartridges (long trained prefixes, issue 16), two parts:
+"""Cartridges (long trained prefixes), two parts:
 
 * ``train``: one training step -- forward, backward, AdamW on the prefix -- of ours against PEFT 0.21's
   CARTRIDGE at P in {1024, 4096, 8192}, the first prefix token frozen in both; rows to

@@ -1,4 +1,4 @@
-"""Encoder-decoders and encoders (issue 15): one prefix-tuning training step -- forward, backward, AdamW on
+"""Encoder-decoders and encoders: one prefix-tuning training step -- forward, backward, AdamW on
 the prefix -- of a BART-base-shaped and a BERT-base-shaped model, ours against PEFT (BART) and against a
 concatenating baseline (BERT, where PEFT's prefix tuning fails under transformers 5).
 

@@ -75,7 +75,7 @@ def test_kernel(benchmark, case, bench_device, bench_dtype, correctness_gate):
             benchmark.extra_info["gb_per_s_median"] = kv_bytes(shape, bench_dtype) / median / 1e9
 
 
-# ---- whole training steps of encoder / encoder-decoder models (benchmarks/bench_encoders.py, issue 15) ----
+# ---- whole training steps of encoder / encoder-decoder models (benchmarks/bench_encoders.py) ----
 
 ENCODER_CASES = [("bart", "ours(placement=peft)"), ("bart", "peft"), ("bart", "ours(placement=paper)"),
                  ("bert", "ours"), ("bert", "concat_sdpa")]

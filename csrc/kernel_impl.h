@@ -3,7 +3,8 @@
 // 16) and PK_F16C, and may enable target features with `#pragma GCC target` around this include.
 // No torch headers here.
 //
-// Layout of the work (see DESIGN.md for the math):
+// Layout of the work (the math: README.md's "The op" section; prefix_kernels/reference.py is the
+// definition the kernels match):
 //   forward : one task per (batch row b, kv head g, block of BQ queries). The G = Hq / Hkv query
 //             heads of the group are stacked into one [G * BQ, D] matrix, so every K/V tile is
 //             read once per group (GQA is never expanded in memory). One online softmax spans the

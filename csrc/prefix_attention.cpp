@@ -1,21 +1,24 @@
 // prefix_kernels C++ CPU op: argument checks, output allocation, BLAS selection, threading and
 // the torch.library registration of
 //   prefix_kernels::fwd_cpu(q, k, v, prefix_k, prefix_v, key_padding_mask?, prefix_ids?, causal, scale,
-//       sliding_window?, softcap?, sinks?)
+//       sliding_window?, softcap?, sinks?, options=[])
 //       -> (out [B,Hq,N,Dv] in q's layout, lse [B,Hq,N] fp32 (fp64 for fp64 inputs), natural log)
 //   prefix_kernels::bwd_cpu(grad_out, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask?,
-//       prefix_ids?, causal, scale, output_mask, sliding_window?, softcap?, sinks?)
+//       prefix_ids?, causal, scale, output_mask, sliding_window?, softcap?, sinks?, options=[])
 //       -> [dq, dk, dv, dprefix_k, dprefix_v] (output_mask of 5) or [..., dsinks] (of 6: sinks given)
 //       (a gradient not asked for in output_mask comes back as an empty [0] tensor)
-//   prefix_kernels::cpu_build_info() -> str
+//   prefix_kernels::cpu_build_info(options=[]) -> str
 //   prefix_kernels::cpu_cascade_calls() -> int   (forwards that took the shared-prefix cascade)
+// options (int[]): the op's switches (struct Options, OptionIndex), [] for the defaults. The op
+// reads no environment variable: prefix_kernels/cpu.py's CPUOptions names and checks the switches,
+// reads their environment variables once and passes them here.
 // The kernels themselves live in kernel_impl.h (built as kernel_base.cpp and kernel_avx2.cpp).
 
 #include <dlfcn.h>
 
 #include <array>
 #include <atomic>
-#include <cstdlib>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -53,12 +56,10 @@ struct Blas {
 
 // torch's own MKL (LP64 interface), when libtorch_cpu exports it: tile products then skip the
 // ATen dispatch (a few microseconds per call, which matters for 64 x 128 tiles). Otherwise, or
-// with PREFIX_KERNELS_CPU_GEMM=aten, every tile product goes through at::cpu::addmm_out.
+// with the option gemm=1 (aten), every tile product goes through at::cpu::addmm_out.
 const Blas& blas() {
   static const Blas found = [] {
     Blas b;
-    const char* env = std::getenv("PREFIX_KERNELS_CPU_GEMM");
-    if (env != nullptr && std::string(env) == "aten") return b;
     if (!at::hasMKL()) return b;
     Dl_info info;
     if (dladdr(reinterpret_cast<void*>(&at::get_num_threads), &info) == 0 || info.dli_fname == nullptr)
@@ -130,25 +131,67 @@ bool cpu_has_avx2_fma() {
 #endif
 }
 
-// PREFIX_KERNELS_CPU_ISA=base forces the portable kernels (for testing).
-bool use_avx2() {
+// ---------------------------------------------------------------- options
+// The op's switches, its last argument: an int[] of kNumOptions values in OptionIndex order
+// (cpu.py's CPUOptions.op_arg writes it), or [] for the defaults. One argument, not one per
+// switch: every argument costs each call a conversion on its way through the dispatcher.
+enum OptionIndex : int64_t {
+  kOptIsa,            // 0: AVX2+FMA+F16C kernels where the CPU has them, 1: the portable kernels (tests)
+  kOptGemm,           // 0: torch's own MKL where libtorch exports it, 1: ATen (at::cpu::addmm_out)
+  kOptCascade,        // shared-prefix cascade: -1 the cost model, 0 never, 1 whenever P > 0
+  kOptBlockRows,      // stacked query rows per task (0: 128)
+  kOptBlockK,         // keys per tile (0: 128, or 512 for few-row decode tiles)
+  kOptCascadeRows,    // stacked query rows per cascade task (0: kCascadeRows)
+  kOptCascadeBlockK,  // prefix keys per cascade tile (0: kCascadeBlockK)
+  kNumOptions,
+};
+
+struct Options {
+  bool base_isa = false;
+  bool aten_gemm = false;
+  std::optional<bool> cascade;  // nullopt: the cost model
+  int64_t block_rows = 0, block_k = 0, cascade_rows = 0, cascade_block_k = 0;  // 0: the default
+};
+
+Options make_options(at::IntArrayRef v) {
+  Options o;
+  if (v.empty()) return o;
+  TORCH_CHECK(int64_t(v.size()) == kNumOptions, "prefix_kernels cpu: options must hold ", int64_t(kNumOptions),
+              " ints (isa, gemm, cascade, block_rows, block_k, cascade_rows, cascade_block_k) or none, got ",
+              v.size());
+  const std::pair<const char*, bool> checks[] = {
+      {"isa (0 or 1)", v[kOptIsa] == 0 || v[kOptIsa] == 1},
+      {"gemm (0 or 1)", v[kOptGemm] == 0 || v[kOptGemm] == 1},
+      {"cascade (-1, 0 or 1)", v[kOptCascade] >= -1 && v[kOptCascade] <= 1},
+      {"block_rows (>= 0)", v[kOptBlockRows] >= 0},
+      {"block_k (>= 0)", v[kOptBlockK] >= 0},
+      {"cascade_rows (>= 0)", v[kOptCascadeRows] >= 0},
+      {"cascade_block_k (>= 0)", v[kOptCascadeBlockK] >= 0}};
+  for (int64_t i = 0; i < kNumOptions; ++i)
+    TORCH_CHECK(checks[i].second, "prefix_kernels cpu: options[", i, "] is ", checks[i].first, ", got ", v[i]);
+  o.base_isa = v[kOptIsa] == 1;
+  o.aten_gemm = v[kOptGemm] == 1;
+  if (v[kOptCascade] >= 0) o.cascade = v[kOptCascade] == 1;
+  o.block_rows = v[kOptBlockRows];
+  o.block_k = v[kOptBlockK];
+  o.cascade_rows = v[kOptCascadeRows];
+  o.cascade_block_k = v[kOptCascadeBlockK];
+  return o;
+}
+
+int64_t or_default(int64_t value, int64_t fallback) { return value > 0 ? value : fallback; }
+
+bool use_avx2(const Options& opt) {
   static const bool has = cpu_has_avx2_fma();
-  const char* env = std::getenv("PREFIX_KERNELS_CPU_ISA");
-  if (env != nullptr && std::string(env) == "base") return false;
-  return has;
+  return has && !opt.base_isa;
 }
 
-int64_t env_int(const char* name, int64_t fallback) {
-  const char* env = std::getenv(name);
-  if (env == nullptr || *env == '\0') return fallback;
-  char* end = nullptr;
-  long long v = std::strtoll(env, &end, 10);
-  return (end != nullptr && *end == '\0' && v > 0) ? int64_t(v) : fallback;
-}
+bool use_mkl(const Options& opt) { return blas().sgemm != nullptr && !opt.aten_gemm; }
 
-std::string build_info() {
-  return std::string("isa=") + (use_avx2() ? "avx2" : "base") +
-         " gemm=" + (blas().sgemm ? "mkl" : "aten") +
+std::string build_info(at::IntArrayRef options) {
+  const Options opt = make_options(options);
+  return std::string("isa=") + (use_avx2(opt) ? "avx2" : "base") +
+         " gemm=" + (use_mkl(opt) ? "mkl" : "aten") +
          " threads=" + std::to_string(at::get_num_threads());
 }
 
@@ -207,7 +250,7 @@ struct Features {
 Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& pk,
                  const Tensor& pv, const std::optional<Tensor>& key_padding_mask,
                  const std::optional<Tensor>& prefix_ids, bool causal, double scale,
-                 const Features& features) {
+                 const Features& features, const Options& opt) {
   TORCH_CHECK(q.dim() == 4, "prefix_kernels cpu: q must be [B, Hq, N, D], got ", shape_str(q));
   const int64_t B = q.size(0), Hq = q.size(1), N = q.size(2), D = q.size(3);
   TORCH_CHECK(k.dim() == 4 && k.size(0) == B && k.size(3) == D,
@@ -311,14 +354,14 @@ Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor
   // Blocks: about 128 stacked query rows (G heads x BQ queries) per task, and enough tasks for
   // every thread; decode-like shapes (few rows) take long key tiles instead.
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t rows = env_int("PREFIX_KERNELS_CPU_ROWS", 128);
+  const int64_t rows = or_default(opt.block_rows, 128);
   // (G = 0 when Hq = 0: nothing is computed then, but no division by zero either)
   int64_t bq = std::max<int64_t>(1, std::min<int64_t>(std::max<int64_t>(N, 1), rows / std::max<int64_t>(p.G, 1)));
   while (bq > 16 && B * Hkv * ((N + bq - 1) / bq) < 2 * threads) bq = (bq + 1) / 2;
   p.block_q = bq;
-  p.block_k = env_int("PREFIX_KERNELS_CPU_BLOCK_K", p.G * bq <= 16 ? 512 : 128);
-  p.sgemm = blas().sgemm ? &sgemm : &aten_gemm<float>;
-  p.dgemm = blas().dgemm ? &dgemm : &aten_gemm<double>;
+  p.block_k = or_default(opt.block_k, p.G * bq <= 16 ? 512 : 128);
+  p.sgemm = use_mkl(opt) ? &sgemm : &aten_gemm<float>;
+  p.dgemm = use_mkl(opt) ? &dgemm : &aten_gemm<double>;
   return out;
 }
 
@@ -393,7 +436,7 @@ Chunks make_chunks(const Params& p, bool prefix_grads, int64_t acc_bytes) {
 // GEMMs of up to kCascadeRows stacked query rows (compute bound), then the per-row forward goes on
 // from the prefix's softmax state with each row's own keys. Its price: the state (B * Hq * N *
 // (Dv + 2) values) written and read back, and a second parallel region.
-// Cost model (PREFIX_KERNELS_CPU_CASCADE unset or "auto"), with r = B / (the number of distinct
+// Cost model (the option cascade=-1), with r = B / (the number of distinct
 // prefixes the rows use) the rows sharing a prefix and M_seen the sequence keys one query sees
 // (M, or about the window when that is shorter):
 //   - N <= kCascadeMaxN: decode-like. With more queries per row the per-row path already stacks
@@ -402,8 +445,8 @@ Chunks make_chunks(const Params& p, bool prefix_grads, int64_t acc_bytes) {
 //     nothing).
 //   - P * (1 - 1/r) >= M_seen / kCascadeMinGain: the prefix reads saved are a fair share of what a
 //     row reads anyway, else the gain does not pay for the extra pass.
-// PREFIX_KERNELS_CPU_CASCADE=1 takes the cascade whenever P > 0 (any N; for tests), =0 never.
-// PREFIX_KERNELS_CPU_CASCADE_ROWS / _BLOCK_K tune the chunks and tiles (kCascadeRows, kCascadeBlockK).
+// cascade=1 takes the cascade whenever P > 0 (any N; for tests), 0 never. The options
+// cascade_rows / cascade_block_k tune the chunks and tiles (default kCascadeRows, kCascadeBlockK).
 // Measured on the 2-core dev box (benchmarks/bench_cpu.py --preset shared-prefix-cpu, fp32, 2
 // threads; B=64, Hq=32, Hkv=8, N=1, M=64, D=128, one prefix for all rows): P=4096 ~25 ms against
 // ~60 ms with the prefix copied into every row's cache (~0.42; the per-row path on the shared
@@ -411,8 +454,8 @@ Chunks make_chunks(const Params& p, bool prefix_grads, int64_t acc_bytes) {
 // compute bound (its GEMMs at ~85% of what MKL reaches on 2 cores), the copy memory bound.
 constexpr int64_t kCascadeMaxN = 4;
 constexpr int64_t kCascadeMinGain = 8;
-constexpr int64_t kCascadeBlockK = 256;  // prefix keys per cascade tile (PREFIX_KERNELS_CPU_CASCADE_BLOCK_K)
-constexpr int64_t kCascadeRows = 256;  // stacked query rows per cascade task (PREFIX_KERNELS_CPU_CASCADE_ROWS)
+constexpr int64_t kCascadeBlockK = 256;  // prefix keys per cascade tile (option cascade_block_k)
+constexpr int64_t kCascadeRows = 256;  // stacked query rows per cascade task (option cascade_rows)
 
 std::atomic<int64_t> cascade_calls{0};  // forwards that took the cascade (cpu_cascade_calls, tests)
 
@@ -421,19 +464,9 @@ struct Cascade {
   int64_t max_rows = 0;
 };
 
-// "auto" (-1), "0" or "1" from PREFIX_KERNELS_CPU_CASCADE.
-int cascade_mode() {
-  const char* env = std::getenv("PREFIX_KERNELS_CPU_CASCADE");
-  if (env == nullptr || *env == '\0' || std::string(env) == "auto") return -1;
-  TORCH_CHECK(std::string(env) == "0" || std::string(env) == "1",
-              "prefix_kernels cpu: PREFIX_KERNELS_CPU_CASCADE must be 0, 1 or auto, got '", env, "'");
-  return env[0] - '0';
-}
-
-bool use_cascade(const Params& p, const std::vector<int64_t>& count) {
+bool use_cascade(const Params& p, const Options& opt, const std::vector<int64_t>& count) {
   if (p.P == 0 || p.B == 0) return false;
-  const int mode = cascade_mode();
-  if (mode >= 0) return mode == 1;
+  if (opt.cascade.has_value()) return *opt.cascade;
   int64_t used = 0;
   for (int64_t t = 0; t < p.T; ++t) used += count[t + 1] > 0;
   const double r = double(p.B) / double(used);
@@ -445,18 +478,18 @@ bool use_cascade(const Params& p, const std::vector<int64_t>& count) {
 // The rows ordered by prefix id, then row (a counting sort), and each prefix's rows cut into
 // balanced chunks of consecutive rows of at most kCascadeRows stacked query rows (at least one
 // row): from the shape and prefix_ids only. Empty when the cascade is not taken.
-Cascade plan_cascade(const Params& p) {
+Cascade plan_cascade(const Params& p, const Options& opt) {
   Cascade c;
   std::vector<int64_t> count(p.T + 1, 0);
   auto id = [&](int64_t b) { return p.ids != nullptr ? p.ids[b] : int64_t(0); };
   for (int64_t b = 0; b < p.B; ++b) ++count[id(b) + 1];
-  if (!use_cascade(p, count)) return c;
+  if (!use_cascade(p, opt, count)) return c;
   for (int64_t t = 0; t < p.T; ++t) count[t + 1] += count[t];
   c.rows.resize(p.B);
   std::vector<int64_t> first(count.begin(), count.end() - 1);
   for (int64_t b = 0; b < p.B; ++b) c.rows[first[id(b)]++] = b;
   const int64_t per_row = std::max<int64_t>(1, p.G * p.N);
-  const int64_t chunk = std::max<int64_t>(1, env_int("PREFIX_KERNELS_CPU_CASCADE_ROWS", kCascadeRows) / per_row);
+  const int64_t chunk = std::max<int64_t>(1, or_default(opt.cascade_rows, kCascadeRows) / per_row);
   c.off.push_back(0);
   for (int64_t t = 0; t < p.T; ++t) {
     const int64_t r0 = count[t], n = count[t + 1] - r0, k = (n + chunk - 1) / chunk;
@@ -470,7 +503,8 @@ Cascade plan_cascade(const Params& p) {
 
 // out [B, Hq, N, Dv] with q's dimension order in memory (HF's [B, N, H, D] storage stays free to
 // reshape): empty_like(q) when Dv = D, else dims ordered by q's strides, largest first (ties
-// keep the dims' order). The fake impl in cpu.py follows the same rule.
+// keep the dims' order). prefix_kernels/layout.py's new_out states the same rule for the fake
+// impls (tests/test_cpu_layout.py checks that the two agree).
 Tensor empty_out(const Tensor& q, int64_t Dv) {
   if (Dv == q.size(3)) return at::empty_like(q);
   std::array<int64_t, 4> order = {0, 1, 2, 3};
@@ -488,9 +522,11 @@ std::tuple<Tensor, Tensor> fwd_cpu(const Tensor& q, const Tensor& k, const Tenso
                                    const std::optional<Tensor>& key_padding_mask,
                                    const std::optional<Tensor>& prefix_ids, bool causal,
                                    double scale, std::optional<int64_t> sliding_window,
-                                   std::optional<double> softcap, const std::optional<Tensor>& sinks) {
+                                   std::optional<double> softcap, const std::optional<Tensor>& sinks,
+                                   at::IntArrayRef options) {
+  const Options opt = make_options(options);
   Prepared prep = prepare(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale,
-                          {sliding_window, softcap, sinks});
+                          {sliding_window, softcap, sinks}, opt);
   Params& p = prep.p;
   Tensor out = empty_out(q, p.Dv);
   Tensor lse = at::empty({p.B, p.Hq, p.N}, q.options().dtype(acc_type(q.scalar_type())));
@@ -498,19 +534,19 @@ std::tuple<Tensor, Tensor> fwd_cpu(const Tensor& q, const Tensor& k, const Tenso
   p.out = mut(out);
   p.lse = lse.data_ptr();
   const int64_t n_tasks = p.B * p.Hkv * ((p.N + p.block_q - 1) / p.block_q);
-  const bool avx2 = use_avx2();
-  const Cascade cascade = plan_cascade(p);
+  const bool avx2 = use_avx2(opt);
+  const Cascade plan = plan_cascade(p, opt);
   Tensor state;  // the cascade's softmax state after the prefix: m, l [B, Hq, N], o [B, Hq, N, Dv]
-  if (!cascade.rows.empty()) {
+  if (!plan.rows.empty()) {
     const int64_t n = p.B * p.Hq * p.N;
     state = at::empty({n * (p.Dv + 2)}, q.options().dtype(acc_type(q.scalar_type())));
     const int64_t elt = int64_t(state.element_size());
     p.cascade = true;
-    p.casc_block_k = env_int("PREFIX_KERNELS_CPU_CASCADE_BLOCK_K", kCascadeBlockK);
-    p.casc_n = int64_t(cascade.off.size()) - 1;
-    p.casc_max_rows = cascade.max_rows;
-    p.casc_rows = cascade.rows.data();
-    p.casc_off = cascade.off.data();
+    p.casc_block_k = or_default(opt.cascade_block_k, kCascadeBlockK);
+    p.casc_n = int64_t(plan.off.size()) - 1;
+    p.casc_max_rows = plan.max_rows;
+    p.casc_rows = plan.rows.data();
+    p.casc_off = plan.off.data();
     p.casc_m = state.data_ptr();
     p.casc_l = static_cast<char*>(state.data_ptr()) + n * elt;
     p.casc_o = static_cast<char*>(state.data_ptr()) + 2 * n * elt;
@@ -532,9 +568,10 @@ std::vector<Tensor> bwd_cpu(
     const Tensor& prefix_k, const Tensor& prefix_v, const Tensor& out, const Tensor& lse,
     const std::optional<Tensor>& key_padding_mask, const std::optional<Tensor>& prefix_ids,
     bool causal, double scale, c10::List<bool> output_mask, std::optional<int64_t> sliding_window,
-    std::optional<double> softcap, const std::optional<Tensor>& sinks) {
+    std::optional<double> softcap, const std::optional<Tensor>& sinks, at::IntArrayRef options) {
+  const Options opt = make_options(options);
   Prepared prep = prepare(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale,
-                          {sliding_window, softcap, sinks});
+                          {sliding_window, softcap, sinks}, opt);
   Params& p = prep.p;
   TORCH_CHECK(output_mask.size() == 5 || (output_mask.size() == 6 && sinks.has_value()),
               "prefix_kernels cpu: output_mask must hold 5 flags (dq, dk, dv, dprefix_k, dprefix_v), "
@@ -591,7 +628,7 @@ std::vector<Tensor> bwd_cpu(
     Tensor dpv_part = partials(p.dpv.data != nullptr, p.Dv);
     p.dpk_part = dpk_part.numel() > 0 ? dpk_part.data_ptr() : nullptr;
     p.dpv_part = dpv_part.numel() > 0 ? dpv_part.data_ptr() : nullptr;
-    const bool avx2 = use_avx2();
+    const bool avx2 = use_avx2(opt);
     if (p.dq.data || p.dk.data || p.dv.data || prefix_grads) {
       run_slots(p, p.n_chunks * p.Hkv, [&](int64_t s0, int64_t s1) {
         if (avx2) avx2::backward_slots(p, s0, s1);
@@ -633,18 +670,20 @@ std::vector<Tensor> bwd_cpu(
 }  // namespace
 }  // namespace prefix_kernels_cpu
 
+// Both ops end in the same options argument: the autograd formula (_autograd_common.py) hands
+// the forward's extra arguments to the backward as they are (the backward ignores the cascade's).
 TORCH_LIBRARY_FRAGMENT(prefix_kernels, m) {
   m.set_python_module("prefix_kernels.cpu");
   m.def(
       "fwd_cpu(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, "
       "Tensor? key_padding_mask, Tensor? prefix_ids, bool causal, float scale, "
-      "int? sliding_window=None, float? softcap=None, Tensor? sinks=None) -> (Tensor, Tensor)");
+      "int? sliding_window=None, float? softcap=None, Tensor? sinks=None, int[] options=[]) -> (Tensor, Tensor)");
   m.def(
       "bwd_cpu(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, "
       "Tensor out, Tensor lse, Tensor? key_padding_mask, Tensor? prefix_ids, bool causal, "
       "float scale, bool[] output_mask, int? sliding_window=None, float? softcap=None, "
-      "Tensor? sinks=None) -> Tensor[]");
-  m.def("cpu_build_info() -> str", &prefix_kernels_cpu::build_info);
+      "Tensor? sinks=None, int[] options=[]) -> Tensor[]");
+  m.def("cpu_build_info(int[] options=[]) -> str", &prefix_kernels_cpu::build_info);
   // forwards so far that took the cascade (shared-prefix decode), for tests
   m.def("cpu_cascade_calls() -> int", [] { return prefix_kernels_cpu::cascade_calls.load(); });
 }

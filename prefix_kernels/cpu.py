@@ -22,18 +22,31 @@ outside every query's window are skipped: the cost grows with the window, not th
 head dim of its own, softcapping (Gemma 2) and attention sinks (gpt-oss, differentiable).
 
 Kernel selection at run time (no -march=native: the binary runs on any x86-64): AVX2+FMA+F16C
-kernels when the CPU has them, else portable SSE2 ones (``PREFIX_KERNELS_CPU_ISA=base`` forces
-those); tile products use torch's own MKL when libtorch exports it, else ATen
-(``PREFIX_KERNELS_CPU_GEMM=aten`` forces ATen). Tuning knobs: ``PREFIX_KERNELS_CPU_ROWS`` (stacked
-query rows per task, default 128) and ``PREFIX_KERNELS_CPU_BLOCK_K`` (keys per tile, default 128,
-or 512 for few-row decode tiles). :func:`build_info` says which flavour runs.
+kernels when the CPU has them, else portable SSE2 ones; tile products use torch's own MKL when
+libtorch exports it, else ATen. :func:`build_info` says which flavour runs.
 
 Shared-prefix decode (the cascade, after Hydragen / FlashInfer): for decode-like calls (N <= 4)
 whose rows share prefixes (one prefix, or a bank with several rows per prefix) the prefix part is
 computed once per (prefix, kv head) as a matrix product of all those rows' queries, then each row's
-own keys, merged through the softmax state; a cost model in csrc/prefix_attention.cpp decides
-(``PREFIX_KERNELS_CPU_CASCADE=0/1`` forces it off/on, ``PREFIX_KERNELS_CPU_CASCADE_ROWS``: stacked
-query rows per cascade task, default 256); :func:`cascade_calls` counts the forwards that took it.
+own keys, merged through the softmax state; a cost model in csrc/prefix_attention.cpp decides;
+:func:`cascade_calls` counts the forwards that took it.
+
+The op's switches (:class:`CPUOptions`) are arguments of the op; the C++ code reads no environment
+variable. This module reads the variables below once, when it is imported, into
+:data:`ENV_OPTIONS`, the options of every call that passes none (``prefix_attention`` on CPU
+tensors); a value that is not allowed raises a ValueError naming the variable.
+
+    PREFIX_KERNELS_CPU_ISA=auto|base        isa: "base" forces the portable kernels (tests)
+    PREFIX_KERNELS_CPU_GEMM=auto|aten       gemm: "aten" sends tile products through ATen, not MKL
+    PREFIX_KERNELS_CPU_CASCADE=auto|0|1     cascade: 0 never, 1 whenever P > 0, auto the cost model
+    PREFIX_KERNELS_CPU_ROWS=n               block_rows: stacked query rows per task (default 128)
+    PREFIX_KERNELS_CPU_BLOCK_K=n            block_k: keys per tile (default 128, or 512 for
+                                            few-row decode tiles)
+    PREFIX_KERNELS_CPU_CASCADE_ROWS=n       cascade_rows: stacked query rows per cascade task (256)
+    PREFIX_KERNELS_CPU_CASCADE_BLOCK_K=n    cascade_block_k: prefix keys per cascade tile (256)
+
+An unset or empty variable means the default. The build itself reads ``PREFIX_KERNELS_BUILD_DIR``,
+``PREFIX_KERNELS_BUILD_TIMEOUT`` and ``PREFIX_KERNELS_DISABLE_CPU_EXT`` (above) when it runs.
 """
 
 from __future__ import annotations
@@ -45,7 +58,9 @@ import sys
 import threading
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 try:
     import fcntl
@@ -55,6 +70,7 @@ except ImportError:  # not POSIX: no inter-process build lock beyond torch's own
 import torch
 
 from prefix_kernels import _autograd_common
+from prefix_kernels.layout import new_out
 
 _SOURCES = ("prefix_attention.cpp", "kernel_base.cpp", "kernel_avx2.cpp")
 _HEADERS = ("kernel_common.h", "kernel_impl.h")
@@ -65,6 +81,98 @@ if sys.platform.startswith("linux"):
     # to the copy torch already loaded (same soname), so torch.set_num_threads applies.
     _CFLAGS.append("-fopenmp")
     _LDFLAGS.append("-fopenmp")
+
+
+@dataclass(frozen=True)
+class CPUOptions:
+    """The C++ op's switches, passed to it as arguments on every call (the op's schema: csrc/
+    prefix_attention.cpp). None and "auto" leave the choice to the op.
+
+    isa: "auto" (AVX2+FMA+F16C kernels when the CPU has them) or "base" (the portable kernels).
+    gemm: "auto" (torch's own MKL when libtorch exports it) or "aten" (at::cpu::addmm_out).
+    cascade: the shared-prefix cascade; None: the cost model, False: never, True: whenever P > 0.
+    block_rows, block_k: stacked query rows per task (128) and keys per tile (128; 512 for
+        few-row decode tiles).
+    cascade_rows, cascade_block_k: stacked query rows per cascade task (256) and prefix keys per
+        cascade tile (256).
+    """
+
+    isa: str = "auto"
+    gemm: str = "auto"
+    cascade: bool | None = None
+    block_rows: int | None = None
+    block_k: int | None = None
+    cascade_rows: int | None = None
+    cascade_block_k: int | None = None
+
+    def __post_init__(self):
+        for name, allowed in (("isa", ("auto", "base")), ("gemm", ("auto", "aten"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"CPUOptions.{name} must be one of {', '.join(map(repr, allowed))}, "
+                                 f"got {getattr(self, name)!r}")
+        if self.cascade not in (None, False, True):
+            raise ValueError(f"CPUOptions.cascade must be None, False or True, got {self.cascade!r}")
+        for name in _SIZES:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"CPUOptions.{name} must be an int >= 1 or None, got {value!r}")
+
+    def op_arg(self) -> tuple[int, ...]:
+        """The op's ``options`` argument: the ints (isa, gemm, cascade, block_rows, block_k,
+        cascade_rows, cascade_block_k) (csrc/prefix_attention.cpp, OptionIndex: isa 1 = "base",
+        gemm 1 = "aten", cascade -1 = None, a size 0 = None), or () when every option is its
+        default."""
+        cascade = -1 if self.cascade is None else int(self.cascade)
+        values = (int(self.isa == "base"), int(self.gemm == "aten"), cascade,
+                  *(getattr(self, name) or 0 for name in _SIZES))
+        return () if values == _DEFAULT_OP_VALUES else values
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> "CPUOptions":
+        """The options the PREFIX_KERNELS_CPU_* variables of ``environ`` set (module docstring)."""
+        fields = {}
+        for field, (variable, parse, expected) in _ENV_VARIABLES.items():
+            text = environ.get(variable, "")
+            if text:
+                try:
+                    fields[field] = parse(text)
+                except (KeyError, ValueError):
+                    raise ValueError(f"{variable} must be {expected}, got {text!r}") from None
+        return cls(**fields)
+
+
+_SIZES = ("block_rows", "block_k", "cascade_rows", "cascade_block_k")
+_DEFAULT_OP_VALUES = (0, 0, -1, 0, 0, 0, 0)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+def _choice(*allowed: str):
+    def parse(text: str) -> str:
+        if text not in allowed:
+            raise ValueError(text)
+        return text
+    return parse
+
+
+# CPUOptions field: (environment variable, parser of its text, what the text must be)
+_ENV_VARIABLES = {
+    "isa": ("PREFIX_KERNELS_CPU_ISA", _choice("auto", "base"), "auto or base"),
+    "gemm": ("PREFIX_KERNELS_CPU_GEMM", _choice("auto", "aten"), "auto or aten"),
+    "cascade": ("PREFIX_KERNELS_CPU_CASCADE", {"auto": None, "0": False, "1": True}.__getitem__, "0, 1 or auto"),
+    "block_rows": ("PREFIX_KERNELS_CPU_ROWS", _positive, "a positive integer"),
+    "block_k": ("PREFIX_KERNELS_CPU_BLOCK_K", _positive, "a positive integer"),
+    "cascade_rows": ("PREFIX_KERNELS_CPU_CASCADE_ROWS", _positive, "a positive integer"),
+    "cascade_block_k": ("PREFIX_KERNELS_CPU_CASCADE_BLOCK_K", _positive, "a positive integer"),
+}
+
+ENV_OPTIONS = CPUOptions.from_env()  # read once: the options of every call that passes none
+_ENV_OP_ARG = ENV_OPTIONS.op_arg()
 
 _lock = threading.Lock()
 _state: dict = {"tried": False, "ok": False, "reason": "the C++ CPU op has not been built yet"}
@@ -245,11 +353,12 @@ def unavailable_reason() -> str:
     return _state["reason"]
 
 
-def build_info() -> str:
-    """Kernel flavour in use, e.g. "isa=avx2 gemm=mkl threads=2" (builds on first use)."""
+def build_info(options: CPUOptions | None = None) -> str:
+    """The kernel flavour calls with ``options`` (default :data:`ENV_OPTIONS`) run, e.g.
+    "isa=avx2 gemm=mkl threads=2" (builds on first use)."""
     if not is_available():
         return f"unavailable: {unavailable_reason()}"
-    return torch.ops.prefix_kernels.cpu_build_info()
+    return torch.ops.prefix_kernels.cpu_build_info(_ENV_OP_ARG if options is None else options.op_arg())
 
 
 def cascade_calls() -> int:
@@ -258,8 +367,8 @@ def cascade_calls() -> int:
     The cascade (csrc/prefix_attention.cpp, ``plan_cascade``) computes the prefix part of decode-like
     calls once per (prefix, kv head, chunk of up to 256 stacked query rows) as one matrix product of
     all the rows that share the prefix, then each row's own keys, merged through the softmax state.
-    ``PREFIX_KERNELS_CPU_CASCADE=1`` forces it whenever P > 0, ``=0`` turns it off, unset or ``auto``
-    leaves it to the cost model.
+    ``CPUOptions(cascade=True)`` forces it whenever P > 0, ``False`` turns it off, None (the
+    default) leaves it to the cost model.
     """
     if not is_available():
         return 0
@@ -275,23 +384,15 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _empty_out(q, dv):
-    """out [B, Hq, N, Dv] laid out like q (the C++ op's empty_out: q's dims ordered by stride)."""
-    if dv == q.shape[-1]:
-        return torch.empty_like(q)
-    order = sorted(range(4), key=lambda d: -q.stride(d))  # stable: ties keep the dims' order
-    out = q.new_empty([dv if d == 3 else q.shape[d] for d in order])
-    return out.permute([order.index(d) for d in range(4)])
-
-
+# The options (CPUOptions.op_arg) change no output's layout.
 def _fwd_fake(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale,
-              sliding_window=None, softcap=None, sinks=None):
+              sliding_window=None, softcap=None, sinks=None, options=()):
     lse = q.new_empty(q.shape[:3], dtype=_acc_dtype(q.dtype))
-    return _empty_out(q, v.shape[-1]), lse
+    return new_out(q, v.shape[-1]), lse
 
 
 def _bwd_fake(grad_out, q, k, v, prefix_k, prefix_v, out, lse, key_padding_mask, prefix_ids,
-              causal, scale, output_mask, sliding_window=None, softcap=None, sinks=None):
+              causal, scale, output_mask, sliding_window=None, softcap=None, sinks=None, options=()):
     like = (q, k, v, prefix_k, prefix_v, sinks)
     return [torch.empty_like(t) if need else q.new_empty((0,)) for t, need in zip(like, output_mask)]
 
@@ -312,27 +413,30 @@ def _register_python_side() -> None:
 
 
 class PrefixAttentionCPU(torch.autograd.Function):
-    """out, lse = fwd_cpu(...); backward runs bwd_cpu for exactly the needed gradients."""
+    """out, lse = fwd_cpu(...); backward runs bwd_cpu for exactly the needed gradients (with the
+    forward's options, which _autograd_common hands on among the extra arguments). A fixed
+    signature: autograd binds apply's arguments to it on every call, a ``*args`` one costs more."""
 
     @staticmethod
     def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale,
-                sliding_window, softcap, sinks):
+                sliding_window, softcap, sinks, options):
         return torch.ops.prefix_kernels.fwd_cpu(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids,
-                                                causal, scale, sliding_window, softcap, sinks)
+                                                causal, scale, sliding_window, softcap, sinks, options)
 
     setup_context = staticmethod(_autograd_common.save)
     backward = staticmethod(_backward)
 
 
 def prefix_attention_cpu(q, k, v, prefix_k, prefix_v, *, causal, scale, key_padding_mask, prefix_ids,
-                         sliding_window=None, softcap=None, sinks=None):
+                         sliding_window=None, softcap=None, sinks=None, options: CPUOptions | None = None):
     """(out [B, Hq, N, Dv] in q's dtype, lse [B, Hq, N] fp32 natural log, detached) from the C++ op.
 
     Inputs are validated by ``functional.validate_inputs``; ``scale`` is a float. The semantics of
     ``sliding_window`` (int >= 1), ``softcap`` (float > 0) and ``sinks`` ([Hq], q's dtype or fp32)
     are those of :func:`prefix_kernels.reference.prefix_attention_reference`; v / prefix_v may have
     their own head dim Dv. Differentiable in q, k, v, prefix_k, prefix_v and sinks (only the
-    gradients that are needed are computed).
+    gradients that are needed are computed). ``options``: the op's switches, default
+    :data:`ENV_OPTIONS` (the environment's, read at import).
     """
     if not is_available():
         raise RuntimeError(f"the C++ CPU op is unavailable: {unavailable_reason()}")
@@ -340,5 +444,6 @@ def prefix_attention_cpu(q, k, v, prefix_k, prefix_v, *, causal, scale, key_padd
         q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, bool(causal), float(scale),
         None if sliding_window is None else int(sliding_window),
         None if softcap is None else float(softcap), sinks,
+        _ENV_OP_ARG if options is None else options.op_arg(),
     )
     return out, lse.detach().float()

@@ -207,6 +207,30 @@ def test_default_out_dir_is_a_run_folder_like_the_cli(tmp_path, monkeypatch):
     assert json.loads((run / slug / f"attention_{slug}.json").read_text())[0]["status"] == "ok"
 
 
+
+def test_benchmarking_imports_nothing_from_the_cli():
+    """The layers run one way: the CLI uses benchmarking, benchmarking never imports the CLI (the
+    run folder's name comes from prefix_kernels.runs, as the CLI's)."""
+    package = ROOT / "prefix_kernels" / "benchmarking"
+    for path in package.glob("*.py"):
+        assert "prefix_kernels.cli" not in path.read_text(), path.name
+
+
+def test_dtype_names():
+    """run_kernel_bench's dtype: a name of the one table (prefix_kernels.dtypes) or a torch.dtype."""
+    from prefix_kernels.dtypes import resolve_dtype
+
+    assert resolve_dtype("bf16") is resolve_dtype("bfloat16") is resolve_dtype("torch.bfloat16") is torch.bfloat16
+    assert resolve_dtype(torch.float16) is torch.float16
+    assert resolve_dtype("fp32", ("float32",)) is torch.float32
+    with pytest.raises(ValueError, match="dtype must be one of float16, bfloat16, float32, float64, got 'int8'"):
+        resolve_dtype("int8")
+    with pytest.raises(ValueError, match="dtype must be one of bfloat16, float16, float32, got torch.float64"):
+        resolve_dtype(torch.float64, ("bfloat16", "float16", "float32"))
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        run_kernel_bench(device="cpu", shapes=TINY[:1], dtype="half-ish", out_dir=None, log=None)
+
+
 def _load(path: Path):
     spec = importlib.util.spec_from_file_location(f"_bench_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)

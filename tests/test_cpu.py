@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -84,33 +85,118 @@ def test_float64_matches_reference(ext):
                             torch.float64)
 
 
-def test_portable_kernels_match(ext, monkeypatch):
-    """The non-AVX2 build of the kernels (picked per call from PREFIX_KERNELS_CPU_ISA)."""
-    monkeypatch.setenv("PREFIX_KERNELS_CPU_ISA", "base")
-    assert "isa=base" in cpu.build_info()
+def cpu_op(q, k, v, prefix_k, prefix_v, *, scale=None, return_lse=True, **kwargs):
+    """(out, lse) of ``cpu.prefix_attention_cpu`` (which takes ``options``), called as
+    check_against_reference calls prefix_attention."""
+    assert return_lse, "the C++ op always returns (out, lse)"
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return cpu.prefix_attention_cpu(q, k, v, prefix_k, prefix_v, scale=scale, **kwargs)
+
+
+def test_portable_kernels_match(ext):
+    """The non-AVX2 build of the kernels (CPUOptions(isa="base"), picked per call)."""
+    options = cpu.CPUOptions(isa="base")
+    assert "isa=base" in cpu.build_info(options)
+    fn = functools.partial(cpu_op, options=options)
     for case in (CASES["GQA 4:1"], CASES["non-contiguous"], LARGE["decode long"]):
-        check_against_reference(cpu_attention, case, torch.float32)
-    check_against_reference(cpu_attention, CASES["prefix_ids T=3"], torch.bfloat16)
-    check_against_reference(cpu_attention, CASES["MQA"], torch.float16)
+        check_against_reference(fn, case, torch.float32)
+    check_against_reference(fn, CASES["prefix_ids T=3"], torch.bfloat16)
+    check_against_reference(fn, CASES["MQA"], torch.float16)
 
 
 def test_aten_gemm_path_matches(ext):
-    """With PREFIX_KERNELS_CPU_GEMM=aten (read once per process) tile products go through ATen."""
+    """With CPUOptions(gemm="aten") tile products go through ATen (picked per call)."""
+    options = cpu.CPUOptions(gemm="aten")
+    assert "gemm=aten" in cpu.build_info(options), cpu.build_info(options)
+    fn = functools.partial(cpu_op, options=options)
+    check_against_reference(fn, Case(heads=4, kv_heads=2, padding="left", n_prefixes=2, batch=3), torch.float32)
+    check_against_reference(fn, Case(heads=4, kv_heads=2, strided=True), torch.float64)
+
+
+# ---------------------------------------------------------------- options and the environment
+
+def test_environment_is_read_once_at_import(ext):
+    """The PREFIX_KERNELS_CPU_* variables become cpu.ENV_OPTIONS when cpu.py is imported, the
+    options of every call that passes none; changing the environment later changes nothing."""
     result = _run(
         """
-        import functools, torch
+        import os, torch
         from prefix_kernels import cpu, prefix_attention
-        from helpers import Case, check_against_reference
+        from helpers import Case
+        want = cpu.CPUOptions(isa="base", gemm="aten", cascade=True, block_rows=32, block_k=16,
+                              cascade_rows=8, cascade_block_k=64)
+        assert cpu.ENV_OPTIONS == want, cpu.ENV_OPTIONS
         assert cpu.is_available(), cpu.unavailable_reason()
-        assert "gemm=aten" in cpu.build_info(), cpu.build_info()
-        fn = functools.partial(prefix_attention, backend="cpu")
-        check_against_reference(fn, Case(heads=4, kv_heads=2, padding="left", n_prefixes=2, batch=3), torch.float32)
-        check_against_reference(fn, Case(heads=4, kv_heads=2, strided=True), torch.float64)
+        assert "isa=base gemm=aten" in cpu.build_info(), cpu.build_info()
+        q, k, v, pk, pv, _, _ = Case(batch=4, n_queries=20, n_keys=20).make(torch.float32, "cpu")
+        ref = prefix_attention(q, k, v, pk, pv, backend="reference")
+        for cascade in ("1", "0"):  # the environment changed after the import: not read again
+            os.environ["PREFIX_KERNELS_CPU_CASCADE"] = cascade
+            before = cpu.cascade_calls()
+            out = prefix_attention(q, k, v, pk, pv, backend="cpu")
+            assert cpu.cascade_calls() == before + 1  # N = 20: only a forced cascade takes it
+            assert (out - ref).abs().max() < 1e-5
         print("ok")
         """,
-        PREFIX_KERNELS_CPU_GEMM="aten",
+        PREFIX_KERNELS_CPU_ISA="base", PREFIX_KERNELS_CPU_GEMM="aten", PREFIX_KERNELS_CPU_CASCADE="1",
+        PREFIX_KERNELS_CPU_ROWS="32", PREFIX_KERNELS_CPU_BLOCK_K="16", PREFIX_KERNELS_CPU_CASCADE_ROWS="8",
+        PREFIX_KERNELS_CPU_CASCADE_BLOCK_K="64",
     )
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("variable, value, expected", [
+    ("PREFIX_KERNELS_CPU_ISA", "avx512", "auto or base"),
+    ("PREFIX_KERNELS_CPU_GEMM", "mkl", "auto or aten"),
+    ("PREFIX_KERNELS_CPU_CASCADE", "on", "0, 1 or auto"),
+    ("PREFIX_KERNELS_CPU_ROWS", "0", "a positive integer"),
+    ("PREFIX_KERNELS_CPU_BLOCK_K", "big", "a positive integer"),
+])
+def test_bad_environment_names_the_variable(variable, value, expected):
+    with pytest.raises(ValueError, match=f"{variable} must be {expected}, got '{value}'"):
+        cpu.CPUOptions.from_env({variable: value})
+
+
+def test_empty_environment_is_the_defaults():
+    assert cpu.CPUOptions.from_env({}) == cpu.CPUOptions()
+    assert cpu.CPUOptions.from_env({"PREFIX_KERNELS_CPU_ROWS": ""}) == cpu.CPUOptions()
+    assert cpu.CPUOptions().op_arg() == ()  # the schema's default
+    assert cpu.CPUOptions(cascade=False, block_k=64).op_arg() == (0, 0, 0, 0, 64, 0, 0)
+    assert cpu.CPUOptions(isa="base", gemm="aten", cascade_rows=8).op_arg() == (1, 1, -1, 0, 0, 8, 0)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("isa", "avx2", "CPUOptions.isa must be one of 'auto', 'base', got 'avx2'"),
+    ("gemm", None, "CPUOptions.gemm must be one of 'auto', 'aten', got None"),
+    ("cascade", "1", "CPUOptions.cascade must be None, False or True, got '1'"),
+    ("block_k", 0, "CPUOptions.block_k must be an int >= 1 or None, got 0"),
+    ("cascade_rows", 2.5, "CPUOptions.cascade_rows must be an int >= 1 or None, got 2.5"),
+])
+def test_bad_options_name_the_field(field, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        cpu.CPUOptions(**{field: value})
+
+
+def test_op_checks_its_options(ext):
+    """The op's own checks, for callers of torch.ops.prefix_kernels.fwd_cpu / bwd_cpu."""
+    q, k, v, pk, pv, _, _ = Case().make(torch.float32, "cpu", requires_grad=False)
+    op = torch.ops.prefix_kernels.fwd_cpu
+    with pytest.raises(RuntimeError, match=r"options\[0\] is isa \(0 or 1\), got 2"):
+        op(q, k, v, pk, pv, None, None, True, 0.3, options=[2, 0, -1, 0, 0, 0, 0])
+    with pytest.raises(RuntimeError, match=r"options\[2\] is cascade \(-1, 0 or 1\), got 3"):
+        op(q, k, v, pk, pv, None, None, True, 0.3, options=[0, 0, 3, 0, 0, 0, 0])
+    with pytest.raises(RuntimeError, match=r"options\[4\] is block_k \(>= 0\), got -2"):
+        op(q, k, v, pk, pv, None, None, True, 0.3, options=[0, 0, -1, 0, -2, 0, 0])
+    with pytest.raises(RuntimeError, match=r"options must hold 7 ints \(isa, gemm, cascade, .*\) or none, got 2"):
+        op(q, k, v, pk, pv, None, None, True, 0.3, options=[1, 1])
+
+
+def test_tile_options_match_reference(ext):
+    """Tiny blocks (block_rows=4: one query per task for G=4; block_k=3: ragged key tiles) are the
+    same attention."""
+    fn = functools.partial(cpu_op, options=cpu.CPUOptions(block_rows=4, block_k=3))
+    check_against_reference(fn, CASES["N=113 M>N (cache) P=37"], torch.float32)
+    check_against_reference(fn, CASES["GQA 4:1"], torch.float32)
 
 
 # ---------------------------------------------------------------- edge cases
@@ -270,6 +356,21 @@ def _op_args(requires_grad: bool, with_mask: bool):
 def test_opcheck_fwd(ext, with_mask):
     q, k, v, pk, pv, mask, ids = _op_args(True, with_mask)
     torch.library.opcheck(torch.ops.prefix_kernels.fwd_cpu.default, (q, k, v, pk, pv, mask, ids, True, 0.35))
+
+
+def test_opcheck_with_options(ext):
+    """The options travel through the fakes and the registered autograd: a forced cascade on a
+    shared-prefix decode, the portable kernels and ATen GEMMs in the backward."""
+    q, k, v, pk, pv, mask, ids = Case(batch=4, heads=4, kv_heads=2, n_queries=1, n_keys=7, n_prefix=9,
+                                      head_dim=8, padding="left").make(torch.float32, "cpu")
+    options = cpu.CPUOptions(isa="base", gemm="aten", cascade=True, block_k=4, cascade_rows=2).op_arg()
+    args = (q, k, v, pk, pv, mask, ids, True, 0.35, None, None, None, options)
+    torch.library.opcheck(torch.ops.prefix_kernels.fwd_cpu.default, args)
+    out, lse = torch.ops.prefix_kernels.fwd_cpu(*(t.detach() if isinstance(t, torch.Tensor) else t for t in args))
+    bwd_args = (torch.randn_like(out), *(t.detach() for t in (q, k, v, pk, pv)), out, lse, mask, ids, True, 0.35,
+                [True] * 5, None, None, None, options)
+    torch.library.opcheck(torch.ops.prefix_kernels.bwd_cpu.default, bwd_args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
 @pytest.mark.parametrize("with_mask", [False, True])

@@ -1,4 +1,4 @@
-"""The C++ CPU op's model-family features (issue 13) against the fp64 reference:
+"""The C++ CPU op's model-family features against the fp64 reference:
 sliding windows (Mistral, Gemma 2, gpt-oss), a value head dim of its own, softcapping (Gemma 2)
 and attention sinks (gpt-oss), alone and combined.
 
@@ -11,12 +11,8 @@ say: only the needed gradients, out's layout, saturated logits, thread counts, t
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
+import functools
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,8 +20,6 @@ import torch
 from prefix_kernels import cpu
 from prefix_kernels.reference import prefix_attention_reference
 from helpers import Case, check_against_reference, max_err, need
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # the problem most tests vary: GQA 4:2, M > N (a cache), a prefix of 5
 BASE = Case(heads=4, kv_heads=2, n_queries=24, n_keys=40, n_prefix=5, head_dim=16)
@@ -44,9 +38,11 @@ def cpu_op(q, k, v, prefix_k, prefix_v, *, scale=None, return_lse=True, **kwargs
     return cpu.prefix_attention_cpu(q, k, v, prefix_k, prefix_v, scale=scale, **kwargs)
 
 
-def check(case: Case, dtype=torch.float32, seed=0, **features):
-    """check_against_reference of the op on CPU tensors; (out, grads of q..prefix_v[, sinks])."""
-    return check_against_reference(cpu_op, case, dtype, seed=seed, device="cpu", **features)
+def check(case: Case, dtype=torch.float32, seed=0, options=None, **features):
+    """check_against_reference of the op (with ``options``, a cpu.CPUOptions) on CPU tensors; (out,
+    grads of q..prefix_v[, sinks])."""
+    fn = cpu_op if options is None else functools.partial(cpu_op, options=options)
+    return check_against_reference(fn, case, dtype, seed=seed, device="cpu", **features)
 
 
 def draw(case: Case, dtype=torch.float32, seed=0, requires_grad=True, sliding_window=None, softcap=None,
@@ -211,9 +207,9 @@ FAMILIES = {
 }
 
 
-def check_family(name, dtype=torch.float32, **changes):
+def check_family(name, dtype=torch.float32, options=None, **changes):
     case, features = FAMILIES[name]
-    return check(replace(case, **changes), dtype, **features)
+    return check(replace(case, **changes), dtype, options=options, **features)
 
 
 def draw_family(name, requires_grad=True, **changes):
@@ -227,30 +223,20 @@ def test_model_families(family, dtype):
     check_family(family, dtype)
 
 
-def test_portable_kernels(monkeypatch):
-    """The non-AVX2 build of the kernels (picked per call from PREFIX_KERNELS_CPU_ISA)."""
-    monkeypatch.setenv("PREFIX_KERNELS_CPU_ISA", "base")
-    assert "isa=base" in cpu.build_info()
-    check_family("everything")
-    check_family("gpt-oss decode")
+def test_portable_kernels():
+    """The non-AVX2 build of the kernels (CPUOptions(isa="base"), picked per call)."""
+    options = cpu.CPUOptions(isa="base")
+    assert "isa=base" in cpu.build_info(options)
+    check_family("everything", options=options)
+    check_family("gpt-oss decode", options=options)
 
 
 def test_aten_gemm_path():
-    """With PREFIX_KERNELS_CPU_GEMM=aten (read once per process) tile products go through ATen."""
-    code = textwrap.dedent("""
-        import torch
-        from prefix_kernels import cpu
-        from test_cpu_features import check_family
-        assert "gemm=aten" in cpu.build_info(), cpu.build_info()
-        check_family("everything")
-        check_family("gemma2", torch.float64)
-        print("ok")
-        """)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
-           "PREFIX_KERNELS_CPU_GEMM": "aten"}
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+    """With CPUOptions(gemm="aten") tile products go through ATen (picked per call)."""
+    options = cpu.CPUOptions(gemm="aten")
+    assert "gemm=aten" in cpu.build_info(options), cpu.build_info(options)
+    check_family("everything", options=options)
+    check_family("gemma2", torch.float64, options=options)
 
 
 def test_bit_identical_across_thread_counts():

@@ -50,22 +50,11 @@ from prefix_kernels.benchmarking.kernels import (
 from prefix_kernels.benchmarking.metadata import device_name
 from prefix_kernels.benchmarking.report import RowWriter, finish_report, report_stem
 from prefix_kernels.benchmarking.shapes import AUTO, PRESET_TABLE, gpu_sized, presets_help
+from prefix_kernels.dtypes import KERNEL_DTYPES, resolve_dtype
+from prefix_kernels.runs import run_dir
 
 __all__ = ["PRESETS", "PRESET_TABLE", "PROVIDERS", "BenchInterrupted", "Provider", "Shape", "environment", "flops",
            "kv_bytes", "main", "run_kernel_bench", "time_ms"]
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def _dtype(value) -> torch.dtype:
-    if isinstance(value, torch.dtype):
-        return value
-    try:
-        return _DTYPES[str(value).replace("torch.", "")]
-    except KeyError:
-        raise ValueError(f"dtype must be one of float32, float16, bfloat16, got {value!r}") from None
-
 
 class _RunFolder:
     """run_kernel_bench's default ``out_dir``: a new ``runs/bench-<date>-<time>/``, as the CLI's."""
@@ -122,15 +111,13 @@ def run_kernel_bench(
     threads: torch.set_num_threads for the run (CPU).
     """
     if out_dir is _RUN_FOLDER:
-        from prefix_kernels.cli.common import run_dir
-
         out_dir = run_dir("bench")  # named when the run starts, as the CLI's
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' requested but CUDA is not available")
     if device.type not in ("cuda", "cpu"):
         raise ValueError(f"device must be cuda or cpu, got {device}")
-    dtype = _dtype(dtype) if dtype is not None else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = resolve_dtype(dtype) if dtype is not None else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if shapes is not None:
         shape_list = [Shape.parse(s) if isinstance(s, str) else s for s in shapes]
     else:
@@ -188,7 +175,7 @@ def build_parser(prog: str = "prefix-kernels bench") -> argparse.ArgumentParser:
                         help="a custom shape instead of the preset (repeatable; N=1 < M is a decode shape; "
                              "a wW suffix adds a sliding window of W keys, e.g. 1x8x2x2048x2048x64x64w512)")
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
-    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+    parser.add_argument("--dtype", choices=KERNEL_DTYPES, default=None,
                         help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--out", type=Path, default=None,
                         help="output directory (files go to OUT/<device>/; default runs/bench-<date>-<time>/)")
@@ -235,8 +222,6 @@ def main(argv: Sequence[str] | None = None, prog: str = "prefix-kernels bench") 
         if too_big:
             print(f"{prog}: warning: preset {', '.join(too_big)} is sized for a CUDA GPU; running it on the CPU "
                   "(--force)", file=sys.stderr)
-    from prefix_kernels.cli.common import run_dir
-
     try:
         rows = run_kernel_bench(
             args.preset, device=device, dtype=args.dtype, out_dir=run_dir("bench", args.out),

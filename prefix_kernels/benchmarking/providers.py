@@ -37,8 +37,8 @@ i - W < j <= i, the prefix always visible) a provider is called ``fn(..., window
 A provider that is not available (CPU, package missing, dtype, a window it cannot express) gives
 rows with status "skipped" and the reason in ``error``.
 
-Two more, for the shared-prefix decode comparison (issue 16; by name only, not among the default
-"all" providers, :data:`EXTRA_PROVIDERS`):
+Two more, for the shared-prefix decode comparison (by name only, not among the default "all"
+providers, :data:`EXTRA_PROVIDERS`):
 
     ours_prefix_in_cache  ours with the prefix copied into every row's KV cache (torch.cat once per
                           input tensors, outside the timing; on every call when gradients are
@@ -49,9 +49,8 @@ Two more, for the shared-prefix decode comparison (issue 16; by name only, not a
 
 from __future__ import annotations
 
-import os
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
 
 import torch
@@ -149,20 +148,23 @@ def ours_prefix_in_cache(q, k, v, prefix_k, prefix_v):
 
 
 def ours_no_cascade(q, k, v, prefix_k, prefix_v, window=None):
-    """ours with the shared-prefix cascade turned off: the C++ op's (PREFIX_KERNELS_CPU_CASCADE=0)
-    and the Triton decode's (override_configs(shared_prefix_decode=False))."""
+    """ours with the shared-prefix cascade turned off: on CPU the C++ op with
+    ``CPUOptions(cascade=False)`` (the environment's other options kept), on CUDA the Triton decode
+    under ``override_configs(shared_prefix_decode=False)``; the reference (no cascade to turn off)
+    when the C++ op could not be built."""
+    if q.device.type == "cpu":
+        from prefix_kernels import cpu
+
+        if not cpu.is_available():
+            return ours(q, k, v, prefix_k, prefix_v, window)
+        out, _ = cpu.prefix_attention_cpu(
+            q, k, v, prefix_k, prefix_v, causal=True, scale=q.shape[-1] ** -0.5, key_padding_mask=None,
+            prefix_ids=None, sliding_window=window, options=replace(cpu.ENV_OPTIONS, cascade=False))
+        return out
     from prefix_kernels.kernels.configs import override_configs
 
-    previous = os.environ.get("PREFIX_KERNELS_CPU_CASCADE")
-    os.environ["PREFIX_KERNELS_CPU_CASCADE"] = "0"
-    try:
-        with override_configs(shared_prefix_decode=False):
-            return ours(q, k, v, prefix_k, prefix_v, window)
-    finally:
-        if previous is None:
-            del os.environ["PREFIX_KERNELS_CPU_CASCADE"]
-        else:
-            os.environ["PREFIX_KERNELS_CPU_CASCADE"] = previous
+    with override_configs(shared_prefix_decode=False):
+        return ours(q, k, v, prefix_k, prefix_v, window)
 
 
 _flex_state: dict = {"compiled": None, "masks": {}}

@@ -1,17 +1,13 @@
-"""What the subcommands share: the run folder every output goes under, user errors (bad
-arguments, data or paths) printed as one line ``prefix-kernels <command>: error: ...`` with exit
-status 2 -- tracebacks are left for bugs -- and the generations listing of demo and train."""
+"""What the subcommands share: the help for the run folder every output goes under (named by
+prefix_kernels.runs), user errors (bad arguments, data or paths) printed as one line
+``prefix-kernels <command>: error: ...`` with exit status 2 -- tracebacks are left for bugs -- and
+the generations listing of demo and train."""
 
 from __future__ import annotations
 
 import argparse
 import functools
 import sys
-import time
-from pathlib import Path
-
-RUNS = Path("runs")
-
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """``--help`` with each option's default, where it has one worth showing: not a flag's False, not
@@ -71,11 +67,6 @@ def apply_threads(threads: int | None) -> None:
         return
     require(threads >= 1, f"--threads must be >= 1, got {threads}")
     torch.set_num_threads(threads)
-
-
-def run_dir(command: str, out: str | Path | None = None) -> Path:
-    """``out`` when given, else ``runs/<command>-<YYYYmmdd-HHMMSS>/`` under the current directory."""
-    return Path(out) if out is not None else RUNS / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def out_help(command: str) -> str:

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from prefix_kernels.cli.common import (add_threads_argument, apply_threads, check_device, out_help, print_generations,
-                                       require, run_dir, user_errors)
+                                       require, user_errors)
+from prefix_kernels.runs import run_dir
 
 EVAL_POINTS = 4  # held-out evaluations over the run after the one at step 0
 INSTRUCTION = "Write one fluent sentence that describes the restaurant using every attribute listed."

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from prefix_kernels.cli.common import UserError, check_device, out_help, require, run_dir, user_errors
+from prefix_kernels.cli.common import UserError, check_device, out_help, require, user_errors
+from prefix_kernels.runs import run_dir
 
 
 def add_parser(sub) -> None:

@@ -55,7 +55,8 @@ from pathlib import Path
 import torch
 
 from prefix_kernels.cli.common import (UserError, add_threads_argument, apply_threads, check_device, out_help,
-                                       print_generations, print_side_by_side, require, run_dir, user_errors)
+                                       print_generations, print_side_by_side, require, user_errors)
+from prefix_kernels.runs import run_dir
 
 TASKS = ("causal", "seq2seq", "classification")
 LEARNING_RATES = {"causal": 3e-3, "seq2seq": 3e-3, "classification": 1e-2}  # --lr's default per task
