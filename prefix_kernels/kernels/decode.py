@@ -135,7 +135,8 @@ def prefix_attention_decode_kernel(
         stride_vd, KPM + b * stride_mb, stride_mn,
         p_lo, p_hi, s_lo, s_hi, n_keys - n_queries, n_keys - 1, n_keys - n_queries + row_i, offs_n, offs_d,
         offs_dv, qk_scale, softcap2, window,
-        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP, UPCAST, PRECISION)
+        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP, UPCAST, PRECISION,
+        KEYS_SPLIT=True)
 
     row_ok = offs_r < n_rows
     if SPLIT:

@@ -220,11 +220,12 @@ def key_tile_scores(
     q, K, stride_kn, stride_kd, KPM, stride_mn, cols, n_keys, q_pos, offs_d, qk_scale, softcap2, window,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CHECK_KEYS: tl.constexpr, CAUSAL_MASK: tl.constexpr,
     HAS_KPM: tl.constexpr, WINDOW_MASK: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, KEYS_SPLIT: tl.constexpr = False,
 ):
     """Loads keys ``cols`` of one source and scores the query tile against them: (k, the log2-domain
     scores [queries, keys] with -inf where a query may not see a key, d(softcap)/d(score) -- the
-    scores themselves when SOFTCAP is off, unused then)."""
+    scores themselves when SOFTCAP is off, unused then). ``KEYS_SPLIT``: n_keys bounds a split of the
+    key axis, not the sequence (decode's split-K), so a causal mask does not stand in for the key check."""
     k = load_tile(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, cols, n_keys, offs_d,
                   HEAD_DIM, HEAD_DIM_PAD, CHECK_KEYS, UPCAST)
     keep = cols[None, :] >= 0  # unused unless HAS_KPM
@@ -235,10 +236,11 @@ def key_tile_scores(
     else:
         s = scores(q, k, qk_scale, PRECISION)
         dcap = s
-    # Under a causal mask key <= position <= n_keys - 1 for every real query: the key check only guards
-    # the loads (rows past the queries see zero keys, and their results are not stored / have p = 0)
+    # Under a causal mask key <= position <= n_keys - 1 for every real query when n_keys ends the
+    # sequence: the key check only guards the loads (rows past the queries see zero keys, and their
+    # results are not stored / have p = 0)
     s = mask_scores(s, cols[None, :], q_pos[:, None], keep, n_keys, float("-inf"), window,
-                    CHECK_KEYS and not CAUSAL_MASK, CAUSAL_MASK, HAS_KPM, WINDOW_MASK)
+                    CHECK_KEYS and (KEYS_SPLIT or not CAUSAL_MASK), CAUSAL_MASK, HAS_KPM, WINDOW_MASK)
     return k, s, dcap
 
 
@@ -249,6 +251,7 @@ def attend_blocks(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, CHECK_KEYS: tl.constexpr, CAUSAL_MASK: tl.constexpr, HAS_KPM: tl.constexpr,
     WINDOW_MASK: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    KEYS_SPLIT: tl.constexpr = False,
 ):
     """Online-softmax update over key blocks [lo, hi) of one key source; the flags choose the masks.
     k has HEAD_DIM columns, v HEAD_DIM_V (offs_d / offs_dv: their padded aranges)."""
@@ -256,7 +259,7 @@ def attend_blocks(
         cols = start_n + offs_n
         _, qk, _ = key_tile_scores(q, K, stride_kn, stride_kd, KPM, stride_mn, cols, n_keys, q_pos, offs_d, qk_scale,
                                    softcap2, window, HEAD_DIM, HEAD_DIM_PAD, CHECK_KEYS, CAUSAL_MASK, HAS_KPM,
-                                   WINDOW_MASK, SOFTCAP, UPCAST, PRECISION)
+                                   WINDOW_MASK, SOFTCAP, UPCAST, PRECISION, KEYS_SPLIT)
         v = load_tile(V + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd, cols, n_keys, offs_dv,
                       HEAD_DIM_V, HEAD_DIM_V_PAD, CHECK_KEYS, UPCAST)
         acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, PRECISION)
@@ -271,9 +274,9 @@ def attend_prefix_and_sequence(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, WINDOW_MASK: tl.constexpr, SOFTCAP: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, KEYS_SPLIT: tl.constexpr = False,
 ):
-    """The walk of the forward and the decode kernel: prefix keys [p_lo, p_hi) (always visible: whole
+    """The walk of the forward and the decode kernel (``KEYS_SPLIT``: s_hi ends a split, see key_tile_scores): prefix keys [p_lo, p_hi) (always visible: whole
     blocks unmasked, then one block masked to p_hi), then sequence keys [s_lo, s_hi) in the ranges of
     ``key_ranges`` (bounded by s_hi). PK/PV/K/V/KPM point at this (row, kv head); q_pos are the
     tile's query positions, in [first_pos, last_pos]."""
@@ -292,7 +295,8 @@ def attend_prefix_and_sequence(
         acc, l_i, m_i = attend_blocks(
             acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
             masked_lo, free_lo, s_hi, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2, window,
-            HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP, UPCAST, PRECISION)
+            HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP, UPCAST, PRECISION,
+            KEYS_SPLIT)
     acc, l_i, m_i = attend_blocks(
         acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
         free_lo, free_hi, s_hi, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2, window,
@@ -300,7 +304,8 @@ def attend_prefix_and_sequence(
     acc, l_i, m_i = attend_blocks(
         acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
         free_hi, masked_hi, s_hi, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2, window,
-        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP, UPCAST, PRECISION)
+        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP, UPCAST, PRECISION,
+            KEYS_SPLIT)
     return acc, l_i, m_i
 
 
