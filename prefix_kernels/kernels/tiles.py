@@ -33,6 +33,18 @@ def load_tile(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: 
 
 
 @triton.jit
+def program_heads(bh, n_heads, group, PREFIX_IDS, HAS_PREFIX_IDS: tl.constexpr):
+    """(batch row b, query head h, kv head g, prefix t), int64, of a program over (row x query head)
+    ``bh``; t = prefix_ids[b] with a bank, else 0."""
+    b = (bh // n_heads).to(tl.int64)
+    h = bh % n_heads
+    g = (h // group).to(tl.int64)
+    h = h.to(tl.int64)
+    t = tl.load(PREFIX_IDS + b).to(tl.int64) if HAS_PREFIX_IDS else 0
+    return b, h, g, t
+
+
+@triton.jit
 def mm(a, b, PRECISION: tl.constexpr):
     """a @ b. PRECISION "fma": a broadcast product summed in registers, for fp64, where Triton's
     fp64 MMA path asserts on sm_90 ("fp64 don't support largeK MMA"); else tl.dot."""
@@ -264,6 +276,27 @@ def attend_blocks(
 
 
 @triton.jit
+def attend_prefix(
+    acc, l_i, m_i, q, PK, PV, stride_pkn, stride_pkd, stride_pvn, stride_pvd, p_lo, p_hi, q_pos, offs_n, offs_d,
+    offs_dv, qk_scale, softcap2,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Prefix keys [p_lo, p_hi), visible to every query: whole blocks unmasked, then one block masked
+    to p_hi."""
+    p_full = p_lo + (p_hi - p_lo) // BLOCK_N * BLOCK_N
+    acc, l_i, m_i = attend_blocks(
+        acc, l_i, m_i, q, PK, PV, stride_pkn, stride_pkd, stride_pvn, stride_pvd, PK, 0,
+        p_lo, p_full, p_hi, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2, 0,
+        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, False, False, False, 0, SOFTCAP, UPCAST, PRECISION)
+    acc, l_i, m_i = attend_blocks(
+        acc, l_i, m_i, q, PK, PV, stride_pkn, stride_pkd, stride_pvn, stride_pvd, PK, 0,
+        p_full, p_hi, p_hi, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2, 0,
+        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, False, False, 0, SOFTCAP, UPCAST, PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def attend_prefix_and_sequence(
     acc, l_i, m_i, q, PK, PV, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
     K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
@@ -271,36 +304,40 @@ def attend_prefix_and_sequence(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, WINDOW_MASK: tl.constexpr, SOFTCAP: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, MERGE_FREE: tl.constexpr = False,
 ):
     """The walk of the forward and the decode kernel: prefix keys [p_lo, p_hi) (always visible: whole
     blocks unmasked, then one block masked to p_hi), then sequence keys [s_lo, s_hi) in the ranges of
     ``key_ranges`` (bounded by s_hi). PK/PV/K/V/KPM point at this (row, kv head); q_pos are the
-    tile's query positions, in [first_pos, last_pos]."""
-    p_full = p_lo + (p_hi - p_lo) // BLOCK_N * BLOCK_N
-    acc, l_i, m_i = attend_blocks(
-        acc, l_i, m_i, q, PK, PV, stride_pkn, stride_pkd, stride_pvn, stride_pvd, KPM, 0,
-        p_lo, p_full, p_hi, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2, window,
-        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, False, False, False, 0, SOFTCAP, UPCAST, PRECISION)
-    acc, l_i, m_i = attend_blocks(
-        acc, l_i, m_i, q, PK, PV, stride_pkn, stride_pkd, stride_pvn, stride_pvd, KPM, 0,
-        p_full, p_hi, p_hi, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2, window,
-        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, False, False, 0, SOFTCAP, UPCAST, PRECISION)
-    masked_lo, free_lo, free_hi, masked_hi = key_ranges(s_lo, s_hi, first_pos, last_pos, window, BLOCK_N,
-                                                        IS_CAUSAL, WINDOW_MASK != 0)
-    if WINDOW_MASK != 0:
+    tile's query positions, in [first_pos, last_pos]. MERGE_FREE: the same keys in the order of
+    ``attend_prefix_and_sequence_merged`` (the unmasked blocks of both sources in one loop)."""
+    if MERGE_FREE:
+        acc, l_i, m_i = attend_prefix_and_sequence_merged(
+            acc, l_i, m_i, q, PK, PV, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
+            K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
+            p_lo, p_hi, s_lo, s_hi, first_pos, last_pos, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2, window,
+            HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP,
+            UPCAST, PRECISION)
+    else:
+        acc, l_i, m_i = attend_prefix(
+            acc, l_i, m_i, q, PK, PV, stride_pkn, stride_pkd, stride_pvn, stride_pvd, p_lo, p_hi, q_pos, offs_n,
+            offs_d, offs_dv, qk_scale, softcap2, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N,
+            SOFTCAP, UPCAST, PRECISION)
+        masked_lo, free_lo, free_hi, masked_hi = key_ranges(s_lo, s_hi, first_pos, last_pos, window, BLOCK_N,
+                                                            IS_CAUSAL, WINDOW_MASK != 0)
+        if WINDOW_MASK != 0:
+            acc, l_i, m_i = attend_blocks(
+                acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
+                masked_lo, free_lo, s_hi, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2, window,
+                HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP, UPCAST, PRECISION)
         acc, l_i, m_i = attend_blocks(
             acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
-            masked_lo, free_lo, s_hi, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2, window,
+            free_lo, free_hi, s_hi, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2, window,
+            HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, False, False, HAS_KPM, 0, SOFTCAP, UPCAST, PRECISION)
+        acc, l_i, m_i = attend_blocks(
+            acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
+            free_hi, masked_hi, s_hi, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2, window,
             HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP, UPCAST, PRECISION)
-    acc, l_i, m_i = attend_blocks(
-        acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
-        free_lo, free_hi, s_hi, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2, window,
-        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, False, False, HAS_KPM, 0, SOFTCAP, UPCAST, PRECISION)
-    acc, l_i, m_i = attend_blocks(
-        acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
-        free_hi, masked_hi, s_hi, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2, window,
-        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP, UPCAST, PRECISION)
     return acc, l_i, m_i
 
 
