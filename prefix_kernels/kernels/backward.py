@@ -101,10 +101,10 @@ def backward_prologue_kernel(
 def _tile_grads(
     dk, dv, k, v, key_visible, cols, Q, DO, LSE, Delta, DQ,
     stride_qm, stride_qd, stride_dom, stride_dod, stride_dqm, stride_dqd,
-    start_m, n_queries, key_offset, offs_m, offs_d, offs_dv, qk_scale, scale, softcap2, window,
+    start_m, n_queries, key_offset, offs_m, offs_d, offs_dv, qk_scale, scale, terms,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
-    CHECK_ROWS: tl.constexpr, CAUSAL_MASK: tl.constexpr, MASK_KEYS: tl.constexpr, WINDOW_MASK: tl.constexpr,
-    SOFTCAP: tl.constexpr, NEED_DQ: tl.constexpr, NEED_DKDV: tl.constexpr, UPCAST: tl.constexpr,
+    CHECK_ROWS: tl.constexpr, CAUSAL_MASK: tl.constexpr, MASK_KEYS: tl.constexpr, SEQ_MASKS: tl.constexpr,
+    NEED_DQ: tl.constexpr, NEED_DKDV: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """One key tile (k, v: [BLOCK_N, D]) against query rows start_m + offs_m of one (row, query head):
@@ -118,17 +118,17 @@ def _tile_grads(
                    HEAD_DIM_V, HEAD_DIM_V_PAD, CHECK_ROWS, UPCAST)
     lse2 = load_lse2(LSE, rows, n_queries)  # +inf past n_queries: p = 0 there
     delta = tl.load(Delta + rows, mask=rows < n_queries, other=0.0)
-    if SOFTCAP:  # [keys, queries]
-        s_t, dcap_t = capped_scores(k, q, qk_scale, softcap2, PRECISION)
+    if terms.SOFTCAP:  # [keys, queries]
+        s_t, dcap_t = capped_scores(k, q, qk_scale, terms.softcap2, PRECISION)
     else:
         s_t = scores(k, q, qk_scale, PRECISION)
     p_t = mask_scores(prob(s_t, lse2[None, :]), cols[:, None], key_offset + rows[None, :], key_visible[:, None],
-                      0, 0.0, window, False, CAUSAL_MASK, MASK_KEYS, WINDOW_MASK)
+                      0, 0.0, terms, False, CAUSAL_MASK, MASK_KEYS, SEQ_MASKS)
     if NEED_DKDV:
         dv += mm(p_t.to(do.dtype), do, PRECISION)
     dp_t = mm(v, tl.trans(do), PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
-    if SOFTCAP:
+    if terms.SOFTCAP:
         ds_t = ds_t * dcap_t  # through c * tanh(s / c)
     if NEED_DKDV:
         dk += mm(ds_t.to(q.dtype), q, PRECISION)
@@ -143,10 +143,10 @@ def _tile_grads(
 def _key_block_grads(
     dk, dv, K, V, stride_kn, stride_kd, stride_vn, stride_vd, cols, n_keys, Q, DO, LSE, Delta,
     stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, group,
-    lo, hi, n_queries, key_offset, offs_m, offs_d, offs_dv, qk_scale, softcap2, window,
+    lo, hi, n_queries, key_offset, offs_m, offs_d, offs_dv, qk_scale, terms,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL_MASK: tl.constexpr, WINDOW_MASK: tl.constexpr,
-    SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL_MASK: tl.constexpr, SEQ_MASKS: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dk/dv of sequence keys ``cols`` from query blocks [lo, hi) of each of the ``group`` query heads
     that Q/DO/LSE/Delta point at (the first of them; LSE/Delta rows n_queries apart). Loads k/v itself:
@@ -165,8 +165,8 @@ def _key_block_grads(
         dk, dv = _tile_grads(
             dk, dv, k, v, cols, cols, Q + head * stride_qh, DO + head * stride_doh, LSE + head * n_queries,
             Delta + head * n_queries, Q, stride_qm, stride_qd, stride_dom, stride_dod, 0, 0, start_m, n_queries,
-            key_offset, offs_m, offs_d, offs_dv, qk_scale, 1.0, softcap2, window, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V,
-            HEAD_DIM_V_PAD, MASKED, CAUSAL_MASK, False, WINDOW_MASK, SOFTCAP, False, True, UPCAST, PRECISION)
+            key_offset, offs_m, offs_d, offs_dv, qk_scale, 1.0, terms, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V,
+            HEAD_DIM_V_PAD, MASKED, CAUSAL_MASK, False, SEQ_MASKS, False, True, UPCAST, PRECISION)
         start_m += BLOCK_M
         next_head = start_m >= hi
         start_m = tl.where(next_head, lo, start_m)
@@ -217,10 +217,10 @@ def _load_prefix_tiles(PK, PV, t, g, cols, offs_d, offs_dv, pk_strides, pv_strid
 def _prefix_items(
     lo, hi, t, g, cols, key_visible, PK, PV, Q, DO, LSE, Delta, DQ, DPK, DPV, chunk,
     q_strides, pk_strides, pv_strides, do_strides, dq_strides, stride_gk, stride_gv,
-    n_heads, n_queries, n_prefix, group, q_blocks, items_per_row, scale, qk_scale, softcap2, window,
+    n_heads, n_queries, n_prefix, group, q_blocks, items_per_row, scale, qk_scale, terms,
     offs_m, offs_d, offs_dv,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, NEED_DQ: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NEED_DQ: tl.constexpr,
     NEED_DPREFIX: tl.constexpr, DETERMINISTIC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
@@ -248,8 +248,8 @@ def _prefix_items(
             DO + b * stride_dob + h * stride_doh, LSE + row_base, Delta + row_base,
             DQ + b * stride_dqb + h * stride_dqh, stride_qm, stride_qd, stride_dom, stride_dod,
             stride_dqm, stride_dqd, start_m, n_queries, 0, offs_m, offs_d, offs_dv, qk_scale,
-            scale, softcap2, window, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, True, False, NEED_DQ,
-            0, SOFTCAP, NEED_DQ, NEED_DPREFIX, UPCAST, PRECISION)
+            scale, terms, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, True, False, NEED_DQ,
+            False, NEED_DQ, NEED_DPREFIX, UPCAST, PRECISION)
         qb += 1
         next_head = qb == q_blocks
         qb = tl.where(next_head, 0, qb)
@@ -278,10 +278,10 @@ def _segment_end(PREFIX_IDS, seg_lo, last, last_row, items_per_row):
 def _prefix_program(
     pid, PK, PV, PREFIX_IDS, Q, DO, LSE, Delta, DQ, DPK, DPV,
     q_strides, pk_strides, pv_strides, do_strides, dq_strides, stride_gk, stride_gv,
-    n_heads, n_kv_heads, n_queries, n_prefix, group, n_items, items_per_chunk, scale, qk_scale, softcap2, window,
+    n_heads, n_kv_heads, n_queries, n_prefix, group, n_items, items_per_chunk, scale, qk_scale, terms,
     offs_m, offs_n, offs_d, offs_dv,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_PREFIX_IDS: tl.constexpr, SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_PREFIX_IDS: tl.constexpr,
     NEED_DQ: tl.constexpr, NEED_DPREFIX: tl.constexpr, DETERMINISTIC: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
@@ -309,27 +309,27 @@ def _prefix_program(
             _prefix_items(
                 seg_lo, seg_hi, t, g, seg_cols, seg_cols < n_prefix, PK, PV, Q, DO, LSE, Delta, DQ, DPK, DPV, chunk,
                 q_strides, pk_strides, pv_strides, do_strides, dq_strides, stride_gk, stride_gv,
-                n_heads, n_queries, n_prefix, group, q_blocks, items_per_row, scale, qk_scale, softcap2, window,
+                n_heads, n_queries, n_prefix, group, q_blocks, items_per_row, scale, qk_scale, terms,
                 offs_m, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N,
-                SOFTCAP, NEED_DQ, NEED_DPREFIX, DETERMINISTIC, UPCAST, PRECISION, ACC_DTYPE)
+                NEED_DQ, NEED_DPREFIX, DETERMINISTIC, UPCAST, PRECISION, ACC_DTYPE)
             seg_lo = seg_hi
     else:
         _prefix_items(
             first, last, tl.zeros([], dtype=tl.int64), g, cols, key_visible, PK, PV, Q, DO, LSE, Delta, DQ,
             DPK, DPV, chunk, q_strides, pk_strides, pv_strides, do_strides, dq_strides, stride_gk, stride_gv,
-            n_heads, n_queries, n_prefix, group, q_blocks, items_per_row, scale, qk_scale, softcap2, window,
+            n_heads, n_queries, n_prefix, group, q_blocks, items_per_row, scale, qk_scale, terms,
             offs_m, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N,
-            SOFTCAP, NEED_DQ, NEED_DPREFIX, DETERMINISTIC, UPCAST, PRECISION, ACC_DTYPE)
+            NEED_DQ, NEED_DPREFIX, DETERMINISTIC, UPCAST, PRECISION, ACC_DTYPE)
 
 
 @triton.jit
 def _paired_dq(
     b, g, key_block, Q, K, V, PK, PV, PREFIX_IDS, KPM, DO, LSE, Delta, DQ,
     q_strides, k_strides, v_strides, pk_strides, pv_strides, kpm_strides, do_strides, dq_strides,
-    n_heads, n_queries, n_keys, n_prefix, group, scale, qk_scale, softcap2, window,
+    n_heads, n_queries, n_keys, n_prefix, group, scale, qk_scale, terms,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-    HAS_PREFIX_IDS: tl.constexpr, WINDOW_MASK: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_PREFIX_IDS: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """dq by plain stores, no atomics: the sequence program of key block ``key_block`` also owns query
@@ -361,19 +361,19 @@ def _paired_dq(
                  DQ + b * stride_dqb + h * stride_dqh,
                  stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_pkn, stride_pkd,
                  stride_pvn, stride_pvd, stride_mn, stride_dom, stride_dod, stride_dqm, stride_dqd,
-                 start_m, n_queries, n_keys, n_prefix, scale, qk_scale, softcap2, window,
+                 start_m, n_queries, n_keys, n_prefix, scale, qk_scale, terms,
                  HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, BLOCK_M, IS_CAUSAL, HAS_KPM,
-                 WINDOW_MASK, SOFTCAP, UPCAST, PRECISION, ACC_DTYPE)
+                 UPCAST, PRECISION, ACC_DTYPE)
 
 
 @triton.jit
 def _key_block_dkdv(
     b, g, start_n, cols, Q, K, V, KPM, DO, LSE, Delta, DK, DV,
     q_strides, k_strides, v_strides, kpm_strides, do_strides, dk_strides, dv_strides,
-    n_heads, n_queries, n_keys, group, scale, qk_scale, softcap2, window, offs_m, offs_d, offs_dv,
+    n_heads, n_queries, n_keys, group, scale, qk_scale, terms, offs_m, offs_d, offs_dv,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-    WINDOW_MASK: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
     """dk/dv of sequence keys ``cols`` of (row b, kv head g), stored. Query i (position key_offset + i)
@@ -387,8 +387,8 @@ def _key_block_dkdv(
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=ACC_DTYPE)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_V_PAD], dtype=ACC_DTYPE)
     key_offset = n_keys - n_queries
-    masked_lo, free_lo, free_hi, masked_hi = query_ranges(start_n, n_queries, key_offset, window, BLOCK_N,
-                                                          BLOCK_M, IS_CAUSAL, WINDOW_MASK != 0)
+    masked_lo, free_lo, free_hi, masked_hi = query_ranges(start_n, n_queries, key_offset, terms, BLOCK_N,
+                                                          BLOCK_M, IS_CAUSAL)
     Kb = K + b * stride_kb + g * stride_kh
     Vb = V + b * stride_vb + g * stride_vh
     Qb = Q + b * stride_qb + g * group * stride_qh
@@ -397,20 +397,20 @@ def _key_block_dkdv(
     dk, dv = _key_block_grads(
         dk, dv, Kb, Vb, stride_kn, stride_kd, stride_vn, stride_vd, cols, n_keys, Qb, DOb, LSE + row_base,
         Delta + row_base, stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, group,
-        masked_lo, free_lo, n_queries, key_offset, offs_m, offs_d, offs_dv, qk_scale, softcap2, window,
-        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, True, IS_CAUSAL, WINDOW_MASK, SOFTCAP,
+        masked_lo, free_lo, n_queries, key_offset, offs_m, offs_d, offs_dv, qk_scale, terms,
+        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, True, IS_CAUSAL, True,
         UPCAST, PRECISION)
     dk, dv = _key_block_grads(
         dk, dv, Kb, Vb, stride_kn, stride_kd, stride_vn, stride_vd, cols, n_keys, Qb, DOb, LSE + row_base,
         Delta + row_base, stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, group,
-        free_lo, free_hi, n_queries, key_offset, offs_m, offs_d, offs_dv, qk_scale, softcap2, window,
-        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, False, False, 0, SOFTCAP,
+        free_lo, free_hi, n_queries, key_offset, offs_m, offs_d, offs_dv, qk_scale, terms,
+        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, False, False, False,
         UPCAST, PRECISION)
     dk, dv = _key_block_grads(
         dk, dv, Kb, Vb, stride_kn, stride_kd, stride_vn, stride_vd, cols, n_keys, Qb, DOb, LSE + row_base,
         Delta + row_base, stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, group,
-        free_hi, masked_hi, n_queries, key_offset, offs_m, offs_d, offs_dv, qk_scale, softcap2, window,
-        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, True, IS_CAUSAL, WINDOW_MASK, SOFTCAP,
+        free_hi, masked_hi, n_queries, key_offset, offs_m, offs_d, offs_dv, qk_scale, terms,
+        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, True, IS_CAUSAL, True,
         UPCAST, PRECISION)
     _store_key_grads(DK, DV, KPM, dk_strides, dv_strides, kpm_strides, b, g, cols, offs_d, offs_dv, dk, dv, n_keys,
                      scale, HEAD_DIM, HEAD_DIM_V, HAS_KPM)
@@ -447,7 +447,7 @@ def backward_kernel(
     NEED_DQ: tl.constexpr, NEED_DKDV: tl.constexpr, NEED_DPREFIX: tl.constexpr, DETERMINISTIC: tl.constexpr,
     PREFIX_PROGRAMS: tl.constexpr, SEQ_PROGRAMS: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    softcap2=1.0, window=0, WINDOW_MASK: tl.constexpr = 0, SOFTCAP: tl.constexpr = False,
+    terms,
 ):
     """Programs [0, n_prefix_programs) are prefix programs, the rest sequence programs (see the module
     docstring). DPK/DPV: fp32 [C, T, Hkv, P, D] partials (deterministic) or [T, Hkv, P, D], dense in D;
@@ -465,8 +465,8 @@ def backward_kernel(
             _prefix_program(
                 pid, PK, PV, PREFIX_IDS, Q, DO, LSE, Delta, DQ, DPK, DPV, q_strides, pk_strides, pv_strides,
                 do_strides, dq_strides, dpk_acc_strides, dpv_acc_strides, n_heads, n_kv_heads, n_queries, n_prefix,
-                group, n_items, items_per_chunk, scale, qk_scale, softcap2, window, offs_m, offs_n, offs_d, offs_dv,
-                HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N, HAS_PREFIX_IDS, SOFTCAP,
+                group, n_items, items_per_chunk, scale, qk_scale, terms, offs_m, offs_n, offs_d, offs_dv,
+                HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N, HAS_PREFIX_IDS,
                 PREFIX_DQ, NEED_DPREFIX, DETERMINISTIC, UPCAST, PRECISION, ACC_DTYPE)
     elif SEQ_PROGRAMS:
         s = pid - n_prefix_programs
@@ -480,15 +480,15 @@ def backward_kernel(
             _paired_dq(  # registers live
                 b, g, key_block, Q, K, V, PK, PV, PREFIX_IDS, KPM, DO, LSE, Delta, DQ, q_strides, k_strides,
                 v_strides, pk_strides, pv_strides, kpm_strides, do_strides, dq_strides, n_heads, n_queries, n_keys,
-                n_prefix, group, scale, qk_scale, softcap2, window, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V,
-                HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_KPM, HAS_PREFIX_IDS, WINDOW_MASK, SOFTCAP, UPCAST,
+                n_prefix, group, scale, qk_scale, terms, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V,
+                HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_KPM, HAS_PREFIX_IDS, UPCAST,
                 PRECISION, ACC_DTYPE)
         if NEED_DKDV:
             _key_block_dkdv(
                 b, g, start_n, cols, Q, K, V, KPM, DO, LSE, Delta, DK, DV, q_strides, k_strides, v_strides,
                 kpm_strides, do_strides, dk_strides, dv_strides, n_heads, n_queries, n_keys, group, scale, qk_scale,
-                softcap2, window, offs_m, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD,
-                BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP, UPCAST, PRECISION, ACC_DTYPE)
+                terms, offs_m, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD,
+                BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_KPM, UPCAST, PRECISION, ACC_DTYPE)
 
 
 # ---------------------------------------------------------------- deterministic mode: dq in its own pass
@@ -496,22 +496,22 @@ def backward_kernel(
 @triton.jit
 def _dq_blocks(
     dq, q, do, lse2, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
-    lo, hi, n_keys, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2, window,
+    lo, hi, n_keys, q_pos, offs_n, offs_d, offs_dv, qk_scale, terms,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    CHECK_KEYS: tl.constexpr, CAUSAL_MASK: tl.constexpr, HAS_KPM: tl.constexpr, WINDOW_MASK: tl.constexpr,
-    SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    CHECK_KEYS: tl.constexpr, CAUSAL_MASK: tl.constexpr, HAS_KPM: tl.constexpr, SEQ_MASKS: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         k, s, dcap = key_tile_scores(q, K, stride_kn, stride_kd, KPM, stride_mn, cols, n_keys, q_pos, offs_d,
-                                     qk_scale, softcap2, window, HEAD_DIM, HEAD_DIM_PAD, CHECK_KEYS, CAUSAL_MASK,
-                                     HAS_KPM, WINDOW_MASK, SOFTCAP, UPCAST, PRECISION)
+                                     qk_scale, terms, HEAD_DIM, HEAD_DIM_PAD, CHECK_KEYS, CAUSAL_MASK,
+                                     HAS_KPM, SEQ_MASKS, UPCAST, PRECISION)
         p = prob(s, lse2[:, None])  # 0 where masked (-inf)
         v = load_tile(V + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd, cols, n_keys, offs_dv,
                       HEAD_DIM_V, HEAD_DIM_V_PAD, CHECK_KEYS, UPCAST)
         dp = mm(do, tl.trans(v), PRECISION)
         ds = p * (dp - delta[:, None])
-        if SOFTCAP:
+        if terms.SOFTCAP:
             ds = ds * dcap
         dq += mm(ds.to(k.dtype), k, PRECISION)
     return dq
@@ -522,10 +522,10 @@ def _dq_tile(
     Q, K, V, PK, PV, KPM, DO, LSE, Delta, DQ,
     stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
     stride_mn, stride_dom, stride_dod, stride_dqm, stride_dqd,
-    start_m, n_queries, n_keys, n_prefix, scale, qk_scale, softcap2, window,
+    start_m, n_queries, n_keys, n_prefix, scale, qk_scale, terms,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-    WINDOW_MASK: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
     """dq of query rows [start_m, start_m + BLOCK_M) of one (row, query head), stored (scaled) into DQ:
@@ -546,27 +546,24 @@ def _dq_tile(
 
     prefix_full = (n_prefix // BLOCK_N) * BLOCK_N
     dq = _dq_blocks(dq, q, do, lse2, delta, PK, PV, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
-                    KPM, 0, 0, prefix_full, n_prefix, offs_m, offs_n, offs_d, offs_dv, qk_scale, softcap2,
-                    window, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, False, False, False, 0, SOFTCAP, UPCAST, PRECISION)
+                    KPM, 0, 0, prefix_full, n_prefix, offs_m, offs_n, offs_d, offs_dv, qk_scale, terms, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, False, False, False, False, UPCAST, PRECISION)
     dq = _dq_blocks(dq, q, do, lse2, delta, PK, PV, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
-                    KPM, 0, prefix_full, n_prefix, n_prefix, offs_m, offs_n, offs_d, offs_dv, qk_scale, softcap2,
-                    window, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, False, False, 0, SOFTCAP, UPCAST, PRECISION)
+                    KPM, 0, prefix_full, n_prefix, n_prefix, offs_m, offs_n, offs_d, offs_dv, qk_scale, terms, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, False, False, False, UPCAST, PRECISION)
 
     first_pos = n_keys - n_queries + start_m
     q_pos = first_pos + offs_m - start_m
-    masked_lo, free_lo, free_hi, masked_hi = key_ranges(0, n_keys, first_pos, first_pos + BLOCK_M - 1, window,
-                                                        BLOCK_N, IS_CAUSAL, WINDOW_MASK != 0)
-    if WINDOW_MASK != 0:
+    masked_lo, free_lo, free_hi, masked_hi = key_ranges(0, n_keys, first_pos, first_pos + BLOCK_M - 1, terms,
+                                                        BLOCK_N, IS_CAUSAL)
+    if terms.WINDOW_MASK != 0:
         dq = _dq_blocks(dq, q, do, lse2, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
                         KPM, stride_mn, masked_lo, free_lo, n_keys, q_pos, offs_n, offs_d, offs_dv, qk_scale,
-                        softcap2, window, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP,
+                        terms, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, IS_CAUSAL, HAS_KPM, True,
                         UPCAST, PRECISION)
     dq = _dq_blocks(dq, q, do, lse2, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-                    KPM, stride_mn, free_lo, free_hi, n_keys, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2,
-                    window, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, False, False, HAS_KPM, 0, SOFTCAP, UPCAST, PRECISION)
+                    KPM, stride_mn, free_lo, free_hi, n_keys, q_pos, offs_n, offs_d, offs_dv, qk_scale, terms, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, False, False, HAS_KPM, False, UPCAST, PRECISION)
     dq = _dq_blocks(dq, q, do, lse2, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
                     KPM, stride_mn, free_hi, masked_hi, n_keys, q_pos, offs_n, offs_d, offs_dv, qk_scale,
-                    softcap2, window, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP,
+                    terms, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, IS_CAUSAL, HAS_KPM, True,
                     UPCAST, PRECISION)
 
     tl.store(DQ + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, (dq * scale).to(DQ.dtype.element_ty),
@@ -581,7 +578,7 @@ def dq_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_PREFIX_IDS: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    softcap2=1.0, window=0, WINDOW_MASK: tl.constexpr = 0, SOFTCAP: tl.constexpr = False,
+    terms,
 ):
     """Deterministic mode's dq: one program per (query block, row, query head) (``_dq_tile``)."""
     stride_qb, stride_qh, stride_qm, stride_qd = q_strides
@@ -600,9 +597,9 @@ def dq_kernel(
              DO + b * stride_dob + h * stride_doh, LSE + row_base, Delta + row_base, DQ + b * stride_dqb + h * stride_dqh,
              stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_pkn, stride_pkd, stride_pvn,
              stride_pvd, stride_mn, stride_dom, stride_dod, stride_dqm, stride_dqd,
-             tl.program_id(0) * BLOCK_M, n_queries, n_keys, n_prefix, scale, qk_scale, softcap2, window,
-             HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_KPM, WINDOW_MASK,
-             SOFTCAP, UPCAST, PRECISION, ACC_DTYPE)
+             tl.program_id(0) * BLOCK_M, n_queries, n_keys, n_prefix, scale, qk_scale, terms,
+             HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_KPM,
+             UPCAST, PRECISION, ACC_DTYPE)
 
 
 @triton.jit

@@ -119,9 +119,7 @@ def prefix_attention_decode_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_PREFIX_IDS: tl.constexpr, SPLIT: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    softcap2=1.0, window=0, SINKS=None, seq_start=0, split_base=0,
-    WINDOW_MASK: tl.constexpr = 0, SOFTCAP: tl.constexpr = False, HAS_SINKS: tl.constexpr = False,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, terms, seq_start=0, split_base=0,
 ):
     stride_qb, stride_qh, stride_qm, stride_qd = q_strides
     stride_kb, stride_kh, stride_kn, stride_kd = k_strides
@@ -147,7 +145,7 @@ def prefix_attention_decode_kernel(
     q = load_tile(q_rows[:, None] + offs_d[None, :] * stride_qd, offs_r, n_rows, offs_d,
                   HEAD_DIM, HEAD_DIM_PAD, True, UPCAST)
 
-    m_i, l_i, acc = start_rows(SINKS, row_h, offs_r < n_rows, split, BLOCK_R, HEAD_DIM_V_PAD, HAS_SINKS)
+    m_i, l_i, acc = start_rows(terms.sinks, row_h, offs_r < n_rows, split, BLOCK_R, HEAD_DIM_V_PAD, terms.HAS_SINKS)
 
     p_lo, p_hi, s_lo, s_hi = split_ranges(split, keys_per_split, n_prefix, n_keys, seq_start)
     acc, l_i, m_i = attend_prefix_and_sequence(
@@ -156,8 +154,8 @@ def prefix_attention_decode_kernel(
         K + b * stride_kb + g * stride_kh, V + b * stride_vb + g * stride_vh, stride_kn, stride_kd, stride_vn,
         stride_vd, KPM + b * stride_mb, stride_mn,
         p_lo, p_hi, s_lo, s_hi, n_keys - n_queries, n_keys - 1, n_keys - n_queries + row_i, offs_n, offs_d,
-        offs_dv, qk_scale, softcap2, window,
-        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP, UPCAST, PRECISION)
+        offs_dv, qk_scale, terms, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, IS_CAUSAL, HAS_KPM,
+        UPCAST, PRECISION)
     finish_split(Out, LSE, M_PART, L_PART, ACC_PART, out_strides, lse_strides, b, row_h, row_i, offs_r < n_rows,
                  offs_dv, acc, l_i, m_i, n_heads, n_queries, num_splits, split_base, split, HEAD_DIM_V, SPLIT)
 
@@ -189,8 +187,7 @@ def prefix_attention_shared_prefix_kernel(
     n_heads, n_queries, n_rows_total, n_prefix, group, num_splits, keys_per_split, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    softcap2=1.0, SINKS=None, SOFTCAP: tl.constexpr = False, HAS_SINKS: tl.constexpr = False,
-    PREFIX_IDS=None, stride_pkt=0, stride_pvt=0, n_batch=0, tiles_per_prefix=1,
+    terms, PREFIX_IDS=None, stride_pkt=0, stride_pvt=0, n_batch=0, tiles_per_prefix=1,
     HAS_PREFIX_IDS: tl.constexpr = False, BLOCK_B: tl.constexpr = 16,
 ):
     """The cascade's prefix part (one prefix shared by every row): program (kv head g, prefix split
@@ -232,12 +229,12 @@ def prefix_attention_shared_prefix_kernel(
     q_rows = Q + row_b.to(tl.int64) * stride_qb + row_h * stride_qh + row_i * stride_qm
     q = load_tile(q_rows[:, None] + offs_d[None, :] * stride_qd, offs_r, n_rows, offs_d,
                   HEAD_DIM, HEAD_DIM_PAD, True, UPCAST)
-    m_i, l_i, acc = start_rows(SINKS, row_h, row_ok, split, BLOCK_R, HEAD_DIM_V_PAD, HAS_SINKS)
+    m_i, l_i, acc = start_rows(terms.sinks, row_h, row_ok, split, BLOCK_R, HEAD_DIM_V_PAD, terms.HAS_SINKS)
     lo = split * keys_per_split
     acc, l_i, m_i = attend_prefix(
         acc, l_i, m_i, q, PK + g * stride_pkh, PV + g * stride_pvh, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
-        lo, tl.minimum(lo + keys_per_split, n_prefix), offs_r, offs_n, offs_d, offs_dv, qk_scale, softcap2,
-        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, SOFTCAP, UPCAST, PRECISION)
+        lo, tl.minimum(lo + keys_per_split, n_prefix), offs_r, offs_n, offs_d, offs_dv, qk_scale, terms,
+        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, UPCAST, PRECISION)
     part = ((row_b * n_heads + row_h) * n_queries + row_i) * num_splits + split
     store_partials(M_PART, L_PART, ACC_PART, part, m_i, l_i, acc, row_ok, offs_dv, HEAD_DIM_V)
 

@@ -58,10 +58,9 @@ def prefix_attention_fwd_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_PREFIX_IDS: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    softcap2=1.0, window=0, SINKS=None,
-    WINDOW_MASK: tl.constexpr = 0, SOFTCAP: tl.constexpr = False, HAS_SINKS: tl.constexpr = False,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, terms,
 ):
+    """One (query block, row, query head); ``terms``: the score terms (plan.ScoreArgs, kernels/tiles.py)."""
     stride_qb, stride_qh, stride_qm, stride_qd = q_strides
     stride_kb, stride_kh, stride_kn, stride_kd = k_strides
     stride_vb, stride_vh, stride_vn, stride_vd = v_strides
@@ -76,7 +75,7 @@ def prefix_attention_fwd_kernel(
     offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
     q = load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                   offs_m, n_queries, offs_d, HEAD_DIM, HEAD_DIM_PAD, True, UPCAST)
-    m_i, l_i, acc = start_softmax(SINKS, h, BLOCK_M, HEAD_DIM_V_PAD, ACC_DTYPE, HAS_SINKS)
+    m_i, l_i, acc = start_softmax(terms.sinks, h, BLOCK_M, HEAD_DIM_V_PAD, ACC_DTYPE, terms.HAS_SINKS)
     # Query i sits at position n_keys - n_queries + i (bottom-right causal). D <= 64: the whole prefix
     # blocks and the unmasked sequence blocks in one loop (one software pipeline, fewer registers than
     # two short loops); D = 128: separate loops, which need fewer registers than the merged one there.
@@ -87,7 +86,6 @@ def prefix_attention_fwd_kernel(
         K + b * stride_kb + g * stride_kh, V + b * stride_vb + g * stride_vh, stride_kn, stride_kd, stride_vn,
         stride_vd, KPM + b * stride_mb, stride_mn,
         0, n_prefix, 0, n_keys, first_pos, first_pos + BLOCK_M - 1, first_pos + offs_m - start_m, offs_n, offs_d,
-        offs_dv, qk_scale, softcap2, window,
-        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP, UPCAST,
-        PRECISION, MERGE_FREE=HEAD_DIM_PAD <= 64)
+        offs_dv, qk_scale, terms, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, IS_CAUSAL, HAS_KPM,
+        UPCAST, PRECISION, MERGE_FREE=HEAD_DIM_PAD <= 64)
     store_rows(Out, LSE, out_strides, lse_strides, b, h, offs_m, offs_dv, acc, l_i, m_i, n_queries, HEAD_DIM_V)
