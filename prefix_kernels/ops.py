@@ -137,8 +137,9 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, pref
     return out, lse
 
 
-def _sink_args(sinks: torch.Tensor | None) -> dict:
-    return {} if sinks is None else dict(SINKS=sinks, HAS_SINKS=True)
+def _terms(launch, sinks: torch.Tensor | None):
+    """The launch's score terms (plan.ScoreArgs) with the sink tensor, where the launch reads it."""
+    return launch.terms._replace(sinks=sinks) if launch.terms.HAS_SINKS else launch.terms
 
 
 def _launch_forward(plan: ForwardPlan, q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, out, lse, sinks):
@@ -148,7 +149,7 @@ def _launch_forward(plan: ForwardPlan, q, k, v, prefix_k, prefix_v, key_padding_
         q, k, v, prefix_k, prefix_v, _prefix_ids_arg(prefix_ids, q), kpm, out, lse,
         q.stride(), k.stride(), v.stride(), prefix_k.stride(), prefix_v.stride(), kpm_strides, out.stride(),
         lse.stride()[:2],
-        **launch.args, **launch.options, **_sink_args(sinks),
+        terms=_terms(launch, sinks), **launch.args, **launch.options,
     )
 
 
@@ -171,14 +172,14 @@ def prefix_attention_decode(plan: DecodePlan, q, k, v, prefix_k, prefix_v, key_p
             PREFIX_IDS=ids, stride_pkt=prefix_k.stride(0), stride_pvt=prefix_v.stride(0))
         prefix_attention_shared_prefix_kernel[launch.grid](
             q, prefix_k, prefix_v, acc_part, m_part, l_part, q.stride(), prefix_k.stride()[1:],
-            prefix_v.stride()[1:], **launch.args, **launch.options, **_sink_args(sinks), **bank)
+            prefix_v.stride()[1:], terms=_terms(launch, sinks), **launch.args, **launch.options, **bank)
     kpm, kpm_strides = _mask_args(key_padding_mask, q)
     launch = plan.rows
     prefix_attention_decode_kernel[launch.grid](
         q, k, v, prefix_k, prefix_v, ids, kpm, out, lse, acc_part, m_part, l_part,
         q.stride(), k.stride(), v.stride(), prefix_k.stride(), prefix_v.stride(), kpm_strides, out.stride(),
         lse.stride()[:2],
-        **launch.args, **launch.options, **_sink_args(None if plan.cascade else sinks),  # the cascade carries the sink
+        terms=_terms(launch, sinks), **launch.args, **launch.options,
     )
     if plan.combine is not None:
         launch = plan.combine
@@ -250,7 +251,7 @@ def _launch_backward(plan: BackwardPlan, grad_out, q, k, v, prefix_k, prefix_v, 
         dq_kernel[launch.grid](
             q, k, v, prefix_k, prefix_v, ids, kpm, grad_out, lse, delta, dq,
             q.stride(), k.stride(), v.stride(), prefix_k.stride(), prefix_v.stride(), kpm_strides, grad_out.stride(),
-            dq.stride(), **launch.args, **launch.options)
+            dq.stride(), terms=launch.terms, **launch.args, **launch.options)
     if plan.main is not None:
         launch = plan.main
         dqa = dq_acc if plan.dq_atomic else q
@@ -260,7 +261,7 @@ def _launch_backward(plan: BackwardPlan, grad_out, q, k, v, prefix_k, prefix_v, 
         backward_kernel[launch.grid](
             q, k, v, prefix_k, prefix_v, ids, kpm, grad_out, lse, delta, dqa, dka, dva, dpk_acc, dpv_acc,
             q.stride(), k.stride(), v.stride(), prefix_k.stride(), prefix_v.stride(), kpm_strides, grad_out.stride(),
-            dqa.stride(), dka.stride(), dva.stride(), gstride, gstride_v,
+            dqa.stride(), dka.stride(), dva.stride(), gstride, gstride_v, terms=launch.terms,
             **launch.args, **launch.options)
     if plan.prefix_acc and not plan.convert_dprefix:
         dpk, dpv = dpk_acc[0], dpv_acc[0]  # the fp32/fp64 accumulators are the gradients

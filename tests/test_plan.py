@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+import triton.language as tl
 
 from prefix_kernels.kernels import configs
 from prefix_kernels.kernels import plan as plan_mod
@@ -41,11 +42,14 @@ def test_forward_plan_of_a_benchmark_shape():
     assert (args["BLOCK_M"], args["BLOCK_N"], args["HEAD_DIM_PAD"], args["group"]) == (128, 64, 128, 4)
     assert args["IS_CAUSAL"] and not args["HAS_KPM"] and not args["HAS_PREFIX_IDS"]
     assert args["qk_scale"] == pytest.approx(128 ** -0.5 * plan_mod.LOG2E)
-    assert "softcap2" not in args  # no score term: the kernel's defaults
+    terms = plan.forward.terms  # no score term: every flag off
+    assert (terms.WINDOW_MASK.value, terms.SOFTCAP.value, terms.HAS_SINKS.value) == (0, False, False)
     windowed = plan_forward(problem(sliding_window=256, softcap=50.0), SM90)
     assert windowed.block == BlockConfig(128, 32, 8, 3)
-    assert windowed.forward.args["WINDOW_MASK"] == 1 and windowed.forward.args["SOFTCAP"]
-    assert windowed.forward.args["softcap2"] == pytest.approx(50.0 * plan_mod.LOG2E)
+    terms = windowed.forward.terms
+    assert terms.WINDOW_MASK.value == 1 and terms.SOFTCAP.value and terms.window == 256
+    assert terms.softcap2 == pytest.approx(50.0 * plan_mod.LOG2E)
+    assert isinstance(terms.WINDOW_MASK, tl.constexpr) and terms.sinks is None  # the launcher's tensor
 
 
 def test_backward_plan_of_a_benchmark_shape():

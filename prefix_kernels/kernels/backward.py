@@ -43,8 +43,8 @@ import triton
 import triton.language as tl
 
 from prefix_kernels.kernels.tiles import (
-    capped_scores, key_ranges, key_tile_scores, load_keep, load_lse2, load_tile, mask_scores, mm, prob, query_ranges,
-    scores, sink_logit2,
+    capped_scores, key_ranges, key_tile_scores, load_keep, load_lse2, load_tile, mask_scores, mm, prob,
+    program_heads, query_ranges, scores, sink_logit2,
 )
 
 
@@ -101,10 +101,10 @@ def backward_prologue_kernel(
 def _tile_grads(
     dk, dv, k, v, key_visible, cols, Q, DO, LSE, Delta, DQ,
     stride_qm, stride_qd, stride_dom, stride_dod, stride_dqm, stride_dqd,
-    start_m, n_queries, key_offset, offs_m, offs_d, offs_dv, qk_scale, scale, softcap2, window,
+    start_m, n_queries, key_offset, offs_m, offs_d, offs_dv, qk_scale, scale, terms,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
-    CHECK_ROWS: tl.constexpr, CAUSAL_MASK: tl.constexpr, MASK_KEYS: tl.constexpr, WINDOW_MASK: tl.constexpr,
-    SOFTCAP: tl.constexpr, NEED_DQ: tl.constexpr, NEED_DKDV: tl.constexpr, UPCAST: tl.constexpr,
+    CHECK_ROWS: tl.constexpr, CAUSAL_MASK: tl.constexpr, MASK_KEYS: tl.constexpr, SEQ_MASKS: tl.constexpr,
+    NEED_DQ: tl.constexpr, NEED_DKDV: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """One key tile (k, v: [BLOCK_N, D]) against query rows start_m + offs_m of one (row, query head):
@@ -118,17 +118,17 @@ def _tile_grads(
                    HEAD_DIM_V, HEAD_DIM_V_PAD, CHECK_ROWS, UPCAST)
     lse2 = load_lse2(LSE, rows, n_queries)  # +inf past n_queries: p = 0 there
     delta = tl.load(Delta + rows, mask=rows < n_queries, other=0.0)
-    if SOFTCAP:  # [keys, queries]
-        s_t, dcap_t = capped_scores(k, q, qk_scale, softcap2, PRECISION)
+    if terms.SOFTCAP:  # [keys, queries]
+        s_t, dcap_t = capped_scores(k, q, qk_scale, terms.softcap2, PRECISION)
     else:
         s_t = scores(k, q, qk_scale, PRECISION)
     p_t = mask_scores(prob(s_t, lse2[None, :]), cols[:, None], key_offset + rows[None, :], key_visible[:, None],
-                      0, 0.0, window, False, CAUSAL_MASK, MASK_KEYS, WINDOW_MASK)
+                      0, 0.0, terms, False, CAUSAL_MASK, MASK_KEYS, SEQ_MASKS)
     if NEED_DKDV:
         dv += mm(p_t.to(do.dtype), do, PRECISION)
     dp_t = mm(v, tl.trans(do), PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
-    if SOFTCAP:
+    if terms.SOFTCAP:
         ds_t = ds_t * dcap_t  # through c * tanh(s / c)
     if NEED_DKDV:
         dk += mm(ds_t.to(q.dtype), q, PRECISION)
@@ -143,10 +143,10 @@ def _tile_grads(
 def _key_block_grads(
     dk, dv, K, V, stride_kn, stride_kd, stride_vn, stride_vd, cols, n_keys, Q, DO, LSE, Delta,
     stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, group,
-    lo, hi, n_queries, key_offset, offs_m, offs_d, offs_dv, qk_scale, softcap2, window,
+    lo, hi, n_queries, key_offset, offs_m, offs_d, offs_dv, qk_scale, terms,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL_MASK: tl.constexpr, WINDOW_MASK: tl.constexpr,
-    SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL_MASK: tl.constexpr, SEQ_MASKS: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dk/dv of sequence keys ``cols`` from query blocks [lo, hi) of each of the ``group`` query heads
     that Q/DO/LSE/Delta point at (the first of them; LSE/Delta rows n_queries apart). Loads k/v itself:
@@ -165,8 +165,8 @@ def _key_block_grads(
         dk, dv = _tile_grads(
             dk, dv, k, v, cols, cols, Q + head * stride_qh, DO + head * stride_doh, LSE + head * n_queries,
             Delta + head * n_queries, Q, stride_qm, stride_qd, stride_dom, stride_dod, 0, 0, start_m, n_queries,
-            key_offset, offs_m, offs_d, offs_dv, qk_scale, 1.0, softcap2, window, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V,
-            HEAD_DIM_V_PAD, MASKED, CAUSAL_MASK, False, WINDOW_MASK, SOFTCAP, False, True, UPCAST, PRECISION)
+            key_offset, offs_m, offs_d, offs_dv, qk_scale, 1.0, terms, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V,
+            HEAD_DIM_V_PAD, MASKED, CAUSAL_MASK, False, SEQ_MASKS, False, True, UPCAST, PRECISION)
         start_m += BLOCK_M
         next_head = start_m >= hi
         start_m = tl.where(next_head, lo, start_m)
@@ -201,10 +201,11 @@ def _flush_prefix_grads(dk, dv, DPK, DPV, chunk, t, g, cols, offs_d, offs_dv, st
 
 
 @triton.jit
-def _load_prefix_tiles(PK, PV, t, g, cols, offs_d, offs_dv, stride_pkt, stride_pkh, stride_pkn, stride_pkd,
-                       stride_pvt, stride_pvh, stride_pvn, stride_pvd, n_prefix,
+def _load_prefix_tiles(PK, PV, t, g, cols, offs_d, offs_dv, pk_strides, pv_strides, n_prefix,
                        HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                        HEAD_DIM_V_PAD: tl.constexpr, UPCAST: tl.constexpr):
+    stride_pkt, stride_pkh, stride_pkn, stride_pkd = pk_strides
+    stride_pvt, stride_pvh, stride_pvn, stride_pvd = pv_strides
     pk = load_tile(PK + t * stride_pkt + g * stride_pkh + cols[:, None] * stride_pkn + offs_d[None, :] * stride_pkd,
                    cols, n_prefix, offs_d, HEAD_DIM, HEAD_DIM_PAD, True, UPCAST)
     pv = load_tile(PV + t * stride_pvt + g * stride_pvh + cols[:, None] * stride_pvn + offs_dv[None, :] * stride_pvd,
@@ -215,21 +216,21 @@ def _load_prefix_tiles(PK, PV, t, g, cols, offs_d, offs_dv, stride_pkt, stride_p
 @triton.jit
 def _prefix_items(
     lo, hi, t, g, cols, key_visible, PK, PV, Q, DO, LSE, Delta, DQ, DPK, DPV, chunk,
-    stride_qb, stride_qh, stride_qm, stride_qd, stride_pkt, stride_pkh, stride_pkn, stride_pkd,
-    stride_pvt, stride_pvh, stride_pvn, stride_pvd, stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd, stride_gk, stride_gv,
-    n_heads, n_queries, n_prefix, group, q_blocks, items_per_row, scale, qk_scale, softcap2, window,
+    q_strides, pk_strides, pv_strides, do_strides, dq_strides, stride_gk, stride_gv,
+    n_heads, n_queries, n_prefix, group, q_blocks, items_per_row, scale, qk_scale, terms,
     offs_m, offs_d, offs_dv,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, NEED_DQ: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NEED_DQ: tl.constexpr,
     NEED_DPREFIX: tl.constexpr, DETERMINISTIC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
     """Work items [lo, hi) (row, query head of kv head g, query block) of one prefix program, all of rows
     that use prefix t: their gradients for prefix block ``cols``, added into DPK/DPV at the end, and
     their dq (atomically)."""
-    pk, pv = _load_prefix_tiles(PK, PV, t, g, cols, offs_d, offs_dv, stride_pkt, stride_pkh, stride_pkn,
-                                stride_pkd, stride_pvt, stride_pvh, stride_pvn, stride_pvd, n_prefix,
+    stride_qb, stride_qh, stride_qm, stride_qd = q_strides
+    stride_dob, stride_doh, stride_dom, stride_dod = do_strides
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd = dq_strides
+    pk, pv = _load_prefix_tiles(PK, PV, t, g, cols, offs_d, offs_dv, pk_strides, pv_strides, n_prefix,
                                 HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, UPCAST)
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=ACC_DTYPE)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_V_PAD], dtype=ACC_DTYPE)
@@ -247,8 +248,8 @@ def _prefix_items(
             DO + b * stride_dob + h * stride_doh, LSE + row_base, Delta + row_base,
             DQ + b * stride_dqb + h * stride_dqh, stride_qm, stride_qd, stride_dom, stride_dod,
             stride_dqm, stride_dqd, start_m, n_queries, 0, offs_m, offs_d, offs_dv, qk_scale,
-            scale, softcap2, window, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, True, False, NEED_DQ,
-            0, SOFTCAP, NEED_DQ, NEED_DPREFIX, UPCAST, PRECISION)
+            scale, terms, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, True, False, NEED_DQ,
+            False, NEED_DQ, NEED_DPREFIX, UPCAST, PRECISION)
         qb += 1
         next_head = qb == q_blocks
         qb = tl.where(next_head, 0, qb)
@@ -259,6 +260,178 @@ def _prefix_items(
     if NEED_DPREFIX:
         _flush_prefix_grads(dk, dv, DPK, DPV, chunk, t, g, cols, offs_d, offs_dv, stride_gk, stride_gv,
                             n_prefix, scale, HEAD_DIM, HEAD_DIM_V, DETERMINISTIC)
+
+
+@triton.jit
+def _segment_end(PREFIX_IDS, seg_lo, last, last_row, items_per_row):
+    """(t, seg_hi): the prefix of the row of item seg_lo and the end of the items [seg_lo, seg_hi) of
+    consecutive rows that use it, within the chunk's items (up to ``last``, in row last_row - 1)."""
+    row = seg_lo // items_per_row
+    t = tl.load(PREFIX_IDS + row).to(tl.int64)
+    row += 1
+    while (row < last_row) & (tl.load(PREFIX_IDS + tl.minimum(row, last_row - 1)).to(tl.int64) == t):
+        row += 1
+    return t, tl.minimum(row * items_per_row, last)
+
+
+@triton.jit
+def _prefix_program(
+    pid, PK, PV, PREFIX_IDS, Q, DO, LSE, Delta, DQ, DPK, DPV,
+    q_strides, pk_strides, pv_strides, do_strides, dq_strides, stride_gk, stride_gv,
+    n_heads, n_kv_heads, n_queries, n_prefix, group, n_items, items_per_chunk, scale, qk_scale, terms,
+    offs_m, offs_n, offs_d, offs_dv,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_PREFIX_IDS: tl.constexpr,
+    NEED_DQ: tl.constexpr, NEED_DPREFIX: tl.constexpr, DETERMINISTIC: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """Prefix program ``pid``: prefix block x kv head x chunk of the work items (``_prefix_items``)."""
+    prefix_blocks = tl.cdiv(n_prefix, BLOCK_N)
+    cols = (pid % prefix_blocks) * BLOCK_N + offs_n
+    g = ((pid // prefix_blocks) % n_kv_heads).to(tl.int64)
+    chunk = (pid // (prefix_blocks * n_kv_heads)).to(tl.int64)
+    key_visible = cols < n_prefix
+    q_blocks = tl.cdiv(n_queries, BLOCK_M)
+    items_per_row = group * q_blocks
+    first = chunk * items_per_chunk
+    last = tl.minimum(first + items_per_chunk, n_items)
+    if HAS_PREFIX_IDS:
+        # A bank: the chunk's items in segments of consecutive rows that use the same prefix, each
+        # segment with its own dprefix tile, flushed after the segment's loop (a flush inside the item
+        # loop kept its [BLOCK_N, D] addresses live through the loop and spilled).
+        last_row = tl.cdiv(last, items_per_row)
+        seg_lo = first
+        while seg_lo < last:
+            t, seg_hi = _segment_end(PREFIX_IDS, seg_lo, last, last_row, items_per_row)
+            # cols + 0, but the compiler cannot tell: the segment's [BLOCK_N, D] load and flush addresses
+            # are formed in the segment, not hoisted out of this loop and kept live through it (spills)
+            seg_cols = cols + tl.minimum(seg_lo, 0)
+            _prefix_items(
+                seg_lo, seg_hi, t, g, seg_cols, seg_cols < n_prefix, PK, PV, Q, DO, LSE, Delta, DQ, DPK, DPV, chunk,
+                q_strides, pk_strides, pv_strides, do_strides, dq_strides, stride_gk, stride_gv,
+                n_heads, n_queries, n_prefix, group, q_blocks, items_per_row, scale, qk_scale, terms,
+                offs_m, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N,
+                NEED_DQ, NEED_DPREFIX, DETERMINISTIC, UPCAST, PRECISION, ACC_DTYPE)
+            seg_lo = seg_hi
+    else:
+        _prefix_items(
+            first, last, tl.zeros([], dtype=tl.int64), g, cols, key_visible, PK, PV, Q, DO, LSE, Delta, DQ,
+            DPK, DPV, chunk, q_strides, pk_strides, pv_strides, do_strides, dq_strides, stride_gk, stride_gv,
+            n_heads, n_queries, n_prefix, group, q_blocks, items_per_row, scale, qk_scale, terms,
+            offs_m, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N,
+            NEED_DQ, NEED_DPREFIX, DETERMINISTIC, UPCAST, PRECISION, ACC_DTYPE)
+
+
+@triton.jit
+def _paired_dq(
+    b, g, key_block, Q, K, V, PK, PV, PREFIX_IDS, KPM, DO, LSE, Delta, DQ,
+    q_strides, k_strides, v_strides, pk_strides, pv_strides, kpm_strides, do_strides, dq_strides,
+    n_heads, n_queries, n_keys, n_prefix, group, scale, qk_scale, terms,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    HAS_PREFIX_IDS: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """dq by plain stores, no atomics: the sequence program of key block ``key_block`` also owns query
+    blocks of BLOCK_N rows (query tiles of BLOCK_N x BLOCK_M keys: the dk/dv tile transposed) of its row
+    and group, paired from the end (key block j with query block j + q_blocks - k_blocks, then every
+    k_blocks-th one below it), so that under a causal mask a program with few queries to walk for dk/dv
+    has many keys for dq."""
+    stride_qb, stride_qh, stride_qm, stride_qd = q_strides
+    stride_kb, stride_kh, stride_kn, stride_kd = k_strides
+    stride_vb, stride_vh, stride_vn, stride_vd = v_strides
+    stride_pkt, stride_pkh, stride_pkn, stride_pkd = pk_strides
+    stride_pvt, stride_pvh, stride_pvn, stride_pvd = pv_strides
+    stride_mb, stride_mn = kpm_strides
+    stride_dob, stride_doh, stride_dom, stride_dod = do_strides
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd = dq_strides
+    q_blocks = tl.cdiv(n_queries, BLOCK_N)
+    k_blocks = tl.cdiv(n_keys, BLOCK_N)
+    first_qb = key_block + q_blocks - k_blocks
+    rounds = tl.where(first_qb >= 0, first_qb // k_blocks + 1, 0)
+    t = tl.load(PREFIX_IDS + b).to(tl.int64) if HAS_PREFIX_IDS else 0
+    for i in range(0, rounds * group):
+        h = g * group + i % group
+        start_m = (first_qb - (i // group) * k_blocks) * BLOCK_N
+        row_base = (b * n_heads + h) * n_queries
+        _dq_tile(Q + b * stride_qb + h * stride_qh, K + b * stride_kb + g * stride_kh,
+                 V + b * stride_vb + g * stride_vh, PK + t * stride_pkt + g * stride_pkh,
+                 PV + t * stride_pvt + g * stride_pvh, KPM + b * stride_mb,
+                 DO + b * stride_dob + h * stride_doh, LSE + row_base, Delta + row_base,
+                 DQ + b * stride_dqb + h * stride_dqh,
+                 stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_pkn, stride_pkd,
+                 stride_pvn, stride_pvd, stride_mn, stride_dom, stride_dod, stride_dqm, stride_dqd,
+                 start_m, n_queries, n_keys, n_prefix, scale, qk_scale, terms,
+                 HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, BLOCK_M, IS_CAUSAL, HAS_KPM,
+                 UPCAST, PRECISION, ACC_DTYPE)
+
+
+@triton.jit
+def _key_block_dkdv(
+    b, g, start_n, cols, Q, K, V, KPM, DO, LSE, Delta, DK, DV,
+    q_strides, k_strides, v_strides, kpm_strides, do_strides, dk_strides, dv_strides,
+    n_heads, n_queries, n_keys, group, scale, qk_scale, terms, offs_m, offs_d, offs_dv,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    """dk/dv of sequence keys ``cols`` of (row b, kv head g), stored. Query i (position key_offset + i)
+    sees key j iff j <= key_offset + i. Row j of dk/dv depends on key j alone, so padded keys are
+    zeroed once at the end (keys past n_keys are not stored) and only the blocks across the diagonal /
+    a window edge carry a mask: three loops, each over every query head of the group."""
+    stride_qb, stride_qh, stride_qm, stride_qd = q_strides
+    stride_kb, stride_kh, stride_kn, stride_kd = k_strides
+    stride_vb, stride_vh, stride_vn, stride_vd = v_strides
+    stride_dob, stride_doh, stride_dom, stride_dod = do_strides
+    dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=ACC_DTYPE)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM_V_PAD], dtype=ACC_DTYPE)
+    key_offset = n_keys - n_queries
+    masked_lo, free_lo, free_hi, masked_hi = query_ranges(start_n, n_queries, key_offset, terms, BLOCK_N,
+                                                          BLOCK_M, IS_CAUSAL)
+    Kb = K + b * stride_kb + g * stride_kh
+    Vb = V + b * stride_vb + g * stride_vh
+    Qb = Q + b * stride_qb + g * group * stride_qh
+    DOb = DO + b * stride_dob + g * group * stride_doh
+    row_base = (b * n_heads + g * group) * n_queries
+    dk, dv = _key_block_grads(
+        dk, dv, Kb, Vb, stride_kn, stride_kd, stride_vn, stride_vd, cols, n_keys, Qb, DOb, LSE + row_base,
+        Delta + row_base, stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, group,
+        masked_lo, free_lo, n_queries, key_offset, offs_m, offs_d, offs_dv, qk_scale, terms,
+        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, True, IS_CAUSAL, True,
+        UPCAST, PRECISION)
+    dk, dv = _key_block_grads(
+        dk, dv, Kb, Vb, stride_kn, stride_kd, stride_vn, stride_vd, cols, n_keys, Qb, DOb, LSE + row_base,
+        Delta + row_base, stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, group,
+        free_lo, free_hi, n_queries, key_offset, offs_m, offs_d, offs_dv, qk_scale, terms,
+        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, False, False, False,
+        UPCAST, PRECISION)
+    dk, dv = _key_block_grads(
+        dk, dv, Kb, Vb, stride_kn, stride_kd, stride_vn, stride_vd, cols, n_keys, Qb, DOb, LSE + row_base,
+        Delta + row_base, stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, group,
+        free_hi, masked_hi, n_queries, key_offset, offs_m, offs_d, offs_dv, qk_scale, terms,
+        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, True, IS_CAUSAL, True,
+        UPCAST, PRECISION)
+    _store_key_grads(DK, DV, KPM, dk_strides, dv_strides, kpm_strides, b, g, cols, offs_d, offs_dv, dk, dv, n_keys,
+                     scale, HEAD_DIM, HEAD_DIM_V, HAS_KPM)
+
+
+@triton.jit
+def _store_key_grads(DK, DV, KPM, dk_strides, dv_strides, kpm_strides, b, g, cols, offs_d, offs_dv, dk, dv, n_keys,
+                     scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HAS_KPM: tl.constexpr):
+    """dk (scaled) and dv of keys ``cols`` of (row b, kv head g); zero for padded keys."""
+    stride_mb, stride_mn = kpm_strides
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd = dk_strides
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd = dv_strides
+    key_ok = cols[:, None] < n_keys
+    if HAS_KPM:
+        keep = load_keep(KPM + b * stride_mb, stride_mn, cols, n_keys)[:, None]
+        dk = tl.where(keep, dk, 0.0)
+        dv = tl.where(keep, dv, 0.0)
+    dk_ptrs = DK + b * stride_dkb + g * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    dv_ptrs = DV + b * stride_dvb + g * stride_dvh + cols[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd
+    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=key_ok & (offs_d[None, :] < HEAD_DIM))
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=key_ok & (offs_dv[None, :] < HEAD_DIM_V))
 
 
 @triton.jit
@@ -274,20 +447,11 @@ def backward_kernel(
     NEED_DQ: tl.constexpr, NEED_DKDV: tl.constexpr, NEED_DPREFIX: tl.constexpr, DETERMINISTIC: tl.constexpr,
     PREFIX_PROGRAMS: tl.constexpr, SEQ_PROGRAMS: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    softcap2=1.0, window=0, WINDOW_MASK: tl.constexpr = 0, SOFTCAP: tl.constexpr = False,
+    terms,
 ):
     """Programs [0, n_prefix_programs) are prefix programs, the rest sequence programs (see the module
-    docstring). DPK/DPV: fp32 [C, T, Hkv, P, D] partials (deterministic) or [T, Hkv, P, D], dense in D."""
-    stride_qb, stride_qh, stride_qm, stride_qd = q_strides
-    stride_kb, stride_kh, stride_kn, stride_kd = k_strides
-    stride_vb, stride_vh, stride_vn, stride_vd = v_strides
-    stride_pkt, stride_pkh, stride_pkn, stride_pkd = pk_strides
-    stride_pvt, stride_pvh, stride_pvn, stride_pvd = pv_strides
-    stride_mb, stride_mn = kpm_strides
-    stride_dob, stride_doh, stride_dom, stride_dod = do_strides
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd = dq_strides
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd = dk_strides
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd = dv_strides
+    docstring). DPK/DPV: fp32 [C, T, Hkv, P, D] partials (deterministic) or [T, Hkv, P, D], dense in D;
+    dpk_acc_strides / dpv_acc_strides: their (chunk, t, kv head, key) strides."""
     # dq comes from the sequence programs (plain stores); the prefix programs add theirs atomically only
     # when there are none (no sequence keys).
     PREFIX_DQ: tl.constexpr = NEED_DQ and not SEQ_PROGRAMS
@@ -296,54 +460,14 @@ def backward_kernel(
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
     offs_n = tl.arange(0, BLOCK_N)
-    stride_gk = dpk_acc_strides  # (chunk, t, kv head, key)
-    stride_gv = dpv_acc_strides
     if PREFIX_PROGRAMS and (not SEQ_PROGRAMS or pid < n_prefix_programs):
         if NEED_DPREFIX or PREFIX_DQ:  # else launched for nothing: the sequence programs do all of dq
-            prefix_blocks = tl.cdiv(n_prefix, BLOCK_N)
-            cols = (pid % prefix_blocks) * BLOCK_N + offs_n
-            g = ((pid // prefix_blocks) % n_kv_heads).to(tl.int64)
-            chunk = (pid // (prefix_blocks * n_kv_heads)).to(tl.int64)
-            key_visible = cols < n_prefix
-            q_blocks = tl.cdiv(n_queries, BLOCK_M)
-            items_per_row = group * q_blocks
-            first = chunk * items_per_chunk
-            last = tl.minimum(first + items_per_chunk, n_items)
-            if HAS_PREFIX_IDS:
-                # A bank: the chunk's items in segments of consecutive rows that use the same prefix, each
-                # segment with its own dprefix tile, flushed after the segment's loop (a flush inside the item
-                # loop kept its [BLOCK_N, D] addresses live through the loop and spilled).
-                last_row = tl.cdiv(last, items_per_row)
-                seg_lo = first
-                while seg_lo < last:
-                    row = seg_lo // items_per_row
-                    t = tl.load(PREFIX_IDS + row).to(tl.int64)
-                    row += 1
-                    while (row < last_row) & (tl.load(PREFIX_IDS + tl.minimum(row, last_row - 1)).to(tl.int64) == t):
-                        row += 1
-                    seg_hi = tl.minimum(row * items_per_row, last)
-                    # cols + 0, but the compiler cannot tell: the segment's [BLOCK_N, D] load and flush addresses
-                    # are formed in the segment, not hoisted out of this loop and kept live through it (spills)
-                    seg_cols = cols + tl.minimum(seg_lo, 0)
-                    _prefix_items(
-                        seg_lo, seg_hi, t, g, seg_cols, seg_cols < n_prefix, PK, PV, Q, DO, LSE, Delta, DQ, DPK, DPV, chunk,
-                        stride_qb, stride_qh, stride_qm, stride_qd, stride_pkt, stride_pkh, stride_pkn, stride_pkd,
-                        stride_pvt, stride_pvh, stride_pvn, stride_pvd, stride_dob, stride_doh, stride_dom, stride_dod,
-                        stride_dqb, stride_dqh, stride_dqm, stride_dqd, stride_gk, stride_gv,
-                        n_heads, n_queries, n_prefix, group, q_blocks, items_per_row, scale, qk_scale, softcap2, window,
-                        offs_m, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N,
-                        SOFTCAP, PREFIX_DQ, NEED_DPREFIX, DETERMINISTIC, UPCAST, PRECISION, ACC_DTYPE)
-                    seg_lo = seg_hi
-            else:
-                _prefix_items(
-                    first, last, tl.zeros([], dtype=tl.int64), g, cols, key_visible, PK, PV, Q, DO, LSE, Delta, DQ,
-                    DPK, DPV, chunk,
-                    stride_qb, stride_qh, stride_qm, stride_qd, stride_pkt, stride_pkh, stride_pkn, stride_pkd,
-                    stride_pvt, stride_pvh, stride_pvn, stride_pvd, stride_dob, stride_doh, stride_dom, stride_dod,
-                    stride_dqb, stride_dqh, stride_dqm, stride_dqd, stride_gk, stride_gv,
-                    n_heads, n_queries, n_prefix, group, q_blocks, items_per_row, scale, qk_scale, softcap2, window,
-                    offs_m, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N,
-                    SOFTCAP, PREFIX_DQ, NEED_DPREFIX, DETERMINISTIC, UPCAST, PRECISION, ACC_DTYPE)
+            _prefix_program(
+                pid, PK, PV, PREFIX_IDS, Q, DO, LSE, Delta, DQ, DPK, DPV, q_strides, pk_strides, pv_strides,
+                do_strides, dq_strides, dpk_acc_strides, dpv_acc_strides, n_heads, n_kv_heads, n_queries, n_prefix,
+                group, n_items, items_per_chunk, scale, qk_scale, terms, offs_m, offs_n, offs_d, offs_dv,
+                HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N, HAS_PREFIX_IDS,
+                PREFIX_DQ, NEED_DPREFIX, DETERMINISTIC, UPCAST, PRECISION, ACC_DTYPE)
     elif SEQ_PROGRAMS:
         s = pid - n_prefix_programs
         bg = s % (batch * n_kv_heads)
@@ -352,73 +476,19 @@ def backward_kernel(
         b = (bg // n_kv_heads).to(tl.int64)
         g = (bg % n_kv_heads).to(tl.int64)
         cols = start_n + offs_n
-        if NEED_DQ:
-            # dq by plain stores, no atomics: this program also owns query blocks of BLOCK_N rows (query tiles
-            # of BLOCK_N x BLOCK_M keys: the dk/dv tile transposed) of its row and group, paired from the end
-            # (key block j with query block j + q_blocks - k_blocks, then every k_blocks-th one below it), so
-            # that under a causal mask a program with few queries to walk for dk/dv has many keys for dq. dq first:
-            # what stays live into the other phase then waits through the one with fewer registers live.
-            q_blocks = tl.cdiv(n_queries, BLOCK_N)
-            k_blocks = tl.cdiv(n_keys, BLOCK_N)
-            first_qb = key_block + q_blocks - k_blocks
-            rounds = tl.where(first_qb >= 0, first_qb // k_blocks + 1, 0)
-            t = tl.load(PREFIX_IDS + b).to(tl.int64) if HAS_PREFIX_IDS else 0
-            for i in range(0, rounds * group):
-                h = g * group + i % group
-                start_m = (first_qb - (i // group) * k_blocks) * BLOCK_N
-                row_base = (b * n_heads + h) * n_queries
-                _dq_tile(Q + b * stride_qb + h * stride_qh, K + b * stride_kb + g * stride_kh,
-                         V + b * stride_vb + g * stride_vh, PK + t * stride_pkt + g * stride_pkh,
-                         PV + t * stride_pvt + g * stride_pvh, KPM + b * stride_mb,
-                         DO + b * stride_dob + h * stride_doh, LSE + row_base, Delta + row_base,
-                         DQ + b * stride_dqb + h * stride_dqh,
-                         stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_pkn, stride_pkd,
-                         stride_pvn, stride_pvd, stride_mn, stride_dom, stride_dod, stride_dqm, stride_dqd,
-                         start_m, n_queries, n_keys, n_prefix, scale, qk_scale, softcap2, window,
-                         HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, BLOCK_M, IS_CAUSAL, HAS_KPM,
-                         WINDOW_MASK, SOFTCAP, UPCAST, PRECISION, ACC_DTYPE)
+        if NEED_DQ:  # dq first: what stays live into the dk/dv phase then waits through the one with fewer
+            _paired_dq(  # registers live
+                b, g, key_block, Q, K, V, PK, PV, PREFIX_IDS, KPM, DO, LSE, Delta, DQ, q_strides, k_strides,
+                v_strides, pk_strides, pv_strides, kpm_strides, do_strides, dq_strides, n_heads, n_queries, n_keys,
+                n_prefix, group, scale, qk_scale, terms, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V,
+                HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_KPM, HAS_PREFIX_IDS, UPCAST,
+                PRECISION, ACC_DTYPE)
         if NEED_DKDV:
-            dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=ACC_DTYPE)
-            dv = tl.zeros([BLOCK_N, HEAD_DIM_V_PAD], dtype=ACC_DTYPE)
-            # Query i (position key_offset + i) sees key j iff j <= key_offset + i. Row j of dk/dv depends
-            # on key j alone, so padded keys are zeroed once at the end (keys past n_keys are not stored)
-            # and only the blocks across the diagonal / a window edge carry a mask: three loops, each over
-            # every query head of the group.
-            key_offset = n_keys - n_queries
-            masked_lo, free_lo, free_hi, masked_hi = query_ranges(start_n, n_queries, key_offset, window, BLOCK_N,
-                                                                  BLOCK_M, IS_CAUSAL, WINDOW_MASK != 0)
-            Kb = K + b * stride_kb + g * stride_kh
-            Vb = V + b * stride_vb + g * stride_vh
-            Qb = Q + b * stride_qb + g * group * stride_qh
-            DOb = DO + b * stride_dob + g * group * stride_doh
-            row_base = (b * n_heads + g * group) * n_queries
-            dk, dv = _key_block_grads(
-                dk, dv, Kb, Vb, stride_kn, stride_kd, stride_vn, stride_vd, cols, n_keys, Qb, DOb, LSE + row_base,
-                Delta + row_base, stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, group,
-                masked_lo, free_lo, n_queries, key_offset, offs_m, offs_d, offs_dv, qk_scale, softcap2, window,
-                HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, True, IS_CAUSAL, WINDOW_MASK, SOFTCAP,
-                UPCAST, PRECISION)
-            dk, dv = _key_block_grads(
-                dk, dv, Kb, Vb, stride_kn, stride_kd, stride_vn, stride_vd, cols, n_keys, Qb, DOb, LSE + row_base,
-                Delta + row_base, stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, group,
-                free_lo, free_hi, n_queries, key_offset, offs_m, offs_d, offs_dv, qk_scale, softcap2, window,
-                HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, False, False, 0, SOFTCAP,
-                UPCAST, PRECISION)
-            dk, dv = _key_block_grads(
-                dk, dv, Kb, Vb, stride_kn, stride_kd, stride_vn, stride_vd, cols, n_keys, Qb, DOb, LSE + row_base,
-                Delta + row_base, stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod, group,
-                free_hi, masked_hi, n_queries, key_offset, offs_m, offs_d, offs_dv, qk_scale, softcap2, window,
-                HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, True, IS_CAUSAL, WINDOW_MASK, SOFTCAP,
-                UPCAST, PRECISION)
-            key_ok = cols[:, None] < n_keys
-            if HAS_KPM:
-                keep = load_keep(KPM + b * stride_mb, stride_mn, cols, n_keys)[:, None]
-                dk = tl.where(keep, dk, 0.0)
-                dv = tl.where(keep, dv, 0.0)
-            dk_ptrs = DK + b * stride_dkb + g * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
-            dv_ptrs = DV + b * stride_dvb + g * stride_dvh + cols[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd
-            tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=key_ok & (offs_d[None, :] < HEAD_DIM))
-            tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=key_ok & (offs_dv[None, :] < HEAD_DIM_V))
+            _key_block_dkdv(
+                b, g, start_n, cols, Q, K, V, KPM, DO, LSE, Delta, DK, DV, q_strides, k_strides, v_strides,
+                kpm_strides, do_strides, dk_strides, dv_strides, n_heads, n_queries, n_keys, group, scale, qk_scale,
+                terms, offs_m, offs_d, offs_dv, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD,
+                BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_KPM, UPCAST, PRECISION, ACC_DTYPE)
 
 
 # ---------------------------------------------------------------- deterministic mode: dq in its own pass
@@ -426,22 +496,22 @@ def backward_kernel(
 @triton.jit
 def _dq_blocks(
     dq, q, do, lse2, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
-    lo, hi, n_keys, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2, window,
+    lo, hi, n_keys, q_pos, offs_n, offs_d, offs_dv, qk_scale, terms,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    CHECK_KEYS: tl.constexpr, CAUSAL_MASK: tl.constexpr, HAS_KPM: tl.constexpr, WINDOW_MASK: tl.constexpr,
-    SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    CHECK_KEYS: tl.constexpr, CAUSAL_MASK: tl.constexpr, HAS_KPM: tl.constexpr, SEQ_MASKS: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         k, s, dcap = key_tile_scores(q, K, stride_kn, stride_kd, KPM, stride_mn, cols, n_keys, q_pos, offs_d,
-                                     qk_scale, softcap2, window, HEAD_DIM, HEAD_DIM_PAD, CHECK_KEYS, CAUSAL_MASK,
-                                     HAS_KPM, WINDOW_MASK, SOFTCAP, UPCAST, PRECISION)
+                                     qk_scale, terms, HEAD_DIM, HEAD_DIM_PAD, CHECK_KEYS, CAUSAL_MASK,
+                                     HAS_KPM, SEQ_MASKS, UPCAST, PRECISION)
         p = prob(s, lse2[:, None])  # 0 where masked (-inf)
         v = load_tile(V + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd, cols, n_keys, offs_dv,
                       HEAD_DIM_V, HEAD_DIM_V_PAD, CHECK_KEYS, UPCAST)
         dp = mm(do, tl.trans(v), PRECISION)
         ds = p * (dp - delta[:, None])
-        if SOFTCAP:
+        if terms.SOFTCAP:
             ds = ds * dcap
         dq += mm(ds.to(k.dtype), k, PRECISION)
     return dq
@@ -452,10 +522,10 @@ def _dq_tile(
     Q, K, V, PK, PV, KPM, DO, LSE, Delta, DQ,
     stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
     stride_mn, stride_dom, stride_dod, stride_dqm, stride_dqd,
-    start_m, n_queries, n_keys, n_prefix, scale, qk_scale, softcap2, window,
+    start_m, n_queries, n_keys, n_prefix, scale, qk_scale, terms,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-    WINDOW_MASK: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
     """dq of query rows [start_m, start_m + BLOCK_M) of one (row, query head), stored (scaled) into DQ:
@@ -476,27 +546,24 @@ def _dq_tile(
 
     prefix_full = (n_prefix // BLOCK_N) * BLOCK_N
     dq = _dq_blocks(dq, q, do, lse2, delta, PK, PV, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
-                    KPM, 0, 0, prefix_full, n_prefix, offs_m, offs_n, offs_d, offs_dv, qk_scale, softcap2,
-                    window, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, False, False, False, 0, SOFTCAP, UPCAST, PRECISION)
+                    KPM, 0, 0, prefix_full, n_prefix, offs_m, offs_n, offs_d, offs_dv, qk_scale, terms, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, False, False, False, False, UPCAST, PRECISION)
     dq = _dq_blocks(dq, q, do, lse2, delta, PK, PV, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
-                    KPM, 0, prefix_full, n_prefix, n_prefix, offs_m, offs_n, offs_d, offs_dv, qk_scale, softcap2,
-                    window, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, False, False, 0, SOFTCAP, UPCAST, PRECISION)
+                    KPM, 0, prefix_full, n_prefix, n_prefix, offs_m, offs_n, offs_d, offs_dv, qk_scale, terms, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, False, False, False, UPCAST, PRECISION)
 
     first_pos = n_keys - n_queries + start_m
     q_pos = first_pos + offs_m - start_m
-    masked_lo, free_lo, free_hi, masked_hi = key_ranges(0, n_keys, first_pos, first_pos + BLOCK_M - 1, window,
-                                                        BLOCK_N, IS_CAUSAL, WINDOW_MASK != 0)
-    if WINDOW_MASK != 0:
+    masked_lo, free_lo, free_hi, masked_hi = key_ranges(0, n_keys, first_pos, first_pos + BLOCK_M - 1, terms,
+                                                        BLOCK_N, IS_CAUSAL)
+    if terms.WINDOW_MASK != 0:
         dq = _dq_blocks(dq, q, do, lse2, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
                         KPM, stride_mn, masked_lo, free_lo, n_keys, q_pos, offs_n, offs_d, offs_dv, qk_scale,
-                        softcap2, window, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP,
+                        terms, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, IS_CAUSAL, HAS_KPM, True,
                         UPCAST, PRECISION)
     dq = _dq_blocks(dq, q, do, lse2, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-                    KPM, stride_mn, free_lo, free_hi, n_keys, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2,
-                    window, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, False, False, HAS_KPM, 0, SOFTCAP, UPCAST, PRECISION)
+                    KPM, stride_mn, free_lo, free_hi, n_keys, q_pos, offs_n, offs_d, offs_dv, qk_scale, terms, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, False, False, HAS_KPM, False, UPCAST, PRECISION)
     dq = _dq_blocks(dq, q, do, lse2, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
                     KPM, stride_mn, free_hi, masked_hi, n_keys, q_pos, offs_n, offs_d, offs_dv, qk_scale,
-                    softcap2, window, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP,
+                    terms, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, IS_CAUSAL, HAS_KPM, True,
                     UPCAST, PRECISION)
 
     tl.store(DQ + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, (dq * scale).to(DQ.dtype.element_ty),
@@ -511,7 +578,7 @@ def dq_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_PREFIX_IDS: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    softcap2=1.0, window=0, WINDOW_MASK: tl.constexpr = 0, SOFTCAP: tl.constexpr = False,
+    terms,
 ):
     """Deterministic mode's dq: one program per (query block, row, query head) (``_dq_tile``)."""
     stride_qb, stride_qh, stride_qm, stride_qd = q_strides
@@ -523,20 +590,16 @@ def dq_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod = do_strides
     stride_dqb, stride_dqh, stride_dqm, stride_dqd = dq_strides
     bh = tl.program_id(1)
-    b = (bh // n_heads).to(tl.int64)
-    h = bh % n_heads
-    g = (h // group).to(tl.int64)
-    h = h.to(tl.int64)
-    t = tl.load(PREFIX_IDS + b).to(tl.int64) if HAS_PREFIX_IDS else 0
+    b, h, g, t = program_heads(bh, n_heads, group, PREFIX_IDS, HAS_PREFIX_IDS)
     row_base = bh.to(tl.int64) * n_queries
     _dq_tile(Q + b * stride_qb + h * stride_qh, K + b * stride_kb + g * stride_kh, V + b * stride_vb + g * stride_vh,
              PK + t * stride_pkt + g * stride_pkh, PV + t * stride_pvt + g * stride_pvh, KPM + b * stride_mb,
              DO + b * stride_dob + h * stride_doh, LSE + row_base, Delta + row_base, DQ + b * stride_dqb + h * stride_dqh,
              stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_pkn, stride_pkd, stride_pvn,
              stride_pvd, stride_mn, stride_dom, stride_dod, stride_dqm, stride_dqd,
-             tl.program_id(0) * BLOCK_M, n_queries, n_keys, n_prefix, scale, qk_scale, softcap2, window,
-             HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_KPM, WINDOW_MASK,
-             SOFTCAP, UPCAST, PRECISION, ACC_DTYPE)
+             tl.program_id(0) * BLOCK_M, n_queries, n_keys, n_prefix, scale, qk_scale, terms,
+             HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_KPM,
+             UPCAST, PRECISION, ACC_DTYPE)
 
 
 @triton.jit

@@ -84,6 +84,52 @@ def override_configs(**fields):
         _OVERRIDES.update(saved)
 
 
+def _sixteen_bit_table(d: int, windowed: bool) -> tuple[BlockConfig, BlockConfig, BlockConfig]:
+    """The (forward, dq, backward) block configs for 16-bit inputs at padded head dim d. Chosen statically
+    (prefix-kernels inspect, sm_90, Triton 3.9, bf16; the hot-loop model of perf_model.py;
+    benchmarks/results/inspect_sm90_*_v3_{before,after}.json).
+    backward: (block_m, block_n) = (queries, keys) of the dk/dv tiles of a sequence/prefix program, whose
+    dk/dv accumulators live in registers (2 * block_n * D fp32 over 32 * num_warps threads); its dq tiles
+    are the transpose, block_n queries x block_m keys (kernels/backward.py). 128 keys over 8 warps give
+    every matmul m64 wgmmas on both warpgroups with no duplicated work; the query side is as wide as the
+    registers allow with no spill in a hot loop (useful FLOPs per loop kind: 4 matmuls in a dk/dv loop, 3
+    in a dq loop; perf_model credits every backward_kernel loop with all 5, i.e. 1.25x / 1.67x fewer
+    instructions per FLOP than these):
+      D=64:  (64, 128, 8, 2): 248 registers (255 with window + softcap + sinks), no spill; every wgmma
+             m64n64; unmasked loops 841 (dk/dv) / 786 (dq) warp-instructions per useful MFLOP, issue/tensor
+             0.86 / 0.81, smem/tensor 0.75 / 0.83. (64, 128, 8, 3) spills 36 B in the dk/dv loop;
+             (32, 128, 8, 3) fits (243) but its n32 tiles cost ~25% more instructions per FLOP.
+      D=128: (32, 128, 8, 2): 250 registers (255), no spill; m64n32 + m64n128 wgmma; 649 / 654 per MFLOP,
+             issue/tensor 0.66 / 0.67, smem/tensor 1.0 / 1.17. block_m = 64 spills in the loops (128 fp32
+             dk/dv registers per thread leave no room for 64-wide S/dP tiles), 4 warps likewise.
+    The one-pass kernel with dq atomics from 16-query tiles (16, 64 / 128, 8, 3) made both warpgroups compute
+    the same S^T (m64n8 / n16 wgmma) at 2.7x the instructions per FLOP of these; it needed block_m = 16 to
+    hold the [D, block_m] dq^T tile next to dk/dv.
+    dq: the tiles of the backward's prologue/epilogue and the deterministic dq pass (tall query tiles):
+    64 keys per step, m64n64 wgmma on both warpgroups: D=64 (128, 64, 8, 3) 138 registers (220 with the
+    features), 786 warp-instructions per useful MFLOP, smem/tensor 0.83, where (128, 32, 4, 3) gave 799 and
+    1.17; D=128 (128, 64, 8, 2) 233 (254), 468 and 0.83, where (128, 32, 8, 2) gave 659 and 1.17; no spill
+    (benchmarks/results/blocks_model.json).
+    A sliding window adds the window-edge loop to the forward: at D=128 (128, 64, 8, 3) then spills
+    20 B, (128, 32, 8, 3) needs 204 registers.
+    The forward at D=64 (the merged prefix + sequence loop, kernels/forward.py): (128, 128, 8, 3), 198
+    registers (234 with window + softcap + sinks), 112 KB, 1 block (8 warps) per SM: the softmax of a
+    128 x 128 tile amortizes the loop's fixed cost (addresses, barriers, waits) over twice the FLOPs of
+    128 x 64 (2 blocks of 8 warps, 116 registers): issue/tensor 1.38 -> 1.10, and 0.98 with the row max
+    taken before the scale (tiles.online_softmax_step_scaled). (128, 64, 4, 3) needs 255 registers
+    and issues more per FLOP (1.20). With a sliding window (its edge loop) on top of a prefix bank,
+    padding, softcap and sinks, (128, 128) spills 72 B: windowed launches keep (128, 64, 8, 3), which
+    fits them all. At D=128 BLOCK_N = 128 spills (16 B with the separate loops, 60 B merged).
+    """
+    if d <= 64:
+        forward = BlockConfig(128, 64, 8, 3) if windowed else BlockConfig(128, 128, 8, 3)
+        return (forward, BlockConfig(128, 64, 8, 3), BlockConfig(64, 128, 8, 2))
+    if d <= 128:
+        forward = BlockConfig(128, 32, 8, 3) if windowed else BlockConfig(128, 64, 8, 3)
+        return (forward, BlockConfig(128, 64, 8, 2), BlockConfig(32, 128, 8, 2))
+    return (BlockConfig(64, 32, 8, 2), BlockConfig(64, 32, 8, 1), BlockConfig(16, 32, 4, 1))
+
+
 @lru_cache(maxsize=None)  # called on every launch: host time matters
 def _default_configs(head_dim: int, dtype: torch.dtype, capability: tuple[int, int] | None,
                      windowed: bool = False) -> KernelConfigs:
@@ -94,48 +140,7 @@ def _default_configs(head_dim: int, dtype: torch.dtype, capability: tuple[int, i
     if dtype == torch.float64:
         small = BlockConfig(16, 16, num_warps=4, num_stages=1)  # fp64 runs on FMA units (kernels.forward.mm)
         return KernelConfigs(forward=small, dq=small, backward=small)
-    # (forward, dq, backward) for 16-bit inputs. Chosen statically (prefix-kernels inspect, sm_90, Triton 3.9,
-    # bf16; the hot-loop model of perf_model.py; benchmarks/results/inspect_sm90_*_v3_{before,after}.json).
-    # backward: (block_m, block_n) = (queries, keys) of the dk/dv tiles of a sequence/prefix program, whose
-    # dk/dv accumulators live in registers (2 * block_n * D fp32 over 32 * num_warps threads); its dq tiles
-    # are the transpose, block_n queries x block_m keys (kernels/backward.py). 128 keys over 8 warps give
-    # every matmul m64 wgmmas on both warpgroups with no duplicated work; the query side is as wide as the
-    # registers allow with no spill in a hot loop (useful FLOPs per loop kind: 4 matmuls in a dk/dv loop, 3
-    # in a dq loop; perf_model credits every backward_kernel loop with all 5, i.e. 1.25x / 1.67x fewer
-    # instructions per FLOP than these):
-    #   D=64:  (64, 128, 8, 2): 248 registers (255 with window + softcap + sinks), no spill; every wgmma
-    #          m64n64; unmasked loops 841 (dk/dv) / 786 (dq) warp-instructions per useful MFLOP, issue/tensor
-    #          0.86 / 0.81, smem/tensor 0.75 / 0.83. (64, 128, 8, 3) spills 36 B in the dk/dv loop;
-    #          (32, 128, 8, 3) fits (243) but its n32 tiles cost ~25% more instructions per FLOP.
-    #   D=128: (32, 128, 8, 2): 250 registers (255), no spill; m64n32 + m64n128 wgmma; 649 / 654 per MFLOP,
-    #          issue/tensor 0.66 / 0.67, smem/tensor 1.0 / 1.17. block_m = 64 spills in the loops (128 fp32
-    #          dk/dv registers per thread leave no room for 64-wide S/dP tiles), 4 warps likewise.
-    # The one-pass kernel with dq atomics from 16-query tiles (16, 64 / 128, 8, 3) made both warpgroups compute
-    # the same S^T (m64n8 / n16 wgmma) at 2.7x the instructions per FLOP of these; it needed block_m = 16 to
-    # hold the [D, block_m] dq^T tile next to dk/dv.
-    # dq: the tiles of the backward's prologue/epilogue and the deterministic dq pass (tall query tiles):
-    # 64 keys per step, m64n64 wgmma on both warpgroups: D=64 (128, 64, 8, 3) 138 registers (220 with the
-    # features), 786 warp-instructions per useful MFLOP, smem/tensor 0.83, where (128, 32, 4, 3) gave 799 and
-    # 1.17; D=128 (128, 64, 8, 2) 233 (254), 468 and 0.83, where (128, 32, 8, 2) gave 659 and 1.17; no spill
-    # (benchmarks/results/blocks_model.json).
-    # A sliding window adds the window-edge loop to the forward: at D=128 (128, 64, 8, 3) then spills
-    # 20 B, (128, 32, 8, 3) needs 204 registers.
-    # The forward at D=64 (the merged prefix + sequence loop, kernels/forward.py): (128, 128, 8, 3), 198
-    # registers (234 with window + softcap + sinks), 112 KB, 1 block (8 warps) per SM: the softmax of a
-    # 128 x 128 tile amortizes the loop's fixed cost (addresses, barriers, waits) over twice the FLOPs of
-    # 128 x 64 (2 blocks of 8 warps, 116 registers): issue/tensor 1.38 -> 1.10, and 0.98 with the row max
-    # taken before the scale (tiles.online_softmax_step_scaled). (128, 64, 4, 3) needs 255 registers
-    # and issues more per FLOP (1.20). With a sliding window (its edge loop) on top of a prefix bank,
-    # padding, softcap and sinks, (128, 128) spills 72 B: windowed launches keep (128, 64, 8, 3), which
-    # fits them all. At D=128 BLOCK_N = 128 spills (16 B with the separate loops, 60 B merged).
-    if d <= 64:
-        forward = BlockConfig(128, 64, 8, 3) if windowed else BlockConfig(128, 128, 8, 3)
-        table = (forward, BlockConfig(128, 64, 8, 3), BlockConfig(64, 128, 8, 2))
-    elif d <= 128:
-        forward = BlockConfig(128, 32, 8, 3) if windowed else BlockConfig(128, 64, 8, 3)
-        table = (forward, BlockConfig(128, 64, 8, 2), BlockConfig(32, 128, 8, 2))
-    else:
-        table = (BlockConfig(64, 32, 8, 2), BlockConfig(64, 32, 8, 1), BlockConfig(16, 32, 4, 1))
+    table = _sixteen_bit_table(d, windowed)
     if dtype == torch.float32:  # 4-byte tiles: halve the long side (both of a square) to stay within registers/smem
         table = tuple(
             BlockConfig(c.block_m // 2 if c.block_m >= c.block_n else c.block_m,

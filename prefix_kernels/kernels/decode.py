@@ -50,8 +50,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from prefix_kernels.kernels.tiles import (attend_blocks, attend_prefix_and_sequence, finish_rows, load_tile,
-                                          sink_logit2)
+from prefix_kernels.kernels.tiles import attend_prefix, attend_prefix_and_sequence, finish_rows, load_tile, sink_logit2
 
 
 @triton.jit
@@ -79,6 +78,40 @@ def store_partials(M_PART, L_PART, ACC_PART, part, m_i, l_i, acc, row_ok, offs_d
 
 
 @triton.jit
+def split_ranges(split, keys_per_split, n_prefix, n_keys, seq_start):
+    """A split's range of the concatenated [prefix | sequence] key axis (which skips the sequence keys
+    before seq_start), as its prefix part [p_lo, p_hi) and its sequence part [s_lo, s_hi) in sequence
+    coordinates."""
+    lo = split * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, n_prefix + n_keys - seq_start)
+    p_lo = tl.minimum(lo, n_prefix)
+    p_hi = tl.minimum(hi, n_prefix)
+    s_lo = tl.maximum(lo, n_prefix) - n_prefix + seq_start
+    s_hi = tl.maximum(hi, n_prefix) - n_prefix + seq_start
+    return p_lo, p_hi, s_lo, s_hi
+
+
+@triton.jit
+def finish_split(Out, LSE, M_PART, L_PART, ACC_PART, out_strides, lse_strides, b, row_h, row_i, row_ok, offs_dv,
+                 acc, l_i, m_i, n_heads, n_queries, num_splits, split_base, split, HEAD_DIM_V: tl.constexpr,
+                 SPLIT: tl.constexpr):
+    """A split's rows: (SPLIT) their partials at split ``split_base + split``, for the combine, else
+    out and lse themselves."""
+    if SPLIT:
+        # Partials [B, Hq, N, num_splits, (D)], contiguous: row (b, h, i) then split.
+        part = ((b * n_heads + row_h) * n_queries + row_i) * num_splits + split_base + split
+        store_partials(M_PART, L_PART, ACC_PART, part, m_i, l_i, acc, row_ok, offs_dv, HEAD_DIM_V)
+    else:
+        stride_ob, stride_oh, stride_om, stride_od = out_strides
+        stride_lb, stride_lh = lse_strides
+        out, lse = finish_rows(acc, l_i, m_i)
+        tl.store(LSE + b * stride_lb + row_h * stride_lh + row_i, lse, mask=row_ok)
+        o_rows = Out + b * stride_ob + row_h * stride_oh + row_i * stride_om
+        tl.store(o_rows[:, None] + offs_dv[None, :] * stride_od, out.to(Out.dtype.element_ty),
+                 mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+
+
+@triton.jit
 def prefix_attention_decode_kernel(
     Q, K, V, PK, PV, PREFIX_IDS, KPM, Out, LSE, ACC_PART, M_PART, L_PART,
     q_strides, k_strides, v_strides, pk_strides, pv_strides, kpm_strides, out_strides, lse_strides,
@@ -86,9 +119,7 @@ def prefix_attention_decode_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_PREFIX_IDS: tl.constexpr, SPLIT: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    softcap2=1.0, window=0, SINKS=None, seq_start=0, split_base=0,
-    WINDOW_MASK: tl.constexpr = 0, SOFTCAP: tl.constexpr = False, HAS_SINKS: tl.constexpr = False,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, terms, seq_start=0, split_base=0,
 ):
     stride_qb, stride_qh, stride_qm, stride_qd = q_strides
     stride_kb, stride_kh, stride_kn, stride_kd = k_strides
@@ -96,8 +127,6 @@ def prefix_attention_decode_kernel(
     stride_pkt, stride_pkh, stride_pkn, stride_pkd = pk_strides
     stride_pvt, stride_pvh, stride_pvn, stride_pvd = pv_strides
     stride_mb, stride_mn = kpm_strides
-    stride_ob, stride_oh, stride_om, stride_od = out_strides
-    stride_lb, stride_lh = lse_strides
     bg = tl.program_id(0)
     split = tl.program_id(1)
     b = (bg // n_kv_heads).to(tl.int64)
@@ -116,39 +145,19 @@ def prefix_attention_decode_kernel(
     q = load_tile(q_rows[:, None] + offs_d[None, :] * stride_qd, offs_r, n_rows, offs_d,
                   HEAD_DIM, HEAD_DIM_PAD, True, UPCAST)
 
-    m_i, l_i, acc = start_rows(SINKS, row_h, offs_r < n_rows, split, BLOCK_R, HEAD_DIM_V_PAD, HAS_SINKS)
+    m_i, l_i, acc = start_rows(terms.sinks, row_h, offs_r < n_rows, split, BLOCK_R, HEAD_DIM_V_PAD, terms.HAS_SINKS)
 
-    # This split's range of the concatenated [prefix | sequence] key axis.
-    lo = split * keys_per_split
-    hi = tl.minimum(lo + keys_per_split, n_prefix + n_keys - seq_start)
-
-    # Prefix part [p_lo, p_hi) of it, then the sequence part [s_lo, s_hi) in sequence coordinates.
-    # Every row sees keys j <= M - N (its position is M - N + i >= M - N): no causal mask there.
-    p_lo = tl.minimum(lo, n_prefix)
-    p_hi = tl.minimum(hi, n_prefix)
-    s_lo = tl.maximum(lo, n_prefix) - n_prefix + seq_start  # the axis skips the keys before seq_start
-    s_hi = tl.maximum(hi, n_prefix) - n_prefix + seq_start
+    p_lo, p_hi, s_lo, s_hi = split_ranges(split, keys_per_split, n_prefix, n_keys, seq_start)
     acc, l_i, m_i = attend_prefix_and_sequence(
         acc, l_i, m_i, q, PK + t * stride_pkt + g * stride_pkh, PV + t * stride_pvt + g * stride_pvh,
         stride_pkn, stride_pkd, stride_pvn, stride_pvd,
         K + b * stride_kb + g * stride_kh, V + b * stride_vb + g * stride_vh, stride_kn, stride_kd, stride_vn,
         stride_vd, KPM + b * stride_mb, stride_mn,
         p_lo, p_hi, s_lo, s_hi, n_keys - n_queries, n_keys - 1, n_keys - n_queries + row_i, offs_n, offs_d,
-        offs_dv, qk_scale, softcap2, window,
-        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP, UPCAST, PRECISION,
-        KEYS_SPLIT=True)
-
-    row_ok = offs_r < n_rows
-    if SPLIT:
-        # Partials [B, Hq, N, num_splits, (D)], contiguous: row (b, h, i) then split.
-        part = ((b * n_heads + row_h) * n_queries + row_i) * num_splits + split_base + split
-        store_partials(M_PART, L_PART, ACC_PART, part, m_i, l_i, acc, row_ok, offs_dv, HEAD_DIM_V)
-    else:
-        out, lse = finish_rows(acc, l_i, m_i)
-        tl.store(LSE + b * stride_lb + row_h * stride_lh + row_i, lse, mask=row_ok)
-        o_rows = Out + b * stride_ob + row_h * stride_oh + row_i * stride_om
-        tl.store(o_rows[:, None] + offs_dv[None, :] * stride_od, out.to(Out.dtype.element_ty),
-                 mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+        offs_dv, qk_scale, terms, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, IS_CAUSAL, HAS_KPM,
+        UPCAST, PRECISION, KEYS_SPLIT=True)
+    finish_split(Out, LSE, M_PART, L_PART, ACC_PART, out_strides, lse_strides, b, row_h, row_i, offs_r < n_rows,
+                 offs_dv, acc, l_i, m_i, n_heads, n_queries, num_splits, split_base, split, HEAD_DIM_V, SPLIT)
 
 
 @triton.jit
@@ -178,8 +187,7 @@ def prefix_attention_shared_prefix_kernel(
     n_heads, n_queries, n_rows_total, n_prefix, group, num_splits, keys_per_split, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    softcap2=1.0, SINKS=None, SOFTCAP: tl.constexpr = False, HAS_SINKS: tl.constexpr = False,
-    PREFIX_IDS=None, stride_pkt=0, stride_pvt=0, n_batch=0, tiles_per_prefix=1,
+    terms, PREFIX_IDS=None, stride_pkt=0, stride_pvt=0, n_batch=0, tiles_per_prefix=1,
     HAS_PREFIX_IDS: tl.constexpr = False, BLOCK_B: tl.constexpr = 16,
 ):
     """The cascade's prefix part (one prefix shared by every row): program (kv head g, prefix split
@@ -190,11 +198,8 @@ def prefix_attention_shared_prefix_kernel(
     per-row kernel writes the sequence part at splits num_prefix_splits.., and the combine merges
     them all (split 0 here carries the sink logit).
 
-    A bank (HAS_PREFIX_IDS, prefixes [T, Hkv, P, D] at stride_pkt): program axis 2 is (prefix t,
-    tile of t's rows), ``tiles_per_prefix`` tiles per prefix (enough for all B rows); the stacked
-    rows are those of the rows using t, in batch order (``bank_rows``: b of stacked row r is the
-    (r // (G * N))-th row with prefix_ids[b] == t), and a tile past t's rows returns at once. Each
-    row's partials still go to its own slot."""
+    A bank (HAS_PREFIX_IDS, prefixes [T, Hkv, P, D] at stride_pkt): program axis 2 is (prefix t, one of
+    its ``tiles_per_prefix`` tiles) over the rows using t (``bank_rows``); a tile past them returns."""
     stride_qb, stride_qh, stride_qm, stride_qd = q_strides
     stride_pkh, stride_pkn, stride_pkd = pk_strides
     stride_pvh, stride_pvn, stride_pvd = pv_strides
@@ -224,18 +229,12 @@ def prefix_attention_shared_prefix_kernel(
     q_rows = Q + row_b.to(tl.int64) * stride_qb + row_h * stride_qh + row_i * stride_qm
     q = load_tile(q_rows[:, None] + offs_d[None, :] * stride_qd, offs_r, n_rows, offs_d,
                   HEAD_DIM, HEAD_DIM_PAD, True, UPCAST)
-    m_i, l_i, acc = start_rows(SINKS, row_h, row_ok, split, BLOCK_R, HEAD_DIM_V_PAD, HAS_SINKS)
+    m_i, l_i, acc = start_rows(terms.sinks, row_h, row_ok, split, BLOCK_R, HEAD_DIM_V_PAD, terms.HAS_SINKS)
     lo = split * keys_per_split
-    hi = tl.minimum(lo + keys_per_split, n_prefix)
-    full = lo + (hi - lo) // BLOCK_N * BLOCK_N
-    acc, l_i, m_i = attend_blocks(
+    acc, l_i, m_i = attend_prefix(
         acc, l_i, m_i, q, PK + g * stride_pkh, PV + g * stride_pvh, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
-        PK, 0, lo, full, hi, offs_r, offs_n, offs_d, offs_dv, qk_scale, softcap2, 0,
-        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, False, False, False, 0, SOFTCAP, UPCAST, PRECISION)
-    acc, l_i, m_i = attend_blocks(
-        acc, l_i, m_i, q, PK + g * stride_pkh, PV + g * stride_pvh, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
-        PK, 0, full, hi, hi, offs_r, offs_n, offs_d, offs_dv, qk_scale, softcap2, 0,
-        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, False, False, 0, SOFTCAP, UPCAST, PRECISION)
+        lo, tl.minimum(lo + keys_per_split, n_prefix), offs_r, offs_n, offs_d, offs_dv, qk_scale, terms,
+        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, UPCAST, PRECISION)
     part = ((row_b * n_heads + row_h) * n_queries + row_i) * num_splits + split
     store_partials(M_PART, L_PART, ACC_PART, part, m_i, l_i, acc, row_ok, offs_dv, HEAD_DIM_V)
 

@@ -13,8 +13,11 @@ fields and nothing else. Each kernel launch of a plan is a :class:`Launch`: its 
 non-tensor arguments by name (scalars and constexprs) and its compile options (num_warps /
 num_stages; none under the interpreter).
 
-Where a new score or mask term goes: one field of :class:`ScoreTerms` and its kernel arguments in
-:meth:`ScoreTerms.kernel_args` (plus its code in kernels/tiles.py).
+Where a new score or mask term goes: one field of :class:`ScoreTerms` (what the call asks for), one
+field of :class:`ScoreArgs` (what the kernels take, filled in :meth:`ScoreTerms.kernel_arg`: a scalar,
+an UPPER-CASE ``tl.constexpr`` flag, or a tensor the launcher fills in as it does ``sinks``), and its
+code in kernels/tiles.py: ``key_tile_scores`` for a term of the score, ``mask_scores`` (under
+``SEQ_MASKS``) and ``key_ranges`` / ``query_ranges`` for a mask. The kernels pass ``terms`` whole.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from types import MappingProxyType
-from typing import Mapping, Optional, Union
+from typing import Any, Mapping, NamedTuple, Optional, Union
 
 import torch
 import triton.language as tl
@@ -56,13 +59,30 @@ def _frozen(**kwargs) -> Mapping:
     return MappingProxyType(kwargs)
 
 
+class ScoreArgs(NamedTuple):
+    """The score terms as the attention kernels take them: one argument, ``terms`` (a tuple: Triton
+    specializes each element as it does a scalar argument, and each ``tl.constexpr`` value compiles its
+    own kernel). ``softcap2``: the softcap in log2 units (c * log2(e)); ``window``: the sliding window
+    in keys; ``sinks``: the [Hq] sink logits (the launcher's tensor; None in a plan); WINDOW_MASK: 0
+    none, 1 causal window, 2 two-sided; SOFTCAP / HAS_SINKS: the terms are on."""
+
+    softcap2: float
+    window: int
+    sinks: Any
+    WINDOW_MASK: tl.constexpr
+    SOFTCAP: tl.constexpr
+    HAS_SINKS: tl.constexpr
+
+
 @dataclass(frozen=True)
 class Launch:
-    """One kernel launch: ``kernel[grid](<tensors and strides>, **args, **options)``."""
+    """One kernel launch: ``kernel[grid](<tensors and strides>, **args, **options)``, plus
+    ``terms=`` (:class:`ScoreArgs`, the sink tensor filled in) for the attention kernels."""
 
     grid: tuple
     args: Mapping  # scalars and constexprs, by name
     options: Mapping  # num_warps / num_stages (empty under the interpreter)
+    terms: Optional[ScoreArgs] = None
 
 
 @dataclass(frozen=True)
@@ -75,15 +95,16 @@ class ScoreTerms:
     softcap: Optional[float] = None
     sinks: bool = False
 
-    def kernel_args(self) -> dict:
-        """The kernels' score-term arguments (kernels/tiles.py); {} (the kernels' defaults) when no
-        window and no softcap. The sink tensor itself is the launcher's (``HAS_SINKS`` goes with it)."""
-        if self.sliding_window is None and self.softcap is None:
-            return {}
+    def kernel_arg(self, sinks: bool = True) -> ScoreArgs:
+        """The kernels' ``terms`` (kernels/tiles.py), without the sink tensor (the launcher's);
+        ``sinks=False``: a launch that does not read the sinks."""
         window = self.sliding_window
-        return dict(softcap2=(1.0 if self.softcap is None else self.softcap) * LOG2E,
-                    window=0 if window is None else window,
-                    WINDOW_MASK=0 if window is None else (1 if self.causal else 2), SOFTCAP=self.softcap is not None)
+        return ScoreArgs(softcap2=1.0 if self.softcap is None and window is None else
+                         (1.0 if self.softcap is None else self.softcap) * LOG2E,
+                         window=0 if window is None else window, sinks=None,
+                         WINDOW_MASK=tl.constexpr(0 if window is None else (1 if self.causal else 2)),
+                         SOFTCAP=tl.constexpr(self.softcap is not None),
+                         HAS_SINKS=tl.constexpr(self.sinks and sinks))
 
 
 @dataclass(frozen=True)
@@ -173,10 +194,11 @@ def _plan_forward(problem: Problem, device: DeviceProps, overrides) -> Union[For
     args = _frozen(
         n_heads=p.n_heads, n_queries=p.n_queries, n_keys=p.n_keys, n_prefix=p.n_prefix, group=p.group,
         qk_scale=p.scale * LOG2E, **p.dims(), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **p.features(),
-        **dtype_flags(p.dtype, device), **p.terms.kernel_args(),
+        **dtype_flags(p.dtype, device),
     )
     grid = (_cdiv(p.n_queries, cfg.block_m), p.batch * p.n_heads)
-    return ForwardPlan(block=cfg, forward=Launch(grid, args, launch_options(cfg.num_warps, cfg.num_stages, device)))
+    return ForwardPlan(block=cfg, forward=Launch(grid, args, launch_options(cfg.num_warps, cfg.num_stages, device),
+                                                 p.terms.kernel_arg()))
 
 
 # ---------------------------------------------------------------- the decode forward
@@ -240,12 +262,12 @@ def _plan_decode(p: Problem, device: DeviceProps) -> DecodePlan:
     flags = dtype_flags(p.dtype, device)
     common = dict(**p.dims(), UPCAST=flags["UPCAST"], PRECISION=flags["PRECISION"])
     opts = launch_options(cfg.num_warps, cfg.num_stages, device)
-    terms = p.terms.kernel_args()
     rows = Launch((p.batch * p.n_kv_heads, seq_splits), _frozen(
         n_heads=p.n_heads, n_kv_heads=p.n_kv_heads, n_queries=p.n_queries, n_keys=p.n_keys,
         n_prefix=0 if taken else p.n_prefix, group=p.group, num_splits=splits, keys_per_split=per_split,
         qk_scale=p.scale * LOG2E, **common, BLOCK_R=block_r, BLOCK_N=cfg.block_n, **p.features(), SPLIT=splits > 1,
-        **terms, **({"seq_start": seq_start} if seq_start else {}), **({"split_base": base} if base else {})), opts)
+        **({"seq_start": seq_start} if seq_start else {}), **({"split_base": base} if base else {})), opts,
+        p.terms.kernel_arg(sinks=not taken))  # with the cascade, the prefix kernel carries the sink
     shared = _shared_prefix_launch(p, cfg, cascade, splits, common, opts) if taken else None
     combine = _combine_launch(p, splits, device) if splits > 1 else None
     rows_shape = (p.batch, p.n_heads, p.n_queries, splits)
@@ -261,14 +283,12 @@ def _shared_prefix_launch(p: Problem, cfg: DecodeConfig, cascade: _CascadeChoice
     """The cascade's prefix kernel: (kv head, prefix split, (prefix, row tile)) programs; with a bank
     of several prefixes the rows of each are found on the device (the kernel's bank arguments)."""
     n_bank = p.n_prefixes if p.has_ids else 1
-    terms = {k: v for k, v in p.terms.kernel_args().items() if k in ("softcap2", "SOFTCAP")}
     bank = {} if n_bank == 1 else dict(n_batch=p.batch, tiles_per_prefix=cascade.tiles_per_prefix,
                                        HAS_PREFIX_IDS=True, BLOCK_B=min(64, max(16, _next_power_of_2(p.batch))))
     args = _frozen(n_heads=p.n_heads, n_queries=p.n_queries, n_rows_total=p.batch * p.n_queries * p.group,
                    n_prefix=p.n_prefix, group=p.group, num_splits=splits, keys_per_split=cascade.keys_per_split,
-                   qk_scale=p.scale * LOG2E, **common, BLOCK_R=cascade.block_rows, BLOCK_N=cfg.block_n, **terms,
-                   **bank)
-    return Launch((p.n_kv_heads, cascade.splits, n_bank * cascade.tiles_per_prefix), args, opts)
+                   qk_scale=p.scale * LOG2E, **common, BLOCK_R=cascade.block_rows, BLOCK_N=cfg.block_n, **bank)
+    return Launch((p.n_kv_heads, cascade.splits, n_bank * cascade.tiles_per_prefix), args, opts, p.terms.kernel_arg())
 
 
 def _combine_launch(p: Problem, splits: int, device: DeviceProps) -> Launch:
@@ -342,8 +362,8 @@ def _plan_backward(p: Problem, needs: Needs, device: DeviceProps, overrides) -> 
         dq = Launch((_cdiv(p.n_queries, tile.block_m), p.batch * p.n_heads), _frozen(
             n_heads=p.n_heads, n_queries=p.n_queries, n_keys=p.n_keys, n_prefix=p.n_prefix, group=p.group,
             scale=p.scale, qk_scale=p.scale * LOG2E, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, **p.features(),
-            **p.dims(), **dtype_flags(p.dtype, device), **p.terms.kernel_args()),
-            launch_options(tile.num_warps, tile.num_stages, device))
+            **p.dims(), **dtype_flags(p.dtype, device)),
+            launch_options(tile.num_warps, tile.num_stages, device), p.terms.kernel_arg(sinks=False))
     epilogue = None
     if convert_dq or convert_dprefix or needs.dsinks:
         epilogue = _epilogue_launch(p, needs, tile, convert_dq, convert_dprefix, prefix_acc, prologue.grid[0], device)
@@ -375,8 +395,9 @@ def _main_launch(p: Problem, needs: Needs, cfg: BlockConfig, device: DeviceProps
         items_per_chunk=_cdiv(n_items, max(chunks, 1)), scale=p.scale, qk_scale=p.scale * LOG2E,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **p.features(), NEED_DQ=dq_atomic, NEED_DKDV=needs.dkdv,
         NEED_DPREFIX=needs.dprefix, DETERMINISTIC=needs.deterministic, PREFIX_PROGRAMS=prefix_programs > 0,
-        SEQ_PROGRAMS=seq_programs > 0, **p.dims(), **dtype_flags(p.dtype, device), **p.terms.kernel_args())
-    return Launch((prefix_programs + seq_programs,), args, launch_options(cfg.num_warps, cfg.num_stages, device)), chunks
+        SEQ_PROGRAMS=seq_programs > 0, **p.dims(), **dtype_flags(p.dtype, device))
+    return Launch((prefix_programs + seq_programs,), args, launch_options(cfg.num_warps, cfg.num_stages, device),
+                  p.terms.kernel_arg(sinks=False)), chunks
 
 
 ZERO_BLOCK = 1024  # elements per step of the prologue's zeroing of the prefix accumulators
@@ -419,6 +440,10 @@ def _epilogue_launch(p: Problem, needs: Needs, tile: BlockConfig, convert_dq: bo
 
 def describe(plan) -> dict:
     """A plan as plain JSON-ready data (dtypes and Triton types as strings)."""
+    if isinstance(plan, tl.constexpr):
+        return describe(plan.value)
+    if isinstance(plan, ScoreArgs):
+        return {k: describe(v) for k, v in plan._asdict().items()}
     if isinstance(plan, Mapping):
         return {k: describe(v) for k, v in plan.items()}
     if isinstance(plan, (list, tuple)):
@@ -436,7 +461,8 @@ def format_plan(plan, indent: str = "") -> str:
         if isinstance(value, Launch):
             args = ", ".join(f"{k}={describe(v)}" for k, v in value.args.items())
             opts = ", ".join(f"{k}={v}" for k, v in value.options.items())
-            lines.append(f"{indent}  {f.name}: grid {value.grid} [{opts}] {args}")
+            terms = "" if value.terms is None else f" terms={describe(value.terms)}"
+            lines.append(f"{indent}  {f.name}: grid {value.grid} [{opts}] {args}{terms}")
         elif value is not None:
             lines.append(f"{indent}  {f.name}: {describe(value)}")
     return "\n".join(lines)

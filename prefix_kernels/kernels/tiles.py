@@ -5,6 +5,12 @@ backward (backward.py) are written with these, so a change of the attention patt
 a query sees (causal, padding, sliding windows), how a score is formed (softcapping) -- is one
 edit here.
 
+The score terms travel as one argument, ``terms`` (kernels/plan.py's ``ScoreArgs``: scalars, tensors
+and ``tl.constexpr`` flags), passed whole from the kernel down to the helpers. A new term is one field
+there (and in plan.ScoreTerms) and its code here: a term of the score in ``key_tile_scores`` (and the
+backward's ``_tile_grads``), a mask in ``mask_scores`` under SEQ_MASKS (the range-edge blocks) with the
+ranges it leaves in ``key_ranges`` / ``query_ranges``.
+
 Conventions: scores live in the log2 domain (``qk_scale = scale * log2(e)``); query i of N sits at
 position M - N + i of the M sequence keys (bottom-right causal); the prefix is always visible.
 """
@@ -30,6 +36,18 @@ def load_tile(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: 
     if UPCAST:  # the interpreter multiplies raw bf16 bits in tl.dot: compute in fp32 there
         x = x.to(tl.float32)
     return x
+
+
+@triton.jit
+def program_heads(bh, n_heads, group, PREFIX_IDS, HAS_PREFIX_IDS: tl.constexpr):
+    """(batch row b, query head h, kv head g, prefix t), int64, of a program over (row x query head)
+    ``bh``; t = prefix_ids[b] with a bank, else 0."""
+    b = (bh // n_heads).to(tl.int64)
+    h = bh % n_heads
+    g = (h // group).to(tl.int64)
+    h = h.to(tl.int64)
+    t = tl.load(PREFIX_IDS + b).to(tl.int64) if HAS_PREFIX_IDS else 0
+    return b, h, g, t
 
 
 @triton.jit
@@ -85,13 +103,14 @@ def capped_scores(a, b, qk_scale, softcap2, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def mask_scores(s, cols, pos, keep, n_keys, fill, window,
+def mask_scores(s, cols, pos, keep, n_keys, fill, terms,
                 CHECK_KEYS: tl.constexpr, CAUSAL_MASK: tl.constexpr, HAS_KEEP: tl.constexpr,
-                WINDOW_MASK: tl.constexpr):
+                SEQ_MASKS: tl.constexpr):
     """``s`` with ``fill`` where a query may not see a key. ``cols`` (key index), ``pos`` (query
     position) and ``keep`` (bool, e.g. the padding mask) come broadcast to s's shape: [1, N] / [M, 1]
     for a [queries, keys] tile, the other way round for a transposed one. CHECK_KEYS: key < n_keys;
-    CAUSAL_MASK: key <= position; HAS_KEEP: keep; WINDOW_MASK (sliding window of ``window`` keys):
+    CAUSAL_MASK: key <= position; HAS_KEEP: keep; SEQ_MASKS: the position masks of the score terms
+    (sequence keys at a range edge): ``terms.WINDOW_MASK`` (sliding window of ``terms.window`` keys)
     1 = key > position - window (causal windows), 2 = also key < position + window (non-causal)."""
     if CHECK_KEYS:
         s = tl.where(cols < n_keys, s, fill)
@@ -99,10 +118,10 @@ def mask_scores(s, cols, pos, keep, n_keys, fill, window,
         s = tl.where(cols <= pos, s, fill)
     if HAS_KEEP:
         s = tl.where(keep, s, fill)
-    if WINDOW_MASK >= 1:
-        s = tl.where(cols > pos - window, s, fill)
-    if WINDOW_MASK == 2:
-        s = tl.where(cols < pos + window, s, fill)
+    if SEQ_MASKS and terms.WINDOW_MASK >= 1:
+        s = tl.where(cols > pos - terms.window, s, fill)
+    if SEQ_MASKS and terms.WINDOW_MASK == 2:
+        s = tl.where(cols < pos + terms.window, s, fill)
     return s
 
 
@@ -157,14 +176,14 @@ def finish_rows(acc, l_i, m_i):
 
 
 @triton.jit
-def key_ranges(s_lo, s_hi, first_pos, last_pos, window, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
-               HAS_WINDOW: tl.constexpr):
+def key_ranges(s_lo, s_hi, first_pos, last_pos, terms, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
     """How a tile of queries at positions [first_pos, last_pos] walks sequence keys [s_lo, s_hi):
     (masked_lo, free_lo, free_hi, masked_hi) with [masked_lo, free_lo) masked blocks (the lower edge
     of a sliding window), [free_lo, free_hi) whole blocks every query sees (no mask but padding),
     [free_hi, masked_hi) masked blocks (the causal diagonal, the upper edge of a non-causal window,
     the end). Keys outside [masked_lo, masked_hi) are seen by no query of the tile and are never
     read: with a window the work grows with the window, not the sequence."""
+    window = terms.window
     any_lo = s_lo  # keys some query of the tile sees: [any_lo, any_hi); every query: [all_lo, all_hi)
     all_lo = s_lo
     any_hi = s_hi
@@ -172,7 +191,7 @@ def key_ranges(s_lo, s_hi, first_pos, last_pos, window, BLOCK_N: tl.constexpr, I
     if IS_CAUSAL:
         any_hi = tl.minimum(s_hi, last_pos + 1)
         all_hi = tl.minimum(s_hi, first_pos + 1)
-    if HAS_WINDOW:
+    if terms.WINDOW_MASK != 0:
         any_lo = tl.maximum(s_lo, first_pos - window + 1)
         all_lo = tl.maximum(s_lo, last_pos - window + 1)
         if not IS_CAUSAL:
@@ -186,13 +205,14 @@ def key_ranges(s_lo, s_hi, first_pos, last_pos, window, BLOCK_N: tl.constexpr, I
 
 
 @triton.jit
-def query_ranges(start_n, n_queries, key_offset, window, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                 IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+def query_ranges(start_n, n_queries, key_offset, terms, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                 IS_CAUSAL: tl.constexpr):
     """The query blocks that see sequence keys [start_n, start_n + BLOCK_N) (query i sits at
     position key_offset + i), as (masked_lo, free_lo, free_hi, masked_hi): [masked_lo, free_lo)
     masked blocks (across the causal diagonal, the lower edge of a non-causal window), [free_lo,
     free_hi) whole blocks that see every key of the block, [free_hi, masked_hi) masked blocks (a
     window's upper edge, the ragged last block). Other query blocks see none of these keys."""
+    window = terms.window
     first_key = start_n - key_offset  # the block's keys in query coordinates (key j <-> query j - key_offset)
     last_key = start_n + BLOCK_N - 1 - key_offset
     any_lo = 0  # queries that see some key of the block: [any_lo, any_hi); all of them: [all_lo, all_hi)
@@ -202,7 +222,7 @@ def query_ranges(start_n, n_queries, key_offset, window, BLOCK_N: tl.constexpr, 
     if IS_CAUSAL:
         any_lo = tl.maximum(first_key, 0)
         all_lo = tl.maximum(last_key, 0)
-    if HAS_WINDOW:
+    if terms.WINDOW_MASK != 0:
         any_hi = tl.minimum(n_queries, last_key + window)
         all_hi = tl.minimum(n_queries, first_key + window)
         if not IS_CAUSAL:
@@ -217,49 +237,49 @@ def query_ranges(start_n, n_queries, key_offset, window, BLOCK_N: tl.constexpr, 
 
 @triton.jit
 def key_tile_scores(
-    q, K, stride_kn, stride_kd, KPM, stride_mn, cols, n_keys, q_pos, offs_d, qk_scale, softcap2, window,
+    q, K, stride_kn, stride_kd, KPM, stride_mn, cols, n_keys, q_pos, offs_d, qk_scale, terms,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CHECK_KEYS: tl.constexpr, CAUSAL_MASK: tl.constexpr,
-    HAS_KPM: tl.constexpr, WINDOW_MASK: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, KEYS_SPLIT: tl.constexpr = False,
+    HAS_KPM: tl.constexpr, SEQ_MASKS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    KEYS_SPLIT: tl.constexpr = False,
 ):
     """Loads keys ``cols`` of one source and scores the query tile against them: (k, the log2-domain
     scores [queries, keys] with -inf where a query may not see a key, d(softcap)/d(score) -- the
-    scores themselves when SOFTCAP is off, unused then). ``KEYS_SPLIT``: n_keys bounds a split of the
-    key axis, not the sequence (decode's split-K), so a causal mask does not stand in for the key check."""
+    scores themselves when ``terms.SOFTCAP`` is off, unused then). ``KEYS_SPLIT``: n_keys ends a split
+    of the key axis (decode's split-K), not the sequence, so a causal mask does not bound the keys."""
     k = load_tile(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, cols, n_keys, offs_d,
                   HEAD_DIM, HEAD_DIM_PAD, CHECK_KEYS, UPCAST)
     keep = cols[None, :] >= 0  # unused unless HAS_KPM
     if HAS_KPM:
         keep = load_keep(KPM, stride_mn, cols, n_keys)[None, :]
-    if SOFTCAP:
-        s, dcap = capped_scores(q, k, qk_scale, softcap2, PRECISION)
+    if terms.SOFTCAP:
+        s, dcap = capped_scores(q, k, qk_scale, terms.softcap2, PRECISION)
     else:
         s = scores(q, k, qk_scale, PRECISION)
         dcap = s
-    # Under a causal mask key <= position <= n_keys - 1 for every real query when n_keys ends the
+    # Under a causal mask key <= position <= n_keys - 1 for every real query where n_keys ends the
     # sequence: the key check only guards the loads (rows past the queries see zero keys, and their
     # results are not stored / have p = 0)
-    s = mask_scores(s, cols[None, :], q_pos[:, None], keep, n_keys, float("-inf"), window,
-                    CHECK_KEYS and (KEYS_SPLIT or not CAUSAL_MASK), CAUSAL_MASK, HAS_KPM, WINDOW_MASK)
+    s = mask_scores(s, cols[None, :], q_pos[:, None], keep, n_keys, float("-inf"), terms,
+                    CHECK_KEYS and (KEYS_SPLIT or not CAUSAL_MASK), CAUSAL_MASK, HAS_KPM, SEQ_MASKS)
     return k, s, dcap
 
 
 @triton.jit
 def attend_blocks(
     acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
-    lo, hi, n_keys, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2, window,
+    lo, hi, n_keys, q_pos, offs_n, offs_d, offs_dv, qk_scale, terms,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, CHECK_KEYS: tl.constexpr, CAUSAL_MASK: tl.constexpr, HAS_KPM: tl.constexpr,
-    WINDOW_MASK: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, CHECK_KEYS: tl.constexpr = False,
+    CAUSAL_MASK: tl.constexpr = False, HAS_KPM: tl.constexpr = False, SEQ_MASKS: tl.constexpr = False,
     KEYS_SPLIT: tl.constexpr = False,
 ):
-    """Online-softmax update over key blocks [lo, hi) of one key source; the flags choose the masks.
-    k has HEAD_DIM columns, v HEAD_DIM_V (offs_d / offs_dv: their padded aranges)."""
+    """Online-softmax update over key blocks [lo, hi) of one key source; the flags choose the masks
+    (``mask_scores``; KEYS_SPLIT: see ``key_tile_scores``). k has HEAD_DIM columns, v HEAD_DIM_V (offs_d / offs_dv: their padded aranges)."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         _, qk, _ = key_tile_scores(q, K, stride_kn, stride_kd, KPM, stride_mn, cols, n_keys, q_pos, offs_d, qk_scale,
-                                   softcap2, window, HEAD_DIM, HEAD_DIM_PAD, CHECK_KEYS, CAUSAL_MASK, HAS_KPM,
-                                   WINDOW_MASK, SOFTCAP, UPCAST, PRECISION, KEYS_SPLIT)
+                                   terms, HEAD_DIM, HEAD_DIM_PAD, CHECK_KEYS, CAUSAL_MASK, HAS_KPM, SEQ_MASKS, UPCAST,
+                                   PRECISION, KEYS_SPLIT)
         v = load_tile(V + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd, cols, n_keys, offs_dv,
                       HEAD_DIM_V, HEAD_DIM_V_PAD, CHECK_KEYS, UPCAST)
         acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, PRECISION)
@@ -267,56 +287,104 @@ def attend_blocks(
 
 
 @triton.jit
+def attend_prefix(
+    acc, l_i, m_i, q, PK, PV, stride_pkn, stride_pkd, stride_pvn, stride_pvd, p_lo, p_hi, q_pos, offs_n, offs_d,
+    offs_dv, qk_scale, terms,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Prefix keys [p_lo, p_hi), visible to every query: whole blocks unmasked, then one block masked
+    to p_hi."""
+    p_full = p_lo + (p_hi - p_lo) // BLOCK_N * BLOCK_N
+    acc, l_i, m_i = attend_blocks(
+        acc, l_i, m_i, q, PK, PV, stride_pkn, stride_pkd, stride_pvn, stride_pvd, PK, 0,
+        p_lo, p_full, p_hi, q_pos, offs_n, offs_d, offs_dv, qk_scale, terms,
+        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, UPCAST, PRECISION)
+    acc, l_i, m_i = attend_blocks(
+        acc, l_i, m_i, q, PK, PV, stride_pkn, stride_pkd, stride_pvn, stride_pvd, PK, 0,
+        p_full, p_hi, p_hi, q_pos, offs_n, offs_d, offs_dv, qk_scale, terms,
+        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, UPCAST, PRECISION, CHECK_KEYS=True)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def attend_sequence_edges(
+    acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
+    masked_lo, free_lo, free_hi, masked_hi, s_hi, q_pos, offs_n, offs_d, offs_dv, qk_scale, terms,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, FREE: tl.constexpr, KEYS_SPLIT: tl.constexpr = False,
+):
+    """Sequence keys in the ranges of ``key_ranges``: a window's lower edge [masked_lo, free_lo)
+    (masked), (FREE) the blocks every query sees [free_lo, free_hi) (padding only), then the causal
+    diagonal / a window's upper edge / the end [free_hi, masked_hi) (masked)."""
+    if terms.WINDOW_MASK != 0:
+        acc, l_i, m_i = attend_blocks(
+            acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
+            masked_lo, free_lo, s_hi, q_pos, offs_n, offs_d, offs_dv, qk_scale, terms,
+            HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, UPCAST, PRECISION,
+            CHECK_KEYS=True, CAUSAL_MASK=IS_CAUSAL, HAS_KPM=HAS_KPM, SEQ_MASKS=True, KEYS_SPLIT=KEYS_SPLIT)
+    if FREE:
+        acc, l_i, m_i = attend_blocks(
+            acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
+            free_lo, free_hi, s_hi, q_pos, offs_n, offs_d, offs_dv, qk_scale, terms,
+            HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, UPCAST, PRECISION, HAS_KPM=HAS_KPM)
+    acc, l_i, m_i = attend_blocks(
+        acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
+        free_hi, masked_hi, s_hi, q_pos, offs_n, offs_d, offs_dv, qk_scale, terms,
+        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, UPCAST, PRECISION,
+        CHECK_KEYS=True, CAUSAL_MASK=IS_CAUSAL, HAS_KPM=HAS_KPM, SEQ_MASKS=True, KEYS_SPLIT=KEYS_SPLIT)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def attend_prefix_and_sequence(
     acc, l_i, m_i, q, PK, PV, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
     K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
-    p_lo, p_hi, s_lo, s_hi, first_pos, last_pos, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2, window,
+    p_lo, p_hi, s_lo, s_hi, first_pos, last_pos, q_pos, offs_n, offs_d, offs_dv, qk_scale, terms,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, WINDOW_MASK: tl.constexpr, SOFTCAP: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, KEYS_SPLIT: tl.constexpr = False,
+    BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, MERGE_FREE: tl.constexpr = False, KEYS_SPLIT: tl.constexpr = False,
 ):
-    """The walk of the forward and the decode kernel (``KEYS_SPLIT``: s_hi ends a split, see key_tile_scores): prefix keys [p_lo, p_hi) (always visible: whole
-    blocks unmasked, then one block masked to p_hi), then sequence keys [s_lo, s_hi) in the ranges of
-    ``key_ranges`` (bounded by s_hi). PK/PV/K/V/KPM point at this (row, kv head); q_pos are the
-    tile's query positions, in [first_pos, last_pos]."""
-    p_full = p_lo + (p_hi - p_lo) // BLOCK_N * BLOCK_N
-    acc, l_i, m_i = attend_blocks(
-        acc, l_i, m_i, q, PK, PV, stride_pkn, stride_pkd, stride_pvn, stride_pvd, KPM, 0,
-        p_lo, p_full, p_hi, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2, window,
-        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, False, False, False, 0, SOFTCAP, UPCAST, PRECISION)
-    acc, l_i, m_i = attend_blocks(
-        acc, l_i, m_i, q, PK, PV, stride_pkn, stride_pkd, stride_pvn, stride_pvd, KPM, 0,
-        p_full, p_hi, p_hi, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2, window,
-        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, False, False, 0, SOFTCAP, UPCAST, PRECISION)
-    masked_lo, free_lo, free_hi, masked_hi = key_ranges(s_lo, s_hi, first_pos, last_pos, window, BLOCK_N,
-                                                        IS_CAUSAL, WINDOW_MASK != 0)
-    if WINDOW_MASK != 0:
+    """The walk of the forward and the decode kernel: prefix keys [p_lo, p_hi) (``attend_prefix``),
+    then sequence keys [s_lo, s_hi) in the ranges of ``key_ranges`` (``attend_sequence_edges``).
+    PK/PV/K/V/KPM point at this (row, kv head); q_pos are the tile's query positions, in [first_pos,
+    last_pos]; KEYS_SPLIT: s_hi ends a split (``key_tile_scores``). MERGE_FREE: the whole prefix blocks and the unmasked sequence blocks in one loop first
+    (``attend_prefix_and_free_blocks``), then the prefix's partial block and the masked ones."""
+    if MERGE_FREE:
+        masked_lo, free_lo, free_hi, masked_hi = key_ranges(s_lo, s_hi, first_pos, last_pos, terms, BLOCK_N,
+                                                            IS_CAUSAL)
+        n_prefix_blocks = (p_hi - p_lo) // BLOCK_N
+        acc, l_i, m_i = attend_prefix_and_free_blocks(
+            acc, l_i, m_i, q, PK, PV, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
+            K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
+            p_lo, n_prefix_blocks, free_lo, n_prefix_blocks + (free_hi - free_lo) // BLOCK_N, offs_n, offs_d, offs_dv,
+            qk_scale, terms, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, HAS_KPM, UPCAST, PRECISION)
         acc, l_i, m_i = attend_blocks(
-            acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
-            masked_lo, free_lo, s_hi, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2, window,
-            HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP, UPCAST, PRECISION,
-            KEYS_SPLIT)
-    acc, l_i, m_i = attend_blocks(
+            acc, l_i, m_i, q, PK, PV, stride_pkn, stride_pkd, stride_pvn, stride_pvd, KPM, 0,
+            p_lo + n_prefix_blocks * BLOCK_N, p_hi, p_hi, q_pos, offs_n, offs_d, offs_dv, qk_scale, terms,
+            HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, UPCAST, PRECISION, CHECK_KEYS=True)
+    else:
+        acc, l_i, m_i = attend_prefix(
+            acc, l_i, m_i, q, PK, PV, stride_pkn, stride_pkd, stride_pvn, stride_pvd, p_lo, p_hi, q_pos, offs_n,
+            offs_d, offs_dv, qk_scale, terms, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, UPCAST,
+            PRECISION)
+        masked_lo, free_lo, free_hi, masked_hi = key_ranges(s_lo, s_hi, first_pos, last_pos, terms, BLOCK_N,
+                                                            IS_CAUSAL)
+    return attend_sequence_edges(
         acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
-        free_lo, free_hi, s_hi, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2, window,
-        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, False, False, HAS_KPM, 0, SOFTCAP, UPCAST, PRECISION)
-    acc, l_i, m_i = attend_blocks(
-        acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
-        free_hi, masked_hi, s_hi, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2, window,
-        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP, UPCAST, PRECISION,
-            KEYS_SPLIT)
-    return acc, l_i, m_i
+        masked_lo, free_lo, free_hi, masked_hi, s_hi, q_pos, offs_n, offs_d, offs_dv, qk_scale, terms,
+        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, IS_CAUSAL, HAS_KPM, UPCAST, PRECISION,
+        FREE=not MERGE_FREE, KEYS_SPLIT=KEYS_SPLIT)
 
 
 @triton.jit
 def attend_prefix_and_free_blocks(
     acc, l_i, m_i, q, PK, PV, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
     K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
-    p_lo, n_prefix_blocks, free_lo, n_blocks, offs_n, offs_d, offs_dv, qk_scale, softcap2,
+    p_lo, n_prefix_blocks, free_lo, n_blocks, offs_n, offs_d, offs_dv, qk_scale, terms,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, HAS_KPM: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """The unmasked blocks of both key sources in ONE loop: blocks [0, n_prefix_blocks) are the whole
     prefix blocks from p_lo, the rest of the n_blocks are sequence blocks from free_lo that every
@@ -332,8 +400,8 @@ def attend_prefix_and_free_blocks(
         v_ptrs = tl.where(in_prefix, PV, V) + cols[:, None] * tl.where(in_prefix, stride_pvn, stride_vn) \
             + offs_dv[None, :] * tl.where(in_prefix, stride_pvd, stride_vd)
         k = load_tile(k_ptrs, cols, 0, offs_d, HEAD_DIM, HEAD_DIM_PAD, False, UPCAST)
-        if SOFTCAP:
-            s, _ = capped_scores(q, k, qk_scale, softcap2, PRECISION)
+        if terms.SOFTCAP:
+            s, _ = capped_scores(q, k, qk_scale, terms.softcap2, PRECISION)
             s_scale = 1.0
         else:  # the scale is applied after the row max (online_softmax_step_scaled)
             s = mm(q, tl.trans(k), PRECISION)
@@ -344,46 +412,6 @@ def attend_prefix_and_free_blocks(
             s = tl.where(keep[None, :], s, float("-inf"))
         v = load_tile(v_ptrs, cols, 0, offs_dv, HEAD_DIM_V, HEAD_DIM_V_PAD, False, UPCAST)
         acc, l_i, m_i = online_softmax_step_scaled(acc, l_i, m_i, s, s_scale, v, PRECISION)
-    return acc, l_i, m_i
-
-
-@triton.jit
-def attend_prefix_and_sequence_merged(
-    acc, l_i, m_i, q, PK, PV, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
-    K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
-    p_lo, p_hi, s_lo, s_hi, first_pos, last_pos, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2, window,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, WINDOW_MASK: tl.constexpr, SOFTCAP: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """The forward's walk: the same keys and masks as ``attend_prefix_and_sequence``, in another order:
-    the whole prefix blocks and the unmasked sequence blocks in one loop
-    (``attend_prefix_and_free_blocks``), then the masked blocks: the prefix's last partial block,
-    a window's lower edge, the causal diagonal / the end."""
-    masked_lo, free_lo, free_hi, masked_hi = key_ranges(s_lo, s_hi, first_pos, last_pos, window, BLOCK_N,
-                                                        IS_CAUSAL, WINDOW_MASK != 0)
-    n_prefix_blocks = (p_hi - p_lo) // BLOCK_N
-    acc, l_i, m_i = attend_prefix_and_free_blocks(
-        acc, l_i, m_i, q, PK, PV, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
-        K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
-        p_lo, n_prefix_blocks, free_lo, n_prefix_blocks + (free_hi - free_lo) // BLOCK_N, offs_n, offs_d, offs_dv,
-        qk_scale, softcap2, HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, HAS_KPM, SOFTCAP, UPCAST,
-        PRECISION)
-    p_full = p_lo + n_prefix_blocks * BLOCK_N
-    acc, l_i, m_i = attend_blocks(
-        acc, l_i, m_i, q, PK, PV, stride_pkn, stride_pkd, stride_pvn, stride_pvd, KPM, 0,
-        p_full, p_hi, p_hi, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2, window,
-        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, False, False, 0, SOFTCAP, UPCAST, PRECISION)
-    if WINDOW_MASK != 0:
-        acc, l_i, m_i = attend_blocks(
-            acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
-            masked_lo, free_lo, s_hi, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2, window,
-            HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP, UPCAST, PRECISION)
-    acc, l_i, m_i = attend_blocks(
-        acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM, stride_mn,
-        free_hi, masked_hi, s_hi, q_pos, offs_n, offs_d, offs_dv, qk_scale, softcap2, window,
-        HEAD_DIM, HEAD_DIM_PAD, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_N, True, IS_CAUSAL, HAS_KPM, WINDOW_MASK, SOFTCAP, UPCAST, PRECISION)
     return acc, l_i, m_i
 
 
