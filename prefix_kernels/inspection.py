@@ -48,6 +48,7 @@ from torch.utils._pytree import tree_leaves
 
 from prefix_kernels import perf_model
 from prefix_kernels.benchmarking.shapes import Shape
+from prefix_kernels.dtypes import resolve_dtype
 from prefix_kernels.functional import validate_inputs
 from prefix_kernels.kernels.plan import DeviceProps, Needs, describe, format_plan, plan_backward, plan_forward
 
@@ -80,12 +81,9 @@ ARCHS = {
     "sm_80": Arch("sm_80", (8, 0), sms=108, smem_per_sm=164 * 1024, smem_per_block=163 * 1024),  # A100
     "sm_90": Arch("sm_90", (9, 0), sms=132, smem_per_sm=228 * 1024, smem_per_block=227 * 1024),  # H100 SXM
 }
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64,
-          "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 # Allocations and metadata: no kernel runs for these.
 _NO_LAUNCH = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "alias",
               "lift_fresh", "_local_scalar_dense"}
-
 
 def resolve_arch(arch: str) -> Arch:
     """The Arch of "sm_90", "sm90" or "90"."""
@@ -94,14 +92,6 @@ def resolve_arch(arch: str) -> Arch:
     if key not in ARCHS:
         raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
     return ARCHS[key]
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """The torch dtype of "bfloat16", "bf16" or torch.bfloat16 (and the other float dtypes)."""
-    name = str(dtype).replace("torch.", "")
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be one of float16, bfloat16, float32, float64, got {dtype!r}")
-    return DTYPES[name]
 
 
 class _DeviceWrites(TorchDispatchMode):

@@ -24,6 +24,7 @@ from prefix_kernels.kernels.decode import (
     prefix_attention_decode_combine_kernel, prefix_attention_decode_kernel, prefix_attention_shared_prefix_kernel,
 )
 from prefix_kernels.kernels.forward import prefix_attention_fwd_kernel
+from prefix_kernels.layout import new_out
 from prefix_kernels.kernels.plan import (
     BackwardPlan, DecodePlan, DeviceProps, ForwardPlan, Needs, Problem, ScoreTerms, plan_backward,
     plan_forward,
@@ -102,17 +103,6 @@ def _new_like(t: torch.Tensor, contiguous: bool, zero: bool = False) -> torch.Te
     return torch.zeros_like(t, memory_format=fmt) if zero else torch.empty_like(t, memory_format=fmt)
 
 
-def _new_out(q: torch.Tensor, head_dim_v: int, contiguous: bool) -> torch.Tensor:
-    """[B, Hq, N, Dv] in q's dtype, laid out like q (HF's transposed views stay cheap), or contiguous."""
-    if head_dim_v == q.shape[3]:
-        return _new_like(q, contiguous)
-    shape = (*q.shape[:3], head_dim_v)
-    if contiguous:
-        return q.new_empty(shape)
-    order = sorted(range(3), key=lambda d: -q.stride(d)) + [3]  # q's dim order, D innermost as in q's views
-    return q.new_empty([shape[d] for d in order]).permute([order.index(d) for d in range(4)])
-
-
 def prefix_attention_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, prefix_ids, causal, scale,
                              *, contiguous_out: bool = False, sliding_window: int | None = None,
                              softcap: float | None = None, sinks: torch.Tensor | None = None,
@@ -122,7 +112,7 @@ def prefix_attention_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, pref
     backward needs it in exactly the forward's units (see kernels/forward.py). ``sliding_window``,
     ``softcap`` and ``sinks`` [Hq] as in functional.prefix_attention; ``device``: the properties to
     plan for (default: those of q's device)."""
-    out = _new_out(q, v.shape[3], contiguous_out)
+    out = new_out(q, v.shape[3], contiguous_out)
     lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         lse.fill_(float("-inf"))
